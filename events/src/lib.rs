@@ -1,0 +1,549 @@
+//! The event contract of the 12st Mall: every message on the saga topic.
+//!
+//! A message is one flat camelCase JSON object: the event's own fields (starting with
+//! `eventType`) followed by the envelope (`eventId`, `timestamp`, `source`, `correlationId`,
+//! `causationId`, `initiator`). It is meant to be read by people in a console consumer as much
+//! as by the services.
+//!
+//! `initiator` is how a service recognises a compensation chain it started itself: the service
+//! whose own decision began the chain stamps its name, and every event caused along the chain
+//! carries it unchanged ([`Envelope::caused_by`]).
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use uuid::Uuid;
+
+/// The three services of the mall; used as `source` and `initiator`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Service {
+    /// The orders service (:8081).
+    Orders,
+    /// The products service (:8085).
+    Products,
+    /// The delivery service (:8082).
+    Delivery,
+}
+
+impl Service {
+    /// The lowercase name used on the wire, in consumer group ids and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Orders => "orders",
+            Service::Products => "products",
+            Service::Delivery => "delivery",
+        }
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A customer placed an order; it is pending until stock and delivery confirm it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPlaced {
+    pub order_id: i64,
+    pub product_id: i64,
+    pub product_name: Option<String>,
+    pub quantity: i64,
+    /// Total price of the order as orders' catalog replica knew it; null if unknown.
+    pub price: Option<i64>,
+    pub customer_id: String,
+    pub customer_name: Option<String>,
+    pub customer_addr: Option<String>,
+}
+
+/// Stock was reserved and delivery started: the saga's all-done step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCompleted {
+    pub order_id: i64,
+    pub product_id: i64,
+    pub quantity: i64,
+    pub customer_id: String,
+}
+
+/// The order was cancelled, by the customer or as a compensation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCancelled {
+    pub order_id: i64,
+    pub product_id: i64,
+    pub quantity: i64,
+    pub customer_id: String,
+    pub state_message: String,
+}
+
+/// A product's catalog entry changed; orders keeps its replica current from these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProductChanged {
+    pub product_id: i64,
+    pub product_name: String,
+    pub product_price: i64,
+    pub product_stock: i64,
+}
+
+/// Stock was reserved (`StockDecreased`) or released (`StockIncreased`) for an order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockMoved {
+    pub order_id: i64,
+    pub product_id: i64,
+    pub quantity: i64,
+    /// The product's stock after the move.
+    pub product_stock: i64,
+}
+
+/// Products could not reserve the order's quantity; starts a compensation chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProductOutOfStock {
+    pub order_id: i64,
+    pub product_id: i64,
+    pub quantity: i64,
+    /// The stock on hand; null when the product does not exist.
+    pub product_stock: Option<i64>,
+    pub state_message: String,
+}
+
+/// A delivery was created for an order and handed to a courier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryStarted {
+    pub delivery_id: i64,
+    pub order_id: i64,
+    pub product_id: i64,
+    pub quantity: i64,
+    pub customer_id: String,
+    pub customer_name: Option<String>,
+    pub delivery_address: Option<String>,
+    pub delivery_state: String,
+}
+
+/// The courier delivered the order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryCompleted {
+    pub delivery_id: i64,
+    pub order_id: i64,
+    pub delivery_state: String,
+}
+
+/// The delivery was cancelled, by the courier or as a compensation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryCancelled {
+    pub delivery_id: i64,
+    pub order_id: i64,
+    pub product_id: i64,
+    pub quantity: i64,
+    pub delivery_state: String,
+    pub state_message: String,
+}
+
+/// Every event type of the saga; `eventType` on the wire is the variant name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "eventType")]
+#[allow(missing_docs)]
+pub enum Event {
+    OrderPlaced(OrderPlaced),
+    OrderCompleted(OrderCompleted),
+    OrderCancelled(OrderCancelled),
+    ProductChanged(ProductChanged),
+    StockDecreased(StockMoved),
+    StockIncreased(StockMoved),
+    ProductOutOfStock(ProductOutOfStock),
+    DeliveryStarted(DeliveryStarted),
+    DeliveryCompleted(DeliveryCompleted),
+    DeliveryCancelled(DeliveryCancelled),
+}
+
+impl Event {
+    /// Every `eventType` this contract knows; anything else is skipped by consumers.
+    pub const TYPES: [&'static str; 10] = [
+        "OrderPlaced",
+        "OrderCompleted",
+        "OrderCancelled",
+        "ProductChanged",
+        "StockDecreased",
+        "StockIncreased",
+        "ProductOutOfStock",
+        "DeliveryStarted",
+        "DeliveryCompleted",
+        "DeliveryCancelled",
+    ];
+
+    /// The `eventType` written on the wire.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Event::OrderPlaced(_) => "OrderPlaced",
+            Event::OrderCompleted(_) => "OrderCompleted",
+            Event::OrderCancelled(_) => "OrderCancelled",
+            Event::ProductChanged(_) => "ProductChanged",
+            Event::StockDecreased(_) => "StockDecreased",
+            Event::StockIncreased(_) => "StockIncreased",
+            Event::ProductOutOfStock(_) => "ProductOutOfStock",
+            Event::DeliveryStarted(_) => "DeliveryStarted",
+            Event::DeliveryCompleted(_) => "DeliveryCompleted",
+            Event::DeliveryCancelled(_) => "DeliveryCancelled",
+        }
+    }
+
+    /// The order this event belongs to; `None` for catalog-only events.
+    pub fn order_id(&self) -> Option<i64> {
+        match self {
+            Event::OrderPlaced(e) => Some(e.order_id),
+            Event::OrderCompleted(e) => Some(e.order_id),
+            Event::OrderCancelled(e) => Some(e.order_id),
+            Event::ProductChanged(_) => None,
+            Event::StockDecreased(e) | Event::StockIncreased(e) => Some(e.order_id),
+            Event::ProductOutOfStock(e) => Some(e.order_id),
+            Event::DeliveryStarted(e) => Some(e.order_id),
+            Event::DeliveryCompleted(e) => Some(e.order_id),
+            Event::DeliveryCancelled(e) => Some(e.order_id),
+        }
+    }
+
+    /// The Kafka key: the order id for saga events, so one order's events stay in order in one
+    /// partition; the product id for catalog events, so one product's changes stay in order.
+    pub fn key(&self) -> String {
+        match (self.order_id(), self) {
+            (Some(order_id), _) => order_id.to_string(),
+            (None, Event::ProductChanged(e)) => e.product_id.to_string(),
+            (None, _) => String::new(),
+        }
+    }
+}
+
+/// One message on the topic: an [`Event`] plus who sent it, when, and what caused it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// The event itself; flattened so the message stays one flat object.
+    #[serde(flatten)]
+    pub event: Event,
+    /// Unique per event; consumers record it to ignore redeliveries.
+    pub event_id: Uuid,
+    /// When the event was decided, RFC 3339 in UTC.
+    #[serde(with = "rfc3339")]
+    pub timestamp: DateTime<Utc>,
+    /// The service that published the event.
+    pub source: Service,
+    /// The order id for saga events; null for catalog events.
+    pub correlation_id: Option<String>,
+    /// The `eventId` of the event that caused this one; null when an HTTP request did.
+    pub causation_id: Option<Uuid>,
+    /// The service whose decision started the compensation chain; null on the forward path.
+    pub initiator: Option<Service>,
+}
+
+impl Envelope {
+    /// A new event decided by `source` on its own (an HTTP request, or start-up).
+    pub fn new(source: Service, event: Event) -> Self {
+        Envelope {
+            correlation_id: event.order_id().map(|id| id.to_string()),
+            event,
+            event_id: Uuid::new_v4(),
+            timestamp: Utc::now(),
+            source,
+            causation_id: None,
+            initiator: None,
+        }
+    }
+
+    /// Marks this event as caused by `cause`: links it and carries the chain's initiator on.
+    pub fn caused_by(mut self, cause: &Envelope) -> Self {
+        self.causation_id = Some(cause.event_id);
+        self.initiator = cause.initiator;
+        self
+    }
+
+    /// Marks this event as the start of a compensation chain decided by `service`.
+    pub fn initiated_by(mut self, service: Service) -> Self {
+        self.initiator = Some(service);
+        self
+    }
+
+    /// True when `service` started the compensation chain this event belongs to ("isMe").
+    pub fn initiated_by_service(&self, service: Service) -> bool {
+        self.initiator == Some(service)
+    }
+
+    /// The Kafka key for this event; see [`Event::key`].
+    pub fn key(&self) -> String {
+        self.event.key()
+    }
+
+    /// The `eventType` of this event.
+    pub fn event_type(&self) -> &'static str {
+        self.event.event_type()
+    }
+
+    /// The JSON text published on the topic.
+    pub fn to_json(&self) -> String {
+        // Serialising plain data with string keys cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+/// What a consumer found in a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    /// A well-formed event of a type this contract knows.
+    Known(Box<Envelope>),
+    /// A well-formed object of a type this contract does not know; consumers skip it.
+    Unknown {
+        /// The message's `eventType`.
+        event_type: String,
+    },
+}
+
+/// Why a message is not a valid event; the text is meant for a person reading the DLT.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    /// The bytes are not a JSON object.
+    #[error("not a JSON object: {0}")]
+    NotJson(String),
+    /// The object has no string `eventType`.
+    #[error("missing or non-string field `eventType`")]
+    MissingEventType,
+    /// A known type whose fields do not match the contract.
+    #[error("invalid {event_type} event: {reason}")]
+    Invalid {
+        /// The message's `eventType`.
+        event_type: String,
+        /// What is wrong with it, as serde reports it.
+        reason: String,
+    },
+}
+
+/// Reads one message from the topic. Never panics, whatever the bytes.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    if !value.is_object() {
+        return Err(DecodeError::NotJson(format!("found {value}")));
+    }
+    let event_type = value
+        .get("eventType")
+        .and_then(|t| t.as_str())
+        .ok_or(DecodeError::MissingEventType)?
+        .to_owned();
+    if !Event::TYPES.contains(&event_type.as_str()) {
+        return Ok(Decoded::Unknown { event_type });
+    }
+    serde_json::from_value::<Envelope>(value)
+        .map(|e| Decoded::Known(Box::new(e)))
+        .map_err(|e| DecodeError::Invalid {
+            event_type,
+            reason: e.to_string(),
+        })
+}
+
+/// RFC 3339 timestamps with millisecond precision, always in UTC (`Z`).
+mod rfc3339 {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| {
+                serde::de::Error::custom(format!("timestamp {text:?} is not RFC 3339: {e}"))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn placed() -> Event {
+        Event::OrderPlaced(OrderPlaced {
+            order_id: 7,
+            product_id: 1,
+            product_name: Some("TV".into()),
+            quantity: 2,
+            price: Some(20000),
+            customer_id: "1@uengine.org".into(),
+            customer_name: Some("Kim".into()),
+            customer_addr: Some("Seoul".into()),
+        })
+    }
+
+    fn every_event() -> Vec<Event> {
+        let moved = StockMoved {
+            order_id: 7,
+            product_id: 1,
+            quantity: 2,
+            product_stock: 8,
+        };
+        vec![
+            placed(),
+            Event::OrderCompleted(OrderCompleted {
+                order_id: 7,
+                product_id: 1,
+                quantity: 2,
+                customer_id: "c".into(),
+            }),
+            Event::OrderCancelled(OrderCancelled {
+                order_id: 7,
+                product_id: 1,
+                quantity: 2,
+                customer_id: "c".into(),
+                state_message: "why".into(),
+            }),
+            Event::ProductChanged(ProductChanged {
+                product_id: 1,
+                product_name: "TV".into(),
+                product_price: 10000,
+                product_stock: 8,
+            }),
+            Event::StockDecreased(moved.clone()),
+            Event::StockIncreased(moved),
+            Event::ProductOutOfStock(ProductOutOfStock {
+                order_id: 7,
+                product_id: 1,
+                quantity: 100,
+                product_stock: Some(10),
+                state_message: "short".into(),
+            }),
+            Event::DeliveryStarted(DeliveryStarted {
+                delivery_id: 3,
+                order_id: 7,
+                product_id: 1,
+                quantity: 2,
+                customer_id: "c".into(),
+                customer_name: None,
+                delivery_address: Some("Seoul".into()),
+                delivery_state: "DeliveryStarted".into(),
+            }),
+            Event::DeliveryCompleted(DeliveryCompleted {
+                delivery_id: 3,
+                order_id: 7,
+                delivery_state: "DeliveryCompleted".into(),
+            }),
+            Event::DeliveryCancelled(DeliveryCancelled {
+                delivery_id: 3,
+                order_id: 7,
+                product_id: 1,
+                quantity: 2,
+                delivery_state: "DeliveryCancelled".into(),
+                state_message: "courier failed".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_event_type_round_trips() {
+        let events = every_event();
+        assert_eq!(events.len(), Event::TYPES.len());
+        for event in events {
+            let sent = Envelope::new(Service::Orders, event).initiated_by(Service::Products);
+            let json = sent.to_json();
+            assert!(json.starts_with(&format!("{{\"eventType\":\"{}\"", sent.event_type())));
+            match decode(json.as_bytes()) {
+                Ok(Decoded::Known(got)) => assert_eq!(*got, sent),
+                other => panic!("{json} decoded to {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn golden_json() {
+        let envelope = Envelope {
+            event: placed(),
+            event_id: Uuid::nil(),
+            timestamp: Utc.with_ymd_and_hms(2026, 5, 28, 15, 20, 24).unwrap(),
+            source: Service::Orders,
+            correlation_id: Some("7".into()),
+            causation_id: None,
+            initiator: None,
+        };
+        let golden = r#"{"eventType":"OrderPlaced","orderId":7,"productId":1,"productName":"TV","quantity":2,"price":20000,"customerId":"1@uengine.org","customerName":"Kim","customerAddr":"Seoul","eventId":"00000000-0000-0000-0000-000000000000","timestamp":"2026-05-28T15:20:24.000Z","source":"orders","correlationId":"7","causationId":null,"initiator":null}"#;
+        assert_eq!(envelope.to_json(), golden);
+        assert_eq!(
+            decode(golden.as_bytes()),
+            Ok(Decoded::Known(Box::new(envelope)))
+        );
+    }
+
+    #[test]
+    fn caused_by_links_and_carries_the_initiator() {
+        let cause = Envelope::new(Service::Products, placed()).initiated_by(Service::Products);
+        let effect = Envelope::new(Service::Orders, placed()).caused_by(&cause);
+        assert_eq!(effect.causation_id, Some(cause.event_id));
+        assert!(effect.initiated_by_service(Service::Products));
+        assert!(!effect.initiated_by_service(Service::Orders));
+        let forward = Envelope::new(Service::Orders, placed());
+        assert_eq!(Envelope::new(Service::Delivery, placed()).caused_by(&forward).initiator, None);
+    }
+
+    #[test]
+    fn keys_are_order_ids_for_saga_events_and_product_ids_for_catalog_events() {
+        for event in every_event() {
+            let expected = match &event {
+                Event::ProductChanged(p) => p.product_id.to_string(),
+                _ => "7".to_string(),
+            };
+            assert_eq!(event.key(), expected, "{}", event.event_type());
+        }
+        let catalog = Envelope::new(
+            Service::Products,
+            Event::ProductChanged(ProductChanged {
+                product_id: 4,
+                product_name: "TABLE".into(),
+                product_price: 40000,
+                product_stock: 40,
+            }),
+        );
+        assert_eq!(catalog.correlation_id, None);
+    }
+
+    #[test]
+    fn the_seed_java_sample_is_rejected_with_a_clear_error() {
+        let sample = r#"{"eventType":"OrderPlaced","timestamp":"20200528152024","id":1,"productId":1,"quantity":3,"price":10000,"customerName":"Kim","customerAddr":"Seoul","me":true}"#;
+        match decode(sample.as_bytes()) {
+            Err(DecodeError::Invalid { event_type, reason }) => {
+                assert_eq!(event_type, "OrderPlaced");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("expected a clear rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_timestamp_is_named_in_the_error() {
+        let mut value: serde_json::Value =
+            serde_json::from_str(&Envelope::new(Service::Orders, placed()).to_json()).unwrap();
+        value["timestamp"] = "20200528152024".into();
+        let err = decode(value.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("20200528152024"), "{err}");
+    }
+
+    #[test]
+    fn unknown_types_and_garbage_never_panic() {
+        assert_eq!(
+            decode(br#"{"eventType":"PaymentApproved","x":1}"#),
+            Ok(Decoded::Unknown {
+                event_type: "PaymentApproved".into()
+            })
+        );
+        assert_eq!(decode(br#"{"x":1}"#), Err(DecodeError::MissingEventType));
+        assert!(matches!(decode(b"not json"), Err(DecodeError::NotJson(_))));
+        assert!(matches!(decode(b"[1,2]"), Err(DecodeError::NotJson(_))));
+        assert!(matches!(decode(&[0xff, 0xfe]), Err(DecodeError::NotJson(_))));
+    }
+}

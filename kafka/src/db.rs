@@ -1,0 +1,158 @@
+//! A service's SQLite database: a connection pool, migrations run at start-up, and the one way
+//! to change state — [`Database::write`] — which commits the events the change causes into the
+//! outbox in the same transaction and then wakes the [`OutboxRelay`](crate::OutboxRelay).
+
+use crate::outbox;
+use diesel::connection::SimpleConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection};
+use diesel::sqlite::SqliteConnection;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use events::Envelope;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// The outbox and inbox tables, present in every service database.
+const PLUMBING_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// A pooled SQLite connection pool.
+pub type Pool = r2d2::Pool<ConnectionManager<SqliteConnection>>;
+
+/// A database operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// No connection could be had in time.
+    #[error("database connection pool: {0}")]
+    Pool(#[from] r2d2::Error),
+    /// A statement failed.
+    #[error("database query: {0}")]
+    Query(#[from] diesel::result::Error),
+    /// Opening the database or migrating it failed.
+    #[error("database set-up: {0}")]
+    Setup(String),
+    /// The blocking task running the statement died.
+    #[error("database task: {0}")]
+    Task(String),
+}
+
+impl DbError {
+    /// True for failures that go away on their own (a busy database, an exhausted pool), which
+    /// are retried rather than treated as a bad message.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Pool(_) | DbError::Task(_) => true,
+            DbError::Query(diesel::result::Error::DatabaseError(_, info)) => {
+                let message = info.message().to_ascii_lowercase();
+                message.contains("locked") || message.contains("busy")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Per-connection settings: WAL so readers never block the writer, and a busy timeout so a
+/// writer waits for the lock instead of failing at once.
+#[derive(Debug)]
+struct SqlitePragmas;
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragmas {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(
+            "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
+             PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// A service's database plus the signal that tells its outbox relay a new event was committed.
+#[derive(Clone)]
+pub struct Database {
+    pool: Pool,
+    outbox_committed: Arc<Notify>,
+}
+
+impl Database {
+    /// Opens (creating if needed) the SQLite file at `url` and runs the plumbing migrations and
+    /// then the service's own.
+    pub fn open(url: &str, migrations: EmbeddedMigrations) -> Result<Self, DbError> {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    DbError::Setup(format!("cannot create directory {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let pool = r2d2::Pool::builder()
+            .max_size(8)
+            .connection_timeout(Duration::from_secs(10))
+            .connection_customizer(Box::new(SqlitePragmas))
+            .build(ConnectionManager::<SqliteConnection>::new(path))
+            .map_err(|e| DbError::Setup(format!("cannot open {path}: {e}")))?;
+        let mut conn = pool.get()?;
+        for source in [PLUMBING_MIGRATIONS, migrations] {
+            conn.run_pending_migrations(source)
+                .map_err(|e| DbError::Setup(format!("migrating {path}: {e}")))?;
+        }
+        Ok(Database {
+            pool,
+            outbox_committed: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Runs a read on a blocking thread.
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut SqliteConnection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(DbError::from)?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| E::from(DbError::Task(e.to_string())))?
+    }
+
+    /// Changes state and commits the events the change causes into the outbox, in one
+    /// transaction; then wakes the relay. `f` returns its result and the events to publish.
+    ///
+    /// The transaction takes the write lock up front (`BEGIN IMMEDIATE`) so two writers never
+    /// deadlock upgrading a read lock.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut SqliteConnection) -> Result<(T, Vec<Envelope>), E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let (value, published) = tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(DbError::from)?;
+            conn.immediate_transaction(|conn| {
+                let (value, events) = f(conn)?;
+                outbox::enqueue(conn, &events)?;
+                Ok::<_, E>((value, !events.is_empty()))
+            })
+        })
+        .await
+        .map_err(|e| E::from(DbError::Task(e.to_string())))??;
+        if published {
+            self.outbox_committed.notify_one();
+        }
+        Ok(value)
+    }
+
+    /// Answers when the database can run a statement (for `/health`).
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.read(|conn| conn.batch_execute("SELECT 1").map_err(DbError::from))
+            .await
+    }
+
+    /// Fires whenever a transaction committed at least one outbox row.
+    pub(crate) fn outbox_committed(&self) -> Arc<Notify> {
+        self.outbox_committed.clone()
+    }
+}

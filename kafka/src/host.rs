@@ -1,0 +1,172 @@
+//! Hosting a service: its HTTP API, its outbox relay and its consumer loop, started together
+//! and stopped in the order that loses nothing.
+
+use crate::consumer::{EventConsumer, create_consumer};
+use crate::db::Database;
+use crate::http::Health;
+use crate::inbox::Reactor;
+use crate::outbox::OutboxRelay;
+use crate::producer::create_producer;
+use crate::settings::ServiceSettings;
+use crate::{admin, http};
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, web};
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Settings are wrong.
+    #[error(transparent)]
+    Config(#[from] crate::settings::ConfigError),
+    /// The database cannot be opened or migrated.
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    /// The broker is not reachable or refused a set-up step.
+    #[error("broker at {brokers}: {reason}")]
+    Broker {
+        /// `KAFKA_BROKERS`.
+        brokers: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The HTTP port cannot be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// The address asked for.
+        address: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A running service: HTTP on its own listener (so tests can bind port 0), plus the relay and
+/// consumer tasks.
+pub struct ServiceHost {
+    port: u16,
+    server: Server,
+    stop: CancellationToken,
+    relay: JoinHandle<()>,
+    consumer: JoinHandle<()>,
+}
+
+impl ServiceHost {
+    /// Ensures the topics, then starts the relay, the consumer and the HTTP server.
+    /// `routes` adds the service's own endpoints; `/health` and JSON errors come with it.
+    pub async fn start<F>(
+        settings: &ServiceSettings,
+        db: Database,
+        reactor: Arc<dyn Reactor>,
+        routes: F,
+    ) -> Result<Self, StartError>
+    where
+        F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+    {
+        let kafka = &settings.kafka;
+        let broker = |reason: String| StartError::Broker {
+            brokers: kafka.brokers.clone(),
+            reason,
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), admin::ensure_topics(kafka))
+            .await
+            .map_err(|_| broker("not reachable within 30 s".into()))?
+            .map_err(|e| broker(format!("cannot create topics: {e}")))?;
+        let producer = create_producer(kafka).map_err(|e| broker(e.to_string()))?;
+        let consumer = create_consumer(kafka).map_err(|e| broker(e.to_string()))?;
+
+        let stop = CancellationToken::new();
+        let relay = OutboxRelay::new(db.clone(), producer.clone(), kafka.topic.clone());
+        let relay = tokio::spawn(relay.run(stop.clone()));
+        let consumer = EventConsumer::new(consumer, producer.clone(), kafka, db.clone(), reactor);
+        let consumer = tokio::spawn(consumer.run(stop.clone()));
+
+        let address = format!("{}:{}", settings.host, settings.port);
+        let listener = TcpListener::bind(&address).map_err(|source| StartError::Listen {
+            address: address.clone(),
+            source,
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartError::Listen {
+                address: address.clone(),
+                source,
+            })?
+            .port();
+        let health = web::Data::new(Health::new(db.clone(), producer, kafka.topic.clone()));
+        let db = web::Data::new(db);
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(actix_web::middleware::Logger::new("%r %s %Dms"))
+                .app_data(db.clone())
+                .app_data(health.clone())
+                .configure(http::configure)
+                .configure(routes.clone())
+                .default_service(web::to(http::not_found))
+        })
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(10)
+        .listen(listener)
+        .map_err(|source| StartError::Listen { address, source })?
+        .run();
+        Ok(ServiceHost {
+            port,
+            server,
+            stop,
+            relay,
+            consumer,
+        })
+    }
+
+    /// The port the HTTP server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until `shutdown` resolves, then stops taking requests, lets the consumer finish the
+    /// event in hand and commit, and lets the relay publish what is committed and flush.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let mut server = tokio::spawn(self.server);
+        let served = tokio::select! {
+            result = &mut server => result,
+            _ = shutdown => {
+                log::info!("shutting down: no new requests");
+                handle.stop(true).await;
+                server.await
+            }
+        };
+        self.stop.cancel();
+        let _ = self.consumer.await;
+        let _ = self.relay.await;
+        log::info!("stopped");
+        served.map_err(std::io::Error::other)?
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

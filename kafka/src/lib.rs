@@ -1,0 +1,33 @@
+//! The I/O shell the three 12st Mall services share, so each service is only its saga rules,
+//! its tables and its HTTP handlers.
+//!
+//! - [`db`]: the SQLite pool and [`Database::write`], the only way to change state: it commits
+//!   the caused events into the outbox in the same transaction.
+//! - [`outbox`]: the outbox table and the [`OutboxRelay`] that publishes it in order.
+//! - [`inbox`]: exactly-once application of consumed events ([`Reactor`], [`apply_once`]).
+//! - [`consumer`]: the consumer loop, offsets stored after commit, dead-letter parking.
+//! - [`producer`], [`admin`]: the idempotent producer and topic creation.
+//! - [`http`], [`host`]: JSON errors, `/health`, and starting/stopping a whole service.
+//! - [`settings`]: env-var configuration.
+
+pub mod admin;
+pub mod consumer;
+pub mod db;
+pub mod host;
+pub mod http;
+pub mod inbox;
+pub mod outbox;
+pub mod producer;
+pub mod settings;
+
+pub use db::{Database, DbError};
+pub use host::{ServiceHost, StartError, shutdown_signal};
+pub use inbox::{Applied, ReactError, Reactor, apply_once};
+pub use outbox::OutboxRelay;
+pub use settings::{ConfigError, KafkaSettings, ServiceSettings, env_flag, env_or};
+
+/// Initialises logging from `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .try_init();
+}

@@ -1,0 +1,132 @@
+//! Configuration from environment variables, with defaults that work on a laptop.
+//!
+//! Every helper's error names the variable, so a typo in the environment says where it is.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A variable is set but cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("environment variable {name}={value:?} is invalid: {reason}")]
+pub struct ConfigError {
+    /// The variable's name.
+    pub name: String,
+    /// What it was set to.
+    pub value: String,
+    /// Why that does not parse.
+    pub reason: String,
+}
+
+/// Reads `name`, or returns `default` when it is unset or empty.
+pub fn env_or<T>(name: &str, default: T) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    parse_var(name, std::env::var(name).ok(), default)
+}
+
+/// Parses a variable's value; unset or blank means `default`.
+fn parse_var<T>(name: &str, value: Option<String>, default: T) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    match value {
+        Some(value) if !value.trim().is_empty() => {
+            value.trim().parse().map_err(|e: T::Err| ConfigError {
+                name: name.to_owned(),
+                value,
+                reason: e.to_string(),
+            })
+        }
+        _ => Ok(default),
+    }
+}
+
+/// Reads a boolean flag: `true/false`, `1/0`, `yes/no`, `on/off`.
+pub fn env_flag(name: &str, default: bool) -> Result<bool, ConfigError> {
+    let text: String = env_or(name, String::new())?;
+    match text.to_ascii_lowercase().as_str() {
+        "" => Ok(default),
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError {
+            name: name.to_owned(),
+            value: text,
+            reason: "expected true or false".into(),
+        }),
+    }
+}
+
+/// How a service reaches the broker and the saga topic.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `KAFKA_BROKERS`, the bootstrap servers.
+    pub brokers: String,
+    /// `KAFKA_TOPIC`, the one topic every saga event goes to.
+    pub topic: String,
+    /// `KAFKA_PARTITIONS`, used when the topic has to be created.
+    pub partitions: i32,
+    /// The consumer group: the service's name, so restarts resume where they stopped.
+    pub group_id: String,
+    /// `KAFKA_SESSION_TIMEOUT_MS`: how long a silent consumer keeps its partitions.
+    pub session_timeout: Duration,
+}
+
+impl KafkaSettings {
+    /// Reads the broker settings for the service `group_id`.
+    pub fn from_env(group_id: &str) -> Result<Self, ConfigError> {
+        Ok(KafkaSettings {
+            brokers: env_or("KAFKA_BROKERS", "127.0.0.1:9092".to_string())?,
+            topic: env_or("KAFKA_TOPIC", "eventTopic".to_string())?,
+            partitions: env_or("KAFKA_PARTITIONS", 3)?,
+            group_id: group_id.to_owned(),
+            session_timeout: Duration::from_millis(env_or("KAFKA_SESSION_TIMEOUT_MS", 10_000)?),
+        })
+    }
+
+    /// The dead-letter topic where messages that cannot be handled are parked.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.DLT", self.topic)
+    }
+}
+
+/// What every service reads besides its own options.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// `HOST`, the address to listen on.
+    pub host: String,
+    /// `PORT`; 0 picks a free port (tests).
+    pub port: u16,
+    /// `DATABASE_URL`, a SQLite file path.
+    pub database_url: String,
+    /// The broker and topic.
+    pub kafka: KafkaSettings,
+}
+
+impl ServiceSettings {
+    /// Reads the settings of `service` with its default port.
+    pub fn from_env(service: events::Service, default_port: u16) -> Result<Self, ConfigError> {
+        Ok(ServiceSettings {
+            host: env_or("HOST", "127.0.0.1".to_string())?,
+            port: env_or("PORT", default_port)?,
+            database_url: env_or("DATABASE_URL", format!("data/{service}.db"))?,
+            kafka: KafkaSettings::from_env(service.as_str())?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_variable_and_blank_means_default() {
+        let err = parse_var::<u16>("PORT", Some("eighty".into()), 1).unwrap_err();
+        assert!(err.to_string().contains("PORT=\"eighty\""), "{err}");
+        assert_eq!(parse_var::<u16>("PORT", Some(" 8081 ".into()), 1).unwrap(), 8081);
+        assert_eq!(parse_var::<u16>("PORT", Some("  ".into()), 7).unwrap(), 7);
+        assert_eq!(parse_var::<u16>("PORT", None, 7).unwrap(), 7);
+    }
+}
