@@ -9,7 +9,7 @@
 //! whose own decision began the chain stamps its name, and every event caused along the chain
 //! carries it unchanged ([`Envelope::caused_by`]).
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use uuid::Uuid;
@@ -250,7 +250,7 @@ impl Envelope {
             correlation_id: event.order_id().map(|id| id.to_string()),
             event,
             event_id: Uuid::new_v4(),
-            timestamp: Utc::now(),
+            timestamp: Utc::now().trunc_subsecs(3), // what the wire carries
             source,
             causation_id: None,
             initiator: None,

@@ -170,3 +170,27 @@ pub async fn shutdown_signal() {
         let _ = interrupt.await;
     }
 }
+
+/// The whole of a service's `main`: logging, start-up, serving until SIGINT/SIGTERM, and an exit
+/// code with the reason logged when start-up fails.
+pub async fn run_service<F>(name: &str, start: F) -> std::process::ExitCode
+where
+    F: Future<Output = Result<ServiceHost, StartError>>,
+{
+    crate::init_logging();
+    let host = match start.await {
+        Ok(host) => host,
+        Err(e) => {
+            log::error!("{name} cannot start: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    log::info!("{name} listening on port {}", host.port());
+    match host.run_until_stopped(shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{name} stopped with an error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

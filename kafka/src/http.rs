@@ -111,3 +111,11 @@ pub async fn health(health: web::Data<Health>) -> HttpResponse {
         }))
     }
 }
+
+/// The JSON 405 for a known path with a method it does not take.
+pub async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    error_json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} is not allowed on {}", req.method(), req.path()),
+    )
+}

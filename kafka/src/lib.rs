@@ -21,7 +21,7 @@ pub mod producer;
 pub mod settings;
 
 pub use db::{Database, DbError};
-pub use host::{ServiceHost, StartError, shutdown_signal};
+pub use host::{ServiceHost, StartError, run_service, shutdown_signal};
 pub use inbox::{Applied, ReactError, Reactor, apply_once};
 pub use outbox::OutboxRelay;
 pub use settings::{ConfigError, KafkaSettings, ServiceSettings, env_flag, env_or};
