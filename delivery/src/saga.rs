@@ -1,0 +1,339 @@
+//! Delivery's saga rules as pure functions: (the order's delivery, incoming event or courier
+//! action) → (the delivery now, events to publish). No I/O here.
+
+use events::{
+    DeliveryCancelled, DeliveryCompleted, DeliveryStarted, Envelope, Event, OrderPlaced, Service,
+};
+use std::fmt;
+
+/// Where a delivery stands; the names are the wire's `deliveryState`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Handed to a courier.
+    Started,
+    /// Delivered; final.
+    Completed,
+    /// Called off, by the courier or as a compensation; final.
+    Cancelled,
+}
+
+impl DeliveryState {
+    /// The wire and API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Started => "DeliveryStarted",
+            DeliveryState::Completed => "DeliveryCompleted",
+            DeliveryState::Cancelled => "DeliveryCancelled",
+        }
+    }
+
+    /// Parses the wire and API name.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Started, Self::Completed, Self::Cancelled]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
+impl fmt::Display for DeliveryState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One order's delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Delivery id.
+    pub id: i64,
+    /// The order delivered.
+    pub order_id: i64,
+    /// What is delivered.
+    pub product_id: i64,
+    /// How many.
+    pub quantity: i64,
+    /// To whom.
+    pub customer_id: String,
+    /// The customer's name, if given.
+    pub customer_name: Option<String>,
+    /// Where to, if given.
+    pub delivery_address: Option<String>,
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// True once OrderCompleted arrived: only a confirmed order may be handed over.
+    pub order_confirmed: bool,
+    /// Why it was cancelled.
+    pub state_message: Option<String>,
+}
+
+/// A courier action that the delivery's state does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct IllegalTransition(pub String);
+
+/// Applies one saga event to the order's delivery. `next_id` is the id a new delivery gets.
+pub fn react(current: Option<Delivery>, incoming: &Envelope, next_id: i64) -> (Option<Delivery>, Vec<Envelope>) {
+    match (&incoming.event, current) {
+        // Rule 3: start a delivery for a new order, once.
+        (Event::OrderPlaced(order), None) => {
+            let delivery = start(order, next_id);
+            let event = Envelope::new(Service::Delivery, started(&delivery)).caused_by(incoming);
+            (Some(delivery), vec![event])
+        }
+        (Event::OrderCompleted(_), Some(mut delivery)) => {
+            delivery.order_confirmed = true;
+            (Some(delivery), Vec::new())
+        }
+        // Rule 6: cancel on OrderCancelled, unless delivery started the chain itself; a
+        // delivery already completed or cancelled stays as it is.
+        (Event::OrderCancelled(cancel), Some(delivery))
+            if delivery.state == DeliveryState::Started
+                && !incoming.initiated_by_service(Service::Delivery) =>
+        {
+            let (delivery, event) = cancel_delivery(delivery, cancel.state_message.clone());
+            (Some(delivery), vec![event.caused_by(incoming)])
+        }
+        (_, current) => (current, Vec::new()),
+    }
+}
+
+/// A courier's update (`PATCH /deliveries/{id}`): complete a confirmed delivery, or cancel a
+/// started one, which starts a compensation chain initiated by delivery.
+pub fn courier_update(
+    delivery: Delivery,
+    target: DeliveryState,
+) -> Result<(Delivery, Envelope), IllegalTransition> {
+    if delivery.state != DeliveryState::Started {
+        return Err(IllegalTransition(format!(
+            "delivery {} is already {}",
+            delivery.id, delivery.state
+        )));
+    }
+    match target {
+        DeliveryState::Completed if !delivery.order_confirmed => Err(IllegalTransition(format!(
+            "order {} is not confirmed yet (no OrderCompleted), so delivery {} cannot be completed",
+            delivery.order_id, delivery.id
+        ))),
+        DeliveryState::Completed => {
+            let mut delivery = delivery;
+            delivery.state = DeliveryState::Completed;
+            let event = Event::DeliveryCompleted(DeliveryCompleted {
+                delivery_id: delivery.id,
+                order_id: delivery.order_id,
+                delivery_state: delivery.state.to_string(),
+            });
+            Ok((delivery, Envelope::new(Service::Delivery, event)))
+        }
+        DeliveryState::Cancelled => {
+            let (delivery, event) = cancel_delivery(delivery, "cancelled by the courier".into());
+            Ok((delivery, event.initiated_by(Service::Delivery)))
+        }
+        DeliveryState::Started => Err(IllegalTransition(format!(
+            "delivery {} is already started",
+            delivery.id
+        ))),
+    }
+}
+
+fn start(order: &OrderPlaced, id: i64) -> Delivery {
+    Delivery {
+        id,
+        order_id: order.order_id,
+        product_id: order.product_id,
+        quantity: order.quantity,
+        customer_id: order.customer_id.clone(),
+        customer_name: order.customer_name.clone(),
+        delivery_address: order.customer_addr.clone(),
+        state: DeliveryState::Started,
+        order_confirmed: false,
+        state_message: None,
+    }
+}
+
+fn started(d: &Delivery) -> Event {
+    Event::DeliveryStarted(DeliveryStarted {
+        delivery_id: d.id,
+        order_id: d.order_id,
+        product_id: d.product_id,
+        quantity: d.quantity,
+        customer_id: d.customer_id.clone(),
+        customer_name: d.customer_name.clone(),
+        delivery_address: d.delivery_address.clone(),
+        delivery_state: d.state.to_string(),
+    })
+}
+
+fn cancel_delivery(mut delivery: Delivery, reason: String) -> (Delivery, Envelope) {
+    delivery.state = DeliveryState::Cancelled;
+    delivery.state_message = Some(reason.clone());
+    let event = Event::DeliveryCancelled(DeliveryCancelled {
+        delivery_id: delivery.id,
+        order_id: delivery.order_id,
+        product_id: delivery.product_id,
+        quantity: delivery.quantity,
+        delivery_state: delivery.state.to_string(),
+        state_message: reason,
+    });
+    (delivery, Envelope::new(Service::Delivery, event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use events::{OrderCancelled, OrderCompleted};
+
+    fn placed() -> Envelope {
+        Envelope::new(
+            Service::Orders,
+            Event::OrderPlaced(OrderPlaced {
+                order_id: 4,
+                product_id: 1,
+                product_name: Some("TV".into()),
+                quantity: 1,
+                price: Some(10000),
+                customer_id: "c".into(),
+                customer_name: Some("Kim".into()),
+                customer_addr: Some("Seoul".into()),
+            }),
+        )
+    }
+
+    fn cancelled(initiator: Service) -> Envelope {
+        Envelope::new(
+            Service::Orders,
+            Event::OrderCancelled(OrderCancelled {
+                order_id: 4,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+                state_message: "out of stock".into(),
+            }),
+        )
+        .initiated_by(initiator)
+    }
+
+    fn completed() -> Envelope {
+        Envelope::new(
+            Service::Orders,
+            Event::OrderCompleted(OrderCompleted {
+                order_id: 4,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+            }),
+        )
+    }
+
+    fn delivery(state: DeliveryState, order_confirmed: bool) -> Delivery {
+        let (Some(mut d), _) = react(None, &placed(), 12) else { unreachable!() };
+        d.state = state;
+        d.order_confirmed = order_confirmed;
+        d
+    }
+
+    #[test]
+    fn order_placed_starts_a_delivery() {
+        let incoming = placed();
+        let (after, events) = react(None, &incoming, 12);
+        let d = after.unwrap();
+        assert_eq!((d.id, d.order_id, d.state), (12, 4, DeliveryState::Started));
+        assert_eq!(d.delivery_address.as_deref(), Some("Seoul"));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event_type(), "DeliveryStarted");
+        assert_eq!(events[0].causation_id, Some(incoming.event_id));
+        assert_eq!(events[0].correlation_id.as_deref(), Some("4"));
+    }
+
+    #[test]
+    fn order_placed_again_does_not_start_a_second_delivery() {
+        let d = delivery(DeliveryState::Started, false);
+        let (after, events) = react(Some(d.clone()), &placed(), 13);
+        assert_eq!(after, Some(d));
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn delivery_is_never_completed_on_its_own() {
+        let (_, events) = react(None, &placed(), 1);
+        assert!(events.iter().all(|e| e.event_type() != "DeliveryCompleted"));
+    }
+
+    #[test]
+    fn order_completed_confirms_the_delivery() {
+        let (after, events) = react(Some(delivery(DeliveryState::Started, false)), &completed(), 1);
+        assert!(after.unwrap().order_confirmed);
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn order_cancelled_cancels_the_delivery_and_carries_the_initiator() {
+        for initiator in [Service::Products, Service::Orders] {
+            let incoming = cancelled(initiator);
+            let (after, events) = react(Some(delivery(DeliveryState::Started, false)), &incoming, 1);
+            assert_eq!(after.unwrap().state, DeliveryState::Cancelled);
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0].event_type(), "DeliveryCancelled");
+            assert!(events[0].initiated_by_service(initiator));
+            assert_eq!(events[0].causation_id, Some(incoming.event_id));
+        }
+    }
+
+    #[test]
+    fn order_cancelled_of_a_chain_delivery_started_is_skipped() {
+        let d = delivery(DeliveryState::Cancelled, false);
+        let (after, events) = react(Some(d.clone()), &cancelled(Service::Delivery), 1);
+        assert_eq!(after, Some(d));
+        assert!(events.is_empty());
+        // even if the delivery were still started
+        let d = delivery(DeliveryState::Started, false);
+        let (after, events) = react(Some(d.clone()), &cancelled(Service::Delivery), 1);
+        assert_eq!(after, Some(d));
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn a_cancelled_or_completed_delivery_is_not_cancelled_again() {
+        for state in [DeliveryState::Cancelled, DeliveryState::Completed] {
+            let d = delivery(state, true);
+            let (after, events) = react(Some(d.clone()), &cancelled(Service::Orders), 1);
+            assert_eq!(after, Some(d));
+            assert!(events.is_empty());
+        }
+    }
+
+    #[test]
+    fn order_cancelled_without_a_delivery_does_nothing() {
+        let (after, events) = react(None, &cancelled(Service::Orders), 1);
+        assert_eq!(after, None);
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn the_courier_completes_only_a_confirmed_started_delivery() {
+        let (d, event) = courier_update(delivery(DeliveryState::Started, true), DeliveryState::Completed).unwrap();
+        assert_eq!(d.state, DeliveryState::Completed);
+        assert_eq!(event.event_type(), "DeliveryCompleted");
+        assert_eq!(event.initiator, None);
+        let err = courier_update(delivery(DeliveryState::Started, false), DeliveryState::Completed).unwrap_err();
+        assert!(err.0.contains("not confirmed"), "{err}");
+    }
+
+    #[test]
+    fn a_courier_cancel_starts_a_chain_initiated_by_delivery() {
+        let (d, event) = courier_update(delivery(DeliveryState::Started, true), DeliveryState::Cancelled).unwrap();
+        assert_eq!(d.state, DeliveryState::Cancelled);
+        assert_eq!(event.event_type(), "DeliveryCancelled");
+        assert!(event.initiated_by_service(Service::Delivery));
+        assert_eq!(event.causation_id, None);
+    }
+
+    #[test]
+    fn final_states_refuse_courier_updates() {
+        for state in [DeliveryState::Completed, DeliveryState::Cancelled] {
+            for target in [DeliveryState::Completed, DeliveryState::Cancelled, DeliveryState::Started] {
+                assert!(courier_update(delivery(state, true), target).is_err());
+            }
+        }
+        assert!(courier_update(delivery(DeliveryState::Started, true), DeliveryState::Started).is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! Delivery's table and queries.
+
+use crate::saga::{Delivery, DeliveryState};
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+
+/// The schema, matching `migrations/`.
+pub mod schema {
+    diesel::table! {
+        deliveries (id) {
+            id -> BigInt,
+            order_id -> BigInt,
+            product_id -> BigInt,
+            quantity -> BigInt,
+            customer_id -> Text,
+            customer_name -> Nullable<Text>,
+            delivery_address -> Nullable<Text>,
+            delivery_state -> Text,
+            order_confirmed -> Bool,
+            state_message -> Nullable<Text>,
+            created_at -> Text,
+            updated_at -> Text,
+        }
+    }
+}
+
+use schema::deliveries;
+
+/// A delivery row.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = deliveries)]
+#[allow(missing_docs)]
+pub struct DeliveryRow {
+    pub id: i64,
+    pub order_id: i64,
+    pub product_id: i64,
+    pub quantity: i64,
+    pub customer_id: String,
+    pub customer_name: Option<String>,
+    pub delivery_address: Option<String>,
+    pub delivery_state: String,
+    pub order_confirmed: bool,
+    pub state_message: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// The insert-or-update form of [`DeliveryRow`].
+#[derive(Debug, Insertable, AsChangeset)]
+#[diesel(table_name = deliveries)]
+#[allow(missing_docs)]
+pub struct NewDelivery<'a> {
+    pub id: i64,
+    pub order_id: i64,
+    pub product_id: i64,
+    pub quantity: i64,
+    pub customer_id: &'a str,
+    pub customer_name: Option<&'a str>,
+    pub delivery_address: Option<&'a str>,
+    pub delivery_state: &'a str,
+    pub order_confirmed: bool,
+    pub state_message: Option<&'a str>,
+    pub updated_at: String,
+}
+
+impl TryFrom<DeliveryRow> for Delivery {
+    type Error = diesel::result::Error;
+
+    fn try_from(r: DeliveryRow) -> Result<Self, Self::Error> {
+        let state = DeliveryState::parse(&r.delivery_state).ok_or_else(|| {
+            diesel::result::Error::DeserializationError(
+                format!("unknown delivery state {:?}", r.delivery_state).into(),
+            )
+        })?;
+        Ok(Delivery {
+            id: r.id,
+            order_id: r.order_id,
+            product_id: r.product_id,
+            quantity: r.quantity,
+            customer_id: r.customer_id,
+            customer_name: r.customer_name,
+            delivery_address: r.delivery_address,
+            state,
+            order_confirmed: r.order_confirmed,
+            state_message: r.state_message,
+        })
+    }
+}
+
+fn load(rows: Vec<DeliveryRow>) -> QueryResult<Vec<Delivery>> {
+    rows.into_iter().map(Delivery::try_from).collect()
+}
+
+/// Deliveries by id, optionally only one order's.
+pub fn list(conn: &mut SqliteConnection, order_id: Option<i64>) -> QueryResult<Vec<Delivery>> {
+    let mut query = deliveries::table.order(deliveries::id).into_boxed();
+    if let Some(order_id) = order_id {
+        query = query.filter(deliveries::order_id.eq(order_id));
+    }
+    load(query.select(DeliveryRow::as_select()).load(conn)?)
+}
+
+/// One delivery.
+pub fn by_id(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<Delivery>> {
+    let row = deliveries::table.find(id).select(DeliveryRow::as_select()).first(conn).optional()?;
+    row.map(Delivery::try_from).transpose()
+}
+
+/// An order's delivery.
+pub fn by_order(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<Option<Delivery>> {
+    Ok(list(conn, Some(order_id))?.into_iter().next())
+}
+
+/// The id the next delivery gets; callers hold the write lock, so it cannot be taken twice.
+pub fn next_id(conn: &mut SqliteConnection) -> QueryResult<i64> {
+    let max: Option<i64> = deliveries::table.select(diesel::dsl::max(deliveries::id)).first(conn)?;
+    Ok(max.unwrap_or(0) + 1)
+}
+
+/// Inserts or updates a delivery.
+pub fn save(conn: &mut SqliteConnection, d: &Delivery) -> QueryResult<()> {
+    let row = NewDelivery {
+        id: d.id,
+        order_id: d.order_id,
+        product_id: d.product_id,
+        quantity: d.quantity,
+        customer_id: &d.customer_id,
+        customer_name: d.customer_name.as_deref(),
+        delivery_address: d.delivery_address.as_deref(),
+        delivery_state: d.state.as_str(),
+        order_confirmed: d.order_confirmed,
+        state_message: d.state_message.as_deref(),
+        updated_at: chrono::Utc::now().to_rfc3339(),
+    };
+    diesel::insert_into(deliveries::table)
+        .values((&row, deliveries::created_at.eq(&row.updated_at)))
+        .on_conflict(deliveries::id)
+        .do_update()
+        .set(&row)
+        .execute(conn)
+        .map(|_| ())
+}
