@@ -1,0 +1,16 @@
+//! The orders service (:8081): where customers place and cancel orders.
+//!
+//! An order starts pending (`OrderPlaced`); it completes once both StockDecreased and
+//! DeliveryStarted arrived, and is cancelled by ProductOutOfStock, by a courier's
+//! DeliveryCancelled or by the customer. It also keeps every order's saga history across the
+//! three services and a replica of the catalog, both fed from the topic.
+
+pub mod domain;
+pub mod error;
+pub mod reactor;
+pub mod routes;
+pub mod saga;
+pub mod startup;
+pub mod store;
+
+pub use startup::{Settings, build, settings_from_env};

@@ -1,0 +1,239 @@
+//! Orders' REST API: place, list, show and cancel orders; an order's saga history; the catalog
+//! replica.
+
+use crate::domain::OrderRequest;
+use crate::error::OrdersError;
+use crate::saga::{self, OrderState};
+use crate::store::{self, HistoryRow, NewOrder, StoredOrder};
+use actix_web::{HttpResponse, web};
+use kafka::Database;
+use serde::{Deserialize, Serialize};
+
+/// Registers the orders endpoints.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    let not_allowed = || web::to(kafka::http::method_not_allowed);
+    cfg.service(
+        web::resource("/orders")
+            .route(web::get().to(list))
+            .route(web::post().to(place))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/orders/{id}")
+            .route(web::get().to(get_one))
+            .route(web::patch().to(update))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/orders/{id}/events")
+            .route(web::get().to(events))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/products")
+            .route(web::get().to(products))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/products/{id}")
+            .route(web::get().to(product))
+            .default_service(not_allowed()),
+    );
+}
+
+/// An order as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct OrderJson {
+    pub id: i64,
+    pub product_id: i64,
+    pub product_name: Option<String>,
+    pub quantity: i64,
+    pub price: Option<i64>,
+    pub customer_id: String,
+    pub customer_name: Option<String>,
+    pub customer_addr: Option<String>,
+    pub state: String,
+    pub stock_reserved: bool,
+    pub delivery_id: Option<i64>,
+    pub delivery_state: Option<String>,
+    pub state_message: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<StoredOrder> for OrderJson {
+    fn from(s: StoredOrder) -> Self {
+        let o = s.order;
+        OrderJson {
+            id: o.id,
+            product_id: o.product_id,
+            product_name: o.product_name,
+            quantity: o.quantity,
+            price: o.price,
+            customer_id: o.customer_id,
+            customer_name: o.customer_name,
+            customer_addr: o.customer_addr,
+            state: o.state.to_string(),
+            stock_reserved: o.stock_reserved,
+            delivery_id: o.delivery_id,
+            delivery_state: o.delivery_state,
+            state_message: o.state_message,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+/// One entry of an order's timeline.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct HistoryEntry {
+    pub event_type: String,
+    pub source: String,
+    pub event_id: String,
+    pub causation_id: Option<String>,
+    pub initiator: Option<String>,
+    pub timestamp: String,
+    pub payload: serde_json::Value,
+}
+
+impl From<HistoryRow> for HistoryEntry {
+    fn from(r: HistoryRow) -> Self {
+        HistoryEntry {
+            payload: serde_json::from_str(&r.payload).unwrap_or(serde_json::Value::String(r.payload)),
+            event_type: r.event_type,
+            source: r.source,
+            event_id: r.event_id,
+            causation_id: r.causation_id,
+            initiator: r.initiator,
+            timestamp: r.timestamp,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PlaceOrder {
+    product_id: i64,
+    quantity: i64,
+    customer_id: String,
+    #[serde(default)]
+    customer_name: Option<String>,
+    #[serde(default)]
+    customer_addr: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ListQuery {
+    customer_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateOrder {
+    state: String,
+}
+
+async fn place(db: web::Data<Database>, body: web::Json<PlaceOrder>) -> Result<HttpResponse, OrdersError> {
+    let b = body.into_inner();
+    let request = OrderRequest::parse(
+        b.product_id,
+        b.quantity,
+        &b.customer_id,
+        b.customer_name.as_deref(),
+        b.customer_addr.as_deref(),
+    )?;
+    let stored = db
+        .write(move |conn| {
+            // The replica may lag or not know the product: products decides, not orders.
+            let known = store::replica_product(conn, request.product_id)?;
+            let now = chrono::Utc::now().to_rfc3339();
+            let new = NewOrder {
+                product_id: request.product_id,
+                product_name: known.as_ref().map(|p| p.name.clone()),
+                quantity: request.quantity,
+                price: known.as_ref().and_then(|p| p.price.checked_mul(request.quantity)),
+                customer_id: request.customer_id,
+                customer_name: request.customer_name,
+                customer_addr: request.customer_addr,
+                state: OrderState::Placed.as_str(),
+                created_at: now.clone(),
+                updated_at: now,
+            };
+            let stored = store::insert_order(conn, &new)?;
+            let event = saga::placed(&stored.order);
+            Ok::<_, OrdersError>((stored, vec![event]))
+        })
+        .await?;
+    Ok(HttpResponse::Created()
+        .insert_header(("Location", format!("/orders/{}", stored.order.id)))
+        .json(OrderJson::from(stored)))
+}
+
+async fn list(db: web::Data<Database>, query: web::Query<ListQuery>) -> Result<HttpResponse, OrdersError> {
+    let customer = query.into_inner().customer_id;
+    let orders = db
+        .read(move |conn| store::list_orders(conn, customer.as_deref()).map_err(OrdersError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(orders.into_iter().map(OrderJson::from).collect::<Vec<_>>()))
+}
+
+async fn get_one(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, OrdersError> {
+    let id = id.into_inner();
+    let stored = db
+        .read(move |conn| store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id)))
+        .await?;
+    Ok(HttpResponse::Ok().json(OrderJson::from(stored)))
+}
+
+async fn update(
+    db: web::Data<Database>,
+    id: web::Path<i64>,
+    body: web::Json<UpdateOrder>,
+) -> Result<HttpResponse, OrdersError> {
+    let id = id.into_inner();
+    if OrderState::parse(&body.state) != Some(OrderState::Cancelled) {
+        return Err(OrdersError::Invalid(format!(
+            "only {{\"state\": \"OrderCancelled\"}} can be requested, got {:?}",
+            body.state
+        )));
+    }
+    let stored = db
+        .write(move |conn| {
+            let mut stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
+            let (order, event) = saga::cancel_by_customer(stored.order)?;
+            store::save_order(conn, &order)?;
+            stored.order = order;
+            Ok::<_, OrdersError>((stored, vec![event]))
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(OrderJson::from(stored)))
+}
+
+async fn events(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, OrdersError> {
+    let id = id.into_inner();
+    let history = db
+        .read(move |conn| {
+            store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
+            Ok::<_, OrdersError>(store::history(conn, id)?)
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(history.into_iter().map(HistoryEntry::from).collect::<Vec<_>>()))
+}
+
+async fn products(db: web::Data<Database>) -> Result<HttpResponse, OrdersError> {
+    let replica = db.read(|conn| store::replica(conn).map_err(OrdersError::from)).await?;
+    Ok(HttpResponse::Ok().json(replica))
+}
+
+async fn product(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, OrdersError> {
+    let id = id.into_inner();
+    let p = db
+        .read(move |conn| store::replica_product(conn, id)?.ok_or(OrdersError::ProductNotFound(id)))
+        .await?;
+    Ok(HttpResponse::Ok().json(p))
+}

@@ -1,0 +1,386 @@
+//! Orders' saga rules as pure functions: (the order, incoming event or customer action) →
+//! (the order now, events to publish). No I/O here.
+
+use events::{Envelope, Event, OrderCancelled, OrderCompleted, OrderPlaced, Service};
+use std::fmt;
+
+/// Where an order stands; the names are the API's and the seed lab's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderState {
+    /// Pending: waiting for stock and delivery.
+    Placed,
+    /// Stock reserved and delivery started.
+    Completed,
+    /// Cancelled by the customer or by a compensation; final.
+    Cancelled,
+}
+
+impl OrderState {
+    /// The API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderState::Placed => "OrderPlaced",
+            OrderState::Completed => "OrderCompleted",
+            OrderState::Cancelled => "OrderCancelled",
+        }
+    }
+
+    /// Parses the API name.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Placed, Self::Completed, Self::Cancelled]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
+impl fmt::Display for OrderState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An order and what orders has learned about its saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    /// Order id.
+    pub id: i64,
+    /// What was ordered.
+    pub product_id: i64,
+    /// The product's name, as the catalog replica knew it.
+    pub product_name: Option<String>,
+    /// How many.
+    pub quantity: i64,
+    /// Total price, as the catalog replica knew it.
+    pub price: Option<i64>,
+    /// Who ordered.
+    pub customer_id: String,
+    /// The customer's name, if given.
+    pub customer_name: Option<String>,
+    /// Where to deliver, if given.
+    pub customer_addr: Option<String>,
+    /// Where it stands.
+    pub state: OrderState,
+    /// StockDecreased arrived.
+    pub stock_reserved: bool,
+    /// DeliveryStarted arrived with this delivery id.
+    pub delivery_id: Option<i64>,
+    /// The delivery's last known state.
+    pub delivery_state: Option<String>,
+    /// Why it was cancelled.
+    pub state_message: Option<String>,
+}
+
+/// A customer cancel that the order's state does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CancelRefused(pub String);
+
+/// Rule 1: the event a newly stored order publishes.
+pub fn placed(order: &Order) -> Envelope {
+    Envelope::new(
+        Service::Orders,
+        Event::OrderPlaced(OrderPlaced {
+            order_id: order.id,
+            product_id: order.product_id,
+            product_name: order.product_name.clone(),
+            quantity: order.quantity,
+            price: order.price,
+            customer_id: order.customer_id.clone(),
+            customer_name: order.customer_name.clone(),
+            customer_addr: order.customer_addr.clone(),
+        }),
+    )
+}
+
+/// Applies one saga event to the order.
+pub fn react(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
+    match &incoming.event {
+        // Rule 4: complete once both confirmations are in, in either order; late forward
+        // events never revive a cancelled order.
+        Event::StockDecreased(_) => {
+            order.stock_reserved = true;
+            complete_if_confirmed(order, incoming)
+        }
+        Event::DeliveryStarted(d) => {
+            order.delivery_id = Some(d.delivery_id);
+            order.delivery_state = Some(d.delivery_state.clone());
+            complete_if_confirmed(order, incoming)
+        }
+        // Rule 5: products could not reserve; cancel, carrying products as the initiator.
+        Event::ProductOutOfStock(e) if order.state == OrderState::Placed => {
+            cancel(order, e.state_message.clone(), incoming)
+        }
+        // Rule 8: a courier's cancel cancels the order; other chains' DeliveryCancelled only
+        // echo a cancel that already happened.
+        Event::DeliveryCancelled(d) => {
+            order.delivery_state = Some(d.delivery_state.clone());
+            if incoming.initiated_by_service(Service::Delivery) && order.state != OrderState::Cancelled {
+                cancel(order, d.state_message.clone(), incoming)
+            } else {
+                (order, Vec::new())
+            }
+        }
+        Event::DeliveryCompleted(d) => {
+            order.delivery_state = Some(d.delivery_state.clone());
+            (order, Vec::new())
+        }
+        _ => (order, Vec::new()),
+    }
+}
+
+/// Rule 9: the customer cancels (`PATCH /orders/{id}`), starting a chain initiated by orders.
+/// Refused when already cancelled or already delivered, so a repeated cancel never publishes
+/// OrderCancelled (and restores stock) twice.
+pub fn cancel_by_customer(order: Order) -> Result<(Order, Envelope), CancelRefused> {
+    if order.state == OrderState::Cancelled {
+        return Err(CancelRefused(format!("order {} is already cancelled", order.id)));
+    }
+    if order.delivery_state.as_deref() == Some("DeliveryCompleted") {
+        return Err(CancelRefused(format!(
+            "order {} was already delivered and cannot be cancelled",
+            order.id
+        )));
+    }
+    let (order, event) = cancelled(order, "cancelled by the customer".into());
+    Ok((order, event.initiated_by(Service::Orders)))
+}
+
+fn complete_if_confirmed(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
+    if order.state != OrderState::Placed || !order.stock_reserved || order.delivery_id.is_none() {
+        return (order, Vec::new());
+    }
+    order.state = OrderState::Completed;
+    let event = Event::OrderCompleted(OrderCompleted {
+        order_id: order.id,
+        product_id: order.product_id,
+        quantity: order.quantity,
+        customer_id: order.customer_id.clone(),
+    });
+    (order, vec![Envelope::new(Service::Orders, event).caused_by(incoming)])
+}
+
+fn cancel(order: Order, reason: String, incoming: &Envelope) -> (Order, Vec<Envelope>) {
+    let (order, event) = cancelled(order, reason);
+    (order, vec![event.caused_by(incoming)])
+}
+
+fn cancelled(mut order: Order, reason: String) -> (Order, Envelope) {
+    order.state = OrderState::Cancelled;
+    order.state_message = Some(reason.clone());
+    let event = Event::OrderCancelled(OrderCancelled {
+        order_id: order.id,
+        product_id: order.product_id,
+        quantity: order.quantity,
+        customer_id: order.customer_id.clone(),
+        state_message: reason,
+    });
+    (order, Envelope::new(Service::Orders, event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use events::{
+        DeliveryCancelled, DeliveryCompleted, DeliveryStarted, ProductOutOfStock, StockMoved,
+    };
+
+    fn order(state: OrderState) -> Order {
+        Order {
+            id: 5,
+            product_id: 1,
+            product_name: Some("TV".into()),
+            quantity: 1,
+            price: Some(10000),
+            customer_id: "c".into(),
+            customer_name: None,
+            customer_addr: None,
+            state,
+            stock_reserved: false,
+            delivery_id: None,
+            delivery_state: None,
+            state_message: None,
+        }
+    }
+
+    fn from(source: Service, event: Event, initiator: Option<Service>) -> Envelope {
+        let mut e = Envelope::new(source, event);
+        e.initiator = initiator;
+        e
+    }
+
+    fn stock_decreased() -> Envelope {
+        let moved = StockMoved { order_id: 5, product_id: 1, quantity: 1, product_stock: 9 };
+        from(Service::Products, Event::StockDecreased(moved), None)
+    }
+
+    fn delivery_started() -> Envelope {
+        let started = DeliveryStarted {
+            delivery_id: 3,
+            order_id: 5,
+            product_id: 1,
+            quantity: 1,
+            customer_id: "c".into(),
+            customer_name: None,
+            delivery_address: None,
+            delivery_state: "DeliveryStarted".into(),
+        };
+        from(Service::Delivery, Event::DeliveryStarted(started), None)
+    }
+
+    fn out_of_stock() -> Envelope {
+        let e = ProductOutOfStock {
+            order_id: 5,
+            product_id: 1,
+            quantity: 100,
+            product_stock: Some(90),
+            state_message: "only 90 of TV in stock, 100 ordered".into(),
+        };
+        from(Service::Products, Event::ProductOutOfStock(e), Some(Service::Products))
+    }
+
+    fn delivery_cancelled(initiator: Service) -> Envelope {
+        let e = DeliveryCancelled {
+            delivery_id: 3,
+            order_id: 5,
+            product_id: 1,
+            quantity: 1,
+            delivery_state: "DeliveryCancelled".into(),
+            state_message: "cancelled by the courier".into(),
+        };
+        from(Service::Delivery, Event::DeliveryCancelled(e), Some(initiator))
+    }
+
+    fn types(events: &[Envelope]) -> Vec<&'static str> {
+        events.iter().map(|e| e.event_type()).collect()
+    }
+
+    #[test]
+    fn a_new_order_publishes_order_placed() {
+        let e = placed(&order(OrderState::Placed));
+        assert_eq!(e.event_type(), "OrderPlaced");
+        assert_eq!((e.causation_id, e.initiator), (None, None));
+        assert_eq!(e.key(), "5");
+    }
+
+    #[test]
+    fn completes_after_stock_then_delivery() {
+        let (o, events) = react(order(OrderState::Placed), &stock_decreased());
+        assert_eq!(o.state, OrderState::Placed);
+        assert!(events.is_empty());
+        let incoming = delivery_started();
+        let (o, events) = react(o, &incoming);
+        assert_eq!(o.state, OrderState::Completed);
+        assert_eq!(types(&events), ["OrderCompleted"]);
+        assert_eq!(events[0].causation_id, Some(incoming.event_id));
+    }
+
+    #[test]
+    fn completes_after_delivery_then_stock() {
+        let (o, events) = react(order(OrderState::Placed), &delivery_started());
+        assert!(events.is_empty());
+        assert_eq!(o.delivery_id, Some(3));
+        let (o, events) = react(o, &stock_decreased());
+        assert_eq!(o.state, OrderState::Completed);
+        assert_eq!(types(&events), ["OrderCompleted"]);
+    }
+
+    #[test]
+    fn completes_only_once() {
+        let (o, _) = react(order(OrderState::Placed), &delivery_started());
+        let (o, _) = react(o, &stock_decreased());
+        let (o2, events) = react(o.clone(), &stock_decreased());
+        assert_eq!(o2, o);
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn late_forward_events_never_complete_a_cancelled_order() {
+        let (o, _) = react(order(OrderState::Cancelled), &stock_decreased());
+        let (o, events) = react(o, &delivery_started());
+        assert_eq!(o.state, OrderState::Cancelled);
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn out_of_stock_cancels_with_products_as_initiator() {
+        let incoming = out_of_stock();
+        let (o, events) = react(order(OrderState::Placed), &incoming);
+        assert_eq!(o.state, OrderState::Cancelled);
+        assert!(o.state_message.unwrap().contains("only 90"));
+        assert_eq!(types(&events), ["OrderCancelled"]);
+        assert!(events[0].initiated_by_service(Service::Products));
+        assert_eq!(events[0].causation_id, Some(incoming.event_id));
+    }
+
+    #[test]
+    fn out_of_stock_for_a_cancelled_order_does_nothing() {
+        let (o, events) = react(order(OrderState::Cancelled), &out_of_stock());
+        assert_eq!(o, order(OrderState::Cancelled));
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn a_courier_cancel_cancels_the_order() {
+        for state in [OrderState::Placed, OrderState::Completed] {
+            let (o, events) = react(order(state), &delivery_cancelled(Service::Delivery));
+            assert_eq!(o.state, OrderState::Cancelled);
+            assert_eq!(types(&events), ["OrderCancelled"]);
+            assert!(events[0].initiated_by_service(Service::Delivery));
+        }
+    }
+
+    #[test]
+    fn delivery_cancelled_of_other_chains_does_not_cancel_again() {
+        for initiator in [Service::Orders, Service::Products] {
+            let (o, events) = react(order(OrderState::Cancelled), &delivery_cancelled(initiator));
+            assert_eq!(o.state, OrderState::Cancelled);
+            assert_eq!(o.delivery_state.as_deref(), Some("DeliveryCancelled"));
+            assert!(events.is_empty());
+        }
+        // and a courier cancel of an order already cancelled publishes nothing either
+        let (_, events) = react(order(OrderState::Cancelled), &delivery_cancelled(Service::Delivery));
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn delivery_completed_is_recorded() {
+        let e = DeliveryCompleted { delivery_id: 3, order_id: 5, delivery_state: "DeliveryCompleted".into() };
+        let (o, events) = react(order(OrderState::Completed), &from(Service::Delivery, Event::DeliveryCompleted(e), None));
+        assert_eq!(o.delivery_state.as_deref(), Some("DeliveryCompleted"));
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn own_and_unrelated_events_do_nothing() {
+        let own = placed(&order(OrderState::Placed));
+        let (o, events) = react(order(OrderState::Placed), &own);
+        assert_eq!(o, order(OrderState::Placed));
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn the_customer_cancels_a_pending_or_completed_order() {
+        for state in [OrderState::Placed, OrderState::Completed] {
+            let (o, event) = cancel_by_customer(order(state)).unwrap();
+            assert_eq!(o.state, OrderState::Cancelled);
+            assert_eq!(event.event_type(), "OrderCancelled");
+            assert!(event.initiated_by_service(Service::Orders));
+            assert_eq!(event.causation_id, None);
+        }
+    }
+
+    #[test]
+    fn a_second_cancel_is_refused() {
+        let (o, _) = cancel_by_customer(order(OrderState::Placed)).unwrap();
+        let err = cancel_by_customer(o).unwrap_err();
+        assert!(err.0.contains("already cancelled"));
+    }
+
+    #[test]
+    fn a_delivered_order_cannot_be_cancelled() {
+        let mut o = order(OrderState::Completed);
+        o.delivery_state = Some("DeliveryCompleted".into());
+        let err = cancel_by_customer(o).unwrap_err();
+        assert!(err.0.contains("delivered"));
+    }
+}

@@ -1,0 +1,274 @@
+//! Orders' tables and queries: orders, each order's event history, the catalog replica.
+
+use crate::saga::{Order, OrderState};
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+use events::{Envelope, ProductChanged};
+use serde::Serialize;
+
+/// The schema, matching `migrations/`.
+pub mod schema {
+    diesel::table! {
+        orders (id) {
+            id -> BigInt,
+            product_id -> BigInt,
+            product_name -> Nullable<Text>,
+            quantity -> BigInt,
+            price -> Nullable<BigInt>,
+            customer_id -> Text,
+            customer_name -> Nullable<Text>,
+            customer_addr -> Nullable<Text>,
+            state -> Text,
+            stock_reserved -> Bool,
+            delivery_id -> Nullable<BigInt>,
+            delivery_state -> Nullable<Text>,
+            state_message -> Nullable<Text>,
+            created_at -> Text,
+            updated_at -> Text,
+        }
+    }
+
+    diesel::table! {
+        order_events (seq) {
+            seq -> BigInt,
+            order_id -> BigInt,
+            event_id -> Text,
+            event_type -> Text,
+            source -> Text,
+            causation_id -> Nullable<Text>,
+            initiator -> Nullable<Text>,
+            timestamp -> Text,
+            payload -> Text,
+        }
+    }
+
+    diesel::table! {
+        products (id) {
+            id -> BigInt,
+            name -> Text,
+            price -> BigInt,
+            stock -> BigInt,
+            updated_at -> Text,
+        }
+    }
+}
+
+use schema::{order_events, orders, products};
+
+/// An order row.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = orders)]
+#[allow(missing_docs)]
+pub struct OrderRow {
+    pub id: i64,
+    pub product_id: i64,
+    pub product_name: Option<String>,
+    pub quantity: i64,
+    pub price: Option<i64>,
+    pub customer_id: String,
+    pub customer_name: Option<String>,
+    pub customer_addr: Option<String>,
+    pub state: String,
+    pub stock_reserved: bool,
+    pub delivery_id: Option<i64>,
+    pub delivery_state: Option<String>,
+    pub state_message: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// The insert form of [`OrderRow`].
+#[derive(Debug, Insertable)]
+#[diesel(table_name = orders)]
+#[allow(missing_docs)]
+pub struct NewOrder {
+    pub product_id: i64,
+    pub product_name: Option<String>,
+    pub quantity: i64,
+    pub price: Option<i64>,
+    pub customer_id: String,
+    pub customer_name: Option<String>,
+    pub customer_addr: Option<String>,
+    pub state: &'static str,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// An order as stored, with its timestamps.
+#[derive(Debug, Clone)]
+pub struct StoredOrder {
+    /// The saga's view of the order.
+    pub order: Order,
+    /// When it was placed.
+    pub created_at: String,
+    /// Last change.
+    pub updated_at: String,
+}
+
+impl TryFrom<OrderRow> for StoredOrder {
+    type Error = diesel::result::Error;
+
+    fn try_from(r: OrderRow) -> Result<Self, Self::Error> {
+        let state = OrderState::parse(&r.state).ok_or_else(|| {
+            diesel::result::Error::DeserializationError(format!("unknown order state {:?}", r.state).into())
+        })?;
+        Ok(StoredOrder {
+            order: Order {
+                id: r.id,
+                product_id: r.product_id,
+                product_name: r.product_name,
+                quantity: r.quantity,
+                price: r.price,
+                customer_id: r.customer_id,
+                customer_name: r.customer_name,
+                customer_addr: r.customer_addr,
+                state,
+                stock_reserved: r.stock_reserved,
+                delivery_id: r.delivery_id,
+                delivery_state: r.delivery_state,
+                state_message: r.state_message,
+            },
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+/// Stores a new order and returns it with its id.
+pub fn insert_order(conn: &mut SqliteConnection, new: &NewOrder) -> QueryResult<StoredOrder> {
+    diesel::insert_into(orders::table)
+        .values(new)
+        .returning(OrderRow::as_returning())
+        .get_result(conn)?
+        .try_into()
+}
+
+/// Orders by id, optionally one customer's.
+pub fn list_orders(conn: &mut SqliteConnection, customer_id: Option<&str>) -> QueryResult<Vec<StoredOrder>> {
+    let mut query = orders::table.order(orders::id).into_boxed();
+    if let Some(customer) = customer_id {
+        query = query.filter(orders::customer_id.eq(customer.to_owned()));
+    }
+    query
+        .select(OrderRow::as_select())
+        .load(conn)?
+        .into_iter()
+        .map(StoredOrder::try_from)
+        .collect()
+}
+
+/// One order.
+pub fn order(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<StoredOrder>> {
+    orders::table
+        .find(id)
+        .select(OrderRow::as_select())
+        .first(conn)
+        .optional()?
+        .map(StoredOrder::try_from)
+        .transpose()
+}
+
+/// Writes the saga-owned fields of an order.
+pub fn save_order(conn: &mut SqliteConnection, o: &Order) -> QueryResult<()> {
+    diesel::update(orders::table.find(o.id))
+        .set((
+            orders::state.eq(o.state.as_str()),
+            orders::stock_reserved.eq(o.stock_reserved),
+            orders::delivery_id.eq(o.delivery_id),
+            orders::delivery_state.eq(o.delivery_state.as_deref()),
+            orders::state_message.eq(o.state_message.as_deref()),
+            orders::updated_at.eq(chrono::Utc::now().to_rfc3339()),
+        ))
+        .execute(conn)
+        .map(|_| ())
+}
+
+/// One entry of `GET /orders/{id}/events`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Queryable, Selectable)]
+#[diesel(table_name = order_events)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct HistoryRow {
+    #[serde(skip)]
+    pub seq: i64,
+    pub event_type: String,
+    pub source: String,
+    pub event_id: String,
+    pub causation_id: Option<String>,
+    pub initiator: Option<String>,
+    pub timestamp: String,
+    pub payload: String,
+}
+
+/// Appends a consumed event to its order's history (in topic order; a repeat is ignored).
+pub fn record_history(conn: &mut SqliteConnection, order_id: i64, e: &Envelope) -> QueryResult<()> {
+    let mut payload = serde_json::to_value(&e.event).unwrap_or_default();
+    if let Some(fields) = payload.as_object_mut() {
+        fields.remove("eventType");
+    }
+    diesel::insert_into(order_events::table)
+        .values((
+            order_events::order_id.eq(order_id),
+            order_events::event_id.eq(e.event_id.to_string()),
+            order_events::event_type.eq(e.event_type()),
+            order_events::source.eq(e.source.as_str()),
+            order_events::causation_id.eq(e.causation_id.map(|id| id.to_string())),
+            order_events::initiator.eq(e.initiator.map(|s| s.as_str())),
+            order_events::timestamp.eq(e.timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            order_events::payload.eq(payload.to_string()),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .map(|_| ())
+}
+
+/// An order's history, oldest first.
+pub fn history(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<Vec<HistoryRow>> {
+    order_events::table
+        .filter(order_events::order_id.eq(order_id))
+        .order(order_events::seq)
+        .select(HistoryRow::as_select())
+        .load(conn)
+}
+
+/// A catalog replica entry.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Queryable, Selectable)]
+#[diesel(table_name = products)]
+#[serde(rename_all = "camelCase")]
+#[allow(missing_docs)]
+pub struct ReplicaProduct {
+    pub id: i64,
+    pub name: String,
+    pub price: i64,
+    pub stock: i64,
+    pub updated_at: String,
+}
+
+/// Applies a ProductChanged to the replica.
+pub fn upsert_product(conn: &mut SqliteConnection, p: &ProductChanged) -> QueryResult<()> {
+    let now = chrono::Utc::now().to_rfc3339();
+    let values = (
+        products::id.eq(p.product_id),
+        products::name.eq(&p.product_name),
+        products::price.eq(p.product_price),
+        products::stock.eq(p.product_stock),
+        products::updated_at.eq(&now),
+    );
+    diesel::insert_into(products::table)
+        .values(values)
+        .on_conflict(products::id)
+        .do_update()
+        .set(values)
+        .execute(conn)
+        .map(|_| ())
+}
+
+/// The replica, by id.
+pub fn replica(conn: &mut SqliteConnection) -> QueryResult<Vec<ReplicaProduct>> {
+    products::table.order(products::id).select(ReplicaProduct::as_select()).load(conn)
+}
+
+/// One replica entry.
+pub fn replica_product(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<ReplicaProduct>> {
+    products::table.find(id).select(ReplicaProduct::as_select()).first(conn).optional()
+}
