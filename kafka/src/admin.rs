@@ -4,6 +4,7 @@ use crate::settings::KafkaSettings;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use std::time::Duration;
 
@@ -13,10 +14,25 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
         .set("bootstrap.servers", &settings.brokers)
         .create()?;
     let dlt = settings.dead_letter_topic();
-    let topics = [
+    // Ask first: creating only what is missing also works on brokers without CreateTopics.
+    let brokers = settings.brokers.clone();
+    let existing: Vec<String> = tokio::task::spawn_blocking(move || {
+        let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+        let metadata = probe.fetch_metadata(None, Duration::from_secs(10))?;
+        Ok::<_, KafkaError>(metadata.topics().iter().map(|t| t.name().to_owned()).collect())
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)??;
+    let topics: Vec<NewTopic<'_>> = [
         NewTopic::new(&settings.topic, settings.partitions, TopicReplication::Fixed(1)),
         NewTopic::new(&dlt, 1, TopicReplication::Fixed(1)),
-    ];
+    ]
+    .into_iter()
+    .filter(|t| !existing.iter().any(|name| name == t.name))
+    .collect();
+    if topics.is_empty() {
+        return Ok(());
+    }
     let options = AdminOptions::new()
         .request_timeout(Some(Duration::from_secs(10)))
         .operation_timeout(Some(Duration::from_secs(10)));

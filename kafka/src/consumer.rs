@@ -92,6 +92,7 @@ pub struct EventConsumer {
     consumer: SagaConsumer,
     dead_letters: FutureProducer,
     dead_letter_topic: String,
+    group: String,
     db: Database,
     reactor: Arc<dyn Reactor>,
 }
@@ -109,6 +110,7 @@ impl EventConsumer {
             consumer,
             dead_letters,
             dead_letter_topic: settings.dead_letter_topic(),
+            group: settings.group_id.clone(),
             db,
             reactor,
         }
@@ -193,6 +195,7 @@ impl EventConsumer {
         let payload = message.payload().unwrap_or_default();
         let letter = serde_json::json!({
             "reason": reason,
+            "consumerGroup": self.group,
             "topic": message.topic(),
             "partition": message.partition(),
             "offset": message.offset(),
