@@ -16,7 +16,11 @@ impl Reactor for DeliveryReactor {
         )
     }
 
-    fn react(&self, conn: &mut SqliteConnection, event: &Envelope) -> Result<Vec<Envelope>, ReactError> {
+    fn react(
+        &self,
+        conn: &mut SqliteConnection,
+        event: &Envelope,
+    ) -> Result<Vec<Envelope>, ReactError> {
         let Some(order_id) = event.event.order_id() else {
             return Ok(Vec::new());
         };

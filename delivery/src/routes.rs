@@ -69,13 +69,26 @@ struct CourierUpdate {
     delivery_state: String,
 }
 
-async fn list(db: web::Data<Database>, query: web::Query<ListQuery>) -> Result<HttpResponse, DeliveryError> {
+async fn list(
+    db: web::Data<Database>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, DeliveryError> {
     let order_id = query.into_inner().order_id;
-    let deliveries = db.read(move |conn| store::list(conn, order_id).map_err(DeliveryError::from)).await?;
-    Ok(HttpResponse::Ok().json(deliveries.into_iter().map(DeliveryJson::from).collect::<Vec<_>>()))
+    let deliveries = db
+        .read(move |conn| store::list(conn, order_id).map_err(DeliveryError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(
+        deliveries
+            .into_iter()
+            .map(DeliveryJson::from)
+            .collect::<Vec<_>>(),
+    ))
 }
 
-async fn get_one(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, DeliveryError> {
+async fn get_one(
+    db: web::Data<Database>,
+    id: web::Path<i64>,
+) -> Result<HttpResponse, DeliveryError> {
     let id = id.into_inner();
     let delivery = db
         .read(move |conn| store::by_id(conn, id)?.ok_or(DeliveryError::NotFound(id)))

@@ -72,7 +72,11 @@ pub struct Delivery {
 pub struct IllegalTransition(pub String);
 
 /// Applies one saga event to the order's delivery. `next_id` is the id a new delivery gets.
-pub fn react(current: Option<Delivery>, incoming: &Envelope, next_id: i64) -> (Option<Delivery>, Vec<Envelope>) {
+pub fn react(
+    current: Option<Delivery>,
+    incoming: &Envelope,
+    next_id: i64,
+) -> (Option<Delivery>, Vec<Envelope>) {
     match (&incoming.event, current) {
         // Rule 3: start a delivery for a new order, once.
         (Event::OrderPlaced(order), None) => {
@@ -225,7 +229,9 @@ mod tests {
     }
 
     fn delivery(state: DeliveryState, order_confirmed: bool) -> Delivery {
-        let (Some(mut d), _) = react(None, &placed(), 12) else { unreachable!() };
+        let (Some(mut d), _) = react(None, &placed(), 12) else {
+            unreachable!()
+        };
         d.state = state;
         d.order_confirmed = order_confirmed;
         d
@@ -260,7 +266,11 @@ mod tests {
 
     #[test]
     fn order_completed_confirms_the_delivery() {
-        let (after, events) = react(Some(delivery(DeliveryState::Started, false)), &completed(), 1);
+        let (after, events) = react(
+            Some(delivery(DeliveryState::Started, false)),
+            &completed(),
+            1,
+        );
         assert!(after.unwrap().order_confirmed);
         assert!(events.is_empty());
     }
@@ -269,7 +279,8 @@ mod tests {
     fn order_cancelled_cancels_the_delivery_and_carries_the_initiator() {
         for initiator in [Service::Products, Service::Orders] {
             let incoming = cancelled(initiator);
-            let (after, events) = react(Some(delivery(DeliveryState::Started, false)), &incoming, 1);
+            let (after, events) =
+                react(Some(delivery(DeliveryState::Started, false)), &incoming, 1);
             assert_eq!(after.unwrap().state, DeliveryState::Cancelled);
             assert_eq!(events.len(), 1);
             assert_eq!(events[0].event_type(), "DeliveryCancelled");
@@ -310,17 +321,29 @@ mod tests {
 
     #[test]
     fn the_courier_completes_only_a_confirmed_started_delivery() {
-        let (d, event) = courier_update(delivery(DeliveryState::Started, true), DeliveryState::Completed).unwrap();
+        let (d, event) = courier_update(
+            delivery(DeliveryState::Started, true),
+            DeliveryState::Completed,
+        )
+        .unwrap();
         assert_eq!(d.state, DeliveryState::Completed);
         assert_eq!(event.event_type(), "DeliveryCompleted");
         assert_eq!(event.initiator, None);
-        let err = courier_update(delivery(DeliveryState::Started, false), DeliveryState::Completed).unwrap_err();
+        let err = courier_update(
+            delivery(DeliveryState::Started, false),
+            DeliveryState::Completed,
+        )
+        .unwrap_err();
         assert!(err.0.contains("not confirmed"), "{err}");
     }
 
     #[test]
     fn a_courier_cancel_starts_a_chain_initiated_by_delivery() {
-        let (d, event) = courier_update(delivery(DeliveryState::Started, true), DeliveryState::Cancelled).unwrap();
+        let (d, event) = courier_update(
+            delivery(DeliveryState::Started, true),
+            DeliveryState::Cancelled,
+        )
+        .unwrap();
         assert_eq!(d.state, DeliveryState::Cancelled);
         assert_eq!(event.event_type(), "DeliveryCancelled");
         assert!(event.initiated_by_service(Service::Delivery));
@@ -330,10 +353,20 @@ mod tests {
     #[test]
     fn final_states_refuse_courier_updates() {
         for state in [DeliveryState::Completed, DeliveryState::Cancelled] {
-            for target in [DeliveryState::Completed, DeliveryState::Cancelled, DeliveryState::Started] {
+            for target in [
+                DeliveryState::Completed,
+                DeliveryState::Cancelled,
+                DeliveryState::Started,
+            ] {
                 assert!(courier_update(delivery(state, true), target).is_err());
             }
         }
-        assert!(courier_update(delivery(DeliveryState::Started, true), DeliveryState::Started).is_err());
+        assert!(
+            courier_update(
+                delivery(DeliveryState::Started, true),
+                DeliveryState::Started
+            )
+            .is_err()
+        );
     }
 }

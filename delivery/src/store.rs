@@ -102,7 +102,11 @@ pub fn list(conn: &mut SqliteConnection, order_id: Option<i64>) -> QueryResult<V
 
 /// One delivery.
 pub fn by_id(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<Delivery>> {
-    let row = deliveries::table.find(id).select(DeliveryRow::as_select()).first(conn).optional()?;
+    let row = deliveries::table
+        .find(id)
+        .select(DeliveryRow::as_select())
+        .first(conn)
+        .optional()?;
     row.map(Delivery::try_from).transpose()
 }
 
@@ -113,7 +117,9 @@ pub fn by_order(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<Optio
 
 /// The id the next delivery gets; callers hold the write lock, so it cannot be taken twice.
 pub fn next_id(conn: &mut SqliteConnection) -> QueryResult<i64> {
-    let max: Option<i64> = deliveries::table.select(diesel::dsl::max(deliveries::id)).first(conn)?;
+    let max: Option<i64> = deliveries::table
+        .select(diesel::dsl::max(deliveries::id))
+        .first(conn)?;
     Ok(max.unwrap_or(0) + 1)
 }
 

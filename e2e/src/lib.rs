@@ -48,7 +48,13 @@ pub struct TopicMessage {
 
 impl Mall {
     /// A client for services at these base URLs.
-    pub fn new(orders: String, products: String, delivery: String, brokers: String, topic: String) -> Self {
+    pub fn new(
+        orders: String,
+        products: String,
+        delivery: String,
+        brokers: String,
+        topic: String,
+    ) -> Self {
         Mall {
             orders,
             products,
@@ -69,18 +75,33 @@ impl Mall {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.map_err(|e| format!("{method} {url}: {e}"))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))?;
         let status = response.status().as_u16();
-        let text = response.text().await.map_err(|e| format!("{method} {url}: {e}"))?;
-        let value = serde_json::from_str(&text).map_err(|_| format!("{method} {url} → {status}, body is not JSON: {text:?}"))?;
+        let text = response
+            .text()
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))?;
+        let value = serde_json::from_str(&text)
+            .map_err(|_| format!("{method} {url} → {status}, body is not JSON: {text:?}"))?;
         Ok((status, value))
     }
 
     /// Sends a request and insists on `expected` status.
-    pub async fn expect(&self, method: &str, url: &str, body: Option<Value>, expected: u16) -> Check<Value> {
+    pub async fn expect(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<Value>,
+        expected: u16,
+    ) -> Check<Value> {
         let (status, value) = self.call(method, url, body).await?;
         if status != expected {
-            return Err(format!("{method} {url}: expected {expected}, got {status} {value}"));
+            return Err(format!(
+                "{method} {url}: expected {expected}, got {status} {value}"
+            ));
         }
         Ok(value)
     }
@@ -88,7 +109,14 @@ impl Mall {
     /// Creates a product in products' catalog; returns its id.
     pub async fn create_product(&self, name: &str, stock: i64) -> Check<i64> {
         let body = json!({ "name": name, "price": 1000, "stock": stock });
-        let p = self.expect("POST", &format!("{}/products", self.products), Some(body), 201).await?;
+        let p = self
+            .expect(
+                "POST",
+                &format!("{}/products", self.products),
+                Some(body),
+                201,
+            )
+            .await?;
         field_i64(&p, "id")
     }
 
@@ -96,42 +124,75 @@ impl Mall {
     pub async fn place_order(&self, product_id: i64, quantity: i64) -> Check<i64> {
         let body = json!({ "productId": product_id, "quantity": quantity, "customerId": "e2e@12st.mall",
                            "customerName": "E2E", "customerAddr": "Seoul" });
-        let o = self.expect("POST", &format!("{}/orders", self.orders), Some(body), 201).await?;
+        let o = self
+            .expect("POST", &format!("{}/orders", self.orders), Some(body), 201)
+            .await?;
         field_i64(&o, "id")
     }
 
     /// An order as orders shows it.
     pub async fn order(&self, id: i64) -> Check<Value> {
-        self.expect("GET", &format!("{}/orders/{id}", self.orders), None, 200).await
+        self.expect("GET", &format!("{}/orders/{id}", self.orders), None, 200)
+            .await
     }
 
     /// Waits until an order reaches `state` and returns it.
     pub async fn wait_order_state(&self, id: i64, state: &str) -> Check<Value> {
-        eventually(&format!("order {id} reaches {state}"), Duration::from_secs(30), || async move {
-            let o = self.order(id).await?;
-            if o["state"] == state { Ok(o) } else { Err(format!("order {id} is {o}")) }
-        })
+        eventually(
+            &format!("order {id} reaches {state}"),
+            Duration::from_secs(30),
+            || async move {
+                let o = self.order(id).await?;
+                if o["state"] == state {
+                    Ok(o)
+                } else {
+                    Err(format!("order {id} is {o}"))
+                }
+            },
+        )
         .await
     }
 
     /// `(stock, reserved)` of a product in products.
     pub async fn stock(&self, product_id: i64) -> Check<(i64, i64)> {
-        let p = self.expect("GET", &format!("{}/products/{product_id}", self.products), None, 200).await?;
+        let p = self
+            .expect(
+                "GET",
+                &format!("{}/products/{product_id}", self.products),
+                None,
+                200,
+            )
+            .await?;
         Ok((field_i64(&p, "stock")?, field_i64(&p, "reserved")?))
     }
 
     /// Waits until a product's stock and reserved units are as expected.
     pub async fn wait_stock(&self, product_id: i64, expected: (i64, i64)) -> Check {
-        eventually(&format!("product {product_id} has (stock, reserved) = {expected:?}"), Duration::from_secs(30), || async move {
-            let got = self.stock(product_id).await?;
-            if got == expected { Ok(()) } else { Err(format!("(stock, reserved) is {got:?}")) }
-        })
+        eventually(
+            &format!("product {product_id} has (stock, reserved) = {expected:?}"),
+            Duration::from_secs(30),
+            || async move {
+                let got = self.stock(product_id).await?;
+                if got == expected {
+                    Ok(())
+                } else {
+                    Err(format!("(stock, reserved) is {got:?}"))
+                }
+            },
+        )
         .await
     }
 
     /// The delivery of an order.
     pub async fn delivery_of(&self, order_id: i64) -> Check<Value> {
-        let list = self.expect("GET", &format!("{}/deliveries?orderId={order_id}", self.delivery), None, 200).await?;
+        let list = self
+            .expect(
+                "GET",
+                &format!("{}/deliveries?orderId={order_id}", self.delivery),
+                None,
+                200,
+            )
+            .await?;
         list.as_array()
             .and_then(|l| l.first().cloned())
             .ok_or_else(|| format!("no delivery for order {order_id}"))
@@ -139,17 +200,34 @@ impl Mall {
 
     /// Waits until an order's delivery reaches `state`.
     pub async fn wait_delivery_state(&self, order_id: i64, state: &str) -> Check<Value> {
-        eventually(&format!("delivery of order {order_id} reaches {state}"), Duration::from_secs(30), || async move {
-            let d = self.delivery_of(order_id).await?;
-            if d["deliveryState"] == state { Ok(d) } else { Err(format!("delivery is {d}")) }
-        })
+        eventually(
+            &format!("delivery of order {order_id} reaches {state}"),
+            Duration::from_secs(30),
+            || async move {
+                let d = self.delivery_of(order_id).await?;
+                if d["deliveryState"] == state {
+                    Ok(d)
+                } else {
+                    Err(format!("delivery is {d}"))
+                }
+            },
+        )
         .await
     }
 
     /// `GET /orders/{id}/events`: the event types in order.
     pub async fn timeline(&self, order_id: i64) -> Check<Vec<Value>> {
-        let h = self.expect("GET", &format!("{}/orders/{order_id}/events", self.orders), None, 200).await?;
-        h.as_array().cloned().ok_or_else(|| format!("timeline is not a list: {h}"))
+        let h = self
+            .expect(
+                "GET",
+                &format!("{}/orders/{order_id}/events", self.orders),
+                None,
+                200,
+            )
+            .await?;
+        h.as_array()
+            .cloned()
+            .ok_or_else(|| format!("timeline is not a list: {h}"))
     }
 
     /// Every event on the saga topic whose `correlationId` is this order, in partition order;
@@ -162,7 +240,10 @@ impl Mall {
                 continue;
             }
             if m.key.as_deref() != Some(id.as_str()) {
-                return Err(format!("event of order {id} has key {:?}: {}", m.key, m.raw));
+                return Err(format!(
+                    "event of order {id} has key {:?}: {}",
+                    m.key, m.raw
+                ));
             }
             events.push(m.value);
         }
@@ -172,9 +253,15 @@ impl Mall {
     /// Waits until every service answers `/health` with 200.
     pub async fn wait_healthy(&self) -> Check {
         for base in [&self.orders, &self.products, &self.delivery] {
-            eventually(&format!("{base}/health answers 200"), Duration::from_secs(60), || async move {
-                self.expect("GET", &format!("{base}/health"), None, 200).await.map(|_| ())
-            })
+            eventually(
+                &format!("{base}/health answers 200"),
+                Duration::from_secs(60),
+                || async move {
+                    self.expect("GET", &format!("{base}/health"), None, 200)
+                        .await
+                        .map(|_| ())
+                },
+            )
             .await?;
         }
         Ok(())
@@ -183,7 +270,9 @@ impl Mall {
 
 /// Reads a JSON integer field or says which is missing.
 pub fn field_i64(value: &Value, name: &str) -> Check<i64> {
-    value[name].as_i64().ok_or_else(|| format!("no integer {name:?} in {value}"))
+    value[name]
+        .as_i64()
+        .ok_or_else(|| format!("no integer {name:?} in {value}"))
 }
 
 /// Retries `check` every 100 ms until it passes or `timeout` runs out; the error then says what
@@ -198,7 +287,9 @@ where
         match check().await {
             Ok(value) => return Ok(value),
             Err(last) if start.elapsed() > timeout => {
-                return Err(format!("timed out after {timeout:?} waiting until {what}; last seen: {last}"));
+                return Err(format!(
+                    "timed out after {timeout:?} waiting until {what}; last seen: {last}"
+                ));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -223,7 +314,9 @@ fn read_topic_blocking(brokers: &str, topic: &str) -> Check<Vec<TopicMessage>> {
         .create()
         .map_err(|e| format!("reader: {e}"))?;
     let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| format!("metadata: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("metadata: {e}"))?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -232,9 +325,13 @@ fn read_topic_blocking(brokers: &str, topic: &str) -> Check<Vec<TopicMessage>> {
     let mut assignment = TopicPartitionList::new();
     let mut remaining = std::collections::HashMap::new();
     for p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout).map_err(|e| format!("watermarks: {e}"))?;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, timeout)
+            .map_err(|e| format!("watermarks: {e}"))?;
         if high > low {
-            assignment.add_partition_offset(topic, *p, Offset::Beginning).map_err(|e| e.to_string())?;
+            assignment
+                .add_partition_offset(topic, *p, Offset::Beginning)
+                .map_err(|e| e.to_string())?;
             remaining.insert(*p, high);
         }
     }
@@ -242,22 +339,34 @@ fn read_topic_blocking(brokers: &str, topic: &str) -> Check<Vec<TopicMessage>> {
     if remaining.is_empty() {
         return Ok(messages);
     }
-    consumer.assign(&assignment).map_err(|e| format!("assign: {e}"))?;
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("assign: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !remaining.is_empty() {
         if Instant::now() > deadline {
-            return Err(format!("reading {topic} did not reach its end; left: {remaining:?}"));
+            return Err(format!(
+                "reading {topic} did not reach its end; left: {remaining:?}"
+            ));
         }
-        let Some(result) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
         let m = result.map_err(|e| format!("reading {topic}: {e}"))?;
-        let raw = m.payload().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+        let raw = m
+            .payload()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
         messages.push(TopicMessage {
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             value: serde_json::from_str(&raw).unwrap_or(Value::Null),
             raw,
             partition: m.partition(),
         });
-        if remaining.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
+        if remaining
+            .get(&m.partition())
+            .is_some_and(|high| m.offset() + 1 >= *high)
+        {
             remaining.remove(&m.partition());
         }
     }
@@ -271,7 +380,10 @@ pub async fn publish_raw(brokers: &str, topic: &str, key: &str, payload: &str) -
         .create()
         .map_err(|e| e.to_string())?;
     producer
-        .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
+        .send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(10),
+        )
         .await
         .map(|_| ())
         .map_err(|(e, _)| format!("publishing to {topic}: {e}"))
@@ -279,9 +391,13 @@ pub async fn publish_raw(brokers: &str, topic: &str, key: &str, payload: &str) -
 
 /// Republishes every message of the topic once more (marked with a `replayed` header so it is
 /// not copied again): with it running, every event reaches every service twice.
-pub async fn replay_everything_twice(brokers: String, topic: String, stop: tokio_util::sync::CancellationToken) {
+pub async fn replay_everything_twice(
+    brokers: String,
+    topic: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
     use rdkafka::consumer::StreamConsumer;
-    use rdkafka::message::{Headers, OwnedHeaders, Header};
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
     let consumer: StreamConsumer = match ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("group.id", "e2e-replayer")
@@ -293,7 +409,10 @@ pub async fn replay_everything_twice(brokers: String, topic: String, stop: tokio
         Ok(c) => c,
         Err(e) => return eprintln!("replayer: {e}"),
     };
-    let producer: FutureProducer = match ClientConfig::new().set("bootstrap.servers", &brokers).create() {
+    let producer: FutureProducer = match ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+    {
         Ok(p) => p,
         Err(e) => return eprintln!("replayer: {e}"),
     };
@@ -306,11 +425,16 @@ pub async fn replay_everything_twice(brokers: String, topic: String, stop: tokio
             m = consumer.recv() => m,
         };
         let Ok(m) = message else { continue };
-        let replayed = m.headers().is_some_and(|h| h.iter().any(|h| h.key == "replayed"));
+        let replayed = m
+            .headers()
+            .is_some_and(|h| h.iter().any(|h| h.key == "replayed"));
         if replayed {
             continue;
         }
-        let headers = OwnedHeaders::new().insert(Header { key: "replayed", value: Some("1") });
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "replayed",
+            value: Some("1"),
+        });
         let mut record = FutureRecord::to(&topic).headers(headers);
         if let Some(key) = m.key() {
             record = record.key(key);
@@ -339,13 +463,18 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
     let settings = |service: events::Service| kafka::ServiceSettings {
         host: "127.0.0.1".into(),
         port: 0,
-        database_url: data.path().join(format!("{service}.db")).to_string_lossy().into_owned(),
+        database_url: data
+            .path()
+            .join(format!("{service}.db"))
+            .to_string_lossy()
+            .into_owned(),
         kafka: kafka::KafkaSettings {
             brokers: brokers.to_owned(),
             topic: topic.to_owned(),
             partitions: 3,
             group_id: service.as_str().to_owned(),
             session_timeout: Duration::from_secs(6),
+            fetch_wait_max: Duration::from_millis(10),
         },
     };
     let products = products::build(&products::Settings {
@@ -354,22 +483,42 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
     })
     .await
     .map_err(|e| format!("products: {e}"))?;
-    let orders = orders::build(&settings(events::Service::Orders)).await.map_err(|e| format!("orders: {e}"))?;
-    let delivery = delivery::build(&settings(events::Service::Delivery)).await.map_err(|e| format!("delivery: {e}"))?;
+    let orders = orders::build(&settings(events::Service::Orders))
+        .await
+        .map_err(|e| format!("orders: {e}"))?;
+    let delivery = delivery::build(&settings(events::Service::Delivery))
+        .await
+        .map_err(|e| format!("delivery: {e}"))?;
     let url = |port: u16| format!("http://127.0.0.1:{port}");
-    let mall = Mall::new(url(orders.port()), url(products.port()), url(delivery.port()), brokers.to_owned(), topic.to_owned());
+    let mall = Mall::new(
+        url(orders.port()),
+        url(products.port()),
+        url(delivery.port()),
+        brokers.to_owned(),
+        topic.to_owned(),
+    );
     for host in [orders, products, delivery] {
         tokio::spawn(host.run_until_stopped(std::future::pending()));
     }
     mall.wait_healthy().await?;
     let m = mall.clone();
-    eventually("orders' replica knows the seeded catalog", Duration::from_secs(30), || {
-        let m = m.clone();
-        async move {
-            let list = m.expect("GET", &format!("{}/products", m.orders), None, 200).await?;
-            if list.as_array().is_some_and(|l| l.len() >= 5) { Ok(()) } else { Err(list.to_string()) }
-        }
-    })
+    eventually(
+        "orders' replica knows the seeded catalog",
+        Duration::from_secs(30),
+        || {
+            let m = m.clone();
+            async move {
+                let list = m
+                    .expect("GET", &format!("{}/products", m.orders), None, 200)
+                    .await?;
+                if list.as_array().is_some_and(|l| l.len() >= 5) {
+                    Ok(())
+                } else {
+                    Err(list.to_string())
+                }
+            }
+        },
+    )
     .await?;
     Ok(InProcessMall { mall, _data: data })
 }

@@ -24,12 +24,18 @@ fn single<'a>(events: &'a [Value], event_type: &str) -> Check<&'a Value> {
             .iter()
             .find(|e| e["eventType"] == event_type)
             .ok_or_else(|| "unreachable".to_string()),
-        n => Err(format!("expected exactly one {event_type}, found {n} in {}", types(events))),
+        n => Err(format!(
+            "expected exactly one {event_type}, found {n} in {}",
+            types(events)
+        )),
     }
 }
 
 fn types(events: &[Value]) -> String {
-    let names: Vec<&str> = events.iter().filter_map(|e| e["eventType"].as_str()).collect();
+    let names: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["eventType"].as_str())
+        .collect();
     format!("[{}]", names.join(", "))
 }
 
@@ -43,23 +49,31 @@ fn expect_eq<T: PartialEq + std::fmt::Debug>(what: &str, got: T, expected: T) ->
 
 /// Waits until the order's events on the topic include every type in `types_expected`.
 async fn wait_topic(m: &Mall, order_id: i64, types_expected: &[&str]) -> Check<Vec<Value>> {
-    eventually(&format!("the topic has {types_expected:?} for order {order_id}"), Duration::from_secs(30), || async move {
-        let events = m.topic_events_of(order_id).await?;
-        if types_expected.iter().all(|t| distinct(&events, t) > 0) {
-            Ok(events)
-        } else {
-            Err(types(&events))
-        }
-    })
+    eventually(
+        &format!("the topic has {types_expected:?} for order {order_id}"),
+        Duration::from_secs(30),
+        || async move {
+            let events = m.topic_events_of(order_id).await?;
+            if types_expected.iter().all(|t| distinct(&events, t) > 0) {
+                Ok(events)
+            } else {
+                Err(types(&events))
+            }
+        },
+    )
     .await
 }
 
 /// Waits until the order's timeline (`GET /orders/{id}/events`) has `n` entries.
 async fn wait_timeline(m: &Mall, order_id: i64, n: usize) -> Check<Vec<Value>> {
-    eventually(&format!("order {order_id}'s timeline has {n} entries"), Duration::from_secs(30), || async move {
-        let t = m.timeline(order_id).await?;
-        if t.len() >= n { Ok(t) } else { Err(types(&t)) }
-    })
+    eventually(
+        &format!("order {order_id}'s timeline has {n} entries"),
+        Duration::from_secs(30),
+        || async move {
+            let t = m.timeline(order_id).await?;
+            if t.len() >= n { Ok(t) } else { Err(types(&t)) }
+        },
+    )
     .await
 }
 
@@ -69,39 +83,99 @@ pub async fn happy_path(m: &Mall) -> Check {
     let product = m.create_product("happy-path", 10).await?;
     let order = m.place_order(product, 1).await?;
     let placed = m.order(order).await?;
-    expect_eq("state right after POST", placed["state"].as_str(), Some("OrderPlaced"))?;
+    expect_eq(
+        "state right after POST",
+        placed["state"].as_str(),
+        Some("OrderPlaced"),
+    )?;
     m.wait_order_state(order, "OrderCompleted").await?;
     m.wait_stock(product, (9, 1)).await?;
     m.wait_delivery_state(order, "DeliveryStarted").await?;
-    eventually("orders' replica shows stock 9", Duration::from_secs(30), || async move {
-        let p = m.expect("GET", &format!("{}/products/{product}", m.orders), None, 200).await?;
-        if p["stock"] == 9 { Ok(()) } else { Err(p.to_string()) }
-    })
+    eventually(
+        "orders' replica shows stock 9",
+        Duration::from_secs(30),
+        || async move {
+            let p = m
+                .expect(
+                    "GET",
+                    &format!("{}/products/{product}", m.orders),
+                    None,
+                    200,
+                )
+                .await?;
+            if p["stock"] == 9 {
+                Ok(())
+            } else {
+                Err(p.to_string())
+            }
+        },
+    )
     .await?;
 
     let timeline = wait_timeline(m, order, 4).await?;
-    let names: Vec<&str> = timeline.iter().filter_map(|e| e["eventType"].as_str()).collect();
-    expect_eq("first timeline entry", names.first().copied(), Some("OrderPlaced"))?;
-    expect_eq("last timeline entry", names.last().copied(), Some("OrderCompleted"))?;
+    let names: Vec<&str> = timeline
+        .iter()
+        .filter_map(|e| e["eventType"].as_str())
+        .collect();
+    expect_eq(
+        "first timeline entry",
+        names.first().copied(),
+        Some("OrderPlaced"),
+    )?;
+    expect_eq(
+        "last timeline entry",
+        names.last().copied(),
+        Some("OrderCompleted"),
+    )?;
     for t in ["StockDecreased", "DeliveryStarted"] {
         if !names.contains(&t) {
             return Err(format!("timeline {names:?} lacks {t}"));
         }
     }
 
-    let events = wait_topic(m, order, &["OrderPlaced", "StockDecreased", "DeliveryStarted", "OrderCompleted"]).await?;
+    let events = wait_topic(
+        m,
+        order,
+        &[
+            "OrderPlaced",
+            "StockDecreased",
+            "DeliveryStarted",
+            "OrderCompleted",
+        ],
+    )
+    .await?;
     let order_placed = single(&events, "OrderPlaced")?;
     let stock = single(&events, "StockDecreased")?;
     let delivery = single(&events, "DeliveryStarted")?;
     let completed = single(&events, "OrderCompleted")?;
-    expect_eq("StockDecreased.causationId", &stock["causationId"], &order_placed["eventId"])?;
-    expect_eq("DeliveryStarted.causationId", &delivery["causationId"], &order_placed["eventId"])?;
-    if completed["causationId"] != stock["eventId"] && completed["causationId"] != delivery["eventId"] {
-        return Err(format!("OrderCompleted is not caused by StockDecreased or DeliveryStarted: {completed}"));
+    expect_eq(
+        "StockDecreased.causationId",
+        &stock["causationId"],
+        &order_placed["eventId"],
+    )?;
+    expect_eq(
+        "DeliveryStarted.causationId",
+        &delivery["causationId"],
+        &order_placed["eventId"],
+    )?;
+    if completed["causationId"] != stock["eventId"]
+        && completed["causationId"] != delivery["eventId"]
+    {
+        return Err(format!(
+            "OrderCompleted is not caused by StockDecreased or DeliveryStarted: {completed}"
+        ));
     }
     for e in &events {
-        expect_eq("correlationId", e["correlationId"].as_str(), Some(order.to_string().as_str()))?;
-        expect_eq("initiator on the forward path", &e["initiator"], &Value::Null)?;
+        expect_eq(
+            "correlationId",
+            e["correlationId"].as_str(),
+            Some(order.to_string().as_str()),
+        )?;
+        expect_eq(
+            "initiator on the forward path",
+            &e["initiator"],
+            &Value::Null,
+        )?;
     }
     Ok(())
 }
@@ -117,12 +191,25 @@ pub async fn out_of_stock(m: &Mall) -> Check {
         return Err(format!("stateMessage should say why: {cancelled}"));
     }
     m.wait_delivery_state(order, "DeliveryCancelled").await?;
-    let events = wait_topic(m, order, &["ProductOutOfStock", "OrderCancelled", "DeliveryCancelled"]).await?;
+    let events = wait_topic(
+        m,
+        order,
+        &["ProductOutOfStock", "OrderCancelled", "DeliveryCancelled"],
+    )
+    .await?;
     for t in ["ProductOutOfStock", "OrderCancelled", "DeliveryCancelled"] {
-        expect_eq(&format!("{t}.initiator"), single(&events, t)?["initiator"].as_str(), Some("products"))?;
+        expect_eq(
+            &format!("{t}.initiator"),
+            single(&events, t)?["initiator"].as_str(),
+            Some("products"),
+        )?;
     }
     for t in ["StockDecreased", "StockIncreased", "OrderCompleted"] {
-        expect_eq(&format!("{t} events for an out-of-stock order"), distinct(&events, t), 0)?;
+        expect_eq(
+            &format!("{t} events for an out-of-stock order"),
+            distinct(&events, t),
+            0,
+        )?;
     }
     wait_timeline(m, order, 4).await?;
     expect_eq("(stock, reserved)", m.stock(product).await?, (10, 0))
@@ -137,20 +224,47 @@ pub async fn customer_cancel(m: &Mall) -> Check {
     let url = format!("{}/orders/{order}", m.orders);
     let body = json!({ "state": "OrderCancelled" });
     let o = m.expect("PATCH", &url, Some(body.clone()), 200).await?;
-    expect_eq("state after PATCH", o["state"].as_str(), Some("OrderCancelled"))?;
+    expect_eq(
+        "state after PATCH",
+        o["state"].as_str(),
+        Some("OrderCancelled"),
+    )?;
     m.wait_stock(product, (10, 0)).await?;
     m.wait_delivery_state(order, "DeliveryCancelled").await?;
     let again = m.expect("PATCH", &url, Some(body), 409).await?;
-    if !again["error"].as_str().unwrap_or_default().contains("already cancelled") {
-        return Err(format!("second cancel should say it is already cancelled: {again}"));
+    if !again["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("already cancelled")
+    {
+        return Err(format!(
+            "second cancel should say it is already cancelled: {again}"
+        ));
     }
-    let events = wait_topic(m, order, &["OrderCancelled", "DeliveryCancelled", "StockIncreased"]).await?;
+    let events = wait_topic(
+        m,
+        order,
+        &["OrderCancelled", "DeliveryCancelled", "StockIncreased"],
+    )
+    .await?;
     for t in ["OrderCancelled", "DeliveryCancelled", "StockIncreased"] {
-        expect_eq(&format!("{t}.initiator"), single(&events, t)?["initiator"].as_str(), Some("orders"))?;
+        expect_eq(
+            &format!("{t}.initiator"),
+            single(&events, t)?["initiator"].as_str(),
+            Some("orders"),
+        )?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    expect_eq("(stock, reserved) after the chain settled", m.stock(product).await?, (10, 0))?;
-    expect_eq("StockIncreased count", distinct(&m.topic_events_of(order).await?, "StockIncreased"), 1)
+    expect_eq(
+        "(stock, reserved) after the chain settled",
+        m.stock(product).await?,
+        (10, 0),
+    )?;
+    expect_eq(
+        "StockIncreased count",
+        distinct(&m.topic_events_of(order).await?, "StockIncreased"),
+        1,
+    )
 }
 
 /// Courier cancel: DeliveryCancelled initiated by delivery cancels the order and restores
@@ -166,31 +280,73 @@ pub async fn courier_cancel(m: &Mall) -> Check {
     m.wait_order_state(order, "OrderCancelled").await?;
     m.wait_stock(product, (10, 0)).await?;
     m.expect("PATCH", &url, Some(body), 409).await?;
-    let events = wait_topic(m, order, &["DeliveryCancelled", "OrderCancelled", "StockIncreased"]).await?;
+    let events = wait_topic(
+        m,
+        order,
+        &["DeliveryCancelled", "OrderCancelled", "StockIncreased"],
+    )
+    .await?;
     for t in ["DeliveryCancelled", "OrderCancelled", "StockIncreased"] {
-        expect_eq(&format!("{t}.initiator"), single(&events, t)?["initiator"].as_str(), Some("delivery"))?;
+        expect_eq(
+            &format!("{t}.initiator"),
+            single(&events, t)?["initiator"].as_str(),
+            Some("delivery"),
+        )?;
     }
 
     // A completed delivery: the customer can no longer cancel.
     let order = m.place_order(product, 1).await?;
     m.wait_order_state(order, "OrderCompleted").await?;
-    let delivery = eventually("the delivery is confirmed by OrderCompleted", Duration::from_secs(30), || async move {
-        let d = m.delivery_of(order).await?;
-        if d["orderConfirmed"] == true { Ok(d) } else { Err(d.to_string()) }
-    })
+    let delivery = eventually(
+        "the delivery is confirmed by OrderCompleted",
+        Duration::from_secs(30),
+        || async move {
+            let d = m.delivery_of(order).await?;
+            if d["orderConfirmed"] == true {
+                Ok(d)
+            } else {
+                Err(d.to_string())
+            }
+        },
+    )
     .await?;
     let url = format!("{}/deliveries/{}", m.delivery, field_i64(&delivery, "id")?);
-    m.expect("PATCH", &url, Some(json!({ "deliveryState": "DeliveryCompleted" })), 200).await?;
-    eventually("orders learns the delivery completed", Duration::from_secs(30), || async move {
-        let o = m.order(order).await?;
-        if o["deliveryState"] == "DeliveryCompleted" { Ok(()) } else { Err(o.to_string()) }
-    })
+    m.expect(
+        "PATCH",
+        &url,
+        Some(json!({ "deliveryState": "DeliveryCompleted" })),
+        200,
+    )
+    .await?;
+    eventually(
+        "orders learns the delivery completed",
+        Duration::from_secs(30),
+        || async move {
+            let o = m.order(order).await?;
+            if o["deliveryState"] == "DeliveryCompleted" {
+                Ok(())
+            } else {
+                Err(o.to_string())
+            }
+        },
+    )
     .await?;
     let refused = m
-        .expect("PATCH", &format!("{}/orders/{order}", m.orders), Some(json!({ "state": "OrderCancelled" })), 409)
+        .expect(
+            "PATCH",
+            &format!("{}/orders/{order}", m.orders),
+            Some(json!({ "state": "OrderCancelled" })),
+            409,
+        )
         .await?;
-    if !refused["error"].as_str().unwrap_or_default().contains("delivered") {
-        return Err(format!("cancel of a delivered order should say so: {refused}"));
+    if !refused["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("delivered")
+    {
+        return Err(format!(
+            "cancel of a delivered order should say so: {refused}"
+        ));
     }
     m.wait_stock(product, (9, 1)).await
 }
@@ -200,31 +356,53 @@ pub async fn courier_cancel(m: &Mall) -> Check {
 pub async fn malformed_message_is_parked(m: &Mall) -> Check {
     let garbage = format!("not json at all {}", std::process::id());
     publish_raw(&m.brokers, &m.topic, "garbage", &garbage).await?;
-    publish_raw(&m.brokers, &m.topic, "garbage", r#"{"eventType":"OrderPlaced","timestamp":"20200528152024","me":true}"#).await?;
-    publish_raw(&m.brokers, &m.topic, "garbage", r#"{"eventType":"PaymentApproved","orderId":1}"#).await?;
+    publish_raw(
+        &m.brokers,
+        &m.topic,
+        "garbage",
+        r#"{"eventType":"OrderPlaced","timestamp":"20200528152024","me":true}"#,
+    )
+    .await?;
+    publish_raw(
+        &m.brokers,
+        &m.topic,
+        "garbage",
+        r#"{"eventType":"PaymentApproved","orderId":1}"#,
+    )
+    .await?;
     happy_path(m).await?;
     let dlt = format!("{}.DLT", m.topic);
-    eventually("every service parked the malformed message", Duration::from_secs(30), || {
-        let dlt = dlt.clone();
-        let garbage = garbage.clone();
-        async move {
-            let letters = read_topic(&m.brokers, &dlt).await?;
-            let groups: HashSet<String> = letters
-                .iter()
-                .filter(|l| l.value["payload"] == garbage.as_str() && !l.value["reason"].as_str().unwrap_or_default().is_empty())
-                .filter_map(|l| l.value["consumerGroup"].as_str().map(str::to_owned))
-                .collect();
-            let unknown_parked = letters.iter().any(|l| l.raw.contains("PaymentApproved"));
-            if unknown_parked {
-                return Err("an unknown event type was parked; it should be skipped".into());
+    eventually(
+        "every service parked the malformed message",
+        Duration::from_secs(30),
+        || {
+            let dlt = dlt.clone();
+            let garbage = garbage.clone();
+            async move {
+                let letters = read_topic(&m.brokers, &dlt).await?;
+                let groups: HashSet<String> = letters
+                    .iter()
+                    .filter(|l| {
+                        l.value["payload"] == garbage.as_str()
+                            && !l.value["reason"].as_str().unwrap_or_default().is_empty()
+                    })
+                    .filter_map(|l| l.value["consumerGroup"].as_str().map(str::to_owned))
+                    .collect();
+                let unknown_parked = letters.iter().any(|l| l.raw.contains("PaymentApproved"));
+                if unknown_parked {
+                    return Err("an unknown event type was parked; it should be skipped".into());
+                }
+                if ["orders", "products", "delivery"]
+                    .iter()
+                    .all(|g| groups.contains(*g))
+                {
+                    Ok(())
+                } else {
+                    Err(format!("parked by {groups:?}"))
+                }
             }
-            if ["orders", "products", "delivery"].iter().all(|g| groups.contains(*g)) {
-                Ok(())
-            } else {
-                Err(format!("parked by {groups:?}"))
-            }
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -234,21 +412,46 @@ pub async fn every_event_twice(m: &Mall) -> Check {
     let product = m.create_product("duplicates", 10).await?;
     let order = m.place_order(product, 3).await?;
     m.wait_order_state(order, "OrderCompleted").await?;
-    m.expect("PATCH", &format!("{}/orders/{order}", m.orders), Some(json!({ "state": "OrderCancelled" })), 200).await?;
+    m.expect(
+        "PATCH",
+        &format!("{}/orders/{order}", m.orders),
+        Some(json!({ "state": "OrderCancelled" })),
+        200,
+    )
+    .await?;
     m.wait_stock(product, (10, 0)).await?;
     let refused = m.place_order(product, 11).await?;
     m.wait_order_state(refused, "OrderCancelled").await?;
     m.wait_delivery_state(refused, "DeliveryCancelled").await?;
 
     // Prove the duplicates were really delivered before judging their effect.
-    let events = eventually("the topic carries every event of the order twice", Duration::from_secs(30), || async move {
-        let events = wait_topic(m, order, &["DeliveryCancelled"]).await?;
-        let copies = events.iter().filter(|e| e["eventType"] == "OrderPlaced").count();
-        if copies >= 2 { Ok(events) } else { Err(format!("OrderPlaced copies: {copies}")) }
-    })
+    let events = eventually(
+        "the topic carries every event of the order twice",
+        Duration::from_secs(30),
+        || async move {
+            let events = wait_topic(m, order, &["DeliveryCancelled"]).await?;
+            let copies = events
+                .iter()
+                .filter(|e| e["eventType"] == "OrderPlaced")
+                .count();
+            if copies >= 2 {
+                Ok(events)
+            } else {
+                Err(format!("OrderPlaced copies: {copies}"))
+            }
+        },
+    )
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for t in ["OrderPlaced", "StockDecreased", "DeliveryStarted", "OrderCompleted", "OrderCancelled", "DeliveryCancelled", "StockIncreased"] {
+    for t in [
+        "OrderPlaced",
+        "StockDecreased",
+        "DeliveryStarted",
+        "OrderCompleted",
+        "OrderCancelled",
+        "DeliveryCancelled",
+        "StockIncreased",
+    ] {
         expect_eq(&format!("distinct {t} events"), distinct(&events, t), 1)?;
     }
     let timeline = m.timeline(order).await?;
@@ -256,8 +459,16 @@ pub async fn every_event_twice(m: &Mall) -> Check {
     expect_eq("timeline entries are unique", ids.len(), timeline.len())?;
     expect_eq("(stock, reserved)", m.stock(product).await?, (10, 0))?;
     let refused_events = m.topic_events_of(refused).await?;
-    expect_eq("OrderCancelled for the refused order", distinct(&refused_events, "OrderCancelled"), 1)?;
-    expect_eq("StockIncreased for the refused order", distinct(&refused_events, "StockIncreased"), 0)
+    expect_eq(
+        "OrderCancelled for the refused order",
+        distinct(&refused_events, "OrderCancelled"),
+        1,
+    )?;
+    expect_eq(
+        "StockIncreased for the refused order",
+        distinct(&refused_events, "StockIncreased"),
+        0,
+    )
 }
 
 /// `orders` concurrent orders of one unit against `stock` units: exactly `stock` are reserved,
@@ -275,13 +486,17 @@ pub async fn concurrent_orders(m: &Mall, orders: i64, stock: i64) -> Check {
     }
     let (mut completed, mut cancelled) = (0, 0);
     for id in &ids {
-        let state = eventually(&format!("order {id} ends"), Duration::from_secs(60), || async move {
-            let o = m.order(*id).await?;
-            match o["state"].as_str() {
-                Some(s @ ("OrderCompleted" | "OrderCancelled")) => Ok(s.to_owned()),
-                _ => Err(o.to_string()),
-            }
-        })
+        let state = eventually(
+            &format!("order {id} ends"),
+            Duration::from_secs(60),
+            || async move {
+                let o = m.order(*id).await?;
+                match o["state"].as_str() {
+                    Some(s @ ("OrderCompleted" | "OrderCancelled")) => Ok(s.to_owned()),
+                    _ => Err(o.to_string()),
+                }
+            },
+        )
         .await?;
         if state == "OrderCompleted" {
             completed += 1;
@@ -291,7 +506,8 @@ pub async fn concurrent_orders(m: &Mall, orders: i64, stock: i64) -> Check {
     }
     expect_eq("completed orders", completed, stock.min(orders))?;
     expect_eq("cancelled orders", cancelled, orders - stock.min(orders))?;
-    m.wait_stock(product, (stock - completed, completed)).await?;
+    m.wait_stock(product, (stock - completed, completed))
+        .await?;
     let (on_hand, reserved) = m.stock(product).await?;
     expect_eq("stock + reserved", on_hand + reserved, stock)
 }
@@ -299,27 +515,119 @@ pub async fn concurrent_orders(m: &Mall, orders: i64, stock: i64) -> Check {
 /// Bad input gets a JSON 4xx that names the problem; never a 500.
 pub async fn bad_input_gets_clear_errors(m: &Mall) -> Check {
     let cases: Vec<(&str, String, Option<Value>, u16, &str)> = vec![
-        ("POST", format!("{}/orders", m.orders), Some(json!({ "productId": 1, "quantity": 0, "customerId": "c" })), 422, "quantity"),
-        ("POST", format!("{}/orders", m.orders), Some(json!({ "productId": 1, "quantity": 1 })), 422, "customerId"),
-        ("POST", format!("{}/orders", m.orders), Some(json!({ "productId": "TV", "quantity": 1, "customerId": "c" })), 422, "invalid type"),
-        ("GET", format!("{}/orders/abc", m.orders), None, 400, "invalid path"),
-        ("GET", format!("{}/orders/999999", m.orders), None, 404, "order 999999 not found"),
-        ("GET", format!("{}/orders/999999/events", m.orders), None, 404, "not found"),
-        ("PATCH", format!("{}/orders/1", m.orders), Some(json!({ "state": "OrderCompleted" })), 422, "OrderCancelled"),
-        ("DELETE", format!("{}/orders/1", m.orders), None, 405, "not allowed"),
-        ("GET", format!("{}/nope", m.orders), None, 404, "no such endpoint"),
-        ("POST", format!("{}/products", m.products), Some(json!({ "name": " ", "price": 1, "stock": 1 })), 422, "name"),
-        ("POST", format!("{}/products", m.products), Some(json!({ "name": "x", "price": 1, "stock": -1 })), 422, "stock"),
-        ("PATCH", format!("{}/products/1", m.products), Some(json!({ "stok": 5 })), 422, "stok"),
-        ("PATCH", format!("{}/products/424242", m.products), Some(json!({ "stock": 5 })), 404, "not found"),
-        ("PATCH", format!("{}/deliveries/1", m.delivery), Some(json!({ "deliveryState": "Lost" })), 422, "deliveryState"),
-        ("GET", format!("{}/deliveries?orderId=x", m.delivery), None, 400, "query"),
+        (
+            "POST",
+            format!("{}/orders", m.orders),
+            Some(json!({ "productId": 1, "quantity": 0, "customerId": "c" })),
+            422,
+            "quantity",
+        ),
+        (
+            "POST",
+            format!("{}/orders", m.orders),
+            Some(json!({ "productId": 1, "quantity": 1 })),
+            422,
+            "customerId",
+        ),
+        (
+            "POST",
+            format!("{}/orders", m.orders),
+            Some(json!({ "productId": "TV", "quantity": 1, "customerId": "c" })),
+            422,
+            "invalid type",
+        ),
+        (
+            "GET",
+            format!("{}/orders/abc", m.orders),
+            None,
+            400,
+            "invalid path",
+        ),
+        (
+            "GET",
+            format!("{}/orders/999999", m.orders),
+            None,
+            404,
+            "order 999999 not found",
+        ),
+        (
+            "GET",
+            format!("{}/orders/999999/events", m.orders),
+            None,
+            404,
+            "not found",
+        ),
+        (
+            "PATCH",
+            format!("{}/orders/1", m.orders),
+            Some(json!({ "state": "OrderCompleted" })),
+            422,
+            "OrderCancelled",
+        ),
+        (
+            "DELETE",
+            format!("{}/orders/1", m.orders),
+            None,
+            405,
+            "not allowed",
+        ),
+        (
+            "GET",
+            format!("{}/nope", m.orders),
+            None,
+            404,
+            "no such endpoint",
+        ),
+        (
+            "POST",
+            format!("{}/products", m.products),
+            Some(json!({ "name": " ", "price": 1, "stock": 1 })),
+            422,
+            "name",
+        ),
+        (
+            "POST",
+            format!("{}/products", m.products),
+            Some(json!({ "name": "x", "price": 1, "stock": -1 })),
+            422,
+            "stock",
+        ),
+        (
+            "PATCH",
+            format!("{}/products/1", m.products),
+            Some(json!({ "stok": 5 })),
+            422,
+            "stok",
+        ),
+        (
+            "PATCH",
+            format!("{}/products/424242", m.products),
+            Some(json!({ "stock": 5 })),
+            404,
+            "not found",
+        ),
+        (
+            "PATCH",
+            format!("{}/deliveries/1", m.delivery),
+            Some(json!({ "deliveryState": "Lost" })),
+            422,
+            "deliveryState",
+        ),
+        (
+            "GET",
+            format!("{}/deliveries?orderId=x", m.delivery),
+            None,
+            400,
+            "query",
+        ),
     ];
     for (method, url, body, status, needle) in cases {
         let value = m.expect(method, &url, body, status).await?;
         let error = value["error"].as_str().unwrap_or_default();
         if !error.contains(needle) {
-            return Err(format!("{method} {url}: error {error:?} should mention {needle:?}"));
+            return Err(format!(
+                "{method} {url}: error {error:?} should mention {needle:?}"
+            ));
         }
     }
     Ok(())

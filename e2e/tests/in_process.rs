@@ -14,7 +14,9 @@ async fn mall() -> (MockCluster<'static, DefaultProducerContext>, InProcessMall)
     let cluster = MockCluster::new(1).expect("mock cluster");
     // The mock broker does not implement CreateTopics; the services find these and go on.
     cluster.create_topic(TOPIC, 3, 1).expect("saga topic");
-    cluster.create_topic(&format!("{TOPIC}.DLT"), 1, 1).expect("dead-letter topic");
+    cluster
+        .create_topic(&format!("{TOPIC}.DLT"), 1, 1)
+        .expect("dead-letter topic");
     let mall = spawn_in_process(&cluster.bootstrap_servers(), TOPIC)
         .await
         .unwrap_or_else(|e| panic!("mall did not start: {e}"));
@@ -38,15 +40,25 @@ scenario!(happy_path, scenarios::happy_path);
 scenario!(out_of_stock, scenarios::out_of_stock);
 scenario!(customer_cancel, scenarios::customer_cancel);
 scenario!(courier_cancel, scenarios::courier_cancel);
-scenario!(malformed_message_is_parked, scenarios::malformed_message_is_parked);
-scenario!(bad_input_gets_clear_errors, scenarios::bad_input_gets_clear_errors);
+scenario!(
+    malformed_message_is_parked,
+    scenarios::malformed_message_is_parked
+);
+scenario!(
+    bad_input_gets_clear_errors,
+    scenarios::bad_input_gets_clear_errors
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_twice() {
     let (_cluster, running) = mall().await;
     let m = &running.mall;
     let stop = tokio_util::sync::CancellationToken::new();
-    let replayer = tokio::spawn(e2e::replay_everything_twice(m.brokers.clone(), m.topic.clone(), stop.clone()));
+    let replayer = tokio::spawn(e2e::replay_everything_twice(
+        m.brokers.clone(),
+        m.topic.clone(),
+        stop.clone(),
+    ));
     let result = scenarios::every_event_twice(m).await;
     stop.cancel();
     let _ = replayer.await;

@@ -488,7 +488,12 @@ mod tests {
         assert!(effect.initiated_by_service(Service::Products));
         assert!(!effect.initiated_by_service(Service::Orders));
         let forward = Envelope::new(Service::Orders, placed());
-        assert_eq!(Envelope::new(Service::Delivery, placed()).caused_by(&forward).initiator, None);
+        assert_eq!(
+            Envelope::new(Service::Delivery, placed())
+                .caused_by(&forward)
+                .initiator,
+            None
+        );
     }
 
     #[test]
@@ -544,6 +549,9 @@ mod tests {
         assert_eq!(decode(br#"{"x":1}"#), Err(DecodeError::MissingEventType));
         assert!(matches!(decode(b"not json"), Err(DecodeError::NotJson(_))));
         assert!(matches!(decode(b"[1,2]"), Err(DecodeError::NotJson(_))));
-        assert!(matches!(decode(&[0xff, 0xfe]), Err(DecodeError::NotJson(_))));
+        assert!(matches!(
+            decode(&[0xff, 0xfe]),
+            Err(DecodeError::NotJson(_))
+        ));
     }
 }

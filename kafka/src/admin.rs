@@ -17,14 +17,26 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
     // Ask first: creating only what is missing also works on brokers without CreateTopics.
     let brokers = settings.brokers.clone();
     let existing: Vec<String> = tokio::task::spawn_blocking(move || {
-        let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()?;
         let metadata = probe.fetch_metadata(None, Duration::from_secs(10))?;
-        Ok::<_, KafkaError>(metadata.topics().iter().map(|t| t.name().to_owned()).collect())
+        Ok::<_, KafkaError>(
+            metadata
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .collect(),
+        )
     })
     .await
     .map_err(|_| KafkaError::Canceled)??;
     let topics: Vec<NewTopic<'_>> = [
-        NewTopic::new(&settings.topic, settings.partitions, TopicReplication::Fixed(1)),
+        NewTopic::new(
+            &settings.topic,
+            settings.partitions,
+            TopicReplication::Fixed(1),
+        ),
         NewTopic::new(&dlt, 1, TopicReplication::Fixed(1)),
     ]
     .into_iter()

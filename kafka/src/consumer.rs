@@ -30,13 +30,30 @@ impl ClientContext for RebalanceLogger {}
 
 impl ConsumerContext for RebalanceLogger {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        log::info!("consumer group {}: rebalance starting: {rebalance:?}", self.group);
+        if let Rebalance::Revoke(partitions) = rebalance {
+            let revoked: Vec<i32> = partitions
+                .elements()
+                .iter()
+                .map(|p| p.partition())
+                .collect();
+            log::info!(
+                "consumer group {}: partitions {revoked:?} revoked",
+                self.group
+            );
+        }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
-            let assigned: Vec<i32> = partitions.elements().iter().map(|p| p.partition()).collect();
-            log::info!("consumer group {}: assigned partitions {assigned:?}", self.group);
+            let assigned: Vec<i32> = partitions
+                .elements()
+                .iter()
+                .map(|p| p.partition())
+                .collect();
+            log::info!(
+                "consumer group {}: assigned partitions {assigned:?}",
+                self.group
+            );
         }
     }
 
@@ -69,9 +86,14 @@ pub fn create_consumer(settings: &KafkaSettings) -> KafkaResult<SagaConsumer> {
         )
         .set(
             "heartbeat.interval.ms",
-            (settings.session_timeout.as_millis() / 4).max(100).to_string(),
+            (settings.session_timeout.as_millis() / 4)
+                .max(100)
+                .to_string(),
         )
-        .set("fetch.wait.max.ms", "5")
+        .set(
+            "fetch.wait.max.ms",
+            settings.fetch_wait_max.as_millis().to_string(),
+        )
         .set("socket.nagle.disable", "true")
         .create_with_context(context)?;
     consumer.subscribe(&[&settings.topic])?;
@@ -151,7 +173,10 @@ impl EventConsumer {
         let event = match events::decode(message.payload().unwrap_or_default()) {
             Ok(Decoded::Known(event)) => *event,
             Ok(Decoded::Unknown { event_type }) => {
-                log::debug!("skipping unknown event type {event_type} at {}", describe(message));
+                log::debug!(
+                    "skipping unknown event type {event_type} at {}",
+                    describe(message)
+                );
                 return Outcome::Finished;
             }
             Err(e) => return self.park(message, &e.to_string(), shutdown).await,
@@ -164,16 +189,28 @@ impl EventConsumer {
             let result = inbox::apply_once(&self.db, self.reactor.clone(), event.clone()).await;
             match result {
                 Ok(Applied::Done(caused)) => {
-                    log::debug!("applied {} {} -> {caused} event(s)", event.event_type(), event.event_id);
+                    log::debug!(
+                        "applied {} {} -> {caused} event(s)",
+                        event.event_type(),
+                        event.event_id
+                    );
                     return Outcome::Finished;
                 }
                 Ok(Applied::Duplicate) => {
-                    log::info!("ignored redelivered {} {}", event.event_type(), event.event_id);
+                    log::info!(
+                        "ignored redelivered {} {}",
+                        event.event_type(),
+                        event.event_id
+                    );
                     return Outcome::Finished;
                 }
                 Err(e) if e.is_transient() => {
                     attempt += 1;
-                    log::warn!("{} {} failed transiently (attempt {attempt}): {e}", event.event_type(), event.event_id);
+                    log::warn!(
+                        "{} {} failed transiently (attempt {attempt}): {e}",
+                        event.event_type(),
+                        event.event_id
+                    );
                     let backoff = Duration::from_millis(50 * u64::from(attempt.min(40)));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -181,7 +218,11 @@ impl EventConsumer {
                     }
                 }
                 Err(e) => {
-                    let reason = format!("{} {} cannot be applied: {e}", event.event_type(), event.event_id);
+                    let reason = format!(
+                        "{} {} cannot be applied: {e}",
+                        event.event_type(),
+                        event.event_id
+                    );
                     return self.park(message, &reason, shutdown).await;
                 }
             }
@@ -190,8 +231,17 @@ impl EventConsumer {
 
     /// Puts a message on the dead-letter topic with the reason; retried until the broker
     /// acknowledges, so no message is dropped silently.
-    async fn park(&self, message: &BorrowedMessage<'_>, reason: &str, shutdown: &CancellationToken) -> Outcome {
-        log::error!("parking {} on {}: {reason}", describe(message), self.dead_letter_topic);
+    async fn park(
+        &self,
+        message: &BorrowedMessage<'_>,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        log::error!(
+            "parking {} on {}: {reason}",
+            describe(message),
+            self.dead_letter_topic
+        );
         let payload = message.payload().unwrap_or_default();
         let letter = serde_json::json!({
             "reason": reason,
@@ -206,11 +256,20 @@ impl EventConsumer {
         .to_string();
         let key = message.key().unwrap_or_default();
         loop {
-            let record = FutureRecord::to(&self.dead_letter_topic).key(key).payload(&letter);
-            match self.dead_letters.send(record, Duration::from_secs(10)).await {
+            let record = FutureRecord::to(&self.dead_letter_topic)
+                .key(key)
+                .payload(&letter);
+            match self
+                .dead_letters
+                .send(record, Duration::from_secs(10))
+                .await
+            {
                 Ok(_) => return Outcome::Finished,
                 Err((e, _)) => {
-                    log::warn!("cannot park message on {}: {e}; retrying", self.dead_letter_topic);
+                    log::warn!(
+                        "cannot park message on {}: {e}; retrying",
+                        self.dead_letter_topic
+                    );
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = shutdown.cancelled() => return Outcome::Interrupted,
@@ -222,5 +281,10 @@ impl EventConsumer {
 }
 
 fn describe(message: &BorrowedMessage<'_>) -> String {
-    format!("{}[{}]@{}", message.topic(), message.partition(), message.offset())
+    format!(
+        "{}[{}]@{}",
+        message.topic(),
+        message.partition(),
+        message.offset()
+    )
 }

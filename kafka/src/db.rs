@@ -77,12 +77,12 @@ impl Database {
     /// then the service's own.
     pub fn open(url: &str, migrations: EmbeddedMigrations) -> Result<Self, DbError> {
         let path = url.strip_prefix("sqlite://").unwrap_or(url);
-        if let Some(dir) = std::path::Path::new(path).parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    DbError::Setup(format!("cannot create directory {}: {e}", dir.display()))
-                })?;
-            }
+        if let Some(dir) = std::path::Path::new(path).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                DbError::Setup(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
         }
         let pool = r2d2::Pool::builder()
             .max_size(8)

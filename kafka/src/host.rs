@@ -71,10 +71,13 @@ impl ServiceHost {
             brokers: kafka.brokers.clone(),
             reason,
         };
-        tokio::time::timeout(std::time::Duration::from_secs(30), admin::ensure_topics(kafka))
-            .await
-            .map_err(|_| broker("not reachable within 30 s".into()))?
-            .map_err(|e| broker(format!("cannot create topics: {e}")))?;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            admin::ensure_topics(kafka),
+        )
+        .await
+        .map_err(|_| broker("not reachable within 30 s".into()))?
+        .map_err(|e| broker(format!("cannot create topics: {e}")))?;
         let producer = create_producer(kafka).map_err(|e| broker(e.to_string()))?;
         let consumer = create_consumer(kafka).map_err(|e| broker(e.to_string()))?;
 
@@ -129,7 +132,10 @@ impl ServiceHost {
 
     /// Serves until `shutdown` resolves, then stops taking requests, lets the consumer finish the
     /// event in hand and commit, and lets the relay publish what is committed and flush.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let handle = self.server.handle();
         let mut server = tokio::spawn(self.server);
         let served = tokio::select! {

@@ -16,10 +16,14 @@ pub fn error_json(status: StatusCode, message: impl Display) -> HttpResponse {
 
 /// Registers the extractor settings and `/health`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::JsonConfig::default().limit(64 * 1024).error_handler(json_error))
-        .app_data(web::PathConfig::default().error_handler(path_error))
-        .app_data(web::QueryConfig::default().error_handler(query_error))
-        .route("/health", web::get().to(health));
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(64 * 1024)
+            .error_handler(json_error),
+    )
+    .app_data(web::PathConfig::default().error_handler(path_error))
+    .app_data(web::QueryConfig::default().error_handler(query_error))
+    .route("/health", web::get().to(health));
 }
 
 fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
@@ -28,13 +32,19 @@ fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "the body must be JSON with Content-Type: application/json".to_string(),
         ),
-        JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
-            (StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {limit} bytes"))
-        }
-        JsonPayloadError::Deserialize(e) if e.is_data() => {
-            (StatusCode::UNPROCESSABLE_ENTITY, format!("invalid request body: {e}"))
-        }
-        other => (StatusCode::BAD_REQUEST, format!("invalid JSON body: {other}")),
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {limit} bytes"),
+        ),
+        JsonPayloadError::Deserialize(e) if e.is_data() => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("invalid request body: {e}"),
+        ),
+        other => (
+            StatusCode::BAD_REQUEST,
+            format!("invalid JSON body: {other}"),
+        ),
     };
     InternalError::from_response(err, error_json(status, message)).into()
 }
@@ -67,7 +77,11 @@ pub struct Health {
 impl Health {
     /// A health check for `db` and the broker behind `producer`.
     pub fn new(db: Database, producer: FutureProducer, topic: String) -> Self {
-        Health { db, producer, topic }
+        Health {
+            db,
+            producer,
+            topic,
+        }
     }
 
     async fn broker(&self) -> Result<(), String> {

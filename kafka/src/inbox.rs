@@ -23,8 +23,11 @@ pub trait Reactor: Send + Sync + 'static {
     fn wants(&self, event: &Envelope) -> bool;
 
     /// Applies `event` using `conn` and returns the events it causes.
-    fn react(&self, conn: &mut SqliteConnection, event: &Envelope)
-    -> Result<Vec<Envelope>, ReactError>;
+    fn react(
+        &self,
+        conn: &mut SqliteConnection,
+        event: &Envelope,
+    ) -> Result<Vec<Envelope>, ReactError>;
 }
 
 /// Why an event could not be applied.

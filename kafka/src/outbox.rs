@@ -187,7 +187,10 @@ impl OutboxRelay {
             match self.producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((e, _)) => {
-                    log::warn!("outbox relay: producer queue refused event {}: {e}", row.event_id);
+                    log::warn!(
+                        "outbox relay: producer queue refused event {}: {e}",
+                        row.event_id
+                    );
                     break;
                 }
             }
@@ -204,7 +207,8 @@ impl OutboxRelay {
                     failure.get_or_insert_with(|| format!("event {}: {e}", row.event_id));
                 }
                 Err(_) => {
-                    failure.get_or_insert_with(|| format!("event {}: send cancelled", row.event_id));
+                    failure
+                        .get_or_insert_with(|| format!("event {}: send cancelled", row.event_id));
                 }
             }
         }

@@ -72,6 +72,9 @@ pub struct KafkaSettings {
     pub group_id: String,
     /// `KAFKA_SESSION_TIMEOUT_MS`: how long a silent consumer keeps its partitions.
     pub session_timeout: Duration,
+    /// `KAFKA_FETCH_WAIT_MAX_MS`: how long the broker may hold a fetch. Brokers that always
+    /// wait this long (tansu) add it to every hop; lower means faster sagas, busier broker.
+    pub fetch_wait_max: Duration,
 }
 
 impl KafkaSettings {
@@ -83,6 +86,7 @@ impl KafkaSettings {
             partitions: env_or("KAFKA_PARTITIONS", 3)?,
             group_id: group_id.to_owned(),
             session_timeout: Duration::from_millis(env_or("KAFKA_SESSION_TIMEOUT_MS", 10_000)?),
+            fetch_wait_max: Duration::from_millis(env_or("KAFKA_FETCH_WAIT_MAX_MS", 50)?),
         })
     }
 
@@ -125,7 +129,10 @@ mod tests {
     fn errors_name_the_variable_and_blank_means_default() {
         let err = parse_var::<u16>("PORT", Some("eighty".into()), 1).unwrap_err();
         assert!(err.to_string().contains("PORT=\"eighty\""), "{err}");
-        assert_eq!(parse_var::<u16>("PORT", Some(" 8081 ".into()), 1).unwrap(), 8081);
+        assert_eq!(
+            parse_var::<u16>("PORT", Some(" 8081 ".into()), 1).unwrap(),
+            8081
+        );
         assert_eq!(parse_var::<u16>("PORT", Some("  ".into()), 7).unwrap(), 7);
         assert_eq!(parse_var::<u16>("PORT", None, 7).unwrap(), 7);
     }

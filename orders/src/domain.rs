@@ -30,7 +30,9 @@ impl OrderRequest {
         customer_addr: Option<&str>,
     ) -> Result<Self, OrdersError> {
         if product_id <= 0 {
-            return Err(OrdersError::Invalid(format!("productId must be a positive id, got {product_id}")));
+            return Err(OrdersError::Invalid(format!(
+                "productId must be a positive id, got {product_id}"
+            )));
         }
         if !(1..=MAX_QUANTITY).contains(&quantity) {
             return Err(OrdersError::Invalid(format!(
@@ -54,7 +56,9 @@ fn text(field: &str, value: Option<&str>, max: usize) -> Result<Option<String>, 
         return Ok(None);
     };
     if value.chars().count() > max {
-        return Err(OrdersError::Invalid(format!("{field} must be at most {max} characters")));
+        return Err(OrdersError::Invalid(format!(
+            "{field} must be at most {max} characters"
+        )));
     }
     Ok(Some(value.to_owned()))
 }
@@ -76,9 +80,15 @@ mod tests {
         let cases = [
             (OrderRequest::parse(0, 1, "c", None, None), "productId"),
             (OrderRequest::parse(1, 0, "c", None, None), "quantity"),
-            (OrderRequest::parse(1, MAX_QUANTITY + 1, "c", None, None), "quantity"),
+            (
+                OrderRequest::parse(1, MAX_QUANTITY + 1, "c", None, None),
+                "quantity",
+            ),
             (OrderRequest::parse(1, 1, "  ", None, None), "customerId"),
-            (OrderRequest::parse(1, 1, "c", Some(&"n".repeat(101)), None), "customerName"),
+            (
+                OrderRequest::parse(1, 1, "c", Some(&"n".repeat(101)), None),
+                "customerName",
+            ),
         ];
         for (result, field) in cases {
             let err = result.unwrap_err().to_string();

@@ -40,7 +40,9 @@ impl From<diesel::result::Error> for OrdersError {
 impl ResponseError for OrdersError {
     fn status_code(&self) -> StatusCode {
         match self {
-            OrdersError::OrderNotFound(_) | OrdersError::ProductNotFound(_) => StatusCode::NOT_FOUND,
+            OrdersError::OrderNotFound(_) | OrdersError::ProductNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             OrdersError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             OrdersError::Conflict(_) => StatusCode::CONFLICT,
             OrdersError::Internal(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,

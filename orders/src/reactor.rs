@@ -14,7 +14,11 @@ impl Reactor for OrderReactor {
         event.event.order_id().is_some() || matches!(event.event, Event::ProductChanged(_))
     }
 
-    fn react(&self, conn: &mut SqliteConnection, event: &Envelope) -> Result<Vec<Envelope>, ReactError> {
+    fn react(
+        &self,
+        conn: &mut SqliteConnection,
+        event: &Envelope,
+    ) -> Result<Vec<Envelope>, ReactError> {
         if let Event::ProductChanged(p) = &event.event {
             store::upsert_product(conn, p)?;
             return Ok(Vec::new());
@@ -24,7 +28,9 @@ impl Reactor for OrderReactor {
         };
         store::record_history(conn, order_id, event)?;
         let Some(before) = store::order(conn, order_id)?.map(|s| s.order) else {
-            return Err(ReactError::Rejected(format!("order {order_id} does not exist here")));
+            return Err(ReactError::Rejected(format!(
+                "order {order_id} does not exist here"
+            )));
         };
         let (after, caused) = saga::react(before.clone(), event);
         if after != before {

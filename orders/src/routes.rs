@@ -103,7 +103,8 @@ pub struct HistoryEntry {
 impl From<HistoryRow> for HistoryEntry {
     fn from(r: HistoryRow) -> Self {
         HistoryEntry {
-            payload: serde_json::from_str(&r.payload).unwrap_or(serde_json::Value::String(r.payload)),
+            payload: serde_json::from_str(&r.payload)
+                .unwrap_or(serde_json::Value::String(r.payload)),
             event_type: r.event_type,
             source: r.source,
             event_id: r.event_id,
@@ -138,7 +139,10 @@ struct UpdateOrder {
     state: String,
 }
 
-async fn place(db: web::Data<Database>, body: web::Json<PlaceOrder>) -> Result<HttpResponse, OrdersError> {
+async fn place(
+    db: web::Data<Database>,
+    body: web::Json<PlaceOrder>,
+) -> Result<HttpResponse, OrdersError> {
     let b = body.into_inner();
     let request = OrderRequest::parse(
         b.product_id,
@@ -156,7 +160,9 @@ async fn place(db: web::Data<Database>, body: web::Json<PlaceOrder>) -> Result<H
                 product_id: request.product_id,
                 product_name: known.as_ref().map(|p| p.name.clone()),
                 quantity: request.quantity,
-                price: known.as_ref().and_then(|p| p.price.checked_mul(request.quantity)),
+                price: known
+                    .as_ref()
+                    .and_then(|p| p.price.checked_mul(request.quantity)),
                 customer_id: request.customer_id,
                 customer_name: request.customer_name,
                 customer_addr: request.customer_addr,
@@ -174,7 +180,10 @@ async fn place(db: web::Data<Database>, body: web::Json<PlaceOrder>) -> Result<H
         .json(OrderJson::from(stored)))
 }
 
-async fn list(db: web::Data<Database>, query: web::Query<ListQuery>) -> Result<HttpResponse, OrdersError> {
+async fn list(
+    db: web::Data<Database>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, OrdersError> {
     let customer = query.into_inner().customer_id;
     let orders = db
         .read(move |conn| store::list_orders(conn, customer.as_deref()).map_err(OrdersError::from))
@@ -222,11 +231,18 @@ async fn events(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpRespo
             Ok::<_, OrdersError>(store::history(conn, id)?)
         })
         .await?;
-    Ok(HttpResponse::Ok().json(history.into_iter().map(HistoryEntry::from).collect::<Vec<_>>()))
+    Ok(HttpResponse::Ok().json(
+        history
+            .into_iter()
+            .map(HistoryEntry::from)
+            .collect::<Vec<_>>(),
+    ))
 }
 
 async fn products(db: web::Data<Database>) -> Result<HttpResponse, OrdersError> {
-    let replica = db.read(|conn| store::replica(conn).map_err(OrdersError::from)).await?;
+    let replica = db
+        .read(|conn| store::replica(conn).map_err(OrdersError::from))
+        .await?;
     Ok(HttpResponse::Ok().json(replica))
 }
 

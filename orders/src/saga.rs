@@ -114,7 +114,9 @@ pub fn react(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
         // echo a cancel that already happened.
         Event::DeliveryCancelled(d) => {
             order.delivery_state = Some(d.delivery_state.clone());
-            if incoming.initiated_by_service(Service::Delivery) && order.state != OrderState::Cancelled {
+            if incoming.initiated_by_service(Service::Delivery)
+                && order.state != OrderState::Cancelled
+            {
                 cancel(order, d.state_message.clone(), incoming)
             } else {
                 (order, Vec::new())
@@ -133,7 +135,10 @@ pub fn react(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
 /// OrderCancelled (and restores stock) twice.
 pub fn cancel_by_customer(order: Order) -> Result<(Order, Envelope), CancelRefused> {
     if order.state == OrderState::Cancelled {
-        return Err(CancelRefused(format!("order {} is already cancelled", order.id)));
+        return Err(CancelRefused(format!(
+            "order {} is already cancelled",
+            order.id
+        )));
     }
     if order.delivery_state.as_deref() == Some("DeliveryCompleted") {
         return Err(CancelRefused(format!(
@@ -156,7 +161,10 @@ fn complete_if_confirmed(mut order: Order, incoming: &Envelope) -> (Order, Vec<E
         quantity: order.quantity,
         customer_id: order.customer_id.clone(),
     });
-    (order, vec![Envelope::new(Service::Orders, event).caused_by(incoming)])
+    (
+        order,
+        vec![Envelope::new(Service::Orders, event).caused_by(incoming)],
+    )
 }
 
 fn cancel(order: Order, reason: String, incoming: &Envelope) -> (Order, Vec<Envelope>) {
@@ -209,7 +217,12 @@ mod tests {
     }
 
     fn stock_decreased() -> Envelope {
-        let moved = StockMoved { order_id: 5, product_id: 1, quantity: 1, product_stock: 9 };
+        let moved = StockMoved {
+            order_id: 5,
+            product_id: 1,
+            quantity: 1,
+            product_stock: 9,
+        };
         from(Service::Products, Event::StockDecreased(moved), None)
     }
 
@@ -235,7 +248,11 @@ mod tests {
             product_stock: Some(90),
             state_message: "only 90 of TV in stock, 100 ordered".into(),
         };
-        from(Service::Products, Event::ProductOutOfStock(e), Some(Service::Products))
+        from(
+            Service::Products,
+            Event::ProductOutOfStock(e),
+            Some(Service::Products),
+        )
     }
 
     fn delivery_cancelled(initiator: Service) -> Envelope {
@@ -247,7 +264,11 @@ mod tests {
             delivery_state: "DeliveryCancelled".into(),
             state_message: "cancelled by the courier".into(),
         };
-        from(Service::Delivery, Event::DeliveryCancelled(e), Some(initiator))
+        from(
+            Service::Delivery,
+            Event::DeliveryCancelled(e),
+            Some(initiator),
+        )
     }
 
     fn types(events: &[Envelope]) -> Vec<&'static str> {
@@ -338,14 +359,24 @@ mod tests {
             assert!(events.is_empty());
         }
         // and a courier cancel of an order already cancelled publishes nothing either
-        let (_, events) = react(order(OrderState::Cancelled), &delivery_cancelled(Service::Delivery));
+        let (_, events) = react(
+            order(OrderState::Cancelled),
+            &delivery_cancelled(Service::Delivery),
+        );
         assert!(events.is_empty());
     }
 
     #[test]
     fn delivery_completed_is_recorded() {
-        let e = DeliveryCompleted { delivery_id: 3, order_id: 5, delivery_state: "DeliveryCompleted".into() };
-        let (o, events) = react(order(OrderState::Completed), &from(Service::Delivery, Event::DeliveryCompleted(e), None));
+        let e = DeliveryCompleted {
+            delivery_id: 3,
+            order_id: 5,
+            delivery_state: "DeliveryCompleted".into(),
+        };
+        let (o, events) = react(
+            order(OrderState::Completed),
+            &from(Service::Delivery, Event::DeliveryCompleted(e), None),
+        );
         assert_eq!(o.delivery_state.as_deref(), Some("DeliveryCompleted"));
         assert!(events.is_empty());
     }

@@ -110,7 +110,9 @@ impl TryFrom<OrderRow> for StoredOrder {
 
     fn try_from(r: OrderRow) -> Result<Self, Self::Error> {
         let state = OrderState::parse(&r.state).ok_or_else(|| {
-            diesel::result::Error::DeserializationError(format!("unknown order state {:?}", r.state).into())
+            diesel::result::Error::DeserializationError(
+                format!("unknown order state {:?}", r.state).into(),
+            )
         })?;
         Ok(StoredOrder {
             order: Order {
@@ -144,7 +146,10 @@ pub fn insert_order(conn: &mut SqliteConnection, new: &NewOrder) -> QueryResult<
 }
 
 /// Orders by id, optionally one customer's.
-pub fn list_orders(conn: &mut SqliteConnection, customer_id: Option<&str>) -> QueryResult<Vec<StoredOrder>> {
+pub fn list_orders(
+    conn: &mut SqliteConnection,
+    customer_id: Option<&str>,
+) -> QueryResult<Vec<StoredOrder>> {
     let mut query = orders::table.order(orders::id).into_boxed();
     if let Some(customer) = customer_id {
         query = query.filter(orders::customer_id.eq(customer.to_owned()));
@@ -214,7 +219,9 @@ pub fn record_history(conn: &mut SqliteConnection, order_id: i64, e: &Envelope) 
             order_events::source.eq(e.source.as_str()),
             order_events::causation_id.eq(e.causation_id.map(|id| id.to_string())),
             order_events::initiator.eq(e.initiator.map(|s| s.as_str())),
-            order_events::timestamp.eq(e.timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            order_events::timestamp.eq(e
+                .timestamp
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
             order_events::payload.eq(payload.to_string()),
         ))
         .on_conflict_do_nothing()
@@ -265,10 +272,20 @@ pub fn upsert_product(conn: &mut SqliteConnection, p: &ProductChanged) -> QueryR
 
 /// The replica, by id.
 pub fn replica(conn: &mut SqliteConnection) -> QueryResult<Vec<ReplicaProduct>> {
-    products::table.order(products::id).select(ReplicaProduct::as_select()).load(conn)
+    products::table
+        .order(products::id)
+        .select(ReplicaProduct::as_select())
+        .load(conn)
 }
 
 /// One replica entry.
-pub fn replica_product(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<ReplicaProduct>> {
-    products::table.find(id).select(ReplicaProduct::as_select()).first(conn).optional()
+pub fn replica_product(
+    conn: &mut SqliteConnection,
+    id: i64,
+) -> QueryResult<Option<ReplicaProduct>> {
+    products::table
+        .find(id)
+        .select(ReplicaProduct::as_select())
+        .first(conn)
+        .optional()
 }

@@ -14,7 +14,9 @@ impl ProductName {
             return Err(ProductsError::Invalid("name must not be empty".into()));
         }
         if name.chars().count() > 100 {
-            return Err(ProductsError::Invalid("name must be at most 100 characters".into()));
+            return Err(ProductsError::Invalid(
+                "name must be at most 100 characters".into(),
+            ));
         }
         Ok(ProductName(name.to_owned()))
     }
@@ -30,7 +32,9 @@ pub fn amount(what: &str, value: i64, max: i64) -> Result<i64, ProductsError> {
     if (0..=max).contains(&value) {
         Ok(value)
     } else {
-        Err(ProductsError::Invalid(format!("{what} must be between 0 and {max}, got {value}")))
+        Err(ProductsError::Invalid(format!(
+            "{what} must be between 0 and {max}, got {value}"
+        )))
     }
 }
 

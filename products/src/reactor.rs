@@ -18,7 +18,11 @@ impl Reactor for StockReactor {
         )
     }
 
-    fn react(&self, conn: &mut SqliteConnection, event: &Envelope) -> Result<Vec<Envelope>, ReactError> {
+    fn react(
+        &self,
+        conn: &mut SqliteConnection,
+        event: &Envelope,
+    ) -> Result<Vec<Envelope>, ReactError> {
         let Some(order_id) = event.event.order_id() else {
             return Ok(Vec::new());
         };
@@ -32,12 +36,23 @@ impl Reactor for StockReactor {
             Some(id) => store::product(conn, id)?,
             None => None,
         };
-        let before = StockView { product, reservation };
+        let before = StockView {
+            product,
+            reservation,
+        };
         let (after, caused) = saga::react(before.clone(), event);
-        if let Some(product) = after.product.as_ref().filter(|p| Some(*p) != before.product.as_ref()) {
+        if let Some(product) = after
+            .product
+            .as_ref()
+            .filter(|p| Some(*p) != before.product.as_ref())
+        {
             store::save_product(conn, product)?;
         }
-        if let Some(r) = after.reservation.as_ref().filter(|r| Some(*r) != before.reservation.as_ref()) {
+        if let Some(r) = after
+            .reservation
+            .as_ref()
+            .filter(|r| Some(*r) != before.reservation.as_ref())
+        {
             store::save_reservation(conn, r)?;
         }
         Ok(caused)

@@ -88,7 +88,10 @@ async fn list(db: web::Data<Database>) -> Result<HttpResponse, ProductsError> {
     Ok(HttpResponse::Ok().json(products))
 }
 
-async fn get_one(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, ProductsError> {
+async fn get_one(
+    db: web::Data<Database>,
+    id: web::Path<i64>,
+) -> Result<HttpResponse, ProductsError> {
     let id = id.into_inner();
     let product = db
         .read(move |conn| {
@@ -100,7 +103,10 @@ async fn get_one(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResp
     Ok(HttpResponse::Ok().json(product))
 }
 
-async fn create(db: web::Data<Database>, body: web::Json<CreateProduct>) -> Result<HttpResponse, ProductsError> {
+async fn create(
+    db: web::Data<Database>,
+    body: web::Json<CreateProduct>,
+) -> Result<HttpResponse, ProductsError> {
     let body = body.into_inner();
     let name = ProductName::parse(&body.name)?;
     let price = amount("price", body.price, MAX_PRICE)?;
@@ -130,11 +136,19 @@ async fn update(
     let id = id.into_inner();
     let body = body.into_inner();
     if body.name.is_none() && body.price.is_none() && body.stock.is_none() {
-        return Err(ProductsError::Invalid("give at least one of name, price, stock".into()));
+        return Err(ProductsError::Invalid(
+            "give at least one of name, price, stock".into(),
+        ));
     }
     let name = body.name.as_deref().map(ProductName::parse).transpose()?;
-    let price = body.price.map(|p| amount("price", p, MAX_PRICE)).transpose()?;
-    let stock = body.stock.map(|s| amount("stock", s, MAX_STOCK)).transpose()?;
+    let price = body
+        .price
+        .map(|p| amount("price", p, MAX_PRICE))
+        .transpose()?;
+    let stock = body
+        .stock
+        .map(|s| amount("stock", s, MAX_STOCK))
+        .transpose()?;
     let product = db
         .write(move |conn| {
             let mut p = store::product(conn, id)?.ok_or(ProductsError::NotFound(id))?;

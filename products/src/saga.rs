@@ -81,7 +81,11 @@ pub fn react(view: StockView, incoming: &Envelope) -> (StockView, Vec<Envelope>)
 }
 
 /// Rule 2: reserve the ordered units, or refuse with ProductOutOfStock and touch nothing.
-fn reserve(view: StockView, order: &OrderPlaced, incoming: &Envelope) -> (StockView, Vec<Envelope>) {
+fn reserve(
+    view: StockView,
+    order: &OrderPlaced,
+    incoming: &Envelope,
+) -> (StockView, Vec<Envelope>) {
     if view.reservation.is_some() {
         return (view, Vec::new()); // already decided for this order
     }
@@ -132,7 +136,8 @@ fn reserve(view: StockView, order: &OrderPlaced, incoming: &Envelope) -> (StockV
 /// Returns a reservation's units to stock, whatever the stock is now (the Java original's
 /// `stock - quantity > 0` check skipped legitimate restores).
 fn release(view: StockView, incoming: &Envelope) -> (StockView, Vec<Envelope>) {
-    let (Some(mut product), Some(mut reservation)) = (view.product.clone(), view.reservation.clone())
+    let (Some(mut product), Some(mut reservation)) =
+        (view.product.clone(), view.reservation.clone())
     else {
         return (view, Vec::new());
     };
@@ -141,7 +146,13 @@ fn release(view: StockView, incoming: &Envelope) -> (StockView, Vec<Envelope>) {
     }
     product.stock += reservation.quantity;
     reservation.state = ReservationState::Released;
-    let events = stock_moved(&product, reservation.order_id, reservation.quantity, incoming, false);
+    let events = stock_moved(
+        &product,
+        reservation.order_id,
+        reservation.quantity,
+        incoming,
+        false,
+    );
     let view = StockView {
         product: Some(product),
         reservation: Some(reservation),
@@ -261,7 +272,11 @@ mod tests {
         assert_eq!(after.product.unwrap().stock, 7);
         assert_eq!(after.reservation.unwrap().state, ReservationState::Reserved);
         assert_eq!(types(&events), ["StockDecreased", "ProductChanged"]);
-        assert!(events.iter().all(|e| e.causation_id == Some(incoming.event_id)));
+        assert!(
+            events
+                .iter()
+                .all(|e| e.causation_id == Some(incoming.event_id))
+        );
         assert!(events.iter().all(|e| e.initiator.is_none()));
         assert_eq!(events[0].correlation_id.as_deref(), Some("9"));
     }
@@ -290,7 +305,9 @@ mod tests {
         assert_eq!(after.reservation.unwrap().state, ReservationState::Rejected);
         assert_eq!(types(&events), ["ProductOutOfStock"]);
         assert!(events[0].initiated_by_service(Service::Products));
-        let Event::ProductOutOfStock(e) = &events[0].event else { unreachable!() };
+        let Event::ProductOutOfStock(e) = &events[0].event else {
+            unreachable!()
+        };
         assert_eq!(e.product_stock, Some(90));
     }
 
@@ -299,7 +316,9 @@ mod tests {
         let (after, events) = react(StockView::default(), &placed(1));
         assert_eq!(after.product, None);
         assert_eq!(types(&events), ["ProductOutOfStock"]);
-        let Event::ProductOutOfStock(e) = &events[0].event else { unreachable!() };
+        let Event::ProductOutOfStock(e) = &events[0].event else {
+            unreachable!()
+        };
         assert_eq!(e.product_stock, None);
         assert!(e.state_message.contains("does not exist"));
     }
@@ -363,7 +382,13 @@ mod tests {
                 state: ReservationState::Rejected,
             }),
         };
-        for view in [rejected, StockView { product: Some(tv(10)), reservation: None }] {
+        for view in [
+            rejected,
+            StockView {
+                product: Some(tv(10)),
+                reservation: None,
+            },
+        ] {
             let (after, events) = react(view.clone(), &order_cancelled(Some(Service::Orders)));
             assert_eq!(after, view);
             assert!(events.is_empty());

@@ -45,7 +45,10 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 fn log_file(dir: &Path, name: &str) -> std::io::Result<(File, File)> {
-    let file = File::options().create(true).append(true).open(dir.join(format!("{name}.log")))?;
+    let file = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))?;
     Ok((file.try_clone()?, file))
 }
 
@@ -72,12 +75,17 @@ impl Stack {
             bin_dir: bin_dir.to_owned(),
             brokers,
             ports: HashMap::new(),
-            broker: Some(Process { name: "tansu".into(), child }),
+            broker: Some(Process {
+                name: "tansu".into(),
+                child,
+            }),
             services: HashMap::new(),
         };
         wait_port(port, Duration::from_secs(30)).map_err(|e| format!("tansu: {e}"))?;
         for service in SERVICES {
-            stack.ports.insert(service, free_port().map_err(|e| e.to_string())?);
+            stack
+                .ports
+                .insert(service, free_port().map_err(|e| e.to_string())?);
             stack.start_service(service)?;
         }
         Ok(stack)
@@ -91,12 +99,21 @@ impl Stack {
             .env("KAFKA_BROKERS", &self.brokers)
             .env("KAFKA_TOPIC", TOPIC)
             .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(out)
             .stderr(err)
             .spawn()
             .map_err(|e| format!("cannot start {service}: {e}"))?;
-        self.services.insert(service, Process { name: service.into(), child });
+        self.services.insert(
+            service,
+            Process {
+                name: service.into(),
+                child,
+            },
+        );
         Ok(())
     }
 
@@ -111,7 +128,13 @@ impl Stack {
 
     fn mall(&self) -> Mall {
         let url = |s: &str| format!("http://127.0.0.1:{}", self.ports[s]);
-        Mall::new(url("orders"), url("products"), url("delivery"), self.brokers.clone(), TOPIC.into())
+        Mall::new(
+            url("orders"),
+            url("products"),
+            url("delivery"),
+            self.brokers.clone(),
+            TOPIC.into(),
+        )
     }
 
     fn stop(&mut self) {
@@ -155,7 +178,12 @@ async fn products_killed_mid_flight(stack: &mut Stack) -> Check {
     let ids = placing.await.map_err(|e| e.to_string())??;
     m.wait_healthy().await?;
     for id in &ids {
-        eventually(&format!("order {id} completes"), Duration::from_secs(90), || m.wait_order_state(*id, "OrderCompleted")).await?;
+        eventually(
+            &format!("order {id} completes"),
+            Duration::from_secs(90),
+            || m.wait_order_state(*id, "OrderCompleted"),
+        )
+        .await?;
     }
     m.wait_stock(product, (10, 40)).await?;
     let mut decreased: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
@@ -168,7 +196,10 @@ async fn products_killed_mid_flight(stack: &mut Stack) -> Check {
         }
     }
     if decreased.len() != ids.len() || decreased.values().any(|ids| ids.len() != 1) {
-        return Err(format!("expected one StockDecreased per order for {} orders, got {decreased:?}", ids.len()));
+        return Err(format!(
+            "expected one StockDecreased per order for {} orders, got {decreased:?}",
+            ids.len()
+        ));
     }
     Ok(())
 }
@@ -180,16 +211,17 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         return (0, 1);
     }
     let (mut passed, mut failed) = (0, 0);
-    let mut report = |name: &str, started: Instant, result: Check| {
-        match result {
-            Ok(()) => {
-                passed += 1;
-                println!("ok   {name} ({:.1} s)", started.elapsed().as_secs_f64());
-            }
-            Err(e) => {
-                failed += 1;
-                println!("FAIL {name} ({:.1} s): {e}", started.elapsed().as_secs_f64());
-            }
+    let mut report = |name: &str, started: Instant, result: Check| match result {
+        Ok(()) => {
+            passed += 1;
+            println!("ok   {name} ({:.1} s)", started.elapsed().as_secs_f64());
+        }
+        Err(e) => {
+            failed += 1;
+            println!(
+                "FAIL {name} ({:.1} s): {e}",
+                started.elapsed().as_secs_f64()
+            );
         }
     };
     macro_rules! scenario {
@@ -204,13 +236,29 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
     scenario!("out of stock", scenarios::out_of_stock(&m));
     scenario!("customer cancel", scenarios::customer_cancel(&m));
     scenario!("delivery-initiated cancel", scenarios::courier_cancel(&m));
-    scenario!("bad input gets clear errors", scenarios::bad_input_gets_clear_errors(&m));
-    scenario!("malformed message parked on the DLT", scenarios::malformed_message_is_parked(&m));
-    scenario!("100 concurrent orders against a stock of 30", scenarios::concurrent_orders(&m, 100, 30));
-    scenario!("kill -9 of products mid-flight, then restart", products_killed_mid_flight(stack));
+    scenario!(
+        "bad input gets clear errors",
+        scenarios::bad_input_gets_clear_errors(&m)
+    );
+    scenario!(
+        "malformed message parked on the DLT",
+        scenarios::malformed_message_is_parked(&m)
+    );
+    scenario!(
+        "100 concurrent orders against a stock of 30",
+        scenarios::concurrent_orders(&m, 100, 30)
+    );
+    scenario!(
+        "kill -9 of products mid-flight, then restart",
+        products_killed_mid_flight(stack)
+    );
     scenario!("every event delivered twice", async {
         let stop = tokio_util::sync::CancellationToken::new();
-        let replayer = tokio::spawn(e2e::replay_everything_twice(m.brokers.clone(), m.topic.clone(), stop.clone()));
+        let replayer = tokio::spawn(e2e::replay_everything_twice(
+            m.brokers.clone(),
+            m.topic.clone(),
+            stop.clone(),
+        ));
         let result = scenarios::every_event_twice(&m).await;
         stop.cancel();
         let _ = replayer.await;
@@ -220,14 +268,20 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
 }
 
 fn argument(args: &[String], name: &str) -> Option<PathBuf> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(PathBuf::from)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(bin_dir), Some(tansu)) = (argument(&args, "--bin-dir"), argument(&args, "--tansu")) else {
-        eprintln!("usage: stack-suite --bin-dir <dir with orders, products, delivery> --tansu <tansu binary>");
+    let (Some(bin_dir), Some(tansu)) = (argument(&args, "--bin-dir"), argument(&args, "--tansu"))
+    else {
+        eprintln!(
+            "usage: stack-suite --bin-dir <dir with orders, products, delivery> --tansu <tansu binary>"
+        );
         return ExitCode::from(2);
     };
     // The broker runs in the run directory, so relative paths would break.
@@ -245,7 +299,10 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("real-broker suite: logs and databases in {}", dir.path().display());
+    println!(
+        "real-broker suite: logs and databases in {}",
+        dir.path().display()
+    );
     let mut stack = match Stack::start(dir.path(), &bin_dir, &tansu) {
         Ok(stack) => stack,
         Err(e) => {
@@ -268,5 +325,9 @@ async fn main() -> ExitCode {
         println!("logs kept in {}", kept.display());
     }
     println!("{passed} passed, {failed} failed");
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one test command: `cargo test --workspace` (unit tests of every saga rule, the event
+# contract, and the in-process end-to-end tests on rdkafka's MockCluster), then the real-broker
+# suite: a fresh tansu broker and fresh databases on free ports, the three service binaries as
+# separate processes, every scenario over HTTP. Ends with one line: `N passed, N failed`.
+set -uo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+
+say "1/2 cargo test --workspace"
+cargo test --workspace 2>&1 | tee "$log"
+cargo_status="${PIPESTATUS[0]}"
+read -r unit_passed unit_failed < <(
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+       END { print p + 0, f + 0 }' "$log")
+if [[ "$cargo_status" != 0 && "$unit_failed" == 0 ]]; then
+  unit_failed=1 # it did not even build
+fi
+
+say "2/2 real-broker suite"
+ensure_tansu
+suite_passed=0
+suite_failed=1
+if cargo build --bins 2>&1 | tail -n 3; then
+  # The suite stops every process it started, also on Ctrl-C.
+  target/debug/stack-suite --bin-dir target/debug --tansu "$TANSU" | tee "$log"
+  read -r suite_passed suite_failed < <(awk '/^[0-9]+ passed, [0-9]+ failed$/ { p = $1; f = $3 } END { print p + 0, (NR ? f + 0 : 1) }' "$log")
+  grep -qE '^[0-9]+ passed, [0-9]+ failed$' "$log" || suite_failed=$((suite_failed + 1))
+fi
+
+echo
+say "cargo test: $unit_passed passed, $unit_failed failed; real-broker suite: $suite_passed passed, $suite_failed failed"
+passed=$((unit_passed + suite_passed))
+failed=$((unit_failed + suite_failed))
+echo "$passed passed, $failed failed"
+[[ "$failed" == 0 ]]
