@@ -37,10 +37,11 @@ pub enum DbError {
 
 impl DbError {
     /// True for failures that go away on their own (a busy database, an exhausted pool), which
-    /// are retried rather than treated as a bad message.
+    /// are retried rather than treated as a bad message. A panicked task is a bug that would
+    /// repeat, so it is not.
     pub fn is_transient(&self) -> bool {
         match self {
-            DbError::Pool(_) | DbError::Task(_) => true,
+            DbError::Pool(_) => true,
             DbError::Query(diesel::result::Error::DatabaseError(_, info)) => {
                 let message = info.message().to_ascii_lowercase();
                 message.contains("locked") || message.contains("busy")

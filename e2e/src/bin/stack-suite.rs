@@ -126,6 +126,37 @@ impl Stack {
         }
     }
 
+    /// SIGTERM, then waits for the process to exit by itself; fails if it does not, or exits
+    /// with an error.
+    fn terminate(&mut self, service: &str, timeout: Duration) -> Result<Duration, String> {
+        let mut p = self
+            .services
+            .remove(service)
+            .ok_or(format!("{service} is not running"))?;
+        let started = Instant::now();
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(p.child.id().to_string())
+            .status()
+            .map_err(|e| format!("kill -TERM {service}: {e}"))?;
+        if !sent.success() {
+            return Err(format!("kill -TERM {service} failed"));
+        }
+        while started.elapsed() < timeout {
+            match p.child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(started.elapsed()),
+                Ok(Some(status)) => {
+                    return Err(format!("{service} exited with {status} on SIGTERM"));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err(format!(
+            "{service} did not stop within {timeout:?} of SIGTERM"
+        ))
+    }
+
     fn mall(&self) -> Mall {
         let url = |s: &str| format!("http://127.0.0.1:{}", self.ports[s]);
         Mall::new(
@@ -204,6 +235,51 @@ async fn products_killed_mid_flight(stack: &mut Stack) -> Check {
     Ok(())
 }
 
+/// SIGTERM orders right after a burst of orders: it stops by itself, cleanly, and after a
+/// restart every saga of the burst completes.
+async fn graceful_stop(stack: &mut Stack) -> Check {
+    let m = stack.mall();
+    let product = m.create_product("graceful", 20).await?;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(m.place_order(product, 1).await?);
+    }
+    let took = stack.terminate("orders", Duration::from_secs(20))?;
+    println!(
+        "    orders stopped on SIGTERM in {:.2} s",
+        took.as_secs_f64()
+    );
+    stack.start_service("orders")?;
+    m.wait_healthy().await?;
+    for id in &ids {
+        m.wait_order_state(*id, "OrderCompleted").await?;
+    }
+    m.wait_stock(product, (10, 10)).await
+}
+
+/// With the broker gone, `/health` answers 503 and names the broker. Runs last.
+async fn health_names_a_missing_broker(stack: &mut Stack) -> Check {
+    stack.broker = None; // kills tansu
+    let m = &stack.mall();
+    for base in [&m.orders, &m.products, &m.delivery] {
+        eventually(
+            &format!("{base}/health answers 503 naming the broker"),
+            Duration::from_secs(30),
+            || async move {
+                let (status, body) = m.call("GET", &format!("{base}/health"), None).await?;
+                let error = body["error"].as_str().unwrap_or_default();
+                if status == 503 && error.contains("broker") && body["database"] == "ok" {
+                    Ok(())
+                } else {
+                    Err(format!("{status} {body}"))
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 async fn run(stack: &mut Stack) -> (usize, usize) {
     let m = stack.mall();
     if let Err(e) = m.wait_healthy().await {
@@ -264,6 +340,14 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         let _ = replayer.await;
         result
     });
+    scenario!(
+        "graceful stop (SIGTERM) of orders, then restart",
+        graceful_stop(stack)
+    );
+    scenario!(
+        "/health names a missing broker",
+        health_names_a_missing_broker(stack)
+    );
     (passed, failed)
 }
 
