@@ -1,11 +1,11 @@
 //! Delivery's REST API: list and show deliveries; the courier completes or cancels one.
 
 use crate::error::DeliveryError;
-use crate::saga::{self, Delivery, DeliveryState};
+use crate::saga::{self, DeliveryState};
 use crate::store;
 use actix_web::{HttpResponse, web};
 use kafka::Database;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// Registers the delivery endpoints.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -20,40 +20,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::patch().to(update))
             .default_service(web::to(kafka::http::method_not_allowed)),
     );
-}
-
-/// A delivery as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-#[allow(missing_docs)]
-pub struct DeliveryJson {
-    pub id: i64,
-    pub order_id: i64,
-    pub product_id: i64,
-    pub quantity: i64,
-    pub customer_id: String,
-    pub customer_name: Option<String>,
-    pub delivery_address: Option<String>,
-    pub delivery_state: String,
-    pub order_confirmed: bool,
-    pub state_message: Option<String>,
-}
-
-impl From<Delivery> for DeliveryJson {
-    fn from(d: Delivery) -> Self {
-        DeliveryJson {
-            id: d.id,
-            order_id: d.order_id,
-            product_id: d.product_id,
-            quantity: d.quantity,
-            customer_id: d.customer_id,
-            customer_name: d.customer_name,
-            delivery_address: d.delivery_address,
-            delivery_state: d.state.to_string(),
-            order_confirmed: d.order_confirmed,
-            state_message: d.state_message,
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,12 +43,7 @@ async fn list(
     let deliveries = db
         .read(move |conn| store::list(conn, order_id).map_err(DeliveryError::from))
         .await?;
-    Ok(HttpResponse::Ok().json(
-        deliveries
-            .into_iter()
-            .map(DeliveryJson::from)
-            .collect::<Vec<_>>(),
-    ))
+    Ok(HttpResponse::Ok().json(deliveries))
 }
 
 async fn get_one(
@@ -93,7 +54,7 @@ async fn get_one(
     let delivery = db
         .read(move |conn| store::by_id(conn, id)?.ok_or(DeliveryError::NotFound(id)))
         .await?;
-    Ok(HttpResponse::Ok().json(DeliveryJson::from(delivery)))
+    Ok(HttpResponse::Ok().json(delivery))
 }
 
 async fn update(
@@ -119,5 +80,5 @@ async fn update(
             Ok::<_, DeliveryError>((delivery, vec![event]))
         })
         .await?;
-    Ok(HttpResponse::Ok().json(DeliveryJson::from(delivery)))
+    Ok(HttpResponse::Ok().json(delivery))
 }

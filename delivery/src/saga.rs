@@ -4,16 +4,20 @@
 use events::{
     DeliveryCancelled, DeliveryCompleted, DeliveryStarted, Envelope, Event, OrderPlaced, Service,
 };
+use serde::Serialize;
 use std::fmt;
 
 /// Where a delivery stands; the names are the wire's `deliveryState`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum DeliveryState {
     /// Handed to a courier.
+    #[serde(rename = "DeliveryStarted")]
     Started,
     /// Delivered; final.
+    #[serde(rename = "DeliveryCompleted")]
     Completed,
     /// Called off, by the courier or as a compensation; final.
+    #[serde(rename = "DeliveryCancelled")]
     Cancelled,
 }
 
@@ -41,8 +45,9 @@ impl fmt::Display for DeliveryState {
     }
 }
 
-/// One order's delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One order's delivery; serialised as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Delivery {
     /// Delivery id.
     pub id: i64,
@@ -59,6 +64,7 @@ pub struct Delivery {
     /// Where to, if given.
     pub delivery_address: Option<String>,
     /// Where it stands.
+    #[serde(rename = "deliveryState")]
     pub state: DeliveryState,
     /// True once OrderCompleted arrived: only a confirmed order may be handed over.
     pub order_confirmed: bool,

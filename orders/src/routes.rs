@@ -3,7 +3,7 @@
 
 use crate::domain::OrderRequest;
 use crate::error::OrdersError;
-use crate::saga::{self, OrderState};
+use crate::saga::{self, Order, OrderState};
 use crate::store::{self, HistoryRow, NewOrder, StoredOrder};
 use actix_web::{HttpResponse, web};
 use kafka::Database;
@@ -41,45 +41,20 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-/// An order as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
+/// An order as the API shows it: the order's fields plus when it was placed and last changed.
+#[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-#[allow(missing_docs)]
 pub struct OrderJson {
-    pub id: i64,
-    pub product_id: i64,
-    pub product_name: Option<String>,
-    pub quantity: i64,
-    pub price: Option<i64>,
-    pub customer_id: String,
-    pub customer_name: Option<String>,
-    pub customer_addr: Option<String>,
-    pub state: String,
-    pub stock_reserved: bool,
-    pub delivery_id: Option<i64>,
-    pub delivery_state: Option<String>,
-    pub state_message: Option<String>,
-    pub created_at: String,
-    pub updated_at: String,
+    #[serde(flatten)]
+    order: Order,
+    created_at: String,
+    updated_at: String,
 }
 
 impl From<StoredOrder> for OrderJson {
     fn from(s: StoredOrder) -> Self {
-        let o = s.order;
         OrderJson {
-            id: o.id,
-            product_id: o.product_id,
-            product_name: o.product_name,
-            quantity: o.quantity,
-            price: o.price,
-            customer_id: o.customer_id,
-            customer_name: o.customer_name,
-            customer_addr: o.customer_addr,
-            state: o.state.to_string(),
-            stock_reserved: o.stock_reserved,
-            delivery_id: o.delivery_id,
-            delivery_state: o.delivery_state,
-            state_message: o.state_message,
+            order: s.order,
             created_at: s.created_at,
             updated_at: s.updated_at,
         }

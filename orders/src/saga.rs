@@ -2,16 +2,20 @@
 //! (the order now, events to publish). No I/O here.
 
 use events::{Envelope, Event, OrderCancelled, OrderCompleted, OrderPlaced, Service};
+use serde::Serialize;
 use std::fmt;
 
 /// Where an order stands; the names are the API's and the seed lab's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum OrderState {
     /// Pending: waiting for stock and delivery.
+    #[serde(rename = "OrderPlaced")]
     Placed,
     /// Stock reserved and delivery started.
+    #[serde(rename = "OrderCompleted")]
     Completed,
     /// Cancelled by the customer or by a compensation; final.
+    #[serde(rename = "OrderCancelled")]
     Cancelled,
 }
 
@@ -39,8 +43,9 @@ impl fmt::Display for OrderState {
     }
 }
 
-/// An order and what orders has learned about its saga.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An order and what orders has learned about its saga; serialised as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Order {
     /// Order id.
     pub id: i64,

@@ -25,30 +25,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-/// A product as the API shows it; `reserved` counts units held for orders in flight.
-#[derive(Debug, Serialize, Deserialize)]
+/// A product as the API shows it, with `reserved`: units held for orders in flight.
+#[derive(Debug, Serialize)]
 pub struct ProductJson {
-    /// Product id.
-    pub id: i64,
-    /// Display name.
-    pub name: String,
-    /// Unit price.
-    pub price: i64,
-    /// Units on hand.
-    pub stock: i64,
-    /// Units reserved for orders that are not cancelled.
-    pub reserved: i64,
+    #[serde(flatten)]
+    product: Product,
+    reserved: i64,
 }
 
 impl ProductJson {
-    fn new(p: Product, reserved: i64) -> Self {
-        ProductJson {
-            id: p.id,
-            name: p.name,
-            price: p.price,
-            stock: p.stock,
-            reserved,
-        }
+    fn new(product: Product, reserved: i64) -> Self {
+        ProductJson { product, reserved }
     }
 }
 

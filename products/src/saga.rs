@@ -5,8 +5,8 @@ use events::{
     Envelope, Event, OrderPlaced, ProductChanged, ProductOutOfStock, Service, StockMoved,
 };
 
-/// A catalog entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A catalog entry; serialised as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Product {
     /// Product id.
     pub id: i64,
