@@ -77,7 +77,7 @@ impl ServiceHost {
         )
         .await
         .map_err(|_| broker("not reachable within 30 s".into()))?
-        .map_err(|e| broker(format!("cannot create topics: {e}")))?;
+        .map_err(|e| broker(format!("not reachable or refused to create the topics ({e}); is a broker running? scripts/up.sh starts one")))?;
         let producer = create_producer(kafka).map_err(|e| broker(e.to_string()))?;
         let consumer = create_consumer(kafka).map_err(|e| broker(e.to_string()))?;
 
