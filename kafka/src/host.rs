@@ -66,27 +66,7 @@ impl ServiceHost {
     where
         F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
     {
-        let kafka = &settings.kafka;
-        let broker = |reason: String| StartError::Broker {
-            brokers: kafka.brokers.clone(),
-            reason,
-        };
-        tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            admin::ensure_topics(kafka),
-        )
-        .await
-        .map_err(|_| broker("not reachable within 30 s".into()))?
-        .map_err(|e| broker(format!("not reachable or refused to create the topics ({e}); is a broker running? scripts/up.sh starts one")))?;
-        let producer = create_producer(kafka).map_err(|e| broker(e.to_string()))?;
-        let consumer = create_consumer(kafka).map_err(|e| broker(e.to_string()))?;
-
-        let stop = CancellationToken::new();
-        let relay = OutboxRelay::new(db.clone(), producer.clone(), kafka.topic.clone());
-        let relay = tokio::spawn(relay.run(stop.clone()));
-        let consumer = EventConsumer::new(consumer, producer.clone(), kafka, db.clone(), reactor);
-        let consumer = tokio::spawn(consumer.run(stop.clone()));
-
+        // Bind first: a taken port fails fast, before anything is started.
         let address = format!("{}:{}", settings.host, settings.port);
         let listener = TcpListener::bind(&address).map_err(|source| StartError::Listen {
             address: address.clone(),
@@ -99,6 +79,29 @@ impl ServiceHost {
                 source,
             })?
             .port();
+        let kafka = &settings.kafka;
+        let broker = |reason: String| StartError::Broker {
+            brokers: kafka.brokers.clone(),
+            reason,
+        };
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            admin::ensure_topics(kafka),
+        )
+        .await
+        .map_err(|_| broker("not reachable within 30 s".into()))?
+        .map_err(|e| {
+            broker(format!(
+                "not reachable or refused to create the topics ({e}); \
+                 is a broker running? scripts/up.sh starts one"
+            ))
+        })?;
+        let producer = create_producer(kafka).map_err(|e| broker(e.to_string()))?;
+        let consumer = create_consumer(kafka).map_err(|e| broker(e.to_string()))?;
+
+        let stop = CancellationToken::new();
+        let relay = OutboxRelay::new(db.clone(), producer.clone(), kafka.topic.clone());
+        let consumer = EventConsumer::new(consumer, producer.clone(), kafka, db.clone(), reactor);
         let health = web::Data::new(Health::new(db.clone(), producer, kafka.topic.clone()));
         let db = web::Data::new(db);
         let server = HttpServer::new(move || {
@@ -116,6 +119,8 @@ impl ServiceHost {
         .listen(listener)
         .map_err(|source| StartError::Listen { address, source })?
         .run();
+        let relay = tokio::spawn(relay.run(stop.clone()));
+        let consumer = tokio::spawn(consumer.run(stop.clone()));
         Ok(ServiceHost {
             port,
             server,
