@@ -42,8 +42,6 @@ pub struct TopicMessage {
     pub value: Value,
     /// The raw value.
     pub raw: String,
-    /// Partition it was read from.
-    pub partition: i32,
 }
 
 impl Mall {
@@ -361,7 +359,6 @@ fn read_topic_blocking(brokers: &str, topic: &str) -> Check<Vec<TopicMessage>> {
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             value: serde_json::from_str(&raw).unwrap_or(Value::Null),
             raw,
-            partition: m.partition(),
         });
         if remaining
             .get(&m.partition())

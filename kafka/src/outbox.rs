@@ -104,14 +104,6 @@ pub fn mark_published(conn: &mut SqliteConnection, ids: &[i64]) -> QueryResult<u
         .execute(conn)
 }
 
-/// How many rows are still waiting (for health and tests).
-pub fn pending_count(conn: &mut SqliteConnection) -> QueryResult<i64> {
-    outbox::table
-        .filter(outbox::published_at.is_null())
-        .count()
-        .get_result(conn)
-}
-
 /// Rows published per round trip to the database.
 const BATCH: i64 = 500;
 

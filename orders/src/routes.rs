@@ -62,7 +62,7 @@ impl From<StoredOrder> for OrderJson {
 }
 
 /// One entry of an order's timeline.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 #[allow(missing_docs)]
 pub struct HistoryEntry {

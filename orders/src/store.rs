@@ -189,12 +189,10 @@ pub fn save_order(conn: &mut SqliteConnection, o: &Order) -> QueryResult<()> {
 }
 
 /// One entry of `GET /orders/{id}/events`.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, Queryable, Selectable)]
+#[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = order_events)]
-#[serde(rename_all = "camelCase")]
 #[allow(missing_docs)]
 pub struct HistoryRow {
-    #[serde(skip)]
     pub seq: i64,
     pub event_type: String,
     pub source: String,
@@ -239,7 +237,7 @@ pub fn history(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<Vec<Hi
 }
 
 /// A catalog replica entry.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, Queryable, Selectable)]
+#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
 #[diesel(table_name = products)]
 #[serde(rename_all = "camelCase")]
 #[allow(missing_docs)]

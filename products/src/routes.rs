@@ -64,12 +64,17 @@ struct UpdateProduct {
 async fn list(db: web::Data<Database>) -> Result<HttpResponse, ProductsError> {
     let products = db
         .read(|conn| {
-            let mut out = Vec::new();
-            for p in store::all_products(conn)? {
-                let reserved = store::reserved_units(conn, p.id)?;
-                out.push(ProductJson::new(p, reserved));
-            }
-            Ok::<_, ProductsError>(out)
+            let reserved = store::reserved_by_product(conn)?;
+            let products = store::all_products(conn)?;
+            Ok::<_, ProductsError>(
+                products
+                    .into_iter()
+                    .map(|p| {
+                        let held = reserved.get(&p.id).copied().unwrap_or(0);
+                        ProductJson::new(p, held)
+                    })
+                    .collect::<Vec<_>>(),
+            )
         })
         .await?;
     Ok(HttpResponse::Ok().json(products))

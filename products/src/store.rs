@@ -181,6 +181,21 @@ pub fn save_reservation(conn: &mut SqliteConnection, r: &StockReservation) -> Qu
         .map(|_| ())
 }
 
+/// Units held by reservations for every product that has any, in one query.
+pub fn reserved_by_product(
+    conn: &mut SqliteConnection,
+) -> QueryResult<std::collections::HashMap<i64, i64>> {
+    let held: Vec<(i64, i64)> = stock_reservations::table
+        .filter(stock_reservations::state.eq("Reserved"))
+        .select((stock_reservations::product_id, stock_reservations::quantity))
+        .load(conn)?;
+    let mut totals = std::collections::HashMap::new();
+    for (product_id, quantity) in held {
+        *totals.entry(product_id).or_insert(0) += quantity;
+    }
+    Ok(totals)
+}
+
 /// Units currently held by reservations, per product: stock + reserved stays constant under
 /// the saga, whatever orders do.
 pub fn reserved_units(conn: &mut SqliteConnection, product_id: i64) -> QueryResult<i64> {
