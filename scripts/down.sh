@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Stops what scripts/up.sh started, by pid: SIGTERM (graceful: finish the event in hand,
-# commit, flush), then SIGKILL after 15 s. --wipe also deletes data/ (databases, broker
-# storage, logs).
+# commit, flush), then SIGKILL after STOP_TIMEOUT_S seconds (default 15). --wipe also deletes
+# data/ (databases, broker storage, logs).
+#
+# Only a process that is verifiably ours is signalled: the pid in data/<name>.pid must be alive
+# (a zombie counts as exited), run this checkout's binary (target/release/<name>, or
+# .tools/bin/tansu) and have started when the pid file says. A stale pid file (no such process,
+# a zombie, a pid that now belongs to another program) is reported and removed.
+#
+#   STOP_TIMEOUT_S=30 scripts/down.sh     # give each process 30 s to stop gracefully
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -12,27 +19,42 @@ case "${1:-}" in
   *) die "usage: scripts/down.sh [--wipe]" ;;
 esac
 
+STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-15}"
+[[ "$STOP_TIMEOUT_S" =~ ^[0-9]+$ ]] || die "STOP_TIMEOUT_S must be a whole number of seconds, not '$STOP_TIMEOUT_S'"
+[[ -r /proc/self/stat ]] || die "scripts/down.sh needs Linux's /proc to recognise its processes"
+
+# stop NAME PROGRAM: stops the process of data/NAME.pid if it runs PROGRAM.
 stop() {
-  local name="$1" pidfile="$DATA/$1.pid"
-  if ! pid_alive "$pidfile"; then
+  local name="$1" program="$2" pidfile="$DATA/$1.pid" pid
+  [[ -f "$pidfile" ]] || return 0
+  if ! pid_alive "$pidfile" "$program"; then
+    say "data/$name.pid is stale ($PID_STALE); removing it"
     rm -f "$pidfile"
     return 0
   fi
-  local pid; pid="$(cat "$pidfile")"
+  pid="$PIDFILE_PID"
   say "stopping $name (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 150); do
-    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; return 0; }
+  kill -CONT "$pid" 2>/dev/null || true # a stopped (Ctrl-Z) process acts on SIGTERM only once continued
+  for _ in $(seq 1 $((STOP_TIMEOUT_S * 10))); do
+    pid_alive "$pidfile" "$program" || { rm -f "$pidfile"; return 0; }
     sleep 0.1
   done
-  say "$name did not stop within 15 s; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
+  if pid_alive "$pidfile" "$program"; then
+    say "$name did not stop within $STOP_TIMEOUT_S s; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+      pid_alive "$pidfile" "$program" || break
+      sleep 0.1
+    done
+    pid_alive "$pidfile" "$program" && say "$name (pid $pid) has still not exited after SIGKILL"
+  fi
   rm -f "$pidfile"
 }
 
 # Services first, so they can flush to the broker before it goes.
-for svc in "${SERVICES[@]}"; do stop "$svc"; done
-stop tansu
+for svc in "${SERVICES[@]}"; do stop "$svc" "$ROOT/target/release/$svc"; done
+stop tansu "$TANSU"
 
 if $wipe; then
   say "removing data/"

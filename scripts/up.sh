@@ -2,9 +2,12 @@
 # Brings the whole mall up: builds (release), ensures a broker and the topic, starts orders,
 # products and delivery in the background (logs and pids under data/), waits until every
 # /health answers 200. Idempotent: run it again and it starts only what is not running.
+# "Running" means the pid in data/<name>.pid is alive (not a zombie), runs this checkout's
+# binary and started when the pid file says; a stale pid file is reported and replaced.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
+check_prerequisites
 
 say "building the services (release)"
 cargo build --release --bin orders --bin products --bin delivery --bin mall-topic
@@ -15,18 +18,26 @@ target/release/mall-topic ensure
 mkdir -p "$DATA"
 for svc in "${SERVICES[@]}"; do
   pidfile="$DATA/$svc.pid"
-  if pid_alive "$pidfile"; then
-    say "$svc already running (pid $(cat "$pidfile"))"
+  program="$ROOT/target/release/$svc"
+  if pid_alive "$pidfile" "$program"; then
+    say "$svc already running (pid $PIDFILE_PID)"
+    # A one-field pid file from older scripts: record the start time now that it is verified.
+    [[ -n "$PIDFILE_START" ]] || echo "$PIDFILE_PID $PROC_START" >"$pidfile"
     continue
   fi
+  stale="$PID_STALE"
   port="${DEFAULT_PORT[$svc]}"
   if port_open "127.0.0.1:$port"; then
     die "port $port (for $svc) is taken by another process; stop it or run scripts/down.sh"
   fi
-  say "starting $svc on :$port (log data/$svc.log)"
+  if [[ -n "$stale" ]]; then
+    say "data/$svc.pid is stale ($stale); starting $svc"
+  fi
   PORT="$port" DATABASE_URL="$DATA/$svc.db" RUST_LOG="${RUST_LOG:-info}" \
-    nohup "target/release/$svc" >>"$DATA/$svc.log" 2>&1 </dev/null &
-  echo $! >"$pidfile"
+    nohup "$program" >>"$DATA/$svc.log" 2>&1 </dev/null &
+  pid=$!
+  record_pid "$pidfile" "$pid" "$program"
+  say "started $svc on :$port, pid $pid (log data/$svc.log)"
 done
 
 for svc in "${SERVICES[@]}"; do
@@ -34,7 +45,7 @@ for svc in "${SERVICES[@]}"; do
   for i in $(seq 1 300); do
     code="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health" || true)"
     [[ "$code" == 200 ]] && break
-    pid_alive "$DATA/$svc.pid" || die "$svc exited; last lines of data/$svc.log:
+    pid_alive "$DATA/$svc.pid" "$ROOT/target/release/$svc" || die "$svc exited; last lines of data/$svc.log:
 $(tail -n 15 "$DATA/$svc.log")"
     (( i == 300 )) && die "$svc did not become healthy within 30 s; see data/$svc.log"
     sleep 0.1

@@ -1,18 +1,23 @@
 //! The I/O shell around [`crate::saga::react`].
 
+use crate::saga::OrderDelivery;
 use crate::{saga, store};
 use diesel::sqlite::SqliteConnection;
 use events::{Envelope, Event};
 use kafka::{ReactError, Reactor};
 
-/// Delivery's reaction to OrderPlaced, OrderCompleted and OrderCancelled.
+/// Delivery's reaction to OrderPlaced, OrderCompleted, OrderCancelled and
+/// OrderCancelRequested.
 pub struct DeliveryReactor;
 
 impl Reactor for DeliveryReactor {
     fn wants(&self, event: &Envelope) -> bool {
         matches!(
             event.event,
-            Event::OrderPlaced(_) | Event::OrderCompleted(_) | Event::OrderCancelled(_)
+            Event::OrderPlaced(_)
+                | Event::OrderCompleted(_)
+                | Event::OrderCancelled(_)
+                | Event::OrderCancelRequested(_)
         )
     }
 
@@ -26,8 +31,12 @@ impl Reactor for DeliveryReactor {
         };
         let before = store::by_order(conn, order_id)?;
         let (after, caused) = saga::react(before.clone(), event, store::next_id(conn)?);
-        if let Some(delivery) = after.filter(|d| Some(d) != before.as_ref()) {
-            store::save(conn, &delivery)?;
+        if after != before {
+            match &after {
+                OrderDelivery::Known(delivery) => store::save(conn, delivery)?,
+                OrderDelivery::Voided => store::void(conn, order_id)?,
+                OrderDelivery::Unknown => {}
+            }
         }
         Ok(caused)
     }

@@ -26,6 +26,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ListQuery {
     order_id: Option<i64>,
+    after: Option<i64>,
+    limit: Option<i64>,
 }
 
 /// `PATCH /deliveries/{id}` body.
@@ -39,9 +41,12 @@ async fn list(
     db: web::Data<Database>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, DeliveryError> {
-    let order_id = query.into_inner().order_id;
+    let query = query.into_inner();
+    let page =
+        kafka::http::Page::parse(query.after, query.limit).map_err(DeliveryError::Invalid)?;
+    let order_id = query.order_id;
     let deliveries = db
-        .read(move |conn| store::list(conn, order_id).map_err(DeliveryError::from))
+        .read(move |conn| store::list(conn, order_id, page).map_err(DeliveryError::from))
         .await?;
     Ok(HttpResponse::Ok().json(deliveries))
 }

@@ -2,48 +2,12 @@
 //! action) → (the delivery now, events to publish). No I/O here.
 
 use events::{
-    DeliveryCancelled, DeliveryCompleted, DeliveryStarted, Envelope, Event, OrderPlaced, Service,
+    CancelRefused, DeliveryCancelled, DeliveryCompleted, DeliveryStarted, Envelope, Event,
+    OrderPlaced, Service,
 };
 use serde::Serialize;
-use std::fmt;
 
-/// Where a delivery stands; the names are the wire's `deliveryState`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum DeliveryState {
-    /// Handed to a courier.
-    #[serde(rename = "DeliveryStarted")]
-    Started,
-    /// Delivered; final.
-    #[serde(rename = "DeliveryCompleted")]
-    Completed,
-    /// Called off, by the courier or as a compensation; final.
-    #[serde(rename = "DeliveryCancelled")]
-    Cancelled,
-}
-
-impl DeliveryState {
-    /// The wire and API name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeliveryState::Started => "DeliveryStarted",
-            DeliveryState::Completed => "DeliveryCompleted",
-            DeliveryState::Cancelled => "DeliveryCancelled",
-        }
-    }
-
-    /// Parses the wire and API name.
-    pub fn parse(text: &str) -> Option<Self> {
-        [Self::Started, Self::Completed, Self::Cancelled]
-            .into_iter()
-            .find(|s| s.as_str() == text)
-    }
-}
-
-impl fmt::Display for DeliveryState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use events::DeliveryState;
 
 /// One order's delivery; serialised as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -72,6 +36,18 @@ pub struct Delivery {
     pub state_message: Option<String>,
 }
 
+/// What delivery knows about one order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderDelivery {
+    /// Nothing yet.
+    Unknown,
+    /// The order was cancelled before its OrderPlaced arrived here (a relay retry can reorder
+    /// one order's events): a late OrderPlaced starts nothing.
+    Voided,
+    /// Its delivery.
+    Known(Delivery),
+}
+
 /// A courier action that the delivery's state does not allow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -79,29 +55,64 @@ pub struct IllegalTransition(pub String);
 
 /// Applies one saga event to the order's delivery. `next_id` is the id a new delivery gets.
 pub fn react(
-    current: Option<Delivery>,
+    current: OrderDelivery,
     incoming: &Envelope,
     next_id: i64,
-) -> (Option<Delivery>, Vec<Envelope>) {
+) -> (OrderDelivery, Vec<Envelope>) {
+    use OrderDelivery::{Known, Unknown, Voided};
     match (&incoming.event, current) {
-        // Rule 3: start a delivery for a new order, once.
-        (Event::OrderPlaced(order), None) => {
+        // Rule 3: start a delivery for a new order, once; never for a voided one.
+        (Event::OrderPlaced(order), Unknown) => {
             let delivery = start(order, next_id);
             let event = Envelope::new(Service::Delivery, started(&delivery)).caused_by(incoming);
-            (Some(delivery), vec![event])
+            (Known(delivery), vec![event])
         }
-        (Event::OrderCompleted(_), Some(mut delivery)) => {
+        (Event::OrderCompleted(_), Known(mut delivery)) => {
             delivery.order_confirmed = true;
-            (Some(delivery), Vec::new())
+            (Known(delivery), Vec::new())
         }
         // Rule 6: cancel on OrderCancelled, unless delivery started the chain itself; a
-        // delivery already completed or cancelled stays as it is.
-        (Event::OrderCancelled(cancel), Some(delivery))
+        // delivery already completed or cancelled stays as it is. Before any OrderPlaced, the
+        // order is voided here.
+        (Event::OrderCancelled(cancel), Known(delivery))
             if delivery.state == DeliveryState::Started
                 && !incoming.initiated_by_service(Service::Delivery) =>
         {
             let (delivery, event) = cancel_delivery(delivery, cancel.state_message.clone());
-            (Some(delivery), vec![event.caused_by(incoming)])
+            (Known(delivery), vec![event.caused_by(incoming)])
+        }
+        (Event::OrderCancelled(_), Unknown) => (Voided, Vec::new()),
+        // Rule 10: the customer asks to cancel a confirmed order. Delivery knows whether the
+        // goods left: if not, the delivery is called off and the chain goes on; if so (or
+        // there is nothing to call off), it refuses and the order stays as it is.
+        (Event::OrderCancelRequested(request), Known(delivery))
+            if delivery.state == DeliveryState::Started =>
+        {
+            let (delivery, event) = cancel_delivery(delivery, request.state_message.clone());
+            (Known(delivery), vec![event.caused_by(incoming)])
+        }
+        (Event::OrderCancelRequested(request), current) => {
+            let (delivery_id, state, why) = match &current {
+                Known(d) if d.state == DeliveryState::Completed => (
+                    Some(d.id),
+                    Some(d.state),
+                    format!("delivery {} was already completed", d.id),
+                ),
+                Known(d) => (
+                    Some(d.id),
+                    Some(d.state),
+                    format!("delivery {} is already {}", d.id, d.state),
+                ),
+                Unknown | Voided => (None, None, "there is no delivery to call off".to_owned()),
+            };
+            let refused = Event::CancelRefused(CancelRefused {
+                order_id: request.order_id,
+                delivery_id,
+                delivery_state: state,
+                state_message: why,
+            });
+            let event = Envelope::new(Service::Delivery, refused).caused_by(incoming);
+            (current, vec![event])
         }
         (_, current) => (current, Vec::new()),
     }
@@ -130,7 +141,7 @@ pub fn courier_update(
             let event = Event::DeliveryCompleted(DeliveryCompleted {
                 delivery_id: delivery.id,
                 order_id: delivery.order_id,
-                delivery_state: delivery.state.to_string(),
+                delivery_state: delivery.state,
             });
             Ok((delivery, Envelope::new(Service::Delivery, event)))
         }
@@ -169,7 +180,7 @@ fn started(d: &Delivery) -> Event {
         customer_id: d.customer_id.clone(),
         customer_name: d.customer_name.clone(),
         delivery_address: d.delivery_address.clone(),
-        delivery_state: d.state.to_string(),
+        delivery_state: d.state,
     })
 }
 
@@ -181,7 +192,7 @@ fn cancel_delivery(mut delivery: Delivery, reason: String) -> (Delivery, Envelop
         order_id: delivery.order_id,
         product_id: delivery.product_id,
         quantity: delivery.quantity,
-        delivery_state: delivery.state.to_string(),
+        delivery_state: delivery.state,
         state_message: reason,
     });
     (delivery, Envelope::new(Service::Delivery, event))
@@ -190,7 +201,8 @@ fn cancel_delivery(mut delivery: Delivery, reason: String) -> (Delivery, Envelop
 #[cfg(test)]
 mod tests {
     use super::*;
-    use events::{OrderCancelled, OrderCompleted};
+    use events::{OrderCancelRequested, OrderCancelled, OrderCompleted};
+    use OrderDelivery::{Known, Unknown, Voided};
 
     fn placed() -> Envelope {
         Envelope::new(
@@ -235,7 +247,7 @@ mod tests {
     }
 
     fn delivery(state: DeliveryState, order_confirmed: bool) -> Delivery {
-        let (Some(mut d), _) = react(None, &placed(), 12) else {
+        let (Known(mut d), _) = react(Unknown, &placed(), 12) else {
             unreachable!()
         };
         d.state = state;
@@ -246,8 +258,8 @@ mod tests {
     #[test]
     fn order_placed_starts_a_delivery() {
         let incoming = placed();
-        let (after, events) = react(None, &incoming, 12);
-        let d = after.unwrap();
+        let (after, events) = react(Unknown, &incoming, 12);
+        let Known(d) = after else { panic!() };
         assert_eq!((d.id, d.order_id, d.state), (12, 4, DeliveryState::Started));
         assert_eq!(d.delivery_address.as_deref(), Some("Seoul"));
         assert_eq!(events.len(), 1);
@@ -259,25 +271,26 @@ mod tests {
     #[test]
     fn order_placed_again_does_not_start_a_second_delivery() {
         let d = delivery(DeliveryState::Started, false);
-        let (after, events) = react(Some(d.clone()), &placed(), 13);
-        assert_eq!(after, Some(d));
+        let (after, events) = react(Known(d.clone()), &placed(), 13);
+        assert_eq!(after, Known(d));
         assert!(events.is_empty());
     }
 
     #[test]
     fn delivery_is_never_completed_on_its_own() {
-        let (_, events) = react(None, &placed(), 1);
+        let (_, events) = react(Unknown, &placed(), 1);
         assert!(events.iter().all(|e| e.event_type() != "DeliveryCompleted"));
     }
 
     #[test]
     fn order_completed_confirms_the_delivery() {
         let (after, events) = react(
-            Some(delivery(DeliveryState::Started, false)),
+            Known(delivery(DeliveryState::Started, false)),
             &completed(),
             1,
         );
-        assert!(after.unwrap().order_confirmed);
+        let Known(d) = after else { panic!() };
+        assert!(d.order_confirmed);
         assert!(events.is_empty());
     }
 
@@ -286,8 +299,9 @@ mod tests {
         for initiator in [Service::Products, Service::Orders] {
             let incoming = cancelled(initiator);
             let (after, events) =
-                react(Some(delivery(DeliveryState::Started, false)), &incoming, 1);
-            assert_eq!(after.unwrap().state, DeliveryState::Cancelled);
+                react(Known(delivery(DeliveryState::Started, false)), &incoming, 1);
+            let Known(d) = after else { panic!() };
+            assert_eq!(d.state, DeliveryState::Cancelled);
             assert_eq!(events.len(), 1);
             assert_eq!(events[0].event_type(), "DeliveryCancelled");
             assert!(events[0].initiated_by_service(initiator));
@@ -298,13 +312,13 @@ mod tests {
     #[test]
     fn order_cancelled_of_a_chain_delivery_started_is_skipped() {
         let d = delivery(DeliveryState::Cancelled, false);
-        let (after, events) = react(Some(d.clone()), &cancelled(Service::Delivery), 1);
-        assert_eq!(after, Some(d));
+        let (after, events) = react(Known(d.clone()), &cancelled(Service::Delivery), 1);
+        assert_eq!(after, Known(d));
         assert!(events.is_empty());
         // even if the delivery were still started
         let d = delivery(DeliveryState::Started, false);
-        let (after, events) = react(Some(d.clone()), &cancelled(Service::Delivery), 1);
-        assert_eq!(after, Some(d));
+        let (after, events) = react(Known(d.clone()), &cancelled(Service::Delivery), 1);
+        assert_eq!(after, Known(d));
         assert!(events.is_empty());
     }
 
@@ -312,17 +326,80 @@ mod tests {
     fn a_cancelled_or_completed_delivery_is_not_cancelled_again() {
         for state in [DeliveryState::Cancelled, DeliveryState::Completed] {
             let d = delivery(state, true);
-            let (after, events) = react(Some(d.clone()), &cancelled(Service::Orders), 1);
-            assert_eq!(after, Some(d));
+            let (after, events) = react(Known(d.clone()), &cancelled(Service::Orders), 1);
+            assert_eq!(after, Known(d));
             assert!(events.is_empty());
         }
     }
 
     #[test]
-    fn order_cancelled_without_a_delivery_does_nothing() {
-        let (after, events) = react(None, &cancelled(Service::Orders), 1);
-        assert_eq!(after, None);
+    fn order_cancelled_before_order_placed_voids_the_order_and_starts_nothing_later() {
+        // the relay-retry reordering: OrderCancelled, then OrderPlaced
+        let (after, events) = react(Unknown, &cancelled(Service::Orders), 1);
+        assert_eq!(after, Voided);
         assert!(events.is_empty());
+        let (after, events) = react(after, &placed(), 1);
+        assert_eq!(after, Voided);
+        assert!(events.is_empty(), "no DeliveryStarted for a cancelled order");
+    }
+
+    fn cancel_requested() -> Envelope {
+        Envelope::new(
+            Service::Orders,
+            Event::OrderCancelRequested(OrderCancelRequested {
+                order_id: 4,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+                state_message: "cancel requested by the customer".into(),
+            }),
+        )
+        .initiated_by(Service::Orders)
+    }
+
+    #[test]
+    fn a_cancel_request_calls_off_a_started_delivery() {
+        let request = cancel_requested();
+        let (after, events) = react(Known(delivery(DeliveryState::Started, true)), &request, 1);
+        let Known(d) = after else { panic!() };
+        assert_eq!(d.state, DeliveryState::Cancelled);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event_type(), "DeliveryCancelled");
+        assert!(events[0].initiated_by_service(Service::Orders));
+        assert_eq!(events[0].causation_id, Some(request.event_id));
+    }
+
+    #[test]
+    fn a_cancel_request_after_delivery_is_refused() {
+        // completed first, then the request: the race, decided here
+        let (d, _) = courier_update(delivery(DeliveryState::Started, true), DeliveryState::Completed)
+            .unwrap();
+        let (after, events) = react(Known(d.clone()), &cancel_requested(), 1);
+        assert_eq!(after, Known(d));
+        assert_eq!(events.len(), 1);
+        let Event::CancelRefused(r) = &events[0].event else {
+            panic!("expected CancelRefused, got {}", events[0].event_type())
+        };
+        assert_eq!(r.delivery_state, Some(DeliveryState::Completed));
+        assert!(r.state_message.contains("already completed"));
+        assert!(events[0].initiated_by_service(Service::Orders));
+    }
+
+    #[test]
+    fn a_delivery_cancelled_by_the_request_can_no_longer_be_completed() {
+        // the request first, then the courier tries to complete: refused
+        let (after, _) = react(Known(delivery(DeliveryState::Started, true)), &cancel_requested(), 1);
+        let Known(d) = after else { panic!() };
+        assert!(courier_update(d, DeliveryState::Completed).is_err());
+    }
+
+    #[test]
+    fn a_cancel_request_without_a_delivery_is_refused() {
+        for current in [Unknown, Voided] {
+            let (after, events) = react(current.clone(), &cancel_requested(), 1);
+            assert_eq!(after, current);
+            assert_eq!(events[0].event_type(), "CancelRefused");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Delivery's table and queries.
 
-use crate::saga::{Delivery, DeliveryState};
+use crate::saga::{Delivery, DeliveryState, OrderDelivery};
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
 
@@ -22,9 +22,16 @@ pub mod schema {
             updated_at -> Text,
         }
     }
+
+    diesel::table! {
+        voided_orders (order_id) {
+            order_id -> BigInt,
+            voided_at -> Text,
+        }
+    }
 }
 
-use schema::deliveries;
+use schema::{deliveries, voided_orders};
 
 /// A delivery row.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -91,9 +98,17 @@ fn load(rows: Vec<DeliveryRow>) -> QueryResult<Vec<Delivery>> {
     rows.into_iter().map(Delivery::try_from).collect()
 }
 
-/// Deliveries by id, optionally only one order's.
-pub fn list(conn: &mut SqliteConnection, order_id: Option<i64>) -> QueryResult<Vec<Delivery>> {
-    let mut query = deliveries::table.order(deliveries::id).into_boxed();
+/// One page of deliveries by id, optionally only one order's.
+pub fn list(
+    conn: &mut SqliteConnection,
+    order_id: Option<i64>,
+    page: kafka::http::Page,
+) -> QueryResult<Vec<Delivery>> {
+    let mut query = deliveries::table
+        .filter(deliveries::id.gt(page.after))
+        .order(deliveries::id)
+        .limit(page.limit)
+        .into_boxed();
     if let Some(order_id) = order_id {
         query = query.filter(deliveries::order_id.eq(order_id));
     }
@@ -110,9 +125,37 @@ pub fn by_id(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<Deliver
     row.map(Delivery::try_from).transpose()
 }
 
-/// An order's delivery.
-pub fn by_order(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<Option<Delivery>> {
-    Ok(list(conn, Some(order_id))?.into_iter().next())
+/// What delivery knows about an order.
+pub fn by_order(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<OrderDelivery> {
+    let row = deliveries::table
+        .filter(deliveries::order_id.eq(order_id))
+        .select(DeliveryRow::as_select())
+        .first(conn)
+        .optional()?;
+    if let Some(row) = row {
+        return Ok(OrderDelivery::Known(Delivery::try_from(row)?));
+    }
+    let voided: bool = diesel::select(diesel::dsl::exists(
+        voided_orders::table.filter(voided_orders::order_id.eq(order_id)),
+    ))
+    .get_result(conn)?;
+    Ok(if voided {
+        OrderDelivery::Voided
+    } else {
+        OrderDelivery::Unknown
+    })
+}
+
+/// Remembers that an order was cancelled before its OrderPlaced arrived.
+pub fn void(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<()> {
+    diesel::insert_into(voided_orders::table)
+        .values((
+            voided_orders::order_id.eq(order_id),
+            voided_orders::voided_at.eq(chrono::Utc::now().to_rfc3339()),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .map(|_| ())
 }
 
 /// The id the next delivery gets; callers hold the write lock, so it cannot be taken twice.

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use uuid::Uuid;
 
+pub mod dead_letter;
+pub use dead_letter::{DeadLetter, DeadLetterKind, ParkedFrom};
+
 /// The three services of the mall; used as `source` and `initiator`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +41,44 @@ impl Service {
 }
 
 impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a delivery stands; the wire's `deliveryState`. Typed here because three services read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeliveryState {
+    /// Handed to a courier.
+    #[serde(rename = "DeliveryStarted")]
+    Started,
+    /// Delivered; final: the goods left, so the order can no longer be cancelled or restocked.
+    #[serde(rename = "DeliveryCompleted")]
+    Completed,
+    /// Called off, by the courier or as a compensation; final.
+    #[serde(rename = "DeliveryCancelled")]
+    Cancelled,
+}
+
+impl DeliveryState {
+    /// The wire and API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Started => "DeliveryStarted",
+            DeliveryState::Completed => "DeliveryCompleted",
+            DeliveryState::Cancelled => "DeliveryCancelled",
+        }
+    }
+
+    /// Parses the wire and API name.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Started, Self::Completed, Self::Cancelled]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
+impl fmt::Display for DeliveryState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -123,7 +164,7 @@ pub struct DeliveryStarted {
     pub customer_id: String,
     pub customer_name: Option<String>,
     pub delivery_address: Option<String>,
-    pub delivery_state: String,
+    pub delivery_state: DeliveryState,
 }
 
 /// The courier delivered the order.
@@ -132,7 +173,7 @@ pub struct DeliveryStarted {
 pub struct DeliveryCompleted {
     pub delivery_id: i64,
     pub order_id: i64,
-    pub delivery_state: String,
+    pub delivery_state: DeliveryState,
 }
 
 /// The delivery was cancelled, by the courier or as a compensation.
@@ -143,7 +184,33 @@ pub struct DeliveryCancelled {
     pub order_id: i64,
     pub product_id: i64,
     pub quantity: i64,
-    pub delivery_state: String,
+    pub delivery_state: DeliveryState,
+    pub state_message: String,
+}
+
+/// The customer asked to cancel an order that was already confirmed. Only delivery knows
+/// whether the goods have left, so it decides: DeliveryCancelled (the cancel goes on) or
+/// CancelRefused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCancelRequested {
+    pub order_id: i64,
+    pub product_id: i64,
+    pub quantity: i64,
+    pub customer_id: String,
+    pub state_message: String,
+}
+
+/// Delivery refused a requested cancel: the delivery is already completed (or there is none
+/// to cancel). The order stays as it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRefused {
+    pub order_id: i64,
+    /// The delivery, when there is one.
+    pub delivery_id: Option<i64>,
+    /// Its state, when there is one.
+    pub delivery_state: Option<DeliveryState>,
     pub state_message: String,
 }
 
@@ -155,6 +222,7 @@ pub enum Event {
     OrderPlaced(OrderPlaced),
     OrderCompleted(OrderCompleted),
     OrderCancelled(OrderCancelled),
+    OrderCancelRequested(OrderCancelRequested),
     ProductChanged(ProductChanged),
     StockDecreased(StockMoved),
     StockIncreased(StockMoved),
@@ -162,14 +230,16 @@ pub enum Event {
     DeliveryStarted(DeliveryStarted),
     DeliveryCompleted(DeliveryCompleted),
     DeliveryCancelled(DeliveryCancelled),
+    CancelRefused(CancelRefused),
 }
 
 impl Event {
     /// Every `eventType` this contract knows; anything else is skipped by consumers.
-    pub const TYPES: [&'static str; 10] = [
+    pub const TYPES: [&'static str; 12] = [
         "OrderPlaced",
         "OrderCompleted",
         "OrderCancelled",
+        "OrderCancelRequested",
         "ProductChanged",
         "StockDecreased",
         "StockIncreased",
@@ -177,6 +247,7 @@ impl Event {
         "DeliveryStarted",
         "DeliveryCompleted",
         "DeliveryCancelled",
+        "CancelRefused",
     ];
 
     /// The `eventType` written on the wire.
@@ -185,6 +256,7 @@ impl Event {
             Event::OrderPlaced(_) => "OrderPlaced",
             Event::OrderCompleted(_) => "OrderCompleted",
             Event::OrderCancelled(_) => "OrderCancelled",
+            Event::OrderCancelRequested(_) => "OrderCancelRequested",
             Event::ProductChanged(_) => "ProductChanged",
             Event::StockDecreased(_) => "StockDecreased",
             Event::StockIncreased(_) => "StockIncreased",
@@ -192,6 +264,7 @@ impl Event {
             Event::DeliveryStarted(_) => "DeliveryStarted",
             Event::DeliveryCompleted(_) => "DeliveryCompleted",
             Event::DeliveryCancelled(_) => "DeliveryCancelled",
+            Event::CancelRefused(_) => "CancelRefused",
         }
     }
 
@@ -201,12 +274,14 @@ impl Event {
             Event::OrderPlaced(e) => Some(e.order_id),
             Event::OrderCompleted(e) => Some(e.order_id),
             Event::OrderCancelled(e) => Some(e.order_id),
+            Event::OrderCancelRequested(e) => Some(e.order_id),
             Event::ProductChanged(_) => None,
             Event::StockDecreased(e) | Event::StockIncreased(e) => Some(e.order_id),
             Event::ProductOutOfStock(e) => Some(e.order_id),
             Event::DeliveryStarted(e) => Some(e.order_id),
             Event::DeliveryCompleted(e) => Some(e.order_id),
             Event::DeliveryCancelled(e) => Some(e.order_id),
+            Event::CancelRefused(e) => Some(e.order_id),
         }
     }
 
@@ -428,20 +503,33 @@ mod tests {
                 customer_id: "c".into(),
                 customer_name: None,
                 delivery_address: Some("Seoul".into()),
-                delivery_state: "DeliveryStarted".into(),
+                delivery_state: DeliveryState::Started,
             }),
             Event::DeliveryCompleted(DeliveryCompleted {
                 delivery_id: 3,
                 order_id: 7,
-                delivery_state: "DeliveryCompleted".into(),
+                delivery_state: DeliveryState::Completed,
             }),
             Event::DeliveryCancelled(DeliveryCancelled {
                 delivery_id: 3,
                 order_id: 7,
                 product_id: 1,
                 quantity: 2,
-                delivery_state: "DeliveryCancelled".into(),
+                delivery_state: DeliveryState::Cancelled,
                 state_message: "courier failed".into(),
+            }),
+            Event::OrderCancelRequested(OrderCancelRequested {
+                order_id: 7,
+                product_id: 1,
+                quantity: 2,
+                customer_id: "c".into(),
+                state_message: "asked by the customer".into(),
+            }),
+            Event::CancelRefused(CancelRefused {
+                order_id: 7,
+                delivery_id: Some(3),
+                delivery_state: Some(DeliveryState::Completed),
+                state_message: "already delivered".into(),
             }),
         ]
     }

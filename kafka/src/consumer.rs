@@ -1,290 +1,826 @@
-//! The consumer loop every service runs: decode, apply exactly once, then store the offset.
+//! The consumer loop every service runs: decode, apply exactly once, record the position.
 //!
-//! Offsets are stored only after the event's transaction committed
-//! (`enable.auto.offset.store=false`), so a crash at any point redelivers the event and the
-//! inbox absorbs the repeat. A message that cannot be decoded or applied is parked on
-//! `<topic>.DLT` with the reason and the loop goes on; a transient failure (a busy database) is
-//! retried, never parked.
+//! **No consumer group membership.** A service is one process, so its consumer assigns itself
+//! every partition of the topic and starts each at the position stored in its own database
+//! ([`crate::offsets`]), written in the same transaction as the effect of the event before it.
+//! Nothing depends on the broker's group coordinator, whose rebalances after quick crashes
+//! can leave a restarted member with no partitions for good (tansu 0.6.0; see the README).
+//! A crash at any instant loses nothing and doubles nothing: the position and the effect
+//! commit together, and the inbox absorbs any repeat anyway.
+//!
+//! A message that cannot be decoded or is refused by the service's rules is parked
+//! ([`crate::parking`]); every other failure (the database busy, full, read-only…) is
+//! retried, and [`ConsumerStatus`] shows it to `/health`. A watchdog reopens the consumer when
+//! events wait on the topic and nothing moves while the broker answers.
 
-use crate::db::Database;
-use crate::inbox::{self, Applied, Reactor};
+use crate::db::{Database, DbError};
+use crate::inbox::{self, Applied, ReactError, Reactor};
+use crate::offsets::{self, ConsumedAt};
+use crate::parking;
 use crate::settings::KafkaSettings;
-use events::Decoded;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::error::KafkaResult;
+use events::{DeadLetter, Decoded, ParkedFrom};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
-use std::sync::Arc;
-use std::time::Duration;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Logs partition assignments and commit failures, which are otherwise invisible.
-pub struct RebalanceLogger {
+/// Logs client errors with the service's name.
+pub struct LoggingContext {
     group: String,
 }
 
-impl ClientContext for RebalanceLogger {}
-
-impl ConsumerContext for RebalanceLogger {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(partitions) = rebalance {
-            let revoked: Vec<i32> = partitions
-                .elements()
-                .iter()
-                .map(|p| p.partition())
-                .collect();
-            log::info!(
-                "consumer group {}: partitions {revoked:?} revoked",
-                self.group
-            );
-        }
-    }
-
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(partitions) = rebalance {
-            let assigned: Vec<i32> = partitions
-                .elements()
-                .iter()
-                .map(|p| p.partition())
-                .collect();
-            log::info!(
-                "consumer group {}: assigned partitions {assigned:?}",
-                self.group
-            );
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            log::warn!("consumer group {}: offset commit failed: {e}", self.group);
-        }
+impl ClientContext for LoggingContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log::warn!("consumer {}: {error}: {reason}", self.group);
     }
 }
 
-/// The consumer type every service uses.
-pub type SagaConsumer = StreamConsumer<RebalanceLogger>;
+impl ConsumerContext for LoggingContext {}
 
-/// A consumer in the service's stable group that stores offsets only when told to.
+/// The consumer type every service uses.
+pub type SagaConsumer = StreamConsumer<LoggingContext>;
+
+/// A consumer that reads where it is told; it stores and commits nothing to the broker.
 pub fn create_consumer(settings: &KafkaSettings) -> KafkaResult<SagaConsumer> {
-    let context = RebalanceLogger {
-        group: settings.group_id.clone(),
-    };
-    let consumer: SagaConsumer = ClientConfig::new()
+    ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
+        // Names the client to the broker; no group is joined (no subscribe, no commits).
         .set("group.id", &settings.group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
+        // A stored position the broker no longer has (its storage was wiped) replays from
+        // the start; the inbox absorbs what was already applied.
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set(
-            "session.timeout.ms",
-            settings.session_timeout.as_millis().to_string(),
-        )
-        .set(
-            "heartbeat.interval.ms",
-            (settings.session_timeout.as_millis() / 4)
-                .max(100)
-                .to_string(),
-        )
         .set(
             "fetch.wait.max.ms",
             settings.fetch_wait_max.as_millis().to_string(),
         )
         .set("socket.nagle.disable", "true")
-        .create_with_context(context)?;
-    consumer.subscribe(&[&settings.topic])?;
-    Ok(consumer)
+        .create_with_context(LoggingContext {
+            group: settings.group_id.clone(),
+        })
+}
+
+/// A client without a group for metadata and watermarks (`/health`, the watchdog).
+pub fn create_probe(settings: &KafkaSettings) -> KafkaResult<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("socket.nagle.disable", "true")
+        .create()
+}
+
+/// What the consumer is doing, for `/health` and the watchdog.
+pub struct ConsumerStatus {
+    group: String,
+    stuck_after: Duration,
+    inner: Mutex<ConsumerState>,
+}
+
+struct ConsumerState {
+    started: Instant,
+    assigned: BTreeMap<i32, Progress>,
+    topic_partitions: Option<usize>,
+    last_probe_ok: Option<Instant>,
+    last_progress: Instant,
+    retrying: Option<Retrying>,
+    reopened: u32,
+    last_reopen: Option<(Instant, String)>,
+    last_error: Option<String>,
+    applied: u64,
+    duplicates: u64,
+    skipped: u64,
+    parked: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    position: i64,
+    low: i64,
+    high: Option<i64>,
+    behind_since: Option<Instant>,
+}
+
+impl Progress {
+    fn lag(&self) -> i64 {
+        self.high
+            .map_or(0, |high| high - self.position.max(self.low))
+            .max(0)
+    }
+}
+
+struct Retrying {
+    event: String,
+    error: String,
+    attempts: u32,
+    since: Instant,
+}
+
+impl ConsumerStatus {
+    /// The status of `group`'s consumer; a stall longer than `stuck_after` is a problem.
+    pub fn new(group: &str, stuck_after: Duration) -> Self {
+        let now = Instant::now();
+        ConsumerStatus {
+            group: group.to_owned(),
+            stuck_after,
+            inner: Mutex::new(ConsumerState {
+                started: now,
+                assigned: BTreeMap::new(),
+                topic_partitions: None,
+                last_probe_ok: None,
+                last_progress: now,
+                retrying: None,
+                reopened: 0,
+                last_reopen: None,
+                last_error: None,
+                applied: 0,
+                duplicates: 0,
+                skipped: 0,
+                parked: 0,
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, ConsumerState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn assigned(&self, positions: &BTreeMap<i32, i64>) {
+        let mut s = self.state();
+        let old = std::mem::take(&mut s.assigned);
+        s.assigned = positions
+            .iter()
+            .map(|(p, position)| {
+                let kept = old.get(p).copied().unwrap_or_default();
+                (
+                    *p,
+                    Progress {
+                        position: *position,
+                        ..kept
+                    },
+                )
+            })
+            .collect();
+        s.last_progress = Instant::now();
+    }
+
+    fn progressed(&self, partition: i32, next: i64) {
+        let mut s = self.state();
+        s.last_progress = Instant::now();
+        s.retrying = None;
+        if let Some(p) = s.assigned.get_mut(&partition) {
+            p.position = next;
+            if p.lag() == 0 {
+                p.behind_since = None;
+            }
+        }
+    }
+
+    fn retrying(&self, event: String, error: String, attempts: u32) {
+        let mut s = self.state();
+        let since = s
+            .retrying
+            .as_ref()
+            .filter(|r| r.event == event)
+            .map_or_else(Instant::now, |r| r.since);
+        s.retrying = Some(Retrying {
+            event,
+            error,
+            attempts,
+            since,
+        });
+    }
+
+    fn observed(&self, partitions: usize, watermarks: &BTreeMap<i32, (i64, i64)>) {
+        let mut s = self.state();
+        let now = Instant::now();
+        s.topic_partitions = Some(partitions);
+        s.last_probe_ok = Some(now);
+        for (partition, (low, high)) in watermarks {
+            if let Some(p) = s.assigned.get_mut(partition) {
+                p.low = *low;
+                p.high = Some(*high);
+                if p.lag() > 0 {
+                    p.behind_since.get_or_insert(now);
+                } else {
+                    p.behind_since = None;
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: String) {
+        self.state().last_error = Some(error);
+    }
+
+    /// Events waiting while nothing moved for `stuck_after`: `(partitions, events, seconds)`.
+    fn stalled(&self, s: &ConsumerState) -> Option<(Vec<i32>, i64, u64)> {
+        let now = Instant::now();
+        let mut partitions = Vec::new();
+        let mut waiting = 0;
+        let mut idle = Duration::ZERO;
+        for (id, p) in &s.assigned {
+            let Some(behind) = p.behind_since else {
+                continue;
+            };
+            let quiet = now.duration_since(behind.max(s.last_progress));
+            if quiet > self.stuck_after {
+                partitions.push(*id);
+                waiting += p.lag();
+                idle = idle.max(quiet);
+            }
+        }
+        (!partitions.is_empty()).then_some((partitions, waiting, idle.as_secs()))
+    }
+
+    /// Why the consumer is stuck, if it is: no partitions, one event retried, or events
+    /// waiting with no progress, each for longer than the session timeout.
+    pub fn problem(&self) -> Option<String> {
+        let s = self.state();
+        let group = &self.group;
+        if s.assigned.is_empty() && s.started.elapsed() > self.stuck_after {
+            return Some(format!(
+                "consumer {group} holds no partitions ({} s since start){}",
+                s.started.elapsed().as_secs(),
+                s.last_error
+                    .as_deref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        if let Some(r) = s.retrying.as_ref().filter(|r| r.since.elapsed() > self.stuck_after) {
+            return Some(format!(
+                "consumer {group} stuck for {} s on {} ({} attempts): {}",
+                r.since.elapsed().as_secs(),
+                r.event,
+                r.attempts,
+                r.error
+            ));
+        }
+        self.stalled(&s).map(|(partitions, waiting, idle)| {
+            format!(
+                "consumer {group}: {waiting} events waiting on partitions {partitions:?}, \
+                 no progress for {idle} s"
+            )
+        })
+    }
+
+    /// Why the watchdog should reopen the consumer: the broker answers, events wait and
+    /// nothing moves (and no event is being retried on purpose), or the topic has partitions
+    /// the consumer does not read. At most once per `stuck_after`.
+    fn reopen_reason(&self) -> Option<String> {
+        let s = self.state();
+        if s
+            .last_reopen
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < self.stuck_after)
+        {
+            return None;
+        }
+        if let Some(n) = s.topic_partitions.filter(|n| *n > s.assigned.len()) {
+            return Some(format!(
+                "the topic has {n} partitions, {} assigned",
+                s.assigned.len()
+            ));
+        }
+        let broker_answers = s
+            .last_probe_ok
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5));
+        if s.retrying.is_some() || !broker_answers {
+            return None;
+        }
+        self.stalled(&s).map(|(partitions, waiting, idle)| {
+            format!("{waiting} events waiting on partitions {partitions:?} and no progress for {idle} s")
+        })
+    }
+
+    fn reopened(&self, reason: String) {
+        let mut s = self.state();
+        s.reopened += 1;
+        s.last_reopen = Some((Instant::now(), reason));
+        s.last_progress = Instant::now();
+    }
+
+    fn count(&self, outcome: Counted) {
+        let mut s = self.state();
+        match outcome {
+            Counted::Applied => s.applied += 1,
+            Counted::Duplicate => s.duplicates += 1,
+            Counted::Skipped => s.skipped += 1,
+            Counted::Parked => s.parked += 1,
+        }
+    }
+
+    /// The figures `/health` shows.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let s = self.state();
+        let partitions: BTreeMap<String, serde_json::Value> = s
+            .assigned
+            .iter()
+            .map(|(id, p)| {
+                (
+                    id.to_string(),
+                    serde_json::json!({ "position": p.position, "highWatermark": p.high, "lag": p.lag() }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "partitions": partitions,
+            "applied": s.applied,
+            "duplicatesIgnored": s.duplicates,
+            "skipped": s.skipped,
+            "parked": s.parked,
+            "retrying": s.retrying.as_ref().map(|r| serde_json::json!({
+                "event": r.event, "attempts": r.attempts, "error": r.error,
+                "forSeconds": r.since.elapsed().as_secs(),
+            })),
+            "secondsSinceProgress": s.last_progress.elapsed().as_secs(),
+            "reopened": s.reopened,
+            "lastReopen": s.last_reopen.as_ref().map(|(_, why)| why),
+            "lastError": s.last_error,
+        })
+    }
+}
+
+enum Counted {
+    Applied,
+    Duplicate,
+    Skipped,
+    Parked,
 }
 
 /// What happened to one message.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
-    /// Applied, skipped or parked: the offset may move past it.
-    Finished,
+    /// Applied, ignored as a duplicate or parked: the position after it is committed.
+    Stored,
+    /// Not for this service: the position after it is stored with the next commit.
+    Skipped,
     /// Shutdown came while it was being retried: leave it for the next start.
     Interrupted,
 }
 
+/// Why [`EventConsumer::consume`] returned.
+enum Exit {
+    Stopped,
+    Reopen(String),
+}
+
+/// One assignment: the consumer and where it stands.
+struct Session {
+    consumer: SagaConsumer,
+    positions: BTreeMap<i32, i64>,
+    /// Partitions whose position moved past skipped messages only; flushed every second.
+    unsaved: BTreeSet<i32>,
+}
+
 /// The loop that feeds the topic to a service's [`Reactor`].
 pub struct EventConsumer {
-    consumer: SagaConsumer,
-    dead_letters: FutureProducer,
-    dead_letter_topic: String,
-    group: String,
+    /// Consumers are (re)created from these.
+    settings: KafkaSettings,
+    /// Metadata and watermarks, without a group.
+    probe: Arc<BaseConsumer>,
+    /// Where effects, positions and dead letters commit.
     db: Database,
+    /// The service's rules.
     reactor: Arc<dyn Reactor>,
+    /// Shared with `/health`.
+    status: Arc<ConsumerStatus>,
 }
 
 impl EventConsumer {
-    /// Wires a subscribed consumer to the service's database and reactor.
+    /// Wires the service's database and reactor to the topic.
     pub fn new(
-        consumer: SagaConsumer,
-        dead_letters: FutureProducer,
         settings: &KafkaSettings,
+        probe: Arc<BaseConsumer>,
         db: Database,
         reactor: Arc<dyn Reactor>,
     ) -> Self {
         EventConsumer {
-            consumer,
-            dead_letters,
-            dead_letter_topic: settings.dead_letter_topic(),
-            group: settings.group_id.clone(),
+            status: Arc::new(ConsumerStatus::new(
+                &settings.group_id,
+                settings.session_timeout,
+            )),
+            settings: settings.clone(),
+            probe,
             db,
             reactor,
         }
     }
 
-    /// Consumes until `shutdown`; the event in hand is finished first, then offsets are
-    /// committed synchronously.
+    /// The status `/health` reads.
+    pub fn status(&self) -> Arc<ConsumerStatus> {
+        self.status.clone()
+    }
+
+    /// Consumes until `shutdown`; the event in hand is finished first and the positions of
+    /// skipped messages are saved.
     pub async fn run(self, shutdown: CancellationToken) {
+        let monitor = tokio::spawn(monitor(
+            self.probe.clone(),
+            self.settings.topic.clone(),
+            self.status.clone(),
+        ));
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let session = match self.open().await {
+                Ok(session) => session,
+                Err(e) => {
+                    failures += 1;
+                    log::warn!("consumer {}: cannot start reading: {e}", self.group());
+                    self.status.error(e);
+                    let backoff = Duration::from_millis(200 * u64::from(failures.min(10)));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            };
+            failures = 0;
+            match self.consume(session, &shutdown).await {
+                Exit::Stopped => break,
+                Exit::Reopen(reason) => {
+                    log::warn!("consumer {}: {reason}; reopening it", self.group());
+                    self.status.reopened(reason);
+                }
+            }
+        }
+        monitor.abort();
+        log::info!("consumer {} stopped", self.group());
+    }
+
+    fn group(&self) -> &str {
+        &self.settings.group_id
+    }
+
+    /// Assigns every partition of the topic, each at its stored position.
+    async fn open(&self) -> Result<Session, String> {
+        let probe = self.probe.clone();
+        let topic = self.settings.topic.clone();
+        let partitions = tokio::task::spawn_blocking(move || partitions_of(&probe, &topic))
+            .await
+            .map_err(|e| e.to_string())??;
+        let topic = self.settings.topic.clone();
+        let stored = self
+            .db
+            .read(move |conn| offsets::load(conn, &topic).map_err(DbError::from))
+            .await
+            .map_err(|e| e.to_string())?;
+        let consumer = create_consumer(&self.settings).map_err(|e| e.to_string())?;
+        let mut assignment = TopicPartitionList::new();
+        let mut positions = BTreeMap::new();
+        for partition in partitions {
+            let offset = match stored.get(&partition) {
+                Some(next) => Offset::Offset(*next),
+                None => Offset::Beginning,
+            };
+            assignment
+                .add_partition_offset(&self.settings.topic, partition, offset)
+                .map_err(|e| e.to_string())?;
+            positions.insert(partition, stored.get(&partition).copied().unwrap_or(0));
+        }
+        consumer.assign(&assignment).map_err(|e| e.to_string())?;
+        log::info!(
+            "consumer {}: reading {} from stored positions {positions:?}",
+            self.group(),
+            self.settings.topic
+        );
+        self.status.assigned(&positions);
+        Ok(Session {
+            consumer,
+            positions,
+            unsaved: BTreeSet::new(),
+        })
+    }
+
+    async fn consume(&self, mut session: Session, shutdown: &CancellationToken) -> Exit {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let message = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                message = self.consumer.recv() => message,
+                _ = tick.tick() => {
+                    self.save_positions(&mut session).await;
+                    if let Some(reason) = self.status.reopen_reason() {
+                        return Exit::Reopen(reason);
+                    }
+                    continue;
+                }
+                message = session.consumer.recv() => message,
             };
-            match message {
-                Ok(message) => {
-                    if self.handle(&message, &shutdown).await == Outcome::Interrupted {
-                        break;
-                    }
-                    if let Err(e) = self.consumer.store_offset_from_message(&message) {
-                        log::warn!("cannot store offset {}: {e}", describe(&message));
-                    }
-                }
+            let message = match message {
+                Ok(message) => message,
                 Err(e) => {
-                    log::warn!("consumer error: {e}");
+                    log::warn!("consumer {}: {e}", self.group());
+                    self.status.error(e.to_string());
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
                 }
+            };
+            let at = ConsumedAt {
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                next_offset: message.offset() + 1,
+            };
+            let outcome = self.handle(&message, &at, shutdown).await;
+            drop(message);
+            match outcome {
+                Outcome::Stored => {
+                    session.unsaved.remove(&at.partition);
+                }
+                Outcome::Skipped => {
+                    session.unsaved.insert(at.partition);
+                }
+                Outcome::Interrupted => break,
             }
+            session.positions.insert(at.partition, at.next_offset);
+            self.status.progressed(at.partition, at.next_offset);
         }
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => log::info!("consumer stopped; offsets committed"),
-            // Nothing stored yet is not a failure.
-            Err(e) => log::info!("consumer stopped; final commit: {e}"),
+        self.save_positions(&mut session).await;
+        Exit::Stopped
+    }
+
+    /// Stores the positions that moved past skipped messages only.
+    async fn save_positions(&self, session: &mut Session) {
+        if session.unsaved.is_empty() {
+            return;
+        }
+        let moved: Vec<ConsumedAt> = session
+            .unsaved
+            .iter()
+            .map(|p| ConsumedAt {
+                topic: self.settings.topic.clone(),
+                partition: *p,
+                next_offset: session.positions[p],
+            })
+            .collect();
+        let saved = self
+            .db
+            .write(move |conn| {
+                for at in &moved {
+                    offsets::store(conn, at)?;
+                }
+                Ok::<_, DbError>(((), Vec::new()))
+            })
+            .await;
+        match saved {
+            Ok(()) => session.unsaved.clear(),
+            // Only skipped messages are behind them: at worst they are read again.
+            Err(e) => log::warn!("consumer {}: cannot save positions: {e}", self.group()),
         }
     }
 
-    async fn handle(&self, message: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> Outcome {
-        let event = match events::decode(message.payload().unwrap_or_default()) {
-            Ok(Decoded::Known(event)) => *event,
-            Ok(Decoded::Unknown { event_type }) => {
-                log::debug!(
-                    "skipping unknown event type {event_type} at {}",
-                    describe(message)
-                );
-                return Outcome::Finished;
-            }
-            Err(e) => return self.park(message, &e.to_string(), shutdown).await,
-        };
-        if !self.reactor.wants(&event) {
-            return Outcome::Finished;
-        }
-        let mut attempt = 0u32;
-        loop {
-            let result = inbox::apply_once(&self.db, self.reactor.clone(), event.clone()).await;
-            match result {
-                Ok(Applied::Done(caused)) => {
-                    log::debug!(
-                        "applied {} {} -> {caused} event(s)",
-                        event.event_type(),
-                        event.event_id
-                    );
-                    return Outcome::Finished;
-                }
-                Ok(Applied::Duplicate) => {
-                    log::info!(
-                        "ignored redelivered {} {}",
-                        event.event_type(),
-                        event.event_id
-                    );
-                    return Outcome::Finished;
-                }
-                Err(e) if e.is_transient() => {
-                    attempt += 1;
-                    log::warn!(
-                        "{} {} failed transiently (attempt {attempt}): {e}",
-                        event.event_type(),
-                        event.event_id
-                    );
-                    let backoff = Duration::from_millis(50 * u64::from(attempt.min(40)));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => return Outcome::Interrupted,
-                    }
-                }
-                Err(e) => {
-                    let reason = format!(
-                        "{} {} cannot be applied: {e}",
-                        event.event_type(),
-                        event.event_id
-                    );
-                    return self.park(message, &reason, shutdown).await;
-                }
-            }
-        }
-    }
-
-    /// Puts a message on the dead-letter topic with the reason; retried until the broker
-    /// acknowledges, so no message is dropped silently.
-    async fn park(
+    async fn handle(
         &self,
         message: &BorrowedMessage<'_>,
-        reason: &str,
+        at: &ConsumedAt,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        let payload = message.payload().unwrap_or_default();
+        let event = match events::decode(payload) {
+            Ok(Decoded::Known(event)) => *event,
+            Ok(Decoded::Unknown { event_type }) => {
+                log::debug!("skipping unknown event type {event_type} at {}", describe(at));
+                self.status.count(Counted::Skipped);
+                return Outcome::Skipped;
+            }
+            Err(e) => {
+                let letter = DeadLetter::undecodable(self.parked_from(message), payload, e.to_string());
+                return self.park(letter, at, shutdown).await;
+            }
+        };
+        if !self.reactor.wants(&event) {
+            self.status.count(Counted::Skipped);
+            return Outcome::Skipped;
+        }
+        let what = format!(
+            "{} {} (order {}) at {}",
+            event.event_type(),
+            event.event_id,
+            event.correlation_id.as_deref().unwrap_or("-"),
+            describe(at)
+        );
+        let mut attempt = 0u32;
+        loop {
+            let result =
+                inbox::apply_once_at(&self.db, self.reactor.clone(), event.clone(), Some(at.clone()))
+                    .await;
+            let reason = match result {
+                Ok(Applied::Done(caused)) => {
+                    log::debug!("applied {what} -> {caused} event(s)");
+                    self.status.count(Counted::Applied);
+                    return Outcome::Stored;
+                }
+                Ok(Applied::Duplicate) => {
+                    log::info!("ignored redelivered {what}");
+                    self.status.count(Counted::Duplicate);
+                    return Outcome::Stored;
+                }
+                Err(e) if e.is_transient() => e,
+                Err(ReactError::Db(DbError::Task(panic))) => {
+                    let letter = DeadLetter::handler_panicked(
+                        self.parked_from(message),
+                        payload,
+                        format!("{what}: the handler failed: {panic}"),
+                    );
+                    return self.park(letter, at, shutdown).await;
+                }
+                Err(e) => {
+                    let letter = DeadLetter::rejected(
+                        self.parked_from(message),
+                        payload,
+                        format!("{what} cannot be applied: {e}"),
+                    );
+                    return self.park(letter, at, shutdown).await;
+                }
+            };
+            attempt += 1;
+            if attempt <= 3 || attempt.is_multiple_of(20) {
+                log::warn!("{what} failed (attempt {attempt}), retrying: {reason}");
+            }
+            self.status.retrying(what.clone(), reason.to_string(), attempt);
+            if !self.pause(attempt, shutdown).await {
+                return Outcome::Interrupted;
+            }
+        }
+    }
+
+    /// Parks a message: dead letter, local record and position in one transaction, retried
+    /// like an event while the database cannot take it.
+    async fn park(
+        &self,
+        letter: DeadLetter,
+        at: &ConsumedAt,
         shutdown: &CancellationToken,
     ) -> Outcome {
         log::error!(
-            "parking {} on {}: {reason}",
-            describe(message),
-            self.dead_letter_topic
+            "consumer {}: parking {} on {}.DLT: {}",
+            self.group(),
+            describe(at),
+            self.settings.topic,
+            letter.reason
         );
-        let payload = message.payload().unwrap_or_default();
-        let letter = serde_json::json!({
-            "reason": reason,
-            "consumerGroup": self.group,
-            "topic": message.topic(),
-            "partition": message.partition(),
-            "offset": message.offset(),
-            "key": message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            "payload": String::from_utf8_lossy(payload),
-            "parkedAt": chrono::Utc::now().to_rfc3339(),
-        })
-        .to_string();
-        let key = message.key().unwrap_or_default();
+        let dead_letter_topic = self.settings.dead_letter_topic();
+        let mut attempt = 0u32;
         loop {
-            let record = FutureRecord::to(&self.dead_letter_topic)
-                .key(key)
-                .payload(&letter);
-            match self
-                .dead_letters
-                .send(record, Duration::from_secs(10))
-                .await
-            {
-                Ok(_) => return Outcome::Finished,
-                Err((e, _)) => {
-                    log::warn!(
-                        "cannot park message on {}: {e}; retrying",
-                        self.dead_letter_topic
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.cancelled() => return Outcome::Interrupted,
+            let (letter, topic, position) =
+                (letter.clone(), dead_letter_topic.clone(), at.clone());
+            let parked = self
+                .db
+                .write(move |conn| {
+                    parking::park(conn, &letter, &topic, &position)?;
+                    Ok::<_, DbError>(((), Vec::new()))
+                })
+                .await;
+            match parked {
+                Ok(()) => {
+                    self.db.wake_relay();
+                    self.status.count(Counted::Parked);
+                    return Outcome::Stored;
+                }
+                Err(e) if e.is_transient() => {
+                    attempt += 1;
+                    self.status
+                        .retrying(format!("parking {}", describe(at)), e.to_string(), attempt);
+                    if !self.pause(attempt, shutdown).await {
+                        return Outcome::Interrupted;
                     }
                 }
+                Err(e) => {
+                    log::error!(
+                        "consumer {}: cannot record the parking of {}: {e}; skipping it",
+                        self.group(),
+                        describe(at)
+                    );
+                    return Outcome::Skipped;
+                }
             }
+        }
+    }
+
+    /// Backs off before a retry; false when shutdown came first.
+    async fn pause(&self, attempt: u32, shutdown: &CancellationToken) -> bool {
+        let backoff = Duration::from_millis(50 * u64::from(attempt.min(40)));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => true,
+            _ = shutdown.cancelled() => false,
+        }
+    }
+
+    fn parked_from(&self, message: &BorrowedMessage<'_>) -> ParkedFrom {
+        ParkedFrom {
+            consumer_group: self.settings.group_id.clone(),
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
         }
     }
 }
 
-fn describe(message: &BorrowedMessage<'_>) -> String {
-    format!(
-        "{}[{}]@{}",
-        message.topic(),
-        message.partition(),
-        message.offset()
-    )
+/// The partition ids of `topic`.
+fn partitions_of(probe: &BaseConsumer, topic: &str) -> Result<Vec<i32>, String> {
+    let metadata = probe
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(format!("topic {topic} has no partitions (yet)"));
+    }
+    Ok(partitions)
+}
+
+/// Every two seconds: the topic's partitions and high watermarks, for `/health` and the
+/// watchdog.
+async fn monitor(probe: Arc<BaseConsumer>, topic: String, status: Arc<ConsumerStatus>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (probe, t) = (probe.clone(), topic.clone());
+        let observed = tokio::task::spawn_blocking(move || {
+            let partitions = partitions_of(&probe, &t)?;
+            let mut marks = BTreeMap::new();
+            for p in &partitions {
+                let mark = probe
+                    .fetch_watermarks(&t, *p, Duration::from_secs(2))
+                    .map_err(|e| format!("watermarks of {t}[{p}]: {e}"))?;
+                marks.insert(*p, mark);
+            }
+            Ok::<_, String>((partitions.len(), marks))
+        })
+        .await;
+        if let Ok(Ok((count, marks))) = observed {
+            status.observed(count, &marks);
+        }
+    }
+}
+
+fn describe(at: &ConsumedAt) -> String {
+    format!("{}[{}]@{}", at.topic, at.partition, at.next_offset - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> ConsumerStatus {
+        ConsumerStatus::new("products", Duration::from_millis(50))
+    }
+
+    #[test]
+    fn no_partitions_after_the_timeout_is_a_problem() {
+        let s = status();
+        assert_eq!(s.problem(), None);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(s.problem().unwrap().contains("holds no partitions"));
+        s.assigned(&BTreeMap::from([(0, 0)]));
+        assert_eq!(s.problem(), None);
+    }
+
+    #[test]
+    fn waiting_events_without_progress_are_a_problem_and_reopen_the_consumer() {
+        let s = status();
+        s.assigned(&BTreeMap::from([(0, 5), (1, 0)]));
+        s.observed(2, &BTreeMap::from([(0, (0, 9)), (1, (0, 0))]));
+        assert_eq!(s.problem(), None, "just fell behind");
+        std::thread::sleep(Duration::from_millis(60));
+        let problem = s.problem().unwrap();
+        assert!(problem.contains("4 events waiting on partitions [0]"), "{problem}");
+        assert!(s.reopen_reason().is_some());
+        s.reopened("test".into());
+        assert!(s.reopen_reason().is_none(), "at most once per timeout");
+        s.progressed(0, 9);
+        assert_eq!(s.problem(), None, "caught up");
+    }
+
+    #[test]
+    fn an_event_retried_too_long_is_a_problem_but_not_a_reason_to_reopen() {
+        let s = status();
+        s.assigned(&BTreeMap::from([(0, 0)]));
+        s.observed(1, &BTreeMap::from([(0, (0, 3))]));
+        s.retrying("OrderPlaced x".into(), "disk I/O error".into(), 1);
+        std::thread::sleep(Duration::from_millis(60));
+        s.retrying("OrderPlaced x".into(), "disk I/O error".into(), 9);
+        let problem = s.problem().unwrap();
+        assert!(problem.contains("stuck") && problem.contains("disk I/O error"), "{problem}");
+        assert!(s.reopen_reason().is_none());
+    }
+
+    #[test]
+    fn a_new_partition_reopens_the_consumer() {
+        let s = status();
+        s.assigned(&BTreeMap::from([(0, 0)]));
+        s.observed(2, &BTreeMap::from([(0, (0, 0)), (1, (0, 0))]));
+        assert!(s.reopen_reason().unwrap().contains("2 partitions, 1 assigned"));
+    }
 }

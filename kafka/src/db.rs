@@ -36,17 +36,23 @@ pub enum DbError {
 }
 
 impl DbError {
-    /// True for failures that go away on their own (a busy database, an exhausted pool), which
-    /// are retried rather than treated as a bad message. A panicked task is a bug that would
-    /// repeat, so it is not.
+    /// True unless the failure is about the data being written: a busy or locked database, a
+    /// full disk, an I/O error, a read-only or missing file, an exhausted pool all go away
+    /// once the environment is fixed, so an event that meets them is retried (and `/health`
+    /// shows it), never parked — parking would lose its effect. A constraint violation is
+    /// about the data and a panicked task is a bug; both would repeat.
     pub fn is_transient(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as Kind, Error};
         match self {
-            DbError::Pool(_) => true,
-            DbError::Query(diesel::result::Error::DatabaseError(_, info)) => {
-                let message = info.message().to_ascii_lowercase();
-                message.contains("locked") || message.contains("busy")
-            }
-            _ => false,
+            DbError::Query(Error::DatabaseError(
+                Kind::UniqueViolation
+                | Kind::ForeignKeyViolation
+                | Kind::NotNullViolation
+                | Kind::CheckViolation,
+                _,
+            )) => false,
+            DbError::Task(_) => false,
+            DbError::Pool(_) | DbError::Query(_) | DbError::Setup(_) => true,
         }
     }
 }
@@ -150,6 +156,12 @@ impl Database {
     pub async fn ping(&self) -> Result<(), DbError> {
         self.read(|conn| conn.batch_execute("SELECT 1").map_err(DbError::from))
             .await
+    }
+
+    /// Tells the relay that rows were committed outside [`Database::write`]'s event list
+    /// (dead letters).
+    pub(crate) fn wake_relay(&self) {
+        self.outbox_committed.notify_one();
     }
 
     /// Fires whenever a transaction committed at least one outbox row.

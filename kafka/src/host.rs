@@ -1,7 +1,7 @@
 //! Hosting a service: its HTTP API, its outbox relay and its consumer loop, started together
 //! and stopped in the order that loses nothing.
 
-use crate::consumer::{EventConsumer, create_consumer};
+use crate::consumer::{EventConsumer, create_probe};
 use crate::db::Database;
 use crate::http::Health;
 use crate::inbox::Reactor;
@@ -14,6 +14,7 @@ use actix_web::{App, HttpServer, web};
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -44,14 +45,29 @@ pub enum StartError {
     },
 }
 
+/// How long the relay may keep publishing on the way out; with HTTP's and the consumer's
+/// own bounds a stop takes at most ~12 s, under `scripts/down.sh`'s 15 s.
+const RELAY_DRAIN: Duration = Duration::from_secs(5);
+/// How long in-flight HTTP requests may take to finish on the way out.
+const HTTP_DRAIN_SECS: u64 = 5;
+
 /// A running service: HTTP on its own listener (so tests can bind port 0), plus the relay and
-/// consumer tasks.
+/// consumer tasks. They stop in this order: HTTP (no new requests), then the consumer (it
+/// finishes the event in hand and saves its position), then the relay (it publishes what
+/// the others committed, for at most [`RELAY_DRAIN`]).
 pub struct ServiceHost {
+    /// The bound HTTP port.
     port: u16,
+    /// The HTTP server; stopped first.
     server: Server,
-    stop: CancellationToken,
-    relay: JoinHandle<()>,
+    /// Stops the consumer; cancelled second.
+    stop_consumer: CancellationToken,
+    /// The consumer task.
     consumer: JoinHandle<()>,
+    /// Stops the relay; cancelled last, after the consumer's final commit.
+    stop_relay: CancellationToken,
+    /// The relay task.
+    relay: JoinHandle<()>,
 }
 
 impl ServiceHost {
@@ -96,13 +112,23 @@ impl ServiceHost {
                  is a broker running? scripts/up.sh starts one"
             ))
         })?;
-        let producer = create_producer(kafka).map_err(|e| broker(e.to_string()))?;
-        let consumer = create_consumer(kafka).map_err(|e| broker(e.to_string()))?;
-
-        let stop = CancellationToken::new();
-        let relay = OutboxRelay::new(db.clone(), producer.clone(), kafka.topic.clone());
-        let consumer = EventConsumer::new(consumer, producer.clone(), kafka, db.clone(), reactor);
-        let health = web::Data::new(Health::new(db.clone(), producer, kafka.topic.clone()));
+        let producer_settings = kafka.clone();
+        let relay = OutboxRelay::new(
+            db.clone(),
+            Box::new(move || create_producer(&producer_settings)),
+            kafka.topic.clone(),
+        )
+        .map_err(|e| broker(e.to_string()))?;
+        let probe = Arc::new(create_probe(kafka).map_err(|e| broker(e.to_string()))?);
+        let consumer = EventConsumer::new(kafka, probe.clone(), db.clone(), reactor);
+        let health = web::Data::new(Health {
+            db: db.clone(),
+            probe,
+            topic: kafka.topic.clone(),
+            consumer: consumer.status(),
+            relay: relay.status(),
+            stuck_after: kafka.session_timeout,
+        });
         let db = web::Data::new(db);
         let server = HttpServer::new(move || {
             App::new()
@@ -115,18 +141,20 @@ impl ServiceHost {
         })
         .workers(2)
         .disable_signals()
-        .shutdown_timeout(10)
+        .shutdown_timeout(HTTP_DRAIN_SECS)
         .listen(listener)
         .map_err(|source| StartError::Listen { address, source })?
         .run();
-        let relay = tokio::spawn(relay.run(stop.clone()));
-        let consumer = tokio::spawn(consumer.run(stop.clone()));
+        let (stop_consumer, stop_relay) = (CancellationToken::new(), CancellationToken::new());
+        let relay = tokio::spawn(relay.run(stop_relay.clone(), RELAY_DRAIN));
+        let consumer = tokio::spawn(consumer.run(stop_consumer.clone()));
         Ok(ServiceHost {
             port,
             server,
-            stop,
-            relay,
+            stop_consumer,
             consumer,
+            stop_relay,
+            relay,
         })
     }
 
@@ -151,8 +179,9 @@ impl ServiceHost {
                 server.await
             }
         };
-        self.stop.cancel();
+        self.stop_consumer.cancel();
         let _ = self.consumer.await;
+        self.stop_relay.cancel();
         let _ = self.relay.await;
         log::info!("stopped");
         served.map_err(std::io::Error::other)?

@@ -1,12 +1,15 @@
 //! HTTP pieces every service shares: JSON error bodies for every rejection (never actix's plain
 //! text), and `/health`.
 
+use crate::consumer::ConsumerStatus;
 use crate::db::Database;
+use crate::outbox::RelayStatus;
 use actix_web::error::{InternalError, JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::fmt::Display;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The error body every endpoint returns: `{"error": "..."}`.
@@ -67,29 +70,29 @@ pub async fn not_found(req: HttpRequest) -> HttpResponse {
     )
 }
 
-/// What `/health` checks: the service's database and its broker.
+/// What `/health` checks: the database, the broker, and whether the consumer and the relay
+/// make progress.
 pub struct Health {
-    db: Database,
-    producer: FutureProducer,
-    topic: String,
+    /// The service's database.
+    pub db: Database,
+    /// A group-less client for broker metadata.
+    pub probe: Arc<BaseConsumer>,
+    /// The saga topic.
+    pub topic: String,
+    /// The consumer's progress.
+    pub consumer: Arc<ConsumerStatus>,
+    /// The relay's progress.
+    pub relay: Arc<RelayStatus>,
+    /// How long a part may make no progress before it counts as stuck.
+    pub stuck_after: Duration,
 }
 
 impl Health {
-    /// A health check for `db` and the broker behind `producer`.
-    pub fn new(db: Database, producer: FutureProducer, topic: String) -> Self {
-        Health {
-            db,
-            producer,
-            topic,
-        }
-    }
-
     async fn broker(&self) -> Result<(), String> {
-        let producer = self.producer.clone();
+        let probe = self.probe.clone();
         let topic = self.topic.clone();
         tokio::task::spawn_blocking(move || {
-            producer
-                .client()
+            probe
                 .fetch_metadata(Some(&topic), Duration::from_secs(2))
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -99,31 +102,37 @@ impl Health {
     }
 }
 
-/// `GET /health`: 200 when the database and broker answer, else 503 naming what does not.
+/// `GET /health`: 200 when the database and broker answer and the consumer and relay make
+/// progress; else 503 naming every part that does not, and why (also logged).
 pub async fn health(health: web::Data<Health>) -> HttpResponse {
     let (db, broker) = tokio::join!(health.db.ping(), health.broker());
-    let db = db.map_err(|e| e.to_string());
+    let mut problems = Vec::new();
+    if let Err(e) = &db {
+        problems.push(format!("database unreachable: {e}"));
+    }
+    if let Err(e) = &broker {
+        problems.push(format!("broker unreachable: {e}"));
+    }
+    problems.extend(health.consumer.problem());
+    problems.extend(health.relay.problem(health.stuck_after));
     let status = |r: &Result<(), String>| match r {
         Ok(()) => "ok".to_string(),
         Err(e) => format!("unreachable: {e}"),
     };
-    let body = serde_json::json!({ "database": status(&db), "broker": status(&broker) });
-    if db.is_ok() && broker.is_ok() {
-        HttpResponse::Ok().json(body)
-    } else {
-        let mut down = Vec::new();
-        if db.is_err() {
-            down.push("database");
-        }
-        if broker.is_err() {
-            down.push("broker");
-        }
-        HttpResponse::ServiceUnavailable().json(serde_json::json!({
-            "error": format!("{} not reachable", down.join(" and ")),
-            "database": body["database"],
-            "broker": body["broker"],
-        }))
+    let mut body = serde_json::json!({
+        "database": status(&db.map_err(|e| e.to_string())),
+        "broker": status(&broker),
+        "consumer": health.consumer.snapshot(),
+        "relay": health.relay.snapshot(),
+    });
+    if problems.is_empty() {
+        return HttpResponse::Ok().json(body);
     }
+    for problem in &problems {
+        log::warn!("/health: {problem}");
+    }
+    body["error"] = problems.join("; ").into();
+    HttpResponse::ServiceUnavailable().json(body)
 }
 
 /// The JSON 405 for a known path with a method it does not take.
@@ -132,4 +141,56 @@ pub async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
         StatusCode::METHOD_NOT_ALLOWED,
         format!("{} is not allowed on {}", req.method(), req.path()),
     )
+}
+
+/// One page of a list endpoint: ids after `after`, at most `limit` of them
+/// (`?after=<last id seen>&limit=<n>`; a page shorter than `limit` is the last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Only ids greater than this.
+    pub after: i64,
+    /// At most this many.
+    pub limit: i64,
+}
+
+impl Page {
+    /// The page when no `limit` is given.
+    pub const DEFAULT_LIMIT: i64 = 100;
+    /// The largest `limit` accepted.
+    pub const MAX_LIMIT: i64 = 1000;
+
+    /// Validates the query parameters; the error names the parameter.
+    pub fn parse(after: Option<i64>, limit: Option<i64>) -> Result<Page, String> {
+        let after = after.unwrap_or(0);
+        if after < 0 {
+            return Err(format!("after must be an id (0 or more), got {after}"));
+        }
+        let limit = limit.unwrap_or(Self::DEFAULT_LIMIT);
+        if !(1..=Self::MAX_LIMIT).contains(&limit) {
+            return Err(format!(
+                "limit must be between 1 and {}, got {limit}",
+                Self::MAX_LIMIT
+            ));
+        }
+        Ok(Page { after, limit })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_default_and_bad_values_name_the_parameter() {
+        assert_eq!(
+            Page::parse(None, None),
+            Ok(Page {
+                after: 0,
+                limit: Page::DEFAULT_LIMIT
+            })
+        );
+        assert!(Page::parse(None, Some(0)).unwrap_err().contains("limit"));
+        assert!(Page::parse(None, Some(1001)).unwrap_err().contains("limit"));
+        assert!(Page::parse(Some(-1), None).unwrap_err().contains("after"));
+    }
 }

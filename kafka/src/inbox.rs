@@ -2,6 +2,7 @@
 //! processed commit in one transaction, so a redelivered event finds its id and does nothing.
 
 use crate::db::{Database, DbError};
+use crate::offsets::{self, ConsumedAt};
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
 use events::Envelope;
@@ -48,7 +49,8 @@ impl From<diesel::result::Error> for ReactError {
 }
 
 impl ReactError {
-    /// True when retrying the same event may succeed.
+    /// True when retrying the same event may succeed: every database failure that is not
+    /// about the event itself (see [`DbError::is_transient`]).
     pub fn is_transient(&self) -> bool {
         matches!(self, ReactError::Db(e) if e.is_transient())
     }
@@ -70,7 +72,21 @@ pub async fn apply_once<R: Reactor + ?Sized>(
     reactor: std::sync::Arc<R>,
     event: Envelope,
 ) -> Result<Applied, ReactError> {
+    apply_once_at(db, reactor, event, None).await
+}
+
+/// [`apply_once`], also recording the consumer's position after the event in the same
+/// transaction (a duplicate moves the position too).
+pub async fn apply_once_at<R: Reactor + ?Sized>(
+    db: &Database,
+    reactor: std::sync::Arc<R>,
+    event: Envelope,
+    at: Option<ConsumedAt>,
+) -> Result<Applied, ReactError> {
     db.write(move |conn| {
+        if let Some(at) = &at {
+            offsets::store(conn, at)?;
+        }
         let id = event.event_id.to_string();
         if already_processed(conn, &id)? {
             return Ok((Applied::Duplicate, Vec::new()));

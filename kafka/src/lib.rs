@@ -5,7 +5,10 @@
 //!   the caused events into the outbox in the same transaction.
 //! - [`outbox`]: the outbox table and the [`OutboxRelay`] that publishes it in order.
 //! - [`inbox`]: exactly-once application of consumed events ([`Reactor`], [`apply_once`]).
-//! - [`consumer`]: the consumer loop, offsets stored after commit, dead-letter parking.
+//! - [`consumer`]: the consumer loop: every partition assigned, positions from the database,
+//!   a watchdog, and the status `/health` reports.
+//! - [`offsets`]: the consumer's position, committed with each event's effect.
+//! - [`parking`]: dead letters, committed with the position past the parked message.
 //! - [`producer`], [`admin`]: the idempotent producer and topic creation.
 //! - [`http`], [`host`]: JSON errors, `/health`, and starting/stopping a whole service.
 //! - [`settings`]: env-var configuration.
@@ -16,13 +19,15 @@ pub mod db;
 pub mod host;
 pub mod http;
 pub mod inbox;
+pub mod offsets;
 pub mod outbox;
+pub mod parking;
 pub mod producer;
 pub mod settings;
 
 pub use db::{Database, DbError};
 pub use host::{ServiceHost, StartError, run_service, shutdown_signal};
-pub use inbox::{Applied, ReactError, Reactor, apply_once};
+pub use inbox::{Applied, ReactError, Reactor, apply_once, apply_once_at};
 pub use outbox::OutboxRelay;
 pub use settings::{ConfigError, KafkaSettings, ServiceSettings, env_flag, env_or};
 

@@ -10,8 +10,10 @@ use crate::db::{Database, DbError};
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
 use events::Envelope;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 diesel::table! {
@@ -24,6 +26,8 @@ diesel::table! {
         payload -> Text,
         created_at -> Text,
         published_at -> Nullable<Text>,
+        topic -> Nullable<Text>,
+        error -> Nullable<Text>,
     }
 }
 
@@ -45,6 +49,10 @@ pub struct OutboxRow {
     pub created_at: String,
     /// When the broker acknowledged it; null while pending.
     pub published_at: Option<String>,
+    /// The topic it goes to; null means the saga topic.
+    pub topic: Option<String>,
+    /// Why the broker refused it for good, if it did.
+    pub error: Option<String>,
 }
 
 /// The insert form of [`OutboxRow`].
@@ -61,6 +69,8 @@ pub struct NewOutboxRow {
     pub payload: String,
     /// See [`OutboxRow::created_at`].
     pub created_at: String,
+    /// See [`OutboxRow::topic`].
+    pub topic: Option<String>,
 }
 
 impl From<&Envelope> for NewOutboxRow {
@@ -71,6 +81,7 @@ impl From<&Envelope> for NewOutboxRow {
             message_key: event.key(),
             payload: event.to_json(),
             created_at: chrono::Utc::now().to_rfc3339(),
+            topic: None,
         }
     }
 }
@@ -83,6 +94,26 @@ pub fn enqueue(conn: &mut SqliteConnection, events: &[Envelope]) -> QueryResult<
     let rows: Vec<NewOutboxRow> = events.iter().map(NewOutboxRow::from).collect();
     diesel::insert_into(outbox::table)
         .values(&rows)
+        .execute(conn)
+        .map(|_| ())
+}
+
+/// Adds a dead letter for `dead_letter_topic` to the outbox inside the caller's transaction.
+pub fn enqueue_dead_letter(
+    conn: &mut SqliteConnection,
+    dead_letter_topic: &str,
+    letter: &events::DeadLetter,
+) -> QueryResult<()> {
+    let row = NewOutboxRow {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        event_type: "DeadLetter".into(),
+        message_key: letter.key.clone().unwrap_or_default(),
+        payload: letter.to_json(),
+        created_at: chrono::Utc::now().to_rfc3339(),
+        topic: Some(dead_letter_topic.to_owned()),
+    };
+    diesel::insert_into(outbox::table)
+        .values(&row)
         .execute(conn)
         .map(|_| ())
 }
@@ -104,37 +135,150 @@ pub fn mark_published(conn: &mut SqliteConnection, ids: &[i64]) -> QueryResult<u
         .execute(conn)
 }
 
+/// Marks a row the broker refused for good: it is done, with the reason, so it cannot block
+/// the rows behind it.
+pub fn mark_refused(conn: &mut SqliteConnection, id: i64, error: &str) -> QueryResult<usize> {
+    diesel::update(outbox::table.find(id))
+        .set((
+            outbox::published_at.eq(chrono::Utc::now().to_rfc3339()),
+            outbox::error.eq(error),
+        ))
+        .execute(conn)
+}
+
+/// How many rows wait to be published.
+pub fn pending_count(conn: &mut SqliteConnection) -> QueryResult<i64> {
+    outbox::table
+        .filter(outbox::published_at.is_null())
+        .count()
+        .get_result(conn)
+}
+
 /// Rows published per round trip to the database.
 const BATCH: i64 = 500;
 
-/// Publishes outbox rows to the topic in commit order, as soon as they are committed.
+/// Makes the relay's producer; called again when the current one hits a fatal error.
+pub type ProducerFactory = Box<dyn Fn() -> KafkaResult<FutureProducer> + Send + Sync>;
+
+/// What the relay reports to `/health`.
+#[derive(Debug, Default)]
+pub struct RelayStatus {
+    inner: Mutex<RelayState>,
+}
+
+#[derive(Debug, Default)]
+struct RelayState {
+    /// Since when rounds have been failing without a break; `None` while they succeed.
+    failing_since: Option<Instant>,
+    last_error: Option<String>,
+    producers_recreated: u32,
+    last_fatal: Option<String>,
+    published: u64,
+    refused: u64,
+}
+
+impl RelayStatus {
+    fn succeeded(&self, published: usize) {
+        let mut s = lock(&self.inner);
+        s.failing_since = None;
+        s.published += published as u64;
+    }
+
+    fn failed(&self, error: &str) {
+        let mut s = lock(&self.inner);
+        s.failing_since.get_or_insert_with(Instant::now);
+        s.last_error = Some(error.to_owned());
+    }
+
+    fn refused(&self) {
+        lock(&self.inner).refused += 1;
+    }
+
+    fn recreated(&self, fatal: &str) {
+        let mut s = lock(&self.inner);
+        s.producers_recreated += 1;
+        s.last_fatal = Some(fatal.to_owned());
+    }
+
+    /// Why the relay is stuck, if it has been failing for longer than `after`.
+    pub fn problem(&self, after: Duration) -> Option<String> {
+        let s = lock(&self.inner);
+        let since = s.failing_since?;
+        (since.elapsed() > after).then(|| {
+            format!(
+                "outbox relay failing for {} s: {}",
+                since.elapsed().as_secs(),
+                s.last_error.as_deref().unwrap_or("unknown")
+            )
+        })
+    }
+
+    /// The figures `/health` shows.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let s = lock(&self.inner);
+        serde_json::json!({
+            "published": s.published,
+            "refusedByBroker": s.refused,
+            "failingForSeconds": s.failing_since.map(|t| t.elapsed().as_secs()),
+            "lastError": s.last_error,
+            "producersRecreated": s.producers_recreated,
+            "lastFatalError": s.last_fatal,
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Publishes outbox rows in commit order, as soon as they are committed.
+///
+/// Stops when its token is cancelled, which the host does only after the consumer's last
+/// commit, so events committed on the way out are published before the process exits.
 pub struct OutboxRelay {
+    /// The database whose outbox it publishes.
     db: Database,
+    /// Makes the producer; used again after a fatal producer error.
+    make_producer: ProducerFactory,
+    /// The idempotent producer in use.
     producer: FutureProducer,
+    /// The saga topic, for rows without a topic of their own.
     topic: String,
+    /// Shared with `/health`.
+    status: Arc<RelayStatus>,
 }
 
 impl OutboxRelay {
-    /// A relay for `db`'s outbox publishing to `topic` through an idempotent producer.
-    pub fn new(db: Database, producer: FutureProducer, topic: String) -> Self {
-        OutboxRelay {
+    /// A relay for `db`'s outbox publishing to `topic` through producers from `make_producer`.
+    pub fn new(db: Database, make_producer: ProducerFactory, topic: String) -> KafkaResult<Self> {
+        let producer = make_producer()?;
+        Ok(OutboxRelay {
             db,
+            make_producer,
             producer,
             topic,
-        }
+            status: Arc::new(RelayStatus::default()),
+        })
     }
 
-    /// Publishes until `shutdown`, then drains what is already committed and flushes.
+    /// The status `/health` reads.
+    pub fn status(&self) -> Arc<RelayStatus> {
+        self.status.clone()
+    }
+
+    /// Publishes until `shutdown`, then drains what is committed for at most `drain` and
+    /// exits; rows still pending then are published on the next start.
     ///
     /// It wakes when a transaction commits an event, and every second anyway, so rows left by a
     /// crash or a failed send are retried.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
         let committed = self.db.outbox_committed();
         let mut failures = 0u32;
         loop {
-            match self.publish_pending().await {
+            match self.publish_pending(&shutdown).await {
                 Ok(n) if n as i64 == BATCH => continue,
                 Ok(_) => failures = 0,
+                Err(RelayError::Interrupted) => break,
                 Err(e) => {
                     failures += 1;
                     log::warn!("outbox relay: {e}; retrying");
@@ -151,33 +295,50 @@ impl OutboxRelay {
                 _ = shutdown.cancelled() => break,
             }
         }
-        // Last pass for rows committed while the service was stopping.
-        if let Err(e) = self.publish_pending().await {
-            log::warn!("outbox relay: final drain failed, rows stay pending for next start: {e}");
+        // Last pass for rows committed while the service was stopping, bounded in time.
+        let deadline = CancellationToken::new();
+        let timer = {
+            let deadline = deadline.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(drain).await;
+                deadline.cancel();
+            })
+        };
+        loop {
+            match self.publish_pending(&deadline).await {
+                Ok(n) if n as i64 == BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    log::warn!("outbox relay: final drain stopped, rows stay pending: {e}");
+                    break;
+                }
+            }
         }
-        if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
-            log::warn!("outbox relay: flush on shutdown: {e}");
-        }
+        timer.abort();
         log::info!("outbox relay stopped");
     }
 
     /// Sends one batch of pending rows and marks those the broker acknowledged; returns how many
-    /// were published. Sends are pipelined; the idempotent producer keeps them in order.
-    pub async fn publish_pending(&self) -> Result<usize, RelayError> {
+    /// were published. Sends are pipelined; the idempotent producer keeps them in order and,
+    /// with no message timeout, never leaves a gap that a resend could fill out of order.
+    pub async fn publish_pending(&mut self, stop: &CancellationToken) -> Result<usize, RelayError> {
         let rows = self
             .db
             .read(|conn| pending(conn, BATCH).map_err(DbError::from))
             .await?;
         if rows.is_empty() {
+            self.status.succeeded(0);
             return Ok(0);
         }
         let mut deliveries = Vec::with_capacity(rows.len());
         for row in &rows {
-            let record = FutureRecord::to(&self.topic)
+            let topic = row.topic.as_deref().unwrap_or(&self.topic);
+            let record = FutureRecord::to(topic)
                 .key(&row.message_key)
                 .payload(&row.payload);
             match self.producer.send_result(record) {
-                Ok(delivery) => deliveries.push(delivery),
+                Ok(delivery) => deliveries.push(Sent::Queued(delivery)),
+                Err((e, _)) if is_refused_for_good(&e) => deliveries.push(Sent::Refused(e)),
                 Err((e, _)) => {
                     log::warn!(
                         "outbox relay: producer queue refused event {}: {e}",
@@ -190,31 +351,107 @@ impl OutboxRelay {
         // Only the acknowledged prefix counts: a later row must not be marked before an
         // earlier one, or a retry would reorder them.
         let mut acknowledged = Vec::with_capacity(deliveries.len());
+        let mut refused = Vec::new();
         let mut failure = None;
-        for (row, delivery) in rows.iter().zip(deliveries) {
-            match delivery.await {
-                Ok(Ok(_)) if failure.is_none() => acknowledged.push(row.id),
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    failure.get_or_insert_with(|| format!("event {}: {e}", row.event_id));
+        for (row, sent) in rows.iter().zip(deliveries) {
+            let result = match sent {
+                Sent::Refused(e) => Err(e),
+                Sent::Queued(delivery) => tokio::select! {
+                    outcome = delivery => match outcome {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((e, _))) => Err(e),
+                        Err(_) => Err(KafkaError::Canceled),
+                    },
+                    _ = stop.cancelled() => {
+                        failure.get_or_insert(RelayError::Interrupted);
+                        break;
+                    }
+                },
+            };
+            match result {
+                Ok(()) if failure.is_none() => acknowledged.push(row.id),
+                Ok(()) => {}
+                Err(e) if failure.is_none() && is_refused_for_good(&e) => {
+                    log::error!(
+                        "outbox relay: the broker refuses {} {} for good ({e}); \
+                         marked with the error and skipped",
+                        row.event_type,
+                        row.event_id
+                    );
+                    refused.push((row.id, e.to_string()));
                 }
-                Err(_) => {
-                    failure
-                        .get_or_insert_with(|| format!("event {}: send cancelled", row.event_id));
+                Err(e) => {
+                    failure.get_or_insert_with(|| {
+                        RelayError::Broker(format!("event {}: {e}", row.event_id))
+                    });
                 }
             }
         }
         let count = acknowledged.len();
-        if count > 0 {
+        if count > 0 || !refused.is_empty() {
+            for _ in &refused {
+                self.status.refused();
+            }
             self.db
-                .read(move |conn| mark_published(conn, &acknowledged).map_err(DbError::from))
+                .read(move |conn| {
+                    mark_published(conn, &acknowledged)?;
+                    for (id, error) in &refused {
+                        mark_refused(conn, *id, error)?;
+                    }
+                    Ok::<_, DbError>(())
+                })
                 .await?;
         }
         match failure {
-            Some(reason) => Err(RelayError::Broker(reason)),
-            None => Ok(count),
+            Some(RelayError::Interrupted) => Err(RelayError::Interrupted),
+            Some(e) => {
+                self.status.failed(&e.to_string());
+                self.recreate_if_fatal();
+                Err(e)
+            }
+            None => {
+                self.status.succeeded(count);
+                Ok(count)
+            }
         }
     }
+
+    /// An idempotent producer that hit a fatal error (unknown producer id, out-of-order
+    /// sequence) fails every send from then on; only a new producer recovers. The rows it did
+    /// not acknowledge are resent by the new one; consumers absorb the copies by event id.
+    fn recreate_if_fatal(&mut self) {
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return;
+        };
+        let fatal = format!("{code:?}: {reason}");
+        log::error!("outbox relay: producer fatal error {fatal}; creating a new producer");
+        match (self.make_producer)() {
+            Ok(producer) => {
+                self.producer = producer;
+                self.status.recreated(&fatal);
+            }
+            Err(e) => log::error!("outbox relay: cannot create a new producer: {e}"),
+        }
+    }
+}
+
+/// Errors that will not go away for this message (it is too large, say).
+fn is_refused_for_good(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
+}
+
+/// A row handed to the producer, or refused by it at once.
+enum Sent {
+    Queued(rdkafka::producer::DeliveryFuture),
+    Refused(KafkaError),
 }
 
 /// Why a relay round did not publish everything.
@@ -226,4 +463,7 @@ pub enum RelayError {
     /// The broker did not acknowledge a message.
     #[error("broker did not acknowledge {0}")]
     Broker(String),
+    /// The relay was told to stop while waiting for acknowledgements.
+    #[error("stopped while waiting for the broker")]
+    Interrupted,
 }

@@ -3,7 +3,7 @@
 
 use crate::domain::OrderRequest;
 use crate::error::OrdersError;
-use crate::saga::{self, Order, OrderState};
+use crate::saga::{self, CustomerCancel, Order, OrderState};
 use crate::store::{self, HistoryRow, NewOrder, StoredOrder};
 use actix_web::{HttpResponse, web};
 use kafka::Database;
@@ -106,6 +106,8 @@ struct PlaceOrder {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ListQuery {
     customer_id: Option<String>,
+    after: Option<i64>,
+    limit: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,9 +161,13 @@ async fn list(
     db: web::Data<Database>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, OrdersError> {
-    let customer = query.into_inner().customer_id;
+    let query = query.into_inner();
+    let page = kafka::http::Page::parse(query.after, query.limit).map_err(OrdersError::Invalid)?;
+    let customer = query.customer_id;
     let orders = db
-        .read(move |conn| store::list_orders(conn, customer.as_deref()).map_err(OrdersError::from))
+        .read(move |conn| {
+            store::list_orders(conn, customer.as_deref(), page).map_err(OrdersError::from)
+        })
         .await?;
     Ok(HttpResponse::Ok().json(orders.into_iter().map(OrderJson::from).collect::<Vec<_>>()))
 }
@@ -186,16 +192,26 @@ async fn update(
             body.state
         )));
     }
-    let stored = db
+    let (stored, decided) = db
         .write(move |conn| {
             let mut stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
-            let (order, event) = saga::cancel_by_customer(stored.order)?;
+            let (order, event, decided) = match saga::cancel_by_customer(stored.order)? {
+                CustomerCancel::Cancelled(order, event) => (order, event, true),
+                CustomerCancel::Requested(order, event) => (order, event, false),
+            };
             store::save_order(conn, &order)?;
             stored.order = order;
-            Ok::<_, OrdersError>((stored, vec![event]))
+            Ok::<_, OrdersError>(((stored, decided), vec![event]))
         })
         .await?;
-    Ok(HttpResponse::Ok().json(OrderJson::from(stored)))
+    // 200: cancelled now. 202: requested; the order's stateMessage says what will happen, and
+    // GET /orders/{id} shows delivery's answer.
+    let mut response = if decided {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::Accepted()
+    };
+    Ok(response.json(OrderJson::from(stored)))
 }
 
 async fn events(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, OrdersError> {

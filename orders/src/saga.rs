@@ -1,7 +1,10 @@
 //! Orders' saga rules as pure functions: (the order, incoming event or customer action) →
 //! (the order now, events to publish). No I/O here.
 
-use events::{Envelope, Event, OrderCancelled, OrderCompleted, OrderPlaced, Service};
+use events::{
+    DeliveryState, Envelope, Event, OrderCancelRequested, OrderCancelled, OrderCompleted,
+    OrderPlaced, Service,
+};
 use serde::Serialize;
 use std::fmt;
 
@@ -70,8 +73,10 @@ pub struct Order {
     /// DeliveryStarted arrived with this delivery id.
     pub delivery_id: Option<i64>,
     /// The delivery's last known state.
-    pub delivery_state: Option<String>,
-    /// Why it was cancelled.
+    pub delivery_state: Option<DeliveryState>,
+    /// The customer asked to cancel a confirmed order; delivery has not answered yet.
+    pub cancel_requested: bool,
+    /// Why it was cancelled, or why a cancel was refused.
     pub state_message: Option<String>,
 }
 
@@ -79,6 +84,18 @@ pub struct Order {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct CancelRefused(pub String);
+
+/// What a customer cancel does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CustomerCancel {
+    /// The order was still pending: nothing can have been delivered, so orders cancels it at
+    /// once (OrderCancelled; products releases, delivery calls off).
+    Cancelled(Order, Envelope),
+    /// The order was confirmed: the goods may be leaving right now, and only delivery knows.
+    /// Orders asks (OrderCancelRequested); delivery answers DeliveryCancelled (the order is
+    /// then cancelled and restocked) or CancelRefused (it stays completed).
+    Requested(Order, Envelope),
+}
 
 /// Rule 1: the event a newly stored order publishes.
 pub fn placed(order: &Order) -> Envelope {
@@ -108,27 +125,37 @@ pub fn react(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
         }
         Event::DeliveryStarted(d) => {
             order.delivery_id = Some(d.delivery_id);
-            order.delivery_state = Some(d.delivery_state.clone());
+            // A late copy never overwrites a final state.
+            order.delivery_state.get_or_insert(d.delivery_state);
             complete_if_confirmed(order, incoming)
         }
         // Rule 5: products could not reserve; cancel, carrying products as the initiator.
         Event::ProductOutOfStock(e) if order.state == OrderState::Placed => {
             cancel(order, e.state_message.clone(), incoming)
         }
-        // Rule 8: a courier's cancel cancels the order; other chains' DeliveryCancelled only
-        // echo a cancel that already happened.
+        // Rule 8: a courier's cancel cancels the order; so does delivery's yes to a cancel
+        // the customer requested. Other DeliveryCancelled only echo a cancel that happened.
         Event::DeliveryCancelled(d) => {
-            order.delivery_state = Some(d.delivery_state.clone());
-            if incoming.initiated_by_service(Service::Delivery)
-                && order.state != OrderState::Cancelled
-            {
+            order.delivery_state = Some(d.delivery_state);
+            let courier = incoming.initiated_by_service(Service::Delivery);
+            let granted = incoming.initiated_by_service(Service::Orders) && order.cancel_requested;
+            if (courier || granted) && order.state != OrderState::Cancelled {
                 cancel(order, d.state_message.clone(), incoming)
             } else {
                 (order, Vec::new())
             }
         }
+        // Rule 10: delivery said no (the goods left): the order stays completed, saying why.
+        Event::CancelRefused(r) => {
+            order.cancel_requested = false;
+            if let Some(state) = r.delivery_state {
+                order.delivery_state = Some(state);
+            }
+            order.state_message = Some(format!("cancel refused: {}", r.state_message));
+            (order, Vec::new())
+        }
         Event::DeliveryCompleted(d) => {
-            order.delivery_state = Some(d.delivery_state.clone());
+            order.delivery_state = Some(d.delivery_state);
             (order, Vec::new())
         }
         _ => (order, Vec::new()),
@@ -136,23 +163,45 @@ pub fn react(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
 }
 
 /// Rule 9: the customer cancels (`PATCH /orders/{id}`), starting a chain initiated by orders.
-/// Refused when already cancelled or already delivered, so a repeated cancel never publishes
-/// OrderCancelled (and restores stock) twice.
-pub fn cancel_by_customer(order: Order) -> Result<(Order, Envelope), CancelRefused> {
+///
+/// A pending order is cancelled here: orders has not confirmed it, so delivery cannot have
+/// completed it. A confirmed order is only *requested* to be cancelled: whether the goods have
+/// left is delivery's to say, not a copy here that may be stale. Refused when already
+/// cancelled, already requested or known delivered, so a repeated cancel never publishes
+/// twice.
+pub fn cancel_by_customer(mut order: Order) -> Result<CustomerCancel, CancelRefused> {
+    let refuse = |why: &str| Err(CancelRefused(format!("order {} {why}", order.id)));
     if order.state == OrderState::Cancelled {
-        return Err(CancelRefused(format!(
-            "order {} is already cancelled",
-            order.id
-        )));
+        return refuse("is already cancelled");
     }
-    if order.delivery_state.as_deref() == Some("DeliveryCompleted") {
-        return Err(CancelRefused(format!(
-            "order {} was already delivered and cannot be cancelled",
-            order.id
-        )));
+    if order.cancel_requested {
+        return refuse("already has a cancellation pending; the delivery service decides");
     }
-    let (order, event) = cancelled(order, "cancelled by the customer".into());
-    Ok((order, event.initiated_by(Service::Orders)))
+    if order.delivery_state == Some(DeliveryState::Completed) {
+        return refuse("was already delivered and cannot be cancelled");
+    }
+    if order.state == OrderState::Placed {
+        let (order, event) = cancelled(order, "cancelled by the customer".into());
+        return Ok(CustomerCancel::Cancelled(
+            order,
+            event.initiated_by(Service::Orders),
+        ));
+    }
+    order.cancel_requested = true;
+    order.state_message = Some(
+        "cancellation requested: the order is cancelled and its stock restored unless it \
+         was already delivered"
+            .into(),
+    );
+    let event = Event::OrderCancelRequested(OrderCancelRequested {
+        order_id: order.id,
+        product_id: order.product_id,
+        quantity: order.quantity,
+        customer_id: order.customer_id.clone(),
+        state_message: "cancel requested by the customer".into(),
+    });
+    let event = Envelope::new(Service::Orders, event).initiated_by(Service::Orders);
+    Ok(CustomerCancel::Requested(order, event))
 }
 
 fn complete_if_confirmed(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
@@ -179,6 +228,7 @@ fn cancel(order: Order, reason: String, incoming: &Envelope) -> (Order, Vec<Enve
 
 fn cancelled(mut order: Order, reason: String) -> (Order, Envelope) {
     order.state = OrderState::Cancelled;
+    order.cancel_requested = false;
     order.state_message = Some(reason.clone());
     let event = Event::OrderCancelled(OrderCancelled {
         order_id: order.id,
@@ -194,7 +244,8 @@ fn cancelled(mut order: Order, reason: String) -> (Order, Envelope) {
 mod tests {
     use super::*;
     use events::{
-        DeliveryCancelled, DeliveryCompleted, DeliveryStarted, ProductOutOfStock, StockMoved,
+        CancelRefused as Refusal, DeliveryCancelled, DeliveryCompleted, DeliveryStarted,
+        ProductOutOfStock, StockMoved,
     };
 
     fn order(state: OrderState) -> Order {
@@ -211,6 +262,7 @@ mod tests {
             stock_reserved: false,
             delivery_id: None,
             delivery_state: None,
+            cancel_requested: false,
             state_message: None,
         }
     }
@@ -240,7 +292,7 @@ mod tests {
             customer_id: "c".into(),
             customer_name: None,
             delivery_address: None,
-            delivery_state: "DeliveryStarted".into(),
+            delivery_state: DeliveryState::Started,
         };
         from(Service::Delivery, Event::DeliveryStarted(started), None)
     }
@@ -266,7 +318,7 @@ mod tests {
             order_id: 5,
             product_id: 1,
             quantity: 1,
-            delivery_state: "DeliveryCancelled".into(),
+            delivery_state: DeliveryState::Cancelled,
             state_message: "cancelled by the courier".into(),
         };
         from(
@@ -360,7 +412,7 @@ mod tests {
         for initiator in [Service::Orders, Service::Products] {
             let (o, events) = react(order(OrderState::Cancelled), &delivery_cancelled(initiator));
             assert_eq!(o.state, OrderState::Cancelled);
-            assert_eq!(o.delivery_state.as_deref(), Some("DeliveryCancelled"));
+            assert_eq!(o.delivery_state, Some(DeliveryState::Cancelled));
             assert!(events.is_empty());
         }
         // and a courier cancel of an order already cancelled publishes nothing either
@@ -376,13 +428,13 @@ mod tests {
         let e = DeliveryCompleted {
             delivery_id: 3,
             order_id: 5,
-            delivery_state: "DeliveryCompleted".into(),
+            delivery_state: DeliveryState::Completed,
         };
         let (o, events) = react(
             order(OrderState::Completed),
             &from(Service::Delivery, Event::DeliveryCompleted(e), None),
         );
-        assert_eq!(o.delivery_state.as_deref(), Some("DeliveryCompleted"));
+        assert_eq!(o.delivery_state, Some(DeliveryState::Completed));
         assert!(events.is_empty());
     }
 
@@ -395,19 +447,131 @@ mod tests {
     }
 
     #[test]
-    fn the_customer_cancels_a_pending_or_completed_order() {
-        for state in [OrderState::Placed, OrderState::Completed] {
-            let (o, event) = cancel_by_customer(order(state)).unwrap();
-            assert_eq!(o.state, OrderState::Cancelled);
-            assert_eq!(event.event_type(), "OrderCancelled");
-            assert!(event.initiated_by_service(Service::Orders));
-            assert_eq!(event.causation_id, None);
+    fn the_customer_cancels_a_pending_order_at_once() {
+        let Ok(CustomerCancel::Cancelled(o, event)) = cancel_by_customer(order(OrderState::Placed))
+        else {
+            panic!("a pending order is cancelled at once")
+        };
+        assert_eq!(o.state, OrderState::Cancelled);
+        assert_eq!(event.event_type(), "OrderCancelled");
+        assert!(event.initiated_by_service(Service::Orders));
+        assert_eq!(event.causation_id, None);
+    }
+
+    fn requested() -> (Order, Envelope) {
+        let mut o = order(OrderState::Completed);
+        o.delivery_state = Some(DeliveryState::Started);
+        match cancel_by_customer(o) {
+            Ok(CustomerCancel::Requested(o, event)) => (o, event),
+            other => panic!("a confirmed order is only requested to cancel: {other:?}"),
         }
+    }
+
+    fn delivery_cancelled_by(cause: &Envelope) -> Envelope {
+        let e = DeliveryCancelled {
+            delivery_id: 3,
+            order_id: 5,
+            product_id: 1,
+            quantity: 1,
+            delivery_state: DeliveryState::Cancelled,
+            state_message: "cancel requested by the customer".into(),
+        };
+        Envelope::new(Service::Delivery, Event::DeliveryCancelled(e)).caused_by(cause)
+    }
+
+    fn cancel_refused_by(cause: &Envelope) -> Envelope {
+        let e = Refusal {
+            order_id: 5,
+            delivery_id: Some(3),
+            delivery_state: Some(DeliveryState::Completed),
+            state_message: "delivery 3 was already completed".into(),
+        };
+        Envelope::new(Service::Delivery, Event::CancelRefused(e)).caused_by(cause)
+    }
+
+    #[test]
+    fn a_confirmed_order_is_only_requested_to_cancel_and_delivery_decides() {
+        let (o, request) = requested();
+        assert_eq!(o.state, OrderState::Completed, "stays completed until delivery says");
+        assert!(o.cancel_requested);
+        assert_eq!(request.event_type(), "OrderCancelRequested");
+        assert!(request.initiated_by_service(Service::Orders));
+        let err = cancel_by_customer(o.clone()).unwrap_err();
+        assert!(err.0.contains("pending"), "{err}");
+
+        // delivery said yes: cancelled now, with orders as the initiator
+        let yes = delivery_cancelled_by(&request);
+        let (cancelled, events) = react(o.clone(), &yes);
+        assert_eq!(cancelled.state, OrderState::Cancelled);
+        assert!(!cancelled.cancel_requested);
+        assert_eq!(types(&events), ["OrderCancelled"]);
+        assert!(events[0].initiated_by_service(Service::Orders));
+        assert_eq!(events[0].causation_id, Some(yes.event_id));
+    }
+
+    #[test]
+    fn a_refused_cancel_leaves_the_order_completed_saying_why() {
+        let (o, request) = requested();
+        let (after, events) = react(o, &cancel_refused_by(&request));
+        assert_eq!(after.state, OrderState::Completed);
+        assert!(!after.cancel_requested);
+        assert_eq!(after.delivery_state, Some(DeliveryState::Completed));
+        assert!(after.state_message.unwrap().contains("already completed"));
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn delivered_first_then_cancel_request_is_refused_here() {
+        // DeliveryCompleted arrived before the customer asked: refused without asking.
+        let mut o = order(OrderState::Completed);
+        let e = DeliveryCompleted {
+            delivery_id: 3,
+            order_id: 5,
+            delivery_state: DeliveryState::Completed,
+        };
+        (o, _) = react(o, &from(Service::Delivery, Event::DeliveryCompleted(e), None));
+        let err = cancel_by_customer(o).unwrap_err();
+        assert!(err.0.contains("delivered"), "{err}");
+    }
+
+    #[test]
+    fn a_cancel_request_then_delivery_completed_then_refusal_never_cancels() {
+        // the race of the issue: the courier completes while the request is in flight
+        let (o, request) = requested();
+        let e = DeliveryCompleted {
+            delivery_id: 3,
+            order_id: 5,
+            delivery_state: DeliveryState::Completed,
+        };
+        let (o, events) = react(o, &from(Service::Delivery, Event::DeliveryCompleted(e), None));
+        assert!(events.is_empty());
+        let (o, events) = react(o, &cancel_refused_by(&request));
+        assert_eq!(o.state, OrderState::Completed);
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn an_echo_of_an_orders_chain_does_not_cancel_an_order_that_asked_nothing() {
+        let request = placed(&order(OrderState::Completed));
+        let (o, events) = react(order(OrderState::Completed), &delivery_cancelled_by(&request));
+        assert_eq!(o.state, OrderState::Completed);
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn a_late_delivery_started_does_not_overwrite_a_final_delivery_state() {
+        let mut o = order(OrderState::Cancelled);
+        o.delivery_state = Some(DeliveryState::Cancelled);
+        let (o, _) = react(o, &delivery_started());
+        assert_eq!(o.delivery_state, Some(DeliveryState::Cancelled));
     }
 
     #[test]
     fn a_second_cancel_is_refused() {
-        let (o, _) = cancel_by_customer(order(OrderState::Placed)).unwrap();
+        let Ok(CustomerCancel::Cancelled(o, _)) = cancel_by_customer(order(OrderState::Placed))
+        else {
+            panic!()
+        };
         let err = cancel_by_customer(o).unwrap_err();
         assert!(err.0.contains("already cancelled"));
     }
@@ -415,7 +579,7 @@ mod tests {
     #[test]
     fn a_delivered_order_cannot_be_cancelled() {
         let mut o = order(OrderState::Completed);
-        o.delivery_state = Some("DeliveryCompleted".into());
+        o.delivery_state = Some(DeliveryState::Completed);
         let err = cancel_by_customer(o).unwrap_err();
         assert!(err.0.contains("delivered"));
     }

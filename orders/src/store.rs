@@ -3,7 +3,7 @@
 use crate::saga::{Order, OrderState};
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
-use events::{Envelope, ProductChanged};
+use events::{DeliveryState, Envelope, ProductChanged};
 use serde::Serialize;
 
 /// The schema, matching `migrations/`.
@@ -25,6 +25,7 @@ pub mod schema {
             state_message -> Nullable<Text>,
             created_at -> Text,
             updated_at -> Text,
+            cancel_requested -> Bool,
         }
     }
 
@@ -75,6 +76,7 @@ pub struct OrderRow {
     pub state_message: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    pub cancel_requested: bool,
 }
 
 /// The insert form of [`OrderRow`].
@@ -109,11 +111,16 @@ impl TryFrom<OrderRow> for StoredOrder {
     type Error = diesel::result::Error;
 
     fn try_from(r: OrderRow) -> Result<Self, Self::Error> {
-        let state = OrderState::parse(&r.state).ok_or_else(|| {
-            diesel::result::Error::DeserializationError(
-                format!("unknown order state {:?}", r.state).into(),
-            )
-        })?;
+        let corrupt = |what: String| diesel::result::Error::DeserializationError(what.into());
+        let state = OrderState::parse(&r.state)
+            .ok_or_else(|| corrupt(format!("unknown order state {:?}", r.state)))?;
+        let delivery_state = r
+            .delivery_state
+            .map(|s| {
+                DeliveryState::parse(&s)
+                    .ok_or_else(|| corrupt(format!("unknown delivery state {s:?}")))
+            })
+            .transpose()?;
         Ok(StoredOrder {
             order: Order {
                 id: r.id,
@@ -127,7 +134,8 @@ impl TryFrom<OrderRow> for StoredOrder {
                 state,
                 stock_reserved: r.stock_reserved,
                 delivery_id: r.delivery_id,
-                delivery_state: r.delivery_state,
+                delivery_state,
+                cancel_requested: r.cancel_requested,
                 state_message: r.state_message,
             },
             created_at: r.created_at,
@@ -145,12 +153,17 @@ pub fn insert_order(conn: &mut SqliteConnection, new: &NewOrder) -> QueryResult<
         .try_into()
 }
 
-/// Orders by id, optionally one customer's.
+/// One page of orders by id, after `after`, optionally one customer's.
 pub fn list_orders(
     conn: &mut SqliteConnection,
     customer_id: Option<&str>,
+    page: kafka::http::Page,
 ) -> QueryResult<Vec<StoredOrder>> {
-    let mut query = orders::table.order(orders::id).into_boxed();
+    let mut query = orders::table
+        .filter(orders::id.gt(page.after))
+        .order(orders::id)
+        .limit(page.limit)
+        .into_boxed();
     if let Some(customer) = customer_id {
         query = query.filter(orders::customer_id.eq(customer.to_owned()));
     }
@@ -180,7 +193,8 @@ pub fn save_order(conn: &mut SqliteConnection, o: &Order) -> QueryResult<()> {
             orders::state.eq(o.state.as_str()),
             orders::stock_reserved.eq(o.stock_reserved),
             orders::delivery_id.eq(o.delivery_id),
-            orders::delivery_state.eq(o.delivery_state.as_deref()),
+            orders::delivery_state.eq(o.delivery_state.map(DeliveryState::as_str)),
+            orders::cancel_requested.eq(o.cancel_requested),
             orders::state_message.eq(o.state_message.as_deref()),
             orders::updated_at.eq(chrono::Utc::now().to_rfc3339()),
         ))

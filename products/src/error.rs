@@ -11,6 +11,9 @@ pub enum ProductsError {
     /// No product has this id.
     #[error("product {0} not found")]
     NotFound(i64),
+    /// Products has decided nothing for this order (yet).
+    #[error("no reservation for order {0}")]
+    NoReservation(i64),
     /// The request is well-formed JSON but its values are not acceptable.
     #[error("{0}")]
     Invalid(String),
@@ -34,7 +37,9 @@ impl From<diesel::result::Error> for ProductsError {
 impl ResponseError for ProductsError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ProductsError::NotFound(_) => StatusCode::NOT_FOUND,
+            ProductsError::NotFound(_) | ProductsError::NoReservation(_) => {
+                StatusCode::NOT_FOUND
+            }
             ProductsError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ProductsError::Internal(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             ProductsError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

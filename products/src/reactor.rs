@@ -7,14 +7,17 @@ use diesel::sqlite::SqliteConnection;
 use events::{Envelope, Event};
 use kafka::{ReactError, Reactor};
 
-/// Products' reaction to OrderPlaced, OrderCancelled and DeliveryCancelled.
+/// Products' reaction to OrderPlaced, OrderCancelled, DeliveryCancelled and DeliveryCompleted.
 pub struct StockReactor;
 
 impl Reactor for StockReactor {
     fn wants(&self, event: &Envelope) -> bool {
         matches!(
             event.event,
-            Event::OrderPlaced(_) | Event::OrderCancelled(_) | Event::DeliveryCancelled(_)
+            Event::OrderPlaced(_)
+                | Event::OrderCancelled(_)
+                | Event::DeliveryCancelled(_)
+                | Event::DeliveryCompleted(_)
         )
     }
 

@@ -5,6 +5,7 @@ use crate::error::ProductsError;
 use crate::saga::Product;
 use crate::store::{self, NewProduct};
 use actix_web::{HttpResponse, web};
+use diesel::Connection;
 use events::{Envelope, Service};
 use kafka::Database;
 use serde::{Deserialize, Serialize};
@@ -22,21 +23,45 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(get_one))
             .route(web::patch().to(update))
             .default_service(web::to(kafka::http::method_not_allowed)),
+    )
+    .service(
+        web::resource("/reservations")
+            .route(web::get().to(reservations))
+            .default_service(web::to(kafka::http::method_not_allowed)),
+    )
+    .service(
+        web::resource("/reservations/{order_id}")
+            .route(web::get().to(reservation))
+            .default_service(web::to(kafka::http::method_not_allowed)),
     );
 }
 
-/// A product as the API shows it, with `reserved`: units held for orders in flight.
+/// A product as the API shows it, with `reserved` (units held for orders not yet delivered)
+/// and `delivered` (units gone with completed deliveries): stock + reserved + delivered only
+/// changes when someone changes the stock.
 #[derive(Debug, Serialize)]
 pub struct ProductJson {
     #[serde(flatten)]
     product: Product,
     reserved: i64,
+    delivered: i64,
 }
 
 impl ProductJson {
-    fn new(product: Product, reserved: i64) -> Self {
-        ProductJson { product, reserved }
+    fn new(product: Product, committed: store::Committed) -> Self {
+        ProductJson {
+            product,
+            reserved: committed.reserved,
+            delivered: committed.delivered,
+        }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
 }
 
 /// `POST /products` body; `productName` is accepted as in the seed lab.
@@ -49,9 +74,11 @@ struct CreateProduct {
     stock: i64,
 }
 
-/// `PATCH /products/{id}` body: any of the fields.
+/// `PATCH /products/{id}` body: any of the fields. `stockDelta` adjusts the stock relative to
+/// what it is at the moment of the write, so reservations made since the client's GET are
+/// kept; `stock` sets it outright.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct UpdateProduct {
     #[serde(default, alias = "productName")]
     name: Option<String>,
@@ -59,22 +86,27 @@ struct UpdateProduct {
     price: Option<i64>,
     #[serde(default)]
     stock: Option<i64>,
+    #[serde(default)]
+    stock_delta: Option<i64>,
 }
 
 async fn list(db: web::Data<Database>) -> Result<HttpResponse, ProductsError> {
+    // One read transaction: stock and reservations from the same snapshot.
     let products = db
         .read(|conn| {
-            let reserved = store::reserved_by_product(conn)?;
-            let products = store::all_products(conn)?;
-            Ok::<_, ProductsError>(
-                products
-                    .into_iter()
-                    .map(|p| {
-                        let held = reserved.get(&p.id).copied().unwrap_or(0);
-                        ProductJson::new(p, held)
-                    })
-                    .collect::<Vec<_>>(),
-            )
+            conn.transaction(|conn| {
+                let committed = store::committed_by_product(conn)?;
+                let products = store::all_products(conn)?;
+                Ok::<_, ProductsError>(
+                    products
+                        .into_iter()
+                        .map(|p| {
+                            let held = committed.get(&p.id).copied().unwrap_or_default();
+                            ProductJson::new(p, held)
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            })
         })
         .await?;
     Ok(HttpResponse::Ok().json(products))
@@ -87,9 +119,11 @@ async fn get_one(
     let id = id.into_inner();
     let product = db
         .read(move |conn| {
-            let p = store::product(conn, id)?.ok_or(ProductsError::NotFound(id))?;
-            let reserved = store::reserved_units(conn, id)?;
-            Ok::<_, ProductsError>(ProductJson::new(p, reserved))
+            conn.transaction(|conn| {
+                let p = store::product(conn, id)?.ok_or(ProductsError::NotFound(id))?;
+                let committed = store::committed_units(conn, id)?;
+                Ok::<_, ProductsError>(ProductJson::new(p, committed))
+            })
         })
         .await?;
     Ok(HttpResponse::Ok().json(product))
@@ -117,7 +151,7 @@ async fn create(
         .await?;
     Ok(HttpResponse::Created()
         .insert_header(("Location", format!("/products/{}", product.id)))
-        .json(ProductJson::new(product, 0)))
+        .json(ProductJson::new(product, store::Committed::default())))
 }
 
 async fn update(
@@ -127,11 +161,21 @@ async fn update(
 ) -> Result<HttpResponse, ProductsError> {
     let id = id.into_inner();
     let body = body.into_inner();
-    if body.name.is_none() && body.price.is_none() && body.stock.is_none() {
+    if body.name.is_none()
+        && body.price.is_none()
+        && body.stock.is_none()
+        && body.stock_delta.is_none()
+    {
         return Err(ProductsError::Invalid(
-            "give at least one of name, price, stock".into(),
+            "give at least one of name, price, stock, stockDelta".into(),
         ));
     }
+    if body.stock.is_some() && body.stock_delta.is_some() {
+        return Err(ProductsError::Invalid(
+            "give stock or stockDelta, not both".into(),
+        ));
+    }
+    let delta = body.stock_delta;
     let name = body.name.as_deref().map(ProductName::parse).transpose()?;
     let price = body
         .price
@@ -149,11 +193,54 @@ async fn update(
             }
             p.price = price.unwrap_or(p.price);
             p.stock = stock.unwrap_or(p.stock);
+            if let Some(delta) = delta {
+                let adjusted = p.stock.checked_add(delta).unwrap_or(-1);
+                p.stock = amount("stock + stockDelta", adjusted, MAX_STOCK).map_err(|_| {
+                    ProductsError::Invalid(format!(
+                        "stockDelta {delta} would make the stock {} (it is {} now; the \
+                         result must be between 0 and {MAX_STOCK})",
+                        p.stock.saturating_add(delta),
+                        p.stock
+                    ))
+                })?;
+            }
             store::save_product(conn, &p)?;
-            let reserved = store::reserved_units(conn, id)?;
+            let committed = store::committed_units(conn, id)?;
             let event = Envelope::new(Service::Products, p.changed());
-            Ok::<_, ProductsError>((ProductJson::new(p, reserved), vec![event]))
+            Ok::<_, ProductsError>((ProductJson::new(p, committed), vec![event]))
         })
         .await?;
     Ok(HttpResponse::Ok().json(product))
+}
+
+async fn reservations(
+    db: web::Data<Database>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ProductsError> {
+    let q = query.into_inner();
+    let page = kafka::http::Page::parse(q.after, q.limit).map_err(ProductsError::Invalid)?;
+    let list = db
+        .read(move |conn| store::reservations(conn, page).map_err(ProductsError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(list))
+}
+
+async fn reservation(
+    db: web::Data<Database>,
+    order_id: web::Path<i64>,
+) -> Result<HttpResponse, ProductsError> {
+    let order_id = order_id.into_inner();
+    let found = db
+        .read(move |conn| {
+            store::reservation(conn, order_id)
+                .map_err(|e| match e {
+                    kafka::ReactError::Db(e) => ProductsError::Internal(e),
+                    kafka::ReactError::Rejected(why) => {
+                        ProductsError::Internal(kafka::DbError::Setup(why))
+                    }
+                })?
+                .ok_or(ProductsError::NoReservation(order_id))
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(found))
 }

@@ -39,10 +39,48 @@ pub enum ReservationState {
     Released,
     /// Nothing was taken: out of stock or unknown product.
     Rejected,
+    /// The delivery completed: the units left the warehouse for good and are never released.
+    Delivered,
+    /// The order was cancelled before its OrderPlaced arrived here (a relay retry can
+    /// reorder one order's events): a later OrderPlaced reserves nothing.
+    Voided,
+}
+
+impl ReservationState {
+    /// The stored and API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationState::Reserved => "Reserved",
+            ReservationState::Released => "Released",
+            ReservationState::Rejected => "Rejected",
+            ReservationState::Delivered => "Delivered",
+            ReservationState::Voided => "Voided",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Reserved,
+            Self::Released,
+            Self::Rejected,
+            Self::Delivered,
+            Self::Voided,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+impl serde::Serialize for ReservationState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// What products decided for one order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StockReservation {
     /// The order.
     pub order_id: i64,
@@ -76,6 +114,8 @@ pub fn react(view: StockView, incoming: &Envelope) -> (StockView, Vec<Envelope>)
                 release(view, incoming)
             }
         }
+        // Rule 11: delivered units are settled: no longer reserved, never released.
+        Event::DeliveryCompleted(_) => settle(view),
         _ => (view, Vec::new()),
     }
 }
@@ -134,8 +174,29 @@ fn reserve(
 }
 
 /// Returns a reservation's units to stock, whatever the stock is now (the Java original's
-/// `stock - quantity > 0` check skipped legitimate restores).
+/// `stock - quantity > 0` check skipped legitimate restores). A cancel that arrives before
+/// anything was decided voids the order here, so a late OrderPlaced reserves nothing.
 fn release(view: StockView, incoming: &Envelope) -> (StockView, Vec<Envelope>) {
+    if view.reservation.is_none() {
+        let (product_id, quantity) = match &incoming.event {
+            Event::OrderCancelled(e) => (e.product_id, e.quantity),
+            Event::DeliveryCancelled(e) => (e.product_id, e.quantity),
+            _ => return (view, Vec::new()),
+        };
+        let voided = StockReservation {
+            order_id: incoming.event.order_id().unwrap_or_default(),
+            product_id,
+            quantity,
+            state: ReservationState::Voided,
+        };
+        return (
+            StockView {
+                reservation: Some(voided),
+                ..view
+            },
+            Vec::new(),
+        );
+    }
     let (Some(mut product), Some(mut reservation)) =
         (view.product.clone(), view.reservation.clone())
     else {
@@ -158,6 +219,23 @@ fn release(view: StockView, incoming: &Envelope) -> (StockView, Vec<Envelope>) {
         reservation: Some(reservation),
     };
     (view, events)
+}
+
+/// Settles a reservation whose delivery completed.
+fn settle(view: StockView) -> (StockView, Vec<Envelope>) {
+    match view.reservation {
+        Some(mut r) if r.state == ReservationState::Reserved => {
+            r.state = ReservationState::Delivered;
+            (
+                StockView {
+                    reservation: Some(r),
+                    ..view
+                },
+                Vec::new(),
+            )
+        }
+        _ => (view, Vec::new()),
+    }
 }
 
 fn stock_moved(
@@ -187,7 +265,7 @@ fn stock_moved(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use events::{DeliveryCancelled, OrderCancelled};
+    use events::{DeliveryCancelled, DeliveryCompleted, DeliveryState, OrderCancelled};
 
     fn tv(stock: i64) -> Product {
         Product {
@@ -237,7 +315,7 @@ mod tests {
                 order_id: 9,
                 product_id: 1,
                 quantity: 3,
-                delivery_state: "DeliveryCancelled".into(),
+                delivery_state: DeliveryState::Cancelled,
                 state_message: "x".into(),
             }),
         );
@@ -372,7 +450,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cancel_with_nothing_reserved_does_nothing() {
+    fn a_cancel_of_a_rejected_order_does_nothing() {
         let rejected = StockView {
             product: Some(tv(10)),
             reservation: Some(StockReservation {
@@ -382,17 +460,61 @@ mod tests {
                 state: ReservationState::Rejected,
             }),
         };
-        for view in [
-            rejected,
-            StockView {
+        let (after, events) = react(rejected.clone(), &order_cancelled(Some(Service::Orders)));
+        assert_eq!(after, rejected);
+        assert!(events.is_empty());
+    }
+
+    fn delivery_completed() -> Envelope {
+        Envelope::new(
+            Service::Delivery,
+            Event::DeliveryCompleted(DeliveryCompleted {
+                delivery_id: 1,
+                order_id: 9,
+                delivery_state: DeliveryState::Completed,
+            }),
+        )
+    }
+
+    #[test]
+    fn a_cancel_before_order_placed_voids_the_order_and_the_late_placed_reserves_nothing() {
+        // the relay-retry reordering: OrderCancelled, then OrderPlaced
+        for cancel in [
+            order_cancelled(Some(Service::Orders)),
+            delivery_cancelled(Some(Service::Delivery)),
+        ] {
+            let view = StockView {
                 product: Some(tv(10)),
                 reservation: None,
-            },
-        ] {
-            let (after, events) = react(view.clone(), &order_cancelled(Some(Service::Orders)));
-            assert_eq!(after, view);
+            };
+            let (voided, events) = react(view, &cancel);
+            assert!(events.is_empty());
+            assert_eq!(voided.product.as_ref().unwrap().stock, 10);
+            assert_eq!(voided.reservation.as_ref().unwrap().state, ReservationState::Voided);
+            let (after, events) = react(voided.clone(), &placed(3));
+            assert_eq!(after, voided, "stock untouched");
             assert!(events.is_empty());
         }
+    }
+
+    #[test]
+    fn a_delivered_reservation_is_settled_and_never_released() {
+        let (delivered, events) = react(reserved(3, 7), &delivery_completed());
+        assert!(events.is_empty());
+        assert_eq!(delivered.reservation.as_ref().unwrap().state, ReservationState::Delivered);
+        assert_eq!(delivered.product.as_ref().unwrap().stock, 7);
+        for cancel in [
+            order_cancelled(Some(Service::Orders)),
+            delivery_cancelled(Some(Service::Delivery)),
+        ] {
+            let (after, events) = react(delivered.clone(), &cancel);
+            assert_eq!(after, delivered, "a delivered order is never restocked");
+            assert!(events.is_empty());
+        }
+        // and a DeliveryCompleted for a released reservation changes nothing
+        let (released, _) = react(reserved(3, 7), &order_cancelled(Some(Service::Orders)));
+        let (after, _) = react(released.clone(), &delivery_completed());
+        assert_eq!(after, released);
     }
 
     #[test]

@@ -81,24 +81,12 @@ impl From<ProductRow> for Product {
     }
 }
 
-fn state_name(state: ReservationState) -> &'static str {
-    match state {
-        ReservationState::Reserved => "Reserved",
-        ReservationState::Released => "Released",
-        ReservationState::Rejected => "Rejected",
-    }
-}
-
 impl TryFrom<ReservationRow> for StockReservation {
     type Error = String;
 
     fn try_from(r: ReservationRow) -> Result<Self, String> {
-        let state = match r.state.as_str() {
-            "Reserved" => ReservationState::Reserved,
-            "Released" => ReservationState::Released,
-            "Rejected" => ReservationState::Rejected,
-            other => return Err(format!("unknown reservation state {other:?}")),
-        };
+        let state = ReservationState::parse(&r.state)
+            .ok_or_else(|| format!("unknown reservation state {:?}", r.state))?;
         Ok(StockReservation {
             order_id: r.order_id,
             product_id: r.product_id,
@@ -169,7 +157,7 @@ pub fn save_reservation(conn: &mut SqliteConnection, r: &StockReservation) -> Qu
         order_id: r.order_id,
         product_id: r.product_id,
         quantity: r.quantity,
-        state: state_name(r.state).to_owned(),
+        state: r.state.as_str().to_owned(),
         updated_at: chrono::Utc::now().to_rfc3339(),
     };
     diesel::insert_into(stock_reservations::table)
@@ -181,28 +169,73 @@ pub fn save_reservation(conn: &mut SqliteConnection, r: &StockReservation) -> Qu
         .map(|_| ())
 }
 
-/// Units held by reservations for every product that has any, in one query.
-pub fn reserved_by_product(
+/// Units a product has out of stock: held for orders in flight, and delivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Reserved for orders not yet delivered (or cancelled).
+    pub reserved: i64,
+    /// Gone with completed deliveries.
+    pub delivered: i64,
+}
+
+/// [`Committed`] units for every product that has any, in one query.
+pub fn committed_by_product(
     conn: &mut SqliteConnection,
-) -> QueryResult<std::collections::HashMap<i64, i64>> {
-    let held: Vec<(i64, i64)> = stock_reservations::table
-        .filter(stock_reservations::state.eq("Reserved"))
-        .select((stock_reservations::product_id, stock_reservations::quantity))
+) -> QueryResult<std::collections::HashMap<i64, Committed>> {
+    let held: Vec<(i64, String, i64)> = stock_reservations::table
+        .filter(stock_reservations::state.eq_any(["Reserved", "Delivered"]))
+        .select((
+            stock_reservations::product_id,
+            stock_reservations::state,
+            stock_reservations::quantity,
+        ))
         .load(conn)?;
-    let mut totals = std::collections::HashMap::new();
-    for (product_id, quantity) in held {
-        *totals.entry(product_id).or_insert(0) += quantity;
+    let mut totals = std::collections::HashMap::<i64, Committed>::new();
+    for (product_id, state, quantity) in held {
+        let t = totals.entry(product_id).or_default();
+        if state == "Reserved" {
+            t.reserved += quantity;
+        } else {
+            t.delivered += quantity;
+        }
     }
     Ok(totals)
 }
 
-/// Units currently held by reservations, per product: stock + reserved stays constant under
-/// the saga, whatever orders do.
-pub fn reserved_units(conn: &mut SqliteConnection, product_id: i64) -> QueryResult<i64> {
-    let quantities: Vec<i64> = stock_reservations::table
+/// [`Committed`] units of one product: stock + reserved + delivered stays constant under the
+/// saga, whatever orders do.
+pub fn committed_units(conn: &mut SqliteConnection, product_id: i64) -> QueryResult<Committed> {
+    let held: Vec<(String, i64)> = stock_reservations::table
         .filter(stock_reservations::product_id.eq(product_id))
-        .filter(stock_reservations::state.eq("Reserved"))
-        .select(stock_reservations::quantity)
+        .filter(stock_reservations::state.eq_any(["Reserved", "Delivered"]))
+        .select((stock_reservations::state, stock_reservations::quantity))
         .load(conn)?;
-    Ok(quantities.iter().sum())
+    let mut t = Committed::default();
+    for (state, quantity) in held {
+        if state == "Reserved" {
+            t.reserved += quantity;
+        } else {
+            t.delivered += quantity;
+        }
+    }
+    Ok(t)
+}
+
+/// One page of reservations by order id.
+pub fn reservations(
+    conn: &mut SqliteConnection,
+    page: kafka::http::Page,
+) -> QueryResult<Vec<StockReservation>> {
+    stock_reservations::table
+        .filter(stock_reservations::order_id.gt(page.after))
+        .order(stock_reservations::order_id)
+        .limit(page.limit)
+        .select(ReservationRow::as_select())
+        .load(conn)?
+        .into_iter()
+        .map(|r| {
+            StockReservation::try_from(r)
+                .map_err(|e| diesel::result::Error::DeserializationError(e.into()))
+        })
+        .collect()
 }

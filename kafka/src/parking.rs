@@ -1,0 +1,58 @@
+//! Parking a message the service cannot apply: a local record, the dead letter (queued in the
+//! outbox for `<topic>.DLT`) and the consumer's position past it commit in one transaction.
+//! So a parked message is parked once, and the relay publishes its dead letter like any
+//! event. A dead letter is bounded in size ([`events::DeadLetter`]), so it always fits; were
+//! the broker to refuse it anyway, the relay marks it refused and the local record remains.
+
+use crate::offsets::{self, ConsumedAt};
+use crate::outbox;
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+use events::DeadLetter;
+
+diesel::table! {
+    /// Every message this service parked.
+    dead_letters (id) {
+        id -> BigInt,
+        kind -> Text,
+        reason -> Text,
+        topic -> Text,
+        partition -> Integer,
+        #[sql_name = "offset"]
+        offset_ -> BigInt,
+        message_key -> Nullable<Text>,
+        payload_bytes -> BigInt,
+        payload_sha256 -> Text,
+        parked_at -> Text,
+    }
+}
+
+/// Records `letter`, queues it for `dead_letter_topic` and moves the position past the
+/// message, inside the caller's transaction.
+pub fn park(
+    conn: &mut SqliteConnection,
+    letter: &DeadLetter,
+    dead_letter_topic: &str,
+    at: &ConsumedAt,
+) -> QueryResult<()> {
+    offsets::store(conn, at)?;
+    diesel::insert_into(dead_letters::table)
+        .values((
+            dead_letters::kind.eq(format!("{:?}", letter.kind)),
+            dead_letters::reason.eq(&letter.reason),
+            dead_letters::topic.eq(&letter.topic),
+            dead_letters::partition.eq(letter.partition),
+            dead_letters::offset_.eq(letter.offset),
+            dead_letters::message_key.eq(letter.key.as_deref()),
+            dead_letters::payload_bytes.eq(letter.payload_bytes as i64),
+            dead_letters::payload_sha256.eq(&letter.payload_sha256),
+            dead_letters::parked_at.eq(&letter.parked_at),
+        ))
+        .execute(conn)?;
+    outbox::enqueue_dead_letter(conn, dead_letter_topic, letter)
+}
+
+/// How many messages this service has parked.
+pub fn count(conn: &mut SqliteConnection) -> QueryResult<i64> {
+    dead_letters::table.count().get_result(conn)
+}

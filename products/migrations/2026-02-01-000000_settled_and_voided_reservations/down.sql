@@ -1,0 +1,1 @@
+DROP INDEX stock_reservations_by_product;
