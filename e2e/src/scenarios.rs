@@ -215,7 +215,9 @@ pub async fn out_of_stock(m: &Mall) -> Check {
     expect_eq("(stock, reserved)", m.stock(product).await?, (10, 0))
 }
 
-/// Customer cancel: stock restored exactly once, delivery cancelled, a second cancel is a 409.
+/// Customer cancel of a confirmed order: orders only requests it (202), delivery calls the
+/// delivery off, then the order is cancelled and its stock restored exactly once; a second
+/// cancel is a 409.
 pub async fn customer_cancel(m: &Mall) -> Check {
     let product = m.create_product("customer-cancel", 10).await?;
     let order = m.place_order(product, 2).await?;
@@ -223,12 +225,16 @@ pub async fn customer_cancel(m: &Mall) -> Check {
     m.wait_stock(product, (8, 2)).await?;
     let url = format!("{}/orders/{order}", m.orders);
     let body = json!({ "state": "OrderCancelled" });
-    let o = m.expect("PATCH", &url, Some(body.clone()), 200).await?;
+    let o = m.expect("PATCH", &url, Some(body.clone()), 202).await?;
     expect_eq(
-        "state after PATCH",
-        o["state"].as_str(),
-        Some("OrderCancelled"),
+        "cancelRequested after PATCH",
+        o["cancelRequested"].as_bool(),
+        Some(true),
     )?;
+    if !o["stateMessage"].as_str().unwrap_or_default().contains("unless it was already delivered") {
+        return Err(format!("the 202 should say what will happen: {o}"));
+    }
+    m.wait_order_state(order, "OrderCancelled").await?;
     m.wait_stock(product, (10, 0)).await?;
     m.wait_delivery_state(order, "DeliveryCancelled").await?;
     let again = m.expect("PATCH", &url, Some(body), 409).await?;
@@ -241,19 +247,20 @@ pub async fn customer_cancel(m: &Mall) -> Check {
             "second cancel should say it is already cancelled: {again}"
         ));
     }
-    let events = wait_topic(
-        m,
-        order,
-        &["OrderCancelled", "DeliveryCancelled", "StockIncreased"],
-    )
-    .await?;
-    for t in ["OrderCancelled", "DeliveryCancelled", "StockIncreased"] {
+    let chain = ["OrderCancelRequested", "DeliveryCancelled", "OrderCancelled", "StockIncreased"];
+    let events = wait_topic(m, order, &chain).await?;
+    for t in chain {
         expect_eq(
             &format!("{t}.initiator"),
             single(&events, t)?["initiator"].as_str(),
             Some("orders"),
         )?;
     }
+    expect_eq(
+        "DeliveryCancelled caused by OrderCancelRequested",
+        &single(&events, "DeliveryCancelled")?["causationId"],
+        &single(&events, "OrderCancelRequested")?["eventId"],
+    )?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     expect_eq(
         "(stock, reserved) after the chain settled",
@@ -265,6 +272,133 @@ pub async fn customer_cancel(m: &Mall) -> Check {
         distinct(&m.topic_events_of(order).await?, "StockIncreased"),
         1,
     )
+}
+
+/// An order whose delivery is confirmed, ready for the delivered-then-cancelled race.
+pub struct RaceOrder {
+    product: i64,
+    order: i64,
+    delivery_url: String,
+}
+
+/// Part 1 of the race of a courier's completion with a customer's cancel: a confirmed order
+/// (stock 9, reserved 1 of 10).
+pub async fn race_prepare(m: &Mall) -> Check<RaceOrder> {
+    let product = m.create_product("delivered-race", 10).await?;
+    let order = m.place_order(product, 1).await?;
+    m.wait_order_state(order, "OrderCompleted").await?;
+    let delivery = eventually(
+        "the delivery is confirmed by OrderCompleted",
+        Duration::from_secs(30),
+        || async move {
+            let d = m.delivery_of(order).await?;
+            if d["orderConfirmed"] == true {
+                Ok(d)
+            } else {
+                Err(d.to_string())
+            }
+        },
+    )
+    .await?;
+    Ok(RaceOrder {
+        product,
+        order,
+        delivery_url: format!("{}/deliveries/{}", m.delivery, field_i64(&delivery, "id")?),
+    })
+}
+
+/// Part 2: the courier completes, then at once the customer cancels. With the broker down
+/// in between (`outage`), orders cannot have heard of the delivery, so the cancel is accepted
+/// as a request (202); without, it may also be refused at once (409). Returns the status.
+pub async fn race_act(m: &Mall, race: &RaceOrder, outage: bool) -> Check<u16> {
+    m.expect(
+        "PATCH",
+        &race.delivery_url,
+        Some(json!({ "deliveryState": "DeliveryCompleted" })),
+        200,
+    )
+    .await?;
+    let (status, body) = m
+        .call(
+            "PATCH",
+            &format!("{}/orders/{}", m.orders, race.order),
+            Some(json!({ "state": "OrderCancelled" })),
+        )
+        .await?;
+    match status {
+        202 => Ok(202),
+        409 if !outage => Ok(409),
+        _ => Err(format!("cancel racing a delivery answered {status} {body}")),
+    }
+}
+
+/// Part 3: whatever the timing, a delivered order is never cancelled and never restocked; a
+/// requested cancel ends in CancelRefused, visible in the order.
+pub async fn race_check(m: &Mall, race: &RaceOrder, status: u16) -> Check {
+    let order = race.order;
+    let o = eventually(
+        "the race settles with the order completed and delivered",
+        Duration::from_secs(60),
+        || async move {
+            let o = m.order(order).await?;
+            if o["state"] == "OrderCompleted"
+                && o["deliveryState"] == "DeliveryCompleted"
+                && o["cancelRequested"] == false
+            {
+                Ok(o)
+            } else {
+                Err(o.to_string())
+            }
+        },
+    )
+    .await?;
+    m.wait_delivery_state(order, "DeliveryCompleted").await?;
+    wait_delivered(m, race.product, (9, 0, 1)).await?;
+    if status == 202 {
+        let events = wait_topic(m, order, &["CancelRefused"]).await?;
+        expect_eq(
+            "CancelRefused.initiator",
+            single(&events, "CancelRefused")?["initiator"].as_str(),
+            Some("orders"),
+        )?;
+        if !o["stateMessage"].as_str().unwrap_or_default().contains("cancel refused") {
+            return Err(format!("the order should say the cancel was refused: {o}"));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = m.topic_events_of(order).await?;
+    for t in ["OrderCancelled", "StockIncreased", "DeliveryCancelled"] {
+        expect_eq(&format!("{t} events"), distinct(&events, t), 0)?;
+    }
+    wait_delivered(m, race.product, (9, 0, 1)).await
+}
+
+/// Waits until a product's (stock, reserved, delivered) are as expected.
+async fn wait_delivered(m: &Mall, product: i64, expected: (i64, i64, i64)) -> Check {
+    eventually(
+        &format!("product {product} has (stock, reserved, delivered) = {expected:?}"),
+        Duration::from_secs(30),
+        || async move {
+            let p = m
+                .expect("GET", &format!("{}/products/{product}", m.products), None, 200)
+                .await?;
+            let got = (
+                field_i64(&p, "stock")?,
+                field_i64(&p, "reserved")?,
+                field_i64(&p, "delivered")?,
+            );
+            if got == expected { Ok(()) } else { Err(format!("{got:?}")) }
+        },
+    )
+    .await
+}
+
+/// The race without an outage (the in-process suite); the stack suite runs it with the
+/// broker down between the two PATCHes.
+pub async fn delivered_order_cancel_race(m: &Mall) -> Check {
+    let race = race_prepare(m).await?;
+    let status = race_act(m, &race, false).await?;
+    race_check(m, &race, status).await
 }
 
 /// Courier cancel: DeliveryCancelled initiated by delivery cancels the order and restores
@@ -348,13 +482,16 @@ pub async fn courier_cancel(m: &Mall) -> Check {
             "cancel of a delivered order should say so: {refused}"
         ));
     }
-    m.wait_stock(product, (9, 1)).await
+    wait_delivered(m, product, (9, 0, 1)).await
 }
 
-/// A malformed message is parked on `<topic>.DLT` by every service with its reason, an unknown
+/// A malformed message — and a 200,000-byte value of NUL bytes, whose escaped copy would not
+/// fit on the broker — is parked on `<topic>.DLT` by every service with its reason, an unknown
 /// event type is skipped, and the saga after them still completes.
 pub async fn malformed_message_is_parked(m: &Mall) -> Check {
     let garbage = format!("not json at all {}", std::process::id());
+    let nul_key = format!("nul-{}", std::process::id());
+    crate::publish_raw_bytes(&m.brokers, &m.topic, &nul_key, &vec![0u8; 200_000]).await?;
     publish_raw(&m.brokers, &m.topic, "garbage", &garbage).await?;
     publish_raw(
         &m.brokers,
@@ -378,16 +515,31 @@ pub async fn malformed_message_is_parked(m: &Mall) -> Check {
         || {
             let dlt = dlt.clone();
             let garbage = garbage.clone();
+            let nul_key = nul_key.clone();
             async move {
                 let letters = read_topic(&m.brokers, &dlt).await?;
                 let groups: HashSet<String> = letters
                     .iter()
                     .filter(|l| {
-                        l.value["payload"] == garbage.as_str()
+                        l.value["payloadPreview"] == garbage.as_str()
+                            && l.value["kind"] == "Undecodable"
                             && !l.value["reason"].as_str().unwrap_or_default().is_empty()
                     })
                     .filter_map(|l| l.value["consumerGroup"].as_str().map(str::to_owned))
                     .collect();
+                let nul_groups: HashSet<String> = letters
+                    .iter()
+                    .filter(|l| {
+                        l.value["key"] == nul_key.as_str()
+                            && l.value["payloadBytes"] == 200_000
+                            && l.value["payloadTruncated"] == true
+                            && l.raw.len() < 20_000
+                    })
+                    .filter_map(|l| l.value["consumerGroup"].as_str().map(str::to_owned))
+                    .collect();
+                if nul_groups.len() < 3 {
+                    return Err(format!("the 200 KB NUL message was parked by {nul_groups:?}"));
+                }
                 let unknown_parked = letters.iter().any(|l| l.raw.contains("PaymentApproved"));
                 if unknown_parked {
                     return Err("an unknown event type was parked; it should be skipped".into());
@@ -416,7 +568,7 @@ pub async fn every_event_twice(m: &Mall) -> Check {
         "PATCH",
         &format!("{}/orders/{order}", m.orders),
         Some(json!({ "state": "OrderCancelled" })),
-        200,
+        202,
     )
     .await?;
     m.wait_stock(product, (10, 0)).await?;
@@ -448,6 +600,7 @@ pub async fn every_event_twice(m: &Mall) -> Check {
         "StockDecreased",
         "DeliveryStarted",
         "OrderCompleted",
+        "OrderCancelRequested",
         "OrderCancelled",
         "DeliveryCancelled",
         "StockIncreased",

@@ -45,6 +45,10 @@ scenario!(
     scenarios::malformed_message_is_parked
 );
 scenario!(
+    delivered_order_cancel_race,
+    scenarios::delivered_order_cancel_race
+);
+scenario!(
     bad_input_gets_clear_errors,
     scenarios::bad_input_gets_clear_errors
 );

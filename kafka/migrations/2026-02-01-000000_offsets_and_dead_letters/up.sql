@@ -29,3 +29,5 @@ CREATE TABLE dead_letters (
     payload_sha256 TEXT    NOT NULL,
     parked_at      TEXT    NOT NULL
 );
+-- (Service migrations use other dates: diesel keys applied migrations by version alone, and
+-- the plumbing's and a service's share one table.)
