@@ -169,3 +169,54 @@ impl Database {
         self.outbox_committed.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorKind as Kind, Error};
+
+    fn query(kind: Kind, message: &str) -> DbError {
+        DbError::Query(Error::DatabaseError(kind, Box::new(message.to_owned())))
+    }
+
+    #[test]
+    fn environment_failures_are_retried_and_data_failures_are_not() {
+        for message in [
+            "database is locked",
+            "database or disk is full",
+            "disk I/O error",
+            "attempt to write a readonly database",
+            "unable to open database file",
+        ] {
+            assert!(query(Kind::Unknown, message).is_transient(), "{message}");
+        }
+        for kind in [
+            Kind::UniqueViolation,
+            Kind::CheckViolation,
+            Kind::NotNullViolation,
+            Kind::ForeignKeyViolation,
+        ] {
+            assert!(!query(kind, "constraint failed").is_transient(), "{kind:?}");
+        }
+        assert!(!DbError::Task("panicked".into()).is_transient());
+    }
+
+    #[test]
+    fn a_read_only_database_is_retried_not_parked() {
+        // A real SQLite error, not a hand-made one: writing to a database opened read-only.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro.db");
+        drop(Database::open(path.to_str().unwrap(), PLUMBING_MIGRATIONS).unwrap());
+        let mut conn = <SqliteConnection as diesel::Connection>::establish(&format!(
+            "file:{}?mode=ro",
+            path.display()
+        ))
+        .unwrap();
+        let err = DbError::from(
+            conn.batch_execute("INSERT INTO processed_events VALUES ('x', 'y', 'z')")
+                .unwrap_err(),
+        );
+        assert!(err.to_string().contains("readonly"), "{err}");
+        assert!(err.is_transient());
+    }
+}

@@ -110,3 +110,64 @@ fn already_processed(conn: &mut SqliteConnection, id: &str) -> QueryResult<bool>
     ))
     .get_result(conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+    use events::{Event, OrderCompleted, Service};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const NONE: EmbeddedMigrations = embed_migrations!("migrations");
+
+    /// Counts its effects and causes one event per application.
+    struct Counting(AtomicUsize);
+
+    impl Reactor for Counting {
+        fn wants(&self, _: &Envelope) -> bool {
+            true
+        }
+        fn react(&self, _: &mut SqliteConnection, e: &Envelope) -> Result<Vec<Envelope>, ReactError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![Envelope::new(Service::Orders, e.event.clone()).caused_by(e)])
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_applies_once_and_its_position_moves_even_for_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("i.db").to_str().unwrap(), NONE).unwrap();
+        let reactor = Arc::new(Counting(AtomicUsize::new(0)));
+        let event = Envelope::new(
+            Service::Orders,
+            Event::OrderCompleted(OrderCompleted {
+                order_id: 1,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+            }),
+        );
+        let at = |next_offset| ConsumedAt {
+            topic: "t".into(),
+            partition: 0,
+            next_offset,
+        };
+        let first = apply_once_at(&db, reactor.clone(), event.clone(), Some(at(5))).await;
+        let again = apply_once_at(&db, reactor.clone(), event, Some(at(9))).await;
+        assert_eq!(first.unwrap(), Applied::Done(1));
+        assert_eq!(again.unwrap(), Applied::Duplicate);
+        assert_eq!(reactor.0.load(Ordering::SeqCst), 1, "one effect");
+        let (positions, outbox_rows) = db
+            .read(|conn| {
+                Ok::<_, DbError>((
+                    offsets::load(conn, "t")?,
+                    crate::outbox::pending(conn, 10)?.len(),
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(positions.get(&0), Some(&9), "the duplicate moved the position");
+        assert_eq!(outbox_rows, 1, "one caused event");
+    }
+}

@@ -56,3 +56,47 @@ pub fn park(
 pub fn count(conn: &mut SqliteConnection) -> QueryResult<i64> {
     dead_letters::table.count().get_result(conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Database;
+    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+    use events::ParkedFrom;
+
+    const NONE: EmbeddedMigrations = embed_migrations!("migrations");
+
+    #[tokio::test]
+    async fn parking_records_queues_and_moves_the_position_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("p.db").to_str().unwrap(), NONE).unwrap();
+        let from = ParkedFrom {
+            consumer_group: "orders".into(),
+            topic: "eventTopic".into(),
+            partition: 1,
+            offset: 7,
+            key: Some("poison-1".into()),
+        };
+        let letter = DeadLetter::undecodable(from, &[0u8; 200_000], "not a JSON object");
+        let at = ConsumedAt {
+            topic: "eventTopic".into(),
+            partition: 1,
+            next_offset: 8,
+        };
+        let (rows, positions, parked) = db
+            .write(move |conn| {
+                park(conn, &letter, "eventTopic.DLT", &at)?;
+                let rows = outbox::pending(conn, 10)?;
+                let positions = offsets::load(conn, "eventTopic")?;
+                Ok::<_, crate::DbError>(((rows, positions, count(conn)?), Vec::new()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(parked, 1);
+        assert_eq!(positions.get(&1), Some(&8));
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].topic.as_deref(), Some("eventTopic.DLT"));
+        assert_eq!(rows[0].message_key, "poison-1");
+        assert!(rows[0].payload.len() < 16 * 1024, "{} bytes", rows[0].payload.len());
+    }
+}
