@@ -56,6 +56,8 @@ pub fn create_consumer(settings: &KafkaSettings) -> KafkaResult<SagaConsumer> {
         // the start; the inbox absorbs what was already applied.
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        // Back within a second of a broker restart (the default backs off up to 10 s).
+        .set("reconnect.backoff.max.ms", "1000")
         .set(
             "fetch.wait.max.ms",
             settings.fetch_wait_max.as_millis().to_string(),
@@ -71,6 +73,7 @@ pub fn create_probe(settings: &KafkaSettings) -> KafkaResult<BaseConsumer> {
     ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
         .set("socket.nagle.disable", "true")
+        .set("reconnect.backoff.max.ms", "1000")
         .create()
 }
 

@@ -170,6 +170,8 @@ pub struct RelayStatus {
 struct RelayState {
     /// Since when rounds have been failing without a break; `None` while they succeed.
     failing_since: Option<Instant>,
+    /// Since when the current round waits for acknowledgements (sends never time out).
+    waiting_since: Option<Instant>,
     last_error: Option<String>,
     producers_recreated: u32,
     last_fatal: Option<String>,
@@ -190,6 +192,10 @@ impl RelayStatus {
         s.last_error = Some(error.to_owned());
     }
 
+    fn waiting(&self, waiting: bool) {
+        lock(&self.inner).waiting_since = waiting.then(Instant::now);
+    }
+
     fn refused(&self) {
         lock(&self.inner).refused += 1;
     }
@@ -200,9 +206,16 @@ impl RelayStatus {
         s.last_fatal = Some(fatal.to_owned());
     }
 
-    /// Why the relay is stuck, if it has been failing for longer than `after`.
+    /// Why the relay is stuck, if it has been failing, or waiting for the broker, for longer
+    /// than `after`.
     pub fn problem(&self, after: Duration) -> Option<String> {
         let s = lock(&self.inner);
+        if let Some(waiting) = s.waiting_since.filter(|t| t.elapsed() > after) {
+            return Some(format!(
+                "outbox relay waiting {} s for the broker to acknowledge events",
+                waiting.elapsed().as_secs()
+            ));
+        }
         let since = s.failing_since?;
         (since.elapsed() > after).then(|| {
             format!(
@@ -220,6 +233,7 @@ impl RelayStatus {
             "published": s.published,
             "refusedByBroker": s.refused,
             "failingForSeconds": s.failing_since.map(|t| t.elapsed().as_secs()),
+            "waitingForSeconds": s.waiting_since.map(|t| t.elapsed().as_secs()),
             "lastError": s.last_error,
             "producersRecreated": s.producers_recreated,
             "lastFatalError": s.last_fatal,
@@ -350,6 +364,7 @@ impl OutboxRelay {
         }
         // Only the acknowledged prefix counts: a later row must not be marked before an
         // earlier one, or a retry would reorder them.
+        self.status.waiting(true);
         let mut acknowledged = Vec::with_capacity(deliveries.len());
         let mut refused = Vec::new();
         let mut failure = None;
@@ -387,6 +402,7 @@ impl OutboxRelay {
                 }
             }
         }
+        self.status.waiting(false);
         let count = acknowledged.len();
         if count > 0 || !refused.is_empty() {
             for _ in &refused {

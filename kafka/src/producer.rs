@@ -18,6 +18,8 @@ pub fn create_producer(settings: &KafkaSettings) -> KafkaResult<FutureProducer> 
         .set("acks", "all")
         .set("linger.ms", "1")
         .set("message.timeout.ms", "0")
+        // Back within a second of a broker restart (the default backs off up to 10 s).
+        .set("reconnect.backoff.max.ms", "1000")
         .set("socket.nagle.disable", "true")
         .create()
 }
