@@ -665,8 +665,15 @@ pub async fn concurrent_orders(m: &Mall, orders: i64, stock: i64) -> Check {
     expect_eq("stock + reserved", on_hand + reserved, stock)
 }
 
-/// Bad input gets a JSON 4xx that names the problem; never a 500.
+/// Bad input gets a JSON 4xx that names the problem; never a 500. The seed lab's own httpie
+/// command (`productId=1 quantity=1`, strings) is good input.
 pub async fn bad_input_gets_clear_errors(m: &Mall) -> Check {
+    let seed_lab = json!({ "productId": "1", "quantity": "1", "customerId": "1@uengine.org",
+                           "customerName": "홍길동", "customerAddr": "서울시" });
+    let placed = m
+        .expect("POST", &format!("{}/orders", m.orders), Some(seed_lab), 201)
+        .await?;
+    expect_eq("quantity of the seed lab's order", placed["quantity"].as_i64(), Some(1))?;
     let cases: Vec<(&str, String, Option<Value>, u16, &str)> = vec![
         (
             "POST",
@@ -687,7 +694,14 @@ pub async fn bad_input_gets_clear_errors(m: &Mall) -> Check {
             format!("{}/orders", m.orders),
             Some(json!({ "productId": "TV", "quantity": 1, "customerId": "c" })),
             422,
-            "invalid type",
+            "productId must be a whole number, got \"TV\"",
+        ),
+        (
+            "POST",
+            format!("{}/orders", m.orders),
+            Some(json!({ "productId": 1, "quantity": "abc", "customerId": "c" })),
+            422,
+            "quantity must be a whole number, got \"abc\"",
         ),
         (
             "GET",

@@ -143,6 +143,29 @@ pub async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     )
 }
 
+/// Reads a whole number from a JSON number or a string holding one (`"1"`): httpie's
+/// `key=value` sends strings, and the seed lab's Java services accepted them. The error names
+/// the field: `quantity must be a whole number, got "abc"`.
+pub fn whole_number(field: &str, value: &serde_json::Value) -> Result<i64, String> {
+    let parsed = match value {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(text) => text.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    parsed.ok_or_else(|| format!("{field} must be a whole number, got {value}"))
+}
+
+/// [`whole_number`] for an optional field.
+pub fn optional_whole_number(
+    field: &str,
+    value: Option<&serde_json::Value>,
+) -> Result<Option<i64>, String> {
+    value
+        .filter(|v| !v.is_null())
+        .map(|v| whole_number(field, v))
+        .transpose()
+}
+
 /// One page of a list endpoint: ids after `after`, at most `limit` of them
 /// (`?after=<last id seen>&limit=<n>`; a page shorter than `limit` is the last).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +202,22 @@ impl Page {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_numbers_come_as_numbers_or_strings_and_errors_name_the_field() {
+        use serde_json::json;
+        assert_eq!(whole_number("quantity", &json!(3)), Ok(3));
+        assert_eq!(whole_number("quantity", &json!("3")), Ok(3));
+        assert_eq!(whole_number("quantity", &json!(" 12 ")), Ok(12));
+        assert_eq!(
+            whole_number("quantity", &json!("abc")),
+            Err("quantity must be a whole number, got \"abc\"".into())
+        );
+        assert!(whole_number("price", &json!(1.5)).unwrap_err().starts_with("price"));
+        assert!(whole_number("price", &json!(true)).is_err());
+        assert_eq!(optional_whole_number("stock", None), Ok(None));
+        assert_eq!(optional_whole_number("stock", Some(&json!(null))), Ok(None));
+    }
 
     #[test]
     fn pages_default_and_bad_values_name_the_parameter() {

@@ -93,8 +93,10 @@ impl From<HistoryRow> for HistoryEntry {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PlaceOrder {
-    product_id: i64,
-    quantity: i64,
+    /// A number or a string holding one (the seed lab's httpie `productId=1`).
+    product_id: serde_json::Value,
+    /// A number or a string holding one.
+    quantity: serde_json::Value,
     customer_id: String,
     #[serde(default)]
     customer_name: Option<String>,
@@ -121,9 +123,10 @@ async fn place(
     body: web::Json<PlaceOrder>,
 ) -> Result<HttpResponse, OrdersError> {
     let b = body.into_inner();
+    let number = |field, value| kafka::http::whole_number(field, value).map_err(OrdersError::Invalid);
     let request = OrderRequest::parse(
-        b.product_id,
-        b.quantity,
+        number("productId", &b.product_id)?,
+        number("quantity", &b.quantity)?,
         &b.customer_id,
         b.customer_name.as_deref(),
         b.customer_addr.as_deref(),

@@ -70,8 +70,10 @@ struct PageQuery {
 struct CreateProduct {
     #[serde(alias = "productName")]
     name: String,
-    price: i64,
-    stock: i64,
+    /// A number or a string holding one, as httpie's `price=1000` sends.
+    price: serde_json::Value,
+    /// A number or a string holding one.
+    stock: serde_json::Value,
 }
 
 /// `PATCH /products/{id}` body: any of the fields. `stockDelta` adjusts the stock relative to
@@ -83,11 +85,11 @@ struct UpdateProduct {
     #[serde(default, alias = "productName")]
     name: Option<String>,
     #[serde(default)]
-    price: Option<i64>,
+    price: Option<serde_json::Value>,
     #[serde(default)]
-    stock: Option<i64>,
+    stock: Option<serde_json::Value>,
     #[serde(default)]
-    stock_delta: Option<i64>,
+    stock_delta: Option<serde_json::Value>,
 }
 
 async fn list(db: web::Data<Database>) -> Result<HttpResponse, ProductsError> {
@@ -135,8 +137,9 @@ async fn create(
 ) -> Result<HttpResponse, ProductsError> {
     let body = body.into_inner();
     let name = ProductName::parse(&body.name)?;
-    let price = amount("price", body.price, MAX_PRICE)?;
-    let stock = amount("stock", body.stock, MAX_STOCK)?;
+    let number = |field, value| kafka::http::whole_number(field, value).map_err(ProductsError::Invalid);
+    let price = amount("price", number("price", &body.price)?, MAX_PRICE)?;
+    let stock = amount("stock", number("stock", &body.stock)?, MAX_STOCK)?;
     let product = db
         .write(move |conn| {
             let new = NewProduct {
@@ -161,6 +164,14 @@ async fn update(
 ) -> Result<HttpResponse, ProductsError> {
     let id = id.into_inner();
     let body = body.into_inner();
+    let number = |field, value: &Option<serde_json::Value>| {
+        kafka::http::optional_whole_number(field, value.as_ref()).map_err(ProductsError::Invalid)
+    };
+    let (price_in, stock_in, delta_in) = (
+        number("price", &body.price)?,
+        number("stock", &body.stock)?,
+        number("stockDelta", &body.stock_delta)?,
+    );
     if body.name.is_none()
         && body.price.is_none()
         && body.stock.is_none()
@@ -175,14 +186,12 @@ async fn update(
             "give stock or stockDelta, not both".into(),
         ));
     }
-    let delta = body.stock_delta;
+    let delta = delta_in;
     let name = body.name.as_deref().map(ProductName::parse).transpose()?;
-    let price = body
-        .price
+    let price = price_in
         .map(|p| amount("price", p, MAX_PRICE))
         .transpose()?;
-    let stock = body
-        .stock
+    let stock = stock_in
         .map(|s| amount("stock", s, MAX_STOCK))
         .transpose()?;
     let product = db
