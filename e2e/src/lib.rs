@@ -3,7 +3,9 @@
 //! (`scripts/test.sh` → `stack-suite`). They assert on REST state and on the topic, never on
 //! logs.
 
+pub mod chaos;
 pub mod scenarios;
+pub mod stack;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -372,8 +374,14 @@ fn read_topic_blocking(brokers: &str, topic: &str) -> Check<Vec<TopicMessage>> {
 
 /// Publishes a raw message to a topic (to inject malformed input).
 pub async fn publish_raw(brokers: &str, topic: &str, key: &str, payload: &str) -> Check {
+    publish_raw_bytes(brokers, topic, key, payload.as_bytes()).await
+}
+
+/// Publishes raw bytes to a topic (to inject malformed input of any size).
+pub async fn publish_raw_bytes(brokers: &str, topic: &str, key: &str, payload: &[u8]) -> Check {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "10000000")
         .create()
         .map_err(|e| e.to_string())?;
     producer

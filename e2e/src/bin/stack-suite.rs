@@ -6,184 +6,12 @@
 //!
 //! Usage: `stack-suite --bin-dir target/debug --tansu .tools/bin/tansu`
 
-use e2e::{Check, Mall, eventually, read_topic, scenarios};
+use e2e::stack::Stack;
+use e2e::{Check, eventually, read_topic, scenarios};
 use std::collections::HashMap;
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
-
-const TOPIC: &str = "eventTopic";
-const SERVICES: [&str; 3] = ["orders", "products", "delivery"];
-
-/// One child process, killed when dropped.
-struct Process {
-    name: String,
-    child: Child,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The broker and the three services of one run.
-struct Stack {
-    dir: PathBuf,
-    bin_dir: PathBuf,
-    brokers: String,
-    ports: HashMap<&'static str, u16>,
-    broker: Option<Process>,
-    services: HashMap<&'static str, Process>,
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn log_file(dir: &Path, name: &str) -> std::io::Result<(File, File)> {
-    let file = File::options()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.log")))?;
-    Ok((file.try_clone()?, file))
-}
-
-impl Stack {
-    fn start(dir: &Path, bin_dir: &Path, tansu: &Path) -> Result<Stack, String> {
-        let port = free_port().map_err(|e| e.to_string())?;
-        let brokers = format!("127.0.0.1:{port}");
-        let (out, err) = log_file(dir, "tansu").map_err(|e| e.to_string())?;
-        let child = Command::new(tansu)
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://{brokers}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://{brokers}"))
-            .arg("--storage-engine")
-            .arg("sqlite://tansu.db") // relative to the run directory
-            .current_dir(dir)
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", tansu.display()))?;
-        let mut stack = Stack {
-            dir: dir.to_owned(),
-            bin_dir: bin_dir.to_owned(),
-            brokers,
-            ports: HashMap::new(),
-            broker: Some(Process {
-                name: "tansu".into(),
-                child,
-            }),
-            services: HashMap::new(),
-        };
-        wait_port(port, Duration::from_secs(30)).map_err(|e| format!("tansu: {e}"))?;
-        for service in SERVICES {
-            stack
-                .ports
-                .insert(service, free_port().map_err(|e| e.to_string())?);
-            stack.start_service(service)?;
-        }
-        Ok(stack)
-    }
-
-    fn start_service(&mut self, service: &'static str) -> Result<(), String> {
-        let (out, err) = log_file(&self.dir, service).map_err(|e| e.to_string())?;
-        let child = Command::new(self.bin_dir.join(service))
-            .env("PORT", self.ports[service].to_string())
-            .env("DATABASE_URL", self.dir.join(format!("{service}.db")))
-            .env("KAFKA_BROKERS", &self.brokers)
-            .env("KAFKA_TOPIC", TOPIC)
-            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("cannot start {service}: {e}"))?;
-        self.services.insert(
-            service,
-            Process {
-                name: service.into(),
-                child,
-            },
-        );
-        Ok(())
-    }
-
-    /// `kill -9`: no shutdown path runs.
-    fn kill(&mut self, service: &str) {
-        if let Some(mut p) = self.services.remove(service) {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-            println!("    killed {} (SIGKILL)", p.name);
-        }
-    }
-
-    /// SIGTERM, then waits for the process to exit by itself; fails if it does not, or exits
-    /// with an error.
-    fn terminate(&mut self, service: &str, timeout: Duration) -> Result<Duration, String> {
-        let mut p = self
-            .services
-            .remove(service)
-            .ok_or(format!("{service} is not running"))?;
-        let started = Instant::now();
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(p.child.id().to_string())
-            .status()
-            .map_err(|e| format!("kill -TERM {service}: {e}"))?;
-        if !sent.success() {
-            return Err(format!("kill -TERM {service} failed"));
-        }
-        while started.elapsed() < timeout {
-            match p.child.try_wait() {
-                Ok(Some(status)) if status.success() => return Ok(started.elapsed()),
-                Ok(Some(status)) => {
-                    return Err(format!("{service} exited with {status} on SIGTERM"));
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        Err(format!(
-            "{service} did not stop within {timeout:?} of SIGTERM"
-        ))
-    }
-
-    fn mall(&self) -> Mall {
-        let url = |s: &str| format!("http://127.0.0.1:{}", self.ports[s]);
-        Mall::new(
-            url("orders"),
-            url("products"),
-            url("delivery"),
-            self.brokers.clone(),
-            TOPIC.into(),
-        )
-    }
-
-    fn stop(&mut self) {
-        self.services.clear();
-        self.broker = None;
-    }
-}
-
-fn wait_port(port: u16, timeout: Duration) -> Result<(), String> {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if start.elapsed() > timeout {
-            return Err(format!("port {port} did not open within {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
 
 /// `kill -9` products while orders are being placed, restart it: every saga still ends, every
 /// order reserves its stock exactly once.
@@ -244,7 +72,7 @@ async fn graceful_stop(stack: &mut Stack) -> Check {
     for _ in 0..10 {
         ids.push(m.place_order(product, 1).await?);
     }
-    let took = stack.terminate("orders", Duration::from_secs(20))?;
+    let took = stack.terminate("orders", Duration::from_secs(20)).await?;
     println!(
         "    orders stopped on SIGTERM in {:.2} s",
         took.as_secs_f64()
@@ -259,7 +87,7 @@ async fn graceful_stop(stack: &mut Stack) -> Check {
 
 /// With the broker gone, `/health` answers 503 and names the broker. Runs last.
 async fn health_names_a_missing_broker(stack: &mut Stack) -> Check {
-    stack.broker = None; // kills tansu
+    stack.kill_broker();
     let m = &stack.mall();
     for base in [&m.orders, &m.products, &m.delivery] {
         eventually(

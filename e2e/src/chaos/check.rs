@@ -1,0 +1,1221 @@
+//! The invariants a chaos run checks once the mall is quiet, as pure functions of a
+//! [`Snapshot`]: what the three REST APIs, the saga topic and the dead-letter topic say, plus
+//! what the workload saw. Each check counts the items it looked at and lists its violations,
+//! every one with the order and the events involved.
+
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+/// Check names, as printed in the report.
+pub mod names {
+    /// Every order (each 201, and every order orders lists) ends, with no pending cancel.
+    pub const TERMINAL: &str =
+        "every order ends (OrderCompleted|OrderCancelled, no pending cancel)";
+    /// At most one of each effect per order, on the topic.
+    pub const EXACTLY_ONCE: &str = "exactly-once effects per order (topic)";
+    /// No two distinct events with the same (source, eventType, causationId).
+    pub const NO_DOUBLE_APPLY: &str = "no event applied twice (source, type, causationId)";
+    /// stock + reserved + delivered is conserved, and matches the orders.
+    pub const STOCK: &str = "stock conserved per product";
+    /// orders, products and delivery agree on every order.
+    pub const AGREE: &str = "the three services agree on every order";
+    /// No 5xx answer (other than /health).
+    pub const NO_5XX: &str = "no HTTP 5xx (other than /health)";
+    /// The DLT holds the injected poison only, parked by every group.
+    pub const DLT: &str = "DLT: only the injected poison, parked by all three groups";
+    /// /health answers 200 at the end.
+    pub const HEALTH: &str = "all three /health answer 200 at the end";
+    /// The REST lists and topics could be read.
+    pub const READABLE: &str = "state readable (REST lists, products, topics)";
+}
+
+/// The event types whose effect must happen at most once per order.
+pub const AT_MOST_ONCE: [&str; 8] = [
+    "OrderPlaced",
+    "StockDecreased",
+    "StockIncreased",
+    "DeliveryStarted",
+    "DeliveryCompleted",
+    "DeliveryCancelled",
+    "OrderCompleted",
+    "OrderCancelled",
+];
+
+fn int(v: &Value, name: &str) -> Result<i64, String> {
+    v[name]
+        .as_i64()
+        .ok_or_else(|| format!("no integer {name:?} in {v}"))
+}
+
+fn text(v: &Value, name: &str) -> Result<String, String> {
+    v[name]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no string {name:?} in {v}"))
+}
+
+/// A string or a number as text; `None` for null or absent.
+fn id_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// An order as orders lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderRow {
+    /// Order id.
+    pub id: i64,
+    /// Product.
+    pub product_id: i64,
+    /// Units.
+    pub quantity: i64,
+    /// `OrderPlaced`, `OrderCompleted`, `OrderCancelled`.
+    pub state: String,
+    /// The delivery's state as orders knows it.
+    pub delivery_state: Option<String>,
+    /// A customer cancel waits for delivery's decision.
+    pub cancel_requested: bool,
+}
+
+impl OrderRow {
+    /// From orders' JSON.
+    pub fn from_json(v: &Value) -> Result<Self, String> {
+        Ok(OrderRow {
+            id: int(v, "id")?,
+            product_id: int(v, "productId")?,
+            quantity: int(v, "quantity")?,
+            state: text(v, "state")?,
+            delivery_state: v["deliveryState"].as_str().map(str::to_owned),
+            cancel_requested: v["cancelRequested"].as_bool().unwrap_or(false),
+        })
+    }
+}
+
+/// A stock reservation as products lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReservationRow {
+    /// The order.
+    pub order_id: i64,
+    /// The product.
+    pub product_id: i64,
+    /// Units.
+    pub quantity: i64,
+    /// `Reserved`, `Released`, `Rejected`, `Delivered`, `Voided`.
+    pub state: String,
+}
+
+impl ReservationRow {
+    /// From products' JSON.
+    pub fn from_json(v: &Value) -> Result<Self, String> {
+        Ok(ReservationRow {
+            order_id: int(v, "orderId")?,
+            product_id: int(v, "productId")?,
+            quantity: int(v, "quantity")?,
+            state: text(v, "state")?,
+        })
+    }
+}
+
+/// A delivery as delivery lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRow {
+    /// Delivery id.
+    pub id: i64,
+    /// The order.
+    pub order_id: i64,
+    /// The product, if listed.
+    pub product_id: Option<i64>,
+    /// Units, if listed.
+    pub quantity: Option<i64>,
+    /// `DeliveryStarted`, `DeliveryCompleted`, `DeliveryCancelled`.
+    pub delivery_state: String,
+}
+
+impl DeliveryRow {
+    /// From delivery's JSON.
+    pub fn from_json(v: &Value) -> Result<Self, String> {
+        Ok(DeliveryRow {
+            id: int(v, "id")?,
+            order_id: int(v, "orderId")?,
+            product_id: v["productId"].as_i64(),
+            quantity: v["quantity"].as_i64(),
+            delivery_state: text(v, "deliveryState")?,
+        })
+    }
+}
+
+/// A product as products shows it, with the stock it was created with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProductRow {
+    /// Product id.
+    pub id: i64,
+    /// Stock at creation.
+    pub initial: i64,
+    /// Units on the shelf.
+    pub stock: i64,
+    /// Units reserved for confirmed orders, not delivered.
+    pub reserved: i64,
+    /// Units delivered.
+    pub delivered: i64,
+}
+
+impl ProductRow {
+    /// From products' JSON and the stock it was created with.
+    pub fn from_json(v: &Value, initial: i64) -> Result<Self, String> {
+        Ok(ProductRow {
+            id: int(v, "id")?,
+            initial,
+            stock: int(v, "stock")?,
+            reserved: int(v, "reserved")?,
+            delivered: int(v, "delivered")?,
+        })
+    }
+}
+
+/// One saga event read from the topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicEvent {
+    /// `eventType`.
+    pub event_type: String,
+    /// `eventId`.
+    pub event_id: String,
+    /// `source`.
+    pub source: String,
+    /// `correlationId` (the order id), if any.
+    pub correlation_id: Option<String>,
+    /// `causationId`, if any.
+    pub causation_id: Option<String>,
+    /// The Kafka key.
+    pub key: Option<String>,
+    /// `productId`, if any.
+    pub product_id: Option<i64>,
+    /// `quantity`, if any.
+    pub quantity: Option<i64>,
+}
+
+impl TopicEvent {
+    /// The event in a topic message, or `None` if it is not one (poison, garbage).
+    pub fn from_message(key: Option<&str>, v: &Value) -> Option<Self> {
+        Some(TopicEvent {
+            event_type: v["eventType"].as_str()?.to_owned(),
+            event_id: v["eventId"].as_str()?.to_owned(),
+            source: v["source"].as_str().unwrap_or("?").to_owned(),
+            correlation_id: id_text(&v["correlationId"]),
+            causation_id: id_text(&v["causationId"]),
+            key: key.map(str::to_owned),
+            product_id: v["productId"].as_i64(),
+            quantity: v["quantity"].as_i64(),
+        })
+    }
+
+    /// `StockDecreased by products 0eb2a7c1 ← a93df157`.
+    pub fn short(&self) -> String {
+        let mut s = format!(
+            "{} by {} {}",
+            self.event_type,
+            self.source,
+            short_id(&self.event_id)
+        );
+        if let Some(c) = &self.causation_id {
+            s.push_str(&format!(" ← {}", short_id(c)));
+        }
+        s
+    }
+}
+
+fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+/// One record of the dead-letter topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterRow {
+    /// The parked message's key (the letter's `key` field).
+    pub key: Option<String>,
+    /// Who parked it.
+    pub consumer_group: Option<String>,
+    /// Why.
+    pub reason: String,
+    /// The parked payload's size.
+    pub payload_bytes: Option<u64>,
+}
+
+impl DeadLetterRow {
+    /// From a dead letter's JSON.
+    pub fn from_json(v: &Value) -> Self {
+        DeadLetterRow {
+            key: v["key"].as_str().map(str::to_owned),
+            consumer_group: v["consumerGroup"].as_str().map(str::to_owned),
+            reason: v["reason"].as_str().unwrap_or_default().to_owned(),
+            payload_bytes: v["payloadBytes"].as_u64(),
+        }
+    }
+}
+
+/// Everything the checks look at.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Ids of every order a POST answered 201 for.
+    pub accepted: BTreeSet<i64>,
+    /// orders' `GET /orders` (all pages).
+    pub orders: Vec<OrderRow>,
+    /// products' `GET /reservations` (all pages).
+    pub reservations: Vec<ReservationRow>,
+    /// delivery's `GET /deliveries` (all pages).
+    pub deliveries: Vec<DeliveryRow>,
+    /// The products the run created.
+    pub products: Vec<ProductRow>,
+    /// Saga events on the topic.
+    pub events: Vec<TopicEvent>,
+    /// Records of `<topic>.DLT`.
+    pub dead_letters: Vec<DeadLetterRow>,
+    /// Keys of the poison messages injected (and acknowledged by the broker).
+    pub poison_keys: Vec<String>,
+    /// HTTP requests made by the run (other than /health).
+    pub requests: u64,
+    /// Every 5xx seen (other than /health): `METHOD url → status body`.
+    pub http_5xx: Vec<String>,
+    /// `/health` of each service at the end: status, or why there was none.
+    pub health: Vec<(String, Result<u16, String>)>,
+    /// How many sources were read.
+    pub sources: usize,
+    /// Sources that could not be read, and why.
+    pub read_errors: Vec<String>,
+}
+
+/// One broken invariant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    /// The order, when it is about one.
+    pub order: Option<i64>,
+    /// What is wrong.
+    pub what: String,
+    /// The events involved (short form).
+    pub events: Vec<String>,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.order {
+            Some(id) => write!(f, "order {id}: {}", self.what)?,
+            None => write!(f, "{}", self.what)?,
+        }
+        for e in &self.events {
+            write!(f, "\n        {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One invariant's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckResult {
+    /// Its name.
+    pub name: &'static str,
+    /// How many items it looked at.
+    pub items: usize,
+    /// What broke.
+    pub violations: Vec<Violation>,
+}
+
+impl CheckResult {
+    /// True when nothing broke.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// The snapshot, indexed.
+struct Index<'a> {
+    s: &'a Snapshot,
+    orders: BTreeMap<i64, &'a OrderRow>,
+    events: BTreeMap<String, Vec<&'a TopicEvent>>,
+    reservations: BTreeMap<i64, Vec<&'a ReservationRow>>,
+    deliveries: BTreeMap<i64, Vec<&'a DeliveryRow>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(s: &'a Snapshot) -> Self {
+        let mut events: BTreeMap<String, Vec<&TopicEvent>> = BTreeMap::new();
+        for e in &s.events {
+            if let Some(c) = &e.correlation_id {
+                events.entry(c.clone()).or_default().push(e);
+            }
+        }
+        let mut reservations: BTreeMap<i64, Vec<&ReservationRow>> = BTreeMap::new();
+        for r in &s.reservations {
+            reservations.entry(r.order_id).or_default().push(r);
+        }
+        let mut deliveries: BTreeMap<i64, Vec<&DeliveryRow>> = BTreeMap::new();
+        for d in &s.deliveries {
+            deliveries.entry(d.order_id).or_default().push(d);
+        }
+        Index {
+            s,
+            orders: s.orders.iter().map(|o| (o.id, o)).collect(),
+            events,
+            reservations,
+            deliveries,
+        }
+    }
+
+    /// The order's events, short, in topic order.
+    fn events_of(&self, order: i64) -> Vec<String> {
+        self.events
+            .get(&order.to_string())
+            .map(|l| l.iter().map(|e| e.short()).collect())
+            .unwrap_or_default()
+    }
+
+    fn violation(&self, order: i64, what: String) -> Violation {
+        Violation {
+            order: Some(order),
+            what,
+            events: self.events_of(order),
+        }
+    }
+
+    /// Distinct event ids of `event_type` for this correlation id.
+    fn distinct(&self, correlation: &str, event_type: &str) -> usize {
+        self.events
+            .get(correlation)
+            .map(|l| {
+                l.iter()
+                    .filter(|e| e.event_type == event_type)
+                    .map(|e| e.event_id.as_str())
+                    .collect::<BTreeSet<_>>()
+                    .len()
+            })
+            .unwrap_or(0)
+    }
+
+    fn reservation(&self, order: i64) -> Option<&'a ReservationRow> {
+        self.reservations
+            .get(&order)
+            .and_then(|l| l.first().copied())
+    }
+
+    fn delivery(&self, order: i64) -> Option<&'a DeliveryRow> {
+        self.deliveries.get(&order).and_then(|l| l.first().copied())
+    }
+}
+
+/// Runs every invariant on the snapshot.
+pub fn check_all(s: &Snapshot) -> Vec<CheckResult> {
+    let ix = Index::new(s);
+    vec![
+        readable(s),
+        terminal(&ix),
+        exactly_once(&ix),
+        no_double_apply(&ix),
+        stock(&ix),
+        agree(&ix),
+        no_5xx(s),
+        dead_letters(s),
+        health(s),
+    ]
+}
+
+fn readable(s: &Snapshot) -> CheckResult {
+    CheckResult {
+        name: names::READABLE,
+        items: s.sources,
+        violations: s
+            .read_errors
+            .iter()
+            .map(|e| Violation {
+                order: None,
+                what: e.clone(),
+                events: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+/// Invariant 1: Every accepted order (and every order orders lists) is OrderCompleted or OrderCancelled,
+/// with no cancel pending.
+fn terminal(ix: &Index) -> CheckResult {
+    let ids: BTreeSet<i64> =
+        ix.s.accepted
+            .iter()
+            .chain(ix.orders.keys())
+            .copied()
+            .collect();
+    let mut violations = Vec::new();
+    for id in &ids {
+        let note = if ix.s.accepted.contains(id) {
+            ""
+        } else {
+            " (no 201 seen: its POST failed on the client side but was accepted)"
+        };
+        match ix.orders.get(id) {
+            None => violations.push(ix.violation(
+                *id,
+                "answered 201 to POST /orders but is not in GET /orders".into(),
+            )),
+            Some(o) if o.state != "OrderCompleted" && o.state != "OrderCancelled" => {
+                violations.push(ix.violation(*id, format!("is still {}{note}", o.state)))
+            }
+            Some(o) if o.cancel_requested => violations.push(ix.violation(
+                *id,
+                format!(
+                    "is {} with a cancel still pending (cancelRequested){note}",
+                    o.state
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
+    CheckResult {
+        name: names::TERMINAL,
+        items: ids.len(),
+        violations,
+    }
+}
+
+/// Invariant 2: At most one of each effect per order; a StockIncreased only for a cancelled order that
+/// had a StockDecreased; no DeliveryCompleted for a cancelled order; products decides once.
+fn exactly_once(ix: &Index) -> CheckResult {
+    let mut correlations: BTreeSet<String> = ix.events.keys().cloned().collect();
+    correlations.extend(ix.orders.keys().map(i64::to_string));
+    let mut violations = Vec::new();
+    for c in &correlations {
+        let mut problems = Vec::new();
+        for t in AT_MOST_ONCE {
+            let n = ix.distinct(c, t);
+            if n > 1 {
+                problems.push(format!("{n} distinct {t}"));
+            }
+        }
+        let decreased = ix.distinct(c, "StockDecreased");
+        let increased = ix.distinct(c, "StockIncreased");
+        let cancelled = ix.distinct(c, "OrderCancelled");
+        if increased > 0 && decreased == 0 {
+            problems.push("StockIncreased without a StockDecreased".into());
+        }
+        if increased > 0 && cancelled == 0 {
+            problems.push("StockIncreased for an order that is not cancelled".into());
+        }
+        let listed = c.parse::<i64>().ok().and_then(|id| ix.orders.get(&id));
+        if let Some(o) = listed
+            && increased > 0
+            && o.state != "OrderCancelled"
+        {
+            problems.push(format!("StockIncreased but orders says {}", o.state));
+        }
+        if cancelled > 0 && ix.distinct(c, "DeliveryCompleted") > 0 {
+            problems.push("DeliveryCompleted for a cancelled order".into());
+        }
+        if decreased > 0 && ix.distinct(c, "ProductOutOfStock") > 0 {
+            problems.push("both StockDecreased and ProductOutOfStock".into());
+        }
+        if !problems.is_empty() {
+            let events = ix
+                .events
+                .get(c)
+                .map(|l| l.iter().map(|e| e.short()).collect())
+                .unwrap_or_default();
+            violations.push(Violation {
+                order: c.parse().ok(),
+                what: if c.parse::<i64>().is_ok() {
+                    problems.join("; ")
+                } else {
+                    format!("correlationId {c:?}: {}", problems.join("; "))
+                },
+                events,
+            });
+        }
+    }
+    CheckResult {
+        name: names::EXACTLY_ONCE,
+        items: correlations.len(),
+        violations,
+    }
+}
+
+/// Invariant 2b: No two distinct events with the same (source, eventType, causationId): an event
+/// applied twice by the same service.
+fn no_double_apply(ix: &Index) -> CheckResult {
+    let mut by_cause: BTreeMap<(&str, &str, &str), Vec<&TopicEvent>> = BTreeMap::new();
+    let mut items = 0;
+    for e in &ix.s.events {
+        if let Some(cause) = &e.causation_id {
+            items += 1;
+            let list = by_cause
+                .entry((e.source.as_str(), e.event_type.as_str(), cause.as_str()))
+                .or_default();
+            if !list.iter().any(|x| x.event_id == e.event_id) {
+                list.push(e);
+            }
+        }
+    }
+    let mut violations = Vec::new();
+    for ((source, event_type, cause), list) in by_cause {
+        if list.len() > 1 {
+            let order = list
+                .first()
+                .and_then(|e| e.correlation_id.as_ref())
+                .and_then(|c| c.parse().ok());
+            let mut events: Vec<String> = list.iter().map(|e| e.short()).collect();
+            if let Some(o) = order {
+                events.push("the order's events:".into());
+                events.extend(ix.events_of(o).into_iter().map(|e| format!("  {e}")));
+            }
+            violations.push(Violation {
+                order,
+                what: format!(
+                    "{} distinct {event_type} by {source} caused by the same event {}",
+                    list.len(),
+                    short_id(cause)
+                ),
+                events,
+            });
+        }
+    }
+    CheckResult {
+        name: names::NO_DOUBLE_APPLY,
+        items,
+        violations,
+    }
+}
+
+/// Invariant 3: Per product: stock + reserved + delivered = initial; reserved + delivered = units of its
+/// OrderCompleted orders; delivered = units of its orders whose delivery is completed.
+fn stock(ix: &Index) -> CheckResult {
+    let mut completed: HashMap<i64, i64> = HashMap::new();
+    for o in ix.orders.values() {
+        if o.state == "OrderCompleted" {
+            *completed.entry(o.product_id).or_default() += o.quantity;
+        }
+    }
+    let mut delivered: HashMap<i64, i64> = HashMap::new();
+    for d in &ix.s.deliveries {
+        if d.delivery_state != "DeliveryCompleted" {
+            continue;
+        }
+        let (product, quantity) = match ix.orders.get(&d.order_id) {
+            Some(o) => (Some(o.product_id), Some(o.quantity)),
+            None => (d.product_id, d.quantity),
+        };
+        if let (Some(p), Some(q)) = (product, quantity) {
+            *delivered.entry(p).or_default() += q;
+        }
+    }
+    let mut violations = Vec::new();
+    for p in &ix.s.products {
+        let mut problems = Vec::new();
+        let total = p.stock + p.reserved + p.delivered;
+        if total != p.initial {
+            problems.push(format!(
+                "stock {} + reserved {} + delivered {} = {total}, created with {}",
+                p.stock, p.reserved, p.delivered, p.initial
+            ));
+        }
+        if p.stock < 0 || p.reserved < 0 || p.delivered < 0 {
+            problems.push("a negative count".into());
+        }
+        let want = completed.get(&p.id).copied().unwrap_or(0);
+        if p.reserved + p.delivered != want {
+            problems.push(format!(
+                "reserved {} + delivered {} = {}, but its OrderCompleted orders hold {want}",
+                p.reserved,
+                p.delivered,
+                p.reserved + p.delivered
+            ));
+        }
+        let want = delivered.get(&p.id).copied().unwrap_or(0);
+        if p.delivered != want {
+            problems.push(format!(
+                "delivered {}, but its DeliveryCompleted deliveries hold {want}",
+                p.delivered
+            ));
+        }
+        if !problems.is_empty() {
+            violations.push(Violation {
+                order: None,
+                what: format!("product {}: {}", p.id, problems.join("; ")),
+                events: Vec::new(),
+            });
+        }
+    }
+    CheckResult {
+        name: names::STOCK,
+        items: ix.s.products.len(),
+        violations,
+    }
+}
+
+/// Invariant 4: The three services agree on every order.
+fn agree(ix: &Index) -> CheckResult {
+    let mut violations = Vec::new();
+    for (id, o) in &ix.orders {
+        let mut problems = Vec::new();
+        let reservations = ix.reservations.get(id).map(Vec::len).unwrap_or(0);
+        if reservations > 1 {
+            problems.push(format!("{reservations} reservations"));
+        }
+        let deliveries = ix.deliveries.get(id).map(Vec::len).unwrap_or(0);
+        if deliveries > 1 {
+            problems.push(format!("{deliveries} deliveries"));
+        }
+        let r = ix.reservation(*id);
+        let d = ix.delivery(*id);
+        let r_state = r.map(|r| r.state.as_str());
+        let d_state = d.map(|d| d.delivery_state.as_str());
+        if let Some(r) = r
+            && (r.product_id != o.product_id || r.quantity != o.quantity)
+        {
+            problems.push(format!(
+                "reservation is {} × product {}, the order {} × product {}",
+                r.quantity, r.product_id, o.quantity, o.product_id
+            ));
+        }
+        match o.state.as_str() {
+            "OrderCompleted" => {
+                if !matches!(r_state, Some("Reserved" | "Delivered")) {
+                    problems.push(format!(
+                        "OrderCompleted but reservation is {}",
+                        r_state.unwrap_or("absent")
+                    ));
+                }
+                if !matches!(d_state, Some("DeliveryStarted" | "DeliveryCompleted")) {
+                    problems.push(format!(
+                        "OrderCompleted but delivery is {}",
+                        d_state.unwrap_or("absent")
+                    ));
+                }
+                if d_state.is_some() && o.delivery_state.as_deref() != d_state {
+                    problems.push(format!(
+                        "orders says deliveryState {}, delivery says {}",
+                        o.delivery_state.as_deref().unwrap_or("null"),
+                        d_state.unwrap_or("absent")
+                    ));
+                }
+                if (r_state == Some("Delivered")) != (d_state == Some("DeliveryCompleted")) {
+                    problems.push(format!(
+                        "reservation {} but delivery {}",
+                        r_state.unwrap_or("absent"),
+                        d_state.unwrap_or("absent")
+                    ));
+                }
+            }
+            "OrderCancelled" => {
+                if !matches!(r_state, None | Some("Released" | "Rejected" | "Voided")) {
+                    problems.push(format!(
+                        "OrderCancelled but reservation is {}",
+                        r_state.unwrap_or("absent")
+                    ));
+                }
+                if !matches!(d_state, None | Some("DeliveryCancelled")) {
+                    problems.push(format!(
+                        "OrderCancelled but delivery is {}",
+                        d_state.unwrap_or("absent")
+                    ));
+                }
+            }
+            _ => {} // not terminal: the terminal check reports it
+        }
+        if !problems.is_empty() {
+            violations.push(ix.violation(*id, problems.join("; ")));
+        }
+    }
+    for id in ix.reservations.keys() {
+        if !ix.orders.contains_key(id) {
+            violations.push(ix.violation(
+                *id,
+                "products has a reservation for an order orders does not list".into(),
+            ));
+        }
+    }
+    for id in ix.deliveries.keys() {
+        if !ix.orders.contains_key(id) {
+            violations.push(ix.violation(
+                *id,
+                "delivery has a delivery for an order orders does not list".into(),
+            ));
+        }
+    }
+    CheckResult {
+        name: names::AGREE,
+        items: ix.orders.len(),
+        violations,
+    }
+}
+
+/// Invariant 5a: no 5xx.
+fn no_5xx(s: &Snapshot) -> CheckResult {
+    CheckResult {
+        name: names::NO_5XX,
+        items: usize::try_from(s.requests).unwrap_or(usize::MAX),
+        violations: s
+            .http_5xx
+            .iter()
+            .map(|e| Violation {
+                order: None,
+                what: e.clone(),
+                events: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+/// Invariant 5b: Nothing on the DLT but the injected poison, and each poison parked by each group.
+fn dead_letters(s: &Snapshot) -> CheckResult {
+    let mut violations = Vec::new();
+    for l in &s.dead_letters {
+        let poison = l.key.as_deref().is_some_and(|k| k.starts_with("poison-"));
+        if !poison {
+            violations.push(Violation {
+                order: l.key.as_deref().and_then(|k| k.parse().ok()),
+                what: format!(
+                    "parked by {} with key {}: {}",
+                    l.consumer_group.as_deref().unwrap_or("?"),
+                    l.key.as_deref().unwrap_or("(none)"),
+                    l.reason
+                ),
+                events: Vec::new(),
+            });
+        }
+    }
+    for key in &s.poison_keys {
+        for group in crate::stack::SERVICES {
+            let parked = s.dead_letters.iter().any(|l| {
+                l.key.as_deref() == Some(key.as_str()) && l.consumer_group.as_deref() == Some(group)
+            });
+            if !parked {
+                violations.push(Violation {
+                    order: None,
+                    what: format!("{key} was not parked by {group}"),
+                    events: Vec::new(),
+                });
+            }
+        }
+    }
+    CheckResult {
+        name: names::DLT,
+        items: s.dead_letters.len() + s.poison_keys.len() * crate::stack::SERVICES.len(),
+        violations,
+    }
+}
+
+/// Invariant 6: /health 200 everywhere.
+fn health(s: &Snapshot) -> CheckResult {
+    CheckResult {
+        name: names::HEALTH,
+        items: s.health.len(),
+        violations: s
+            .health
+            .iter()
+            .filter_map(|(service, status)| match status {
+                Ok(200) => None,
+                Ok(code) => Some(format!("{service}/health answered {code}")),
+                Err(e) => Some(format!("{service}/health: {e}")),
+            })
+            .map(|what| Violation {
+                order: None,
+                what,
+                events: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(order: i64, t: &str, source: &str, id: &str, cause: Option<&str>) -> TopicEvent {
+        TopicEvent {
+            event_type: t.into(),
+            event_id: id.into(),
+            source: source.into(),
+            correlation_id: Some(order.to_string()),
+            causation_id: cause.map(str::to_owned),
+            key: Some(order.to_string()),
+            product_id: Some(1),
+            quantity: Some(1),
+        }
+    }
+
+    fn order(id: i64, quantity: i64, state: &str, delivery: Option<&str>) -> OrderRow {
+        OrderRow {
+            id,
+            product_id: 1,
+            quantity,
+            state: state.into(),
+            delivery_state: delivery.map(str::to_owned),
+            cancel_requested: false,
+        }
+    }
+
+    fn reservation(order: i64, quantity: i64, state: &str) -> ReservationRow {
+        ReservationRow {
+            order_id: order,
+            product_id: 1,
+            quantity,
+            state: state.into(),
+        }
+    }
+
+    fn delivery(id: i64, order: i64, state: &str) -> DeliveryRow {
+        DeliveryRow {
+            id,
+            order_id: order,
+            product_id: Some(1),
+            quantity: None,
+            delivery_state: state.into(),
+        }
+    }
+
+    /// A consistent mall: order 1 delivered (2 units), order 2 confirmed (1 unit), order 3 out
+    /// of stock, order 4 cancelled by the customer after confirmation (1 unit, restocked).
+    fn good() -> Snapshot {
+        let events = vec![
+            ev(1, "OrderPlaced", "orders", "p1", None),
+            ev(1, "StockDecreased", "products", "s1", Some("p1")),
+            ev(1, "DeliveryStarted", "delivery", "d1", Some("p1")),
+            ev(1, "OrderCompleted", "orders", "c1", Some("d1")),
+            ev(1, "DeliveryCompleted", "delivery", "x1", None),
+            ev(2, "OrderPlaced", "orders", "p2", None),
+            ev(2, "StockDecreased", "products", "s2", Some("p2")),
+            ev(2, "DeliveryStarted", "delivery", "d2", Some("p2")),
+            ev(2, "OrderCompleted", "orders", "c2", Some("s2")),
+            ev(3, "OrderPlaced", "orders", "p3", None),
+            ev(3, "ProductOutOfStock", "products", "o3", Some("p3")),
+            ev(3, "DeliveryStarted", "delivery", "d3", Some("p3")),
+            ev(3, "OrderCancelled", "orders", "k3", Some("o3")),
+            ev(3, "DeliveryCancelled", "delivery", "y3", Some("k3")),
+            ev(4, "OrderPlaced", "orders", "p4", None),
+            ev(4, "StockDecreased", "products", "s4", Some("p4")),
+            ev(4, "DeliveryStarted", "delivery", "d4", Some("p4")),
+            ev(4, "OrderCompleted", "orders", "c4", Some("d4")),
+            ev(4, "OrderCancelRequested", "orders", "r4", None),
+            ev(4, "DeliveryCancelled", "delivery", "y4", Some("r4")),
+            ev(4, "OrderCancelled", "orders", "k4", Some("y4")),
+            ev(4, "StockIncreased", "products", "i4", Some("y4")),
+        ];
+        Snapshot {
+            accepted: [1, 2, 3, 4].into(),
+            orders: vec![
+                order(1, 2, "OrderCompleted", Some("DeliveryCompleted")),
+                order(2, 1, "OrderCompleted", Some("DeliveryStarted")),
+                order(3, 3, "OrderCancelled", Some("DeliveryCancelled")),
+                order(4, 1, "OrderCancelled", Some("DeliveryCancelled")),
+            ],
+            reservations: vec![
+                reservation(1, 2, "Delivered"),
+                reservation(2, 1, "Reserved"),
+                reservation(3, 3, "Rejected"),
+                reservation(4, 1, "Released"),
+            ],
+            deliveries: vec![
+                delivery(11, 1, "DeliveryCompleted"),
+                delivery(12, 2, "DeliveryStarted"),
+                delivery(13, 3, "DeliveryCancelled"),
+                delivery(14, 4, "DeliveryCancelled"),
+            ],
+            products: vec![ProductRow {
+                id: 1,
+                initial: 10,
+                stock: 7,
+                reserved: 1,
+                delivered: 2,
+            }],
+            events,
+            dead_letters: ["orders", "products", "delivery"]
+                .iter()
+                .map(|g| DeadLetterRow {
+                    key: Some("poison-1".into()),
+                    consumer_group: Some((*g).into()),
+                    reason: "not JSON".into(),
+                    payload_bytes: Some(10),
+                })
+                .collect(),
+            poison_keys: vec!["poison-1".into()],
+            requests: 20,
+            http_5xx: Vec::new(),
+            health: ["orders", "products", "delivery"]
+                .iter()
+                .map(|s| ((*s).to_owned(), Ok(200)))
+                .collect(),
+            sources: 5,
+            read_errors: Vec::new(),
+        }
+    }
+
+    fn result(s: &Snapshot, name: &str) -> CheckResult {
+        check_all(s)
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no check {name}"))
+    }
+
+    /// The named check fails on `s`, and every other check passes.
+    fn only_fails(s: &Snapshot, name: &str) -> Vec<Violation> {
+        for c in check_all(s) {
+            if c.name == name {
+                assert!(!c.passed(), "{name} should fail");
+            } else {
+                assert!(c.passed(), "{} should pass: {:?}", c.name, c.violations);
+            }
+        }
+        result(s, name).violations
+    }
+
+    #[test]
+    fn a_consistent_mall_passes_everything() {
+        let s = good();
+        for c in check_all(&s) {
+            assert!(c.passed(), "{}: {:?}", c.name, c.violations);
+            assert!(c.items > 0, "{} looked at nothing", c.name);
+        }
+        assert_eq!(result(&s, names::TERMINAL).items, 4);
+        assert_eq!(result(&s, names::DLT).items, 6);
+    }
+
+    #[test]
+    fn a_redelivered_copy_is_not_a_second_effect() {
+        let mut s = good();
+        let copy = s.events[1].clone();
+        s.events.push(copy);
+        assert!(check_all(&s).iter().all(CheckResult::passed));
+    }
+
+    #[test]
+    fn terminal_fails_on_a_pending_order() {
+        let mut s = good();
+        s.orders[1].state = "OrderPlaced".into();
+        // orders did not complete it, so products and delivery still agree with nothing
+        // (agreement skips non-terminal orders), but stock no longer matches the orders.
+        let v = result(&s, names::TERMINAL).violations;
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].order, Some(2));
+        assert!(v[0].what.contains("still OrderPlaced"));
+        assert!(
+            v[0].events
+                .iter()
+                .any(|e| e.starts_with("StockDecreased by products s2"))
+        );
+    }
+
+    #[test]
+    fn terminal_fails_on_a_pending_cancel_and_on_a_lost_order() {
+        let mut s = good();
+        s.orders[1].cancel_requested = true;
+        let v = only_fails(&s, names::TERMINAL);
+        assert!(v[0].what.contains("cancel still pending"));
+
+        let mut s = good();
+        s.accepted.insert(99);
+        let v = only_fails(&s, names::TERMINAL);
+        assert_eq!(v[0].order, Some(99));
+        assert!(v[0].what.contains("not in GET /orders"));
+    }
+
+    #[test]
+    fn exactly_once_fails_on_a_second_stock_decrease() {
+        let mut s = good();
+        s.events.push(ev(
+            2,
+            "StockDecreased",
+            "products",
+            "s2-again",
+            Some("p2-copy"),
+        ));
+        let v = only_fails(&s, names::EXACTLY_ONCE);
+        assert_eq!(v[0].order, Some(2));
+        assert!(v[0].what.contains("2 distinct StockDecreased"));
+        assert!(v[0].events.iter().any(|e| e.contains("s2-again")));
+    }
+
+    #[test]
+    fn exactly_once_fails_on_a_restock_of_a_live_order() {
+        let mut s = good();
+        s.events
+            .push(ev(2, "StockIncreased", "products", "i2", Some("whatever")));
+        let v = result(&s, names::EXACTLY_ONCE).violations;
+        assert_eq!(v.len(), 1);
+        assert!(v[0].what.contains("not cancelled"));
+        assert!(v[0].what.contains("orders says OrderCompleted"));
+
+        let mut s = good();
+        s.events
+            .push(ev(3, "StockIncreased", "products", "i3", Some("k3")));
+        let v = result(&s, names::EXACTLY_ONCE).violations;
+        assert!(v[0].what.contains("without a StockDecreased"));
+    }
+
+    #[test]
+    fn exactly_once_fails_on_a_delivered_cancelled_order() {
+        let mut s = good();
+        s.events
+            .push(ev(4, "DeliveryCompleted", "delivery", "x4", None));
+        let v = result(&s, names::EXACTLY_ONCE).violations;
+        assert_eq!(v[0].order, Some(4));
+        assert!(
+            v[0].what
+                .contains("DeliveryCompleted for a cancelled order")
+        );
+    }
+
+    #[test]
+    fn no_double_apply_fails_on_two_events_from_one_cause() {
+        let mut s = good();
+        s.events
+            .push(ev(4, "CancelRefused", "delivery", "n4", Some("r4")));
+        s.events
+            .push(ev(4, "CancelRefused", "delivery", "n4-bis", Some("r4")));
+        let v = only_fails(&s, names::NO_DOUBLE_APPLY);
+        assert_eq!(v[0].order, Some(4));
+        assert!(v[0].what.contains("2 distinct CancelRefused by delivery"));
+        assert!(v[0].events.iter().any(|e| e.contains("n4-bis")));
+    }
+
+    #[test]
+    fn stock_fails_when_units_appear_or_vanish() {
+        let mut s = good();
+        s.products[0].stock = 8;
+        let v = only_fails(&s, names::STOCK);
+        assert!(v[0].what.contains("created with 10"));
+
+        // Conserved in total, but delivered does not match the deliveries.
+        let mut s = good();
+        s.products[0].reserved = 2;
+        s.products[0].delivered = 1;
+        let v = only_fails(&s, names::STOCK);
+        assert!(v[0].what.contains("DeliveryCompleted deliveries hold 2"));
+
+        // Conserved, but more reserved than the confirmed orders hold.
+        let mut s = good();
+        s.products[0].stock = 6;
+        s.products[0].reserved = 2;
+        let v = only_fails(&s, names::STOCK);
+        assert!(v[0].what.contains("OrderCompleted orders hold 3"));
+    }
+
+    #[test]
+    fn agree_fails_when_the_services_disagree() {
+        // products says delivered, delivery says only started.
+        let mut s = good();
+        s.reservations[1].state = "Delivered".into();
+        let v = result(&s, names::AGREE).violations;
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].order, Some(2));
+        assert!(
+            v[0].what
+                .contains("reservation Delivered but delivery DeliveryStarted")
+        );
+
+        // a cancelled order whose delivery goes on.
+        let mut s = good();
+        s.deliveries[2].delivery_state = "DeliveryStarted".into();
+        let v = only_fails(&s, names::AGREE);
+        assert_eq!(v[0].order, Some(3));
+
+        // orders' view of the delivery is stale.
+        let mut s = good();
+        s.orders[1].delivery_state = Some("DeliveryCompleted".into());
+        let v = only_fails(&s, names::AGREE);
+        assert!(
+            v[0].what
+                .contains("orders says deliveryState DeliveryCompleted")
+        );
+
+        // a cancelled order that still holds stock.
+        let mut s = good();
+        s.reservations[3].state = "Reserved".into();
+        let v = result(&s, names::AGREE).violations;
+        assert!(
+            v[0].what
+                .contains("OrderCancelled but reservation is Reserved")
+        );
+
+        // a delivery for an order orders never heard of.
+        let mut s = good();
+        s.deliveries.push(delivery(50, 77, "DeliveryStarted"));
+        let v = only_fails(&s, names::AGREE);
+        assert_eq!(v[0].order, Some(77));
+    }
+
+    #[test]
+    fn a_5xx_fails() {
+        let mut s = good();
+        s.http_5xx
+            .push("PATCH http://127.0.0.1:1/orders/2 → 500 {}".into());
+        let v = only_fails(&s, names::NO_5XX);
+        assert!(v[0].what.contains("500"));
+    }
+
+    #[test]
+    fn dlt_fails_on_a_parked_saga_event_and_on_unparked_poison() {
+        let mut s = good();
+        s.dead_letters.push(DeadLetterRow::from_json(&json!({
+            "kind": "Rejected", "reason": "order 2 does not exist here",
+            "consumerGroup": "orders", "key": "2", "payloadBytes": 300
+        })));
+        let v = only_fails(&s, names::DLT);
+        assert_eq!(v[0].order, Some(2));
+
+        let mut s = good();
+        s.dead_letters
+            .retain(|l| l.consumer_group.as_deref() != Some("delivery"));
+        let v = only_fails(&s, names::DLT);
+        assert_eq!(v[0].what, "poison-1 was not parked by delivery");
+    }
+
+    #[test]
+    fn health_fails_on_a_503() {
+        let mut s = good();
+        s.health[1].1 = Ok(503);
+        let v = only_fails(&s, names::HEALTH);
+        assert!(v[0].what.contains("products/health answered 503"));
+        s.health[1].1 = Err("connection refused".into());
+        assert!(!result(&s, names::HEALTH).passed());
+    }
+
+    #[test]
+    fn unreadable_state_fails() {
+        let mut s = good();
+        s.read_errors.push("GET /reservations: 404".into());
+        only_fails(&s, names::READABLE);
+    }
+
+    #[test]
+    fn rows_parse_from_the_api_json() {
+        let o = OrderRow::from_json(&json!({"id": 3, "productId": 1, "quantity": 2,
+            "state": "OrderCompleted", "deliveryState": "DeliveryStarted", "cancelRequested": true}))
+        .expect("order");
+        assert!(o.cancel_requested);
+        assert_eq!(o.delivery_state.as_deref(), Some("DeliveryStarted"));
+        let r = ReservationRow::from_json(&json!({"orderId": 3, "productId": 1, "quantity": 2,
+            "state": "Reserved"}))
+        .expect("reservation");
+        assert_eq!(r.state, "Reserved");
+        assert!(DeliveryRow::from_json(&json!({"id": 1, "orderId": 3})).is_err());
+        let p = ProductRow::from_json(
+            &json!({"id": 1, "name": "x", "price": 1, "stock": 5, "reserved": 1, "delivered": 0}),
+            6,
+        )
+        .expect("product");
+        assert_eq!(p.initial, 6);
+        let e = TopicEvent::from_message(
+            Some("3"),
+            &json!({"eventType": "StockDecreased", "eventId": "0eb2a7c1-f79b", "source": "products",
+                    "correlationId": "3", "causationId": "a93df157-1916", "initiator": null}),
+        )
+        .expect("event");
+        assert_eq!(e.short(), "StockDecreased by products 0eb2a7c1 ← a93df157");
+        assert!(
+            TopicEvent::from_message(
+                Some("poison-2"),
+                &json!({"eventType": "OrderPlaced", "orderId": "x"})
+            )
+            .is_none()
+        );
+    }
+}
