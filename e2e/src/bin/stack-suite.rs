@@ -85,6 +85,41 @@ async fn graceful_stop(stack: &mut Stack) -> Check {
     m.wait_stock(product, (10, 10)).await
 }
 
+/// The reproduction: a confirmed order; the broker is killed; the courier completes
+/// (200) and the customer cancels (202: orders cannot have heard of the delivery); the broker
+/// comes back. The order stays completed with "cancel refused", nothing is restocked.
+async fn delivered_order_cancel_with_broker_down(stack: &mut Stack) -> Check {
+    let m = stack.mall();
+    let race = scenarios::race_prepare(&m).await?;
+    stack.kill_broker();
+    println!("    killed the broker (SIGKILL)");
+    let acted = scenarios::race_act(&m, &race, true).await;
+    stack.restart_broker().await?;
+    println!("    restarted the broker on the same storage");
+    let status = acted?;
+    m.wait_healthy().await?;
+    scenarios::race_check(&m, &race, status).await
+}
+
+/// With the broker down and events waiting in the outbox, each service still stops on SIGTERM
+/// by itself, cleanly, well within `scripts/down.sh`'s 15 s. Runs after the broker is gone.
+async fn stop_is_bounded_with_the_broker_down(stack: &mut Stack) -> Check {
+    let m = stack.mall();
+    // An order placed now leaves OrderPlaced in orders' outbox, unpublishable.
+    m.expect(
+        "POST",
+        &format!("{}/orders", m.orders),
+        Some(serde_json::json!({ "productId": 1, "quantity": 1, "customerId": "c" })),
+        201,
+    )
+    .await?;
+    for service in ["orders", "products", "delivery"] {
+        let took = stack.terminate(service, Duration::from_secs(15)).await?;
+        println!("    {service} stopped on SIGTERM in {:.1} s", took.as_secs_f64());
+    }
+    Ok(())
+}
+
 /// With the broker gone, `/health` answers 503 and names the broker. Runs last.
 async fn health_names_a_missing_broker(stack: &mut Stack) -> Check {
     stack.kill_broker();
@@ -173,8 +208,16 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         graceful_stop(stack)
     );
     scenario!(
+        "delivered order cancelled with the broker down: refused, not restocked",
+        delivered_order_cancel_with_broker_down(stack)
+    );
+    scenario!(
         "/health names a missing broker",
         health_names_a_missing_broker(stack)
+    );
+    scenario!(
+        "SIGTERM with the broker down stops each service within 15 s",
+        stop_is_bounded_with_the_broker_down(stack)
     );
     (passed, failed)
 }
