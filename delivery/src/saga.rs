@@ -201,8 +201,8 @@ fn cancel_delivery(mut delivery: Delivery, reason: String) -> (Delivery, Envelop
 #[cfg(test)]
 mod tests {
     use super::*;
-    use events::{OrderCancelRequested, OrderCancelled, OrderCompleted};
     use OrderDelivery::{Known, Unknown, Voided};
+    use events::{OrderCancelRequested, OrderCancelled, OrderCompleted};
 
     fn placed() -> Envelope {
         Envelope::new(
@@ -340,7 +340,10 @@ mod tests {
         assert!(events.is_empty());
         let (after, events) = react(after, &placed(), 1);
         assert_eq!(after, Voided);
-        assert!(events.is_empty(), "no DeliveryStarted for a cancelled order");
+        assert!(
+            events.is_empty(),
+            "no DeliveryStarted for a cancelled order"
+        );
     }
 
     fn cancel_requested() -> Envelope {
@@ -372,8 +375,11 @@ mod tests {
     #[test]
     fn a_cancel_request_after_delivery_is_refused() {
         // completed first, then the request: the race, decided here
-        let (d, _) = courier_update(delivery(DeliveryState::Started, true), DeliveryState::Completed)
-            .unwrap();
+        let (d, _) = courier_update(
+            delivery(DeliveryState::Started, true),
+            DeliveryState::Completed,
+        )
+        .unwrap();
         let (after, events) = react(Known(d.clone()), &cancel_requested(), 1);
         assert_eq!(after, Known(d));
         assert_eq!(events.len(), 1);
@@ -388,7 +394,11 @@ mod tests {
     #[test]
     fn a_delivery_cancelled_by_the_request_can_no_longer_be_completed() {
         // the request first, then the courier tries to complete: refused
-        let (after, _) = react(Known(delivery(DeliveryState::Started, true)), &cancel_requested(), 1);
+        let (after, _) = react(
+            Known(delivery(DeliveryState::Started, true)),
+            &cancel_requested(),
+            1,
+        );
         let Known(d) = after else { panic!() };
         assert!(courier_update(d, DeliveryState::Completed).is_err());
     }

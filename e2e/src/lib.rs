@@ -298,14 +298,24 @@ where
 
 /// Reads a whole topic from the beginning up to its current end.
 pub async fn read_topic(brokers: &str, topic: &str) -> Check<Vec<TopicMessage>> {
+    read_topic_within(brokers, topic, Duration::from_secs(20)).await
+}
+
+/// [`read_topic`] with a deadline for reaching the end; a topic that does not exist yet reads
+/// as empty.
+pub async fn read_topic_within(
+    brokers: &str,
+    topic: &str,
+    deadline: Duration,
+) -> Check<Vec<TopicMessage>> {
     let brokers = brokers.to_owned();
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || read_topic_blocking(&brokers, &topic))
+    tokio::task::spawn_blocking(move || read_topic_blocking(&brokers, &topic, deadline))
         .await
         .map_err(|e| e.to_string())?
 }
 
-fn read_topic_blocking(brokers: &str, topic: &str) -> Check<Vec<TopicMessage>> {
+fn read_topic_blocking(brokers: &str, topic: &str, deadline: Duration) -> Check<Vec<TopicMessage>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "e2e-reader")
@@ -320,6 +330,7 @@ fn read_topic_blocking(brokers: &str, topic: &str) -> Check<Vec<TopicMessage>> {
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
+        .filter(|t| t.error().is_none())
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     let mut assignment = TopicPartitionList::new();
@@ -342,9 +353,9 @@ fn read_topic_blocking(brokers: &str, topic: &str) -> Check<Vec<TopicMessage>> {
     consumer
         .assign(&assignment)
         .map_err(|e| format!("assign: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let end = Instant::now() + deadline;
     while !remaining.is_empty() {
-        if Instant::now() > deadline {
+        if Instant::now() > end {
             return Err(format!(
                 "reading {topic} did not reach its end; left: {remaining:?}"
             ));

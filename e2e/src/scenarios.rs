@@ -231,7 +231,11 @@ pub async fn customer_cancel(m: &Mall) -> Check {
         o["cancelRequested"].as_bool(),
         Some(true),
     )?;
-    if !o["stateMessage"].as_str().unwrap_or_default().contains("unless it was already delivered") {
+    if !o["stateMessage"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("unless it was already delivered")
+    {
         return Err(format!("the 202 should say what will happen: {o}"));
     }
     m.wait_order_state(order, "OrderCancelled").await?;
@@ -247,7 +251,12 @@ pub async fn customer_cancel(m: &Mall) -> Check {
             "second cancel should say it is already cancelled: {again}"
         ));
     }
-    let chain = ["OrderCancelRequested", "DeliveryCancelled", "OrderCancelled", "StockIncreased"];
+    let chain = [
+        "OrderCancelRequested",
+        "DeliveryCancelled",
+        "OrderCancelled",
+        "StockIncreased",
+    ];
     let events = wait_topic(m, order, &chain).await?;
     for t in chain {
         expect_eq(
@@ -361,7 +370,11 @@ pub async fn race_check(m: &Mall, race: &RaceOrder, status: u16) -> Check {
             single(&events, "CancelRefused")?["initiator"].as_str(),
             Some("orders"),
         )?;
-        if !o["stateMessage"].as_str().unwrap_or_default().contains("cancel refused") {
+        if !o["stateMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cancel refused")
+        {
             return Err(format!("the order should say the cancel was refused: {o}"));
         }
     }
@@ -380,14 +393,23 @@ async fn wait_delivered(m: &Mall, product: i64, expected: (i64, i64, i64)) -> Ch
         Duration::from_secs(30),
         || async move {
             let p = m
-                .expect("GET", &format!("{}/products/{product}", m.products), None, 200)
+                .expect(
+                    "GET",
+                    &format!("{}/products/{product}", m.products),
+                    None,
+                    200,
+                )
                 .await?;
             let got = (
                 field_i64(&p, "stock")?,
                 field_i64(&p, "reserved")?,
                 field_i64(&p, "delivered")?,
             );
-            if got == expected { Ok(()) } else { Err(format!("{got:?}")) }
+            if got == expected {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
         },
     )
     .await
@@ -538,7 +560,9 @@ pub async fn malformed_message_is_parked(m: &Mall) -> Check {
                     .filter_map(|l| l.value["consumerGroup"].as_str().map(str::to_owned))
                     .collect();
                 if nul_groups.len() < 3 {
-                    return Err(format!("the 200 KB NUL message was parked by {nul_groups:?}"));
+                    return Err(format!(
+                        "the 200 KB NUL message was parked by {nul_groups:?}"
+                    ));
                 }
                 let unknown_parked = letters.iter().any(|l| l.raw.contains("PaymentApproved"));
                 if unknown_parked {
@@ -673,7 +697,11 @@ pub async fn bad_input_gets_clear_errors(m: &Mall) -> Check {
     let placed = m
         .expect("POST", &format!("{}/orders", m.orders), Some(seed_lab), 201)
         .await?;
-    expect_eq("quantity of the seed lab's order", placed["quantity"].as_i64(), Some(1))?;
+    expect_eq(
+        "quantity of the seed lab's order",
+        placed["quantity"].as_i64(),
+        Some(1),
+    )?;
     let cases: Vec<(&str, String, Option<Value>, u16, &str)> = vec![
         (
             "POST",

@@ -81,7 +81,12 @@ impl DeadLetter {
 
     /// An event whose handler panicked.
     pub fn handler_panicked(from: ParkedFrom, payload: &[u8], reason: impl Into<String>) -> Self {
-        Self::new(DeadLetterKind::HandlerPanicked, from, payload, reason.into())
+        Self::new(
+            DeadLetterKind::HandlerPanicked,
+            from,
+            payload,
+            reason.into(),
+        )
     }
 
     fn new(kind: DeadLetterKind, from: ParkedFrom, payload: &[u8], reason: String) -> Self {

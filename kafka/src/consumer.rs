@@ -255,7 +255,11 @@ impl ConsumerStatus {
                     .unwrap_or_default()
             ));
         }
-        if let Some(r) = s.retrying.as_ref().filter(|r| r.since.elapsed() > self.stuck_after) {
+        if let Some(r) = s
+            .retrying
+            .as_ref()
+            .filter(|r| r.since.elapsed() > self.stuck_after)
+        {
             return Some(format!(
                 "consumer {group} stuck for {} s on {} ({} attempts): {}",
                 r.since.elapsed().as_secs(),
@@ -277,8 +281,7 @@ impl ConsumerStatus {
     /// the consumer does not read. At most once per `stuck_after`.
     fn reopen_reason(&self) -> Option<String> {
         let s = self.state();
-        if s
-            .last_reopen
+        if s.last_reopen
             .as_ref()
             .is_some_and(|(at, _)| at.elapsed() < self.stuck_after)
         {
@@ -297,7 +300,9 @@ impl ConsumerStatus {
             return None;
         }
         self.stalled(&s).map(|(partitions, waiting, idle)| {
-            format!("{waiting} events waiting on partitions {partitions:?} and no progress for {idle} s")
+            format!(
+                "{waiting} events waiting on partitions {partitions:?} and no progress for {idle} s"
+            )
         })
     }
 
@@ -587,12 +592,16 @@ impl EventConsumer {
         let event = match events::decode(payload) {
             Ok(Decoded::Known(event)) => *event,
             Ok(Decoded::Unknown { event_type }) => {
-                log::debug!("skipping unknown event type {event_type} at {}", describe(at));
+                log::debug!(
+                    "skipping unknown event type {event_type} at {}",
+                    describe(at)
+                );
                 self.status.count(Counted::Skipped);
                 return Outcome::Skipped;
             }
             Err(e) => {
-                let letter = DeadLetter::undecodable(self.parked_from(message), payload, e.to_string());
+                let letter =
+                    DeadLetter::undecodable(self.parked_from(message), payload, e.to_string());
                 return self.park(letter, at, shutdown).await;
             }
         };
@@ -609,9 +618,13 @@ impl EventConsumer {
         );
         let mut attempt = 0u32;
         loop {
-            let result =
-                inbox::apply_once_at(&self.db, self.reactor.clone(), event.clone(), Some(at.clone()))
-                    .await;
+            let result = inbox::apply_once_at(
+                &self.db,
+                self.reactor.clone(),
+                event.clone(),
+                Some(at.clone()),
+            )
+            .await;
             let reason = match result {
                 Ok(Applied::Done(caused)) => {
                     log::debug!("applied {what} -> {caused} event(s)");
@@ -645,7 +658,8 @@ impl EventConsumer {
             if attempt <= 3 || attempt.is_multiple_of(20) {
                 log::warn!("{what} failed (attempt {attempt}), retrying: {reason}");
             }
-            self.status.retrying(what.clone(), reason.to_string(), attempt);
+            self.status
+                .retrying(what.clone(), reason.to_string(), attempt);
             if !self.pause(attempt, shutdown).await {
                 return Outcome::Interrupted;
             }
@@ -670,8 +684,7 @@ impl EventConsumer {
         let dead_letter_topic = self.settings.dead_letter_topic();
         let mut attempt = 0u32;
         loop {
-            let (letter, topic, position) =
-                (letter.clone(), dead_letter_topic.clone(), at.clone());
+            let (letter, topic, position) = (letter.clone(), dead_letter_topic.clone(), at.clone());
             let parked = self
                 .db
                 .write(move |conn| {
@@ -687,8 +700,11 @@ impl EventConsumer {
                 }
                 Err(e) if e.is_transient() => {
                     attempt += 1;
-                    self.status
-                        .retrying(format!("parking {}", describe(at)), e.to_string(), attempt);
+                    self.status.retrying(
+                        format!("parking {}", describe(at)),
+                        e.to_string(),
+                        attempt,
+                    );
                     if !self.pause(attempt, shutdown).await {
                         return Outcome::Interrupted;
                     }
@@ -798,7 +814,10 @@ mod tests {
         assert_eq!(s.problem(), None, "just fell behind");
         std::thread::sleep(Duration::from_millis(60));
         let problem = s.problem().unwrap();
-        assert!(problem.contains("4 events waiting on partitions [0]"), "{problem}");
+        assert!(
+            problem.contains("4 events waiting on partitions [0]"),
+            "{problem}"
+        );
         assert!(s.reopen_reason().is_some());
         s.reopened("test".into());
         assert!(s.reopen_reason().is_none(), "at most once per timeout");
@@ -815,7 +834,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         s.retrying("OrderPlaced x".into(), "disk I/O error".into(), 9);
         let problem = s.problem().unwrap();
-        assert!(problem.contains("stuck") && problem.contains("disk I/O error"), "{problem}");
+        assert!(
+            problem.contains("stuck") && problem.contains("disk I/O error"),
+            "{problem}"
+        );
         assert!(s.reopen_reason().is_none());
     }
 
@@ -824,6 +846,10 @@ mod tests {
         let s = status();
         s.assigned(&BTreeMap::from([(0, 0)]));
         s.observed(2, &BTreeMap::from([(0, (0, 0)), (1, (0, 0))]));
-        assert!(s.reopen_reason().unwrap().contains("2 partitions, 1 assigned"));
+        assert!(
+            s.reopen_reason()
+                .unwrap()
+                .contains("2 partitions, 1 assigned")
+        );
     }
 }

@@ -213,7 +213,11 @@ mod tests {
             whole_number("quantity", &json!("abc")),
             Err("quantity must be a whole number, got \"abc\"".into())
         );
-        assert!(whole_number("price", &json!(1.5)).unwrap_err().starts_with("price"));
+        assert!(
+            whole_number("price", &json!(1.5))
+                .unwrap_err()
+                .starts_with("price")
+        );
         assert!(whole_number("price", &json!(true)).is_err());
         assert_eq!(optional_whole_number("stock", None), Ok(None));
         assert_eq!(optional_whole_number("stock", Some(&json!(null))), Ok(None));

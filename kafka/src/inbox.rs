@@ -128,9 +128,15 @@ mod tests {
         fn wants(&self, _: &Envelope) -> bool {
             true
         }
-        fn react(&self, _: &mut SqliteConnection, e: &Envelope) -> Result<Vec<Envelope>, ReactError> {
+        fn react(
+            &self,
+            _: &mut SqliteConnection,
+            e: &Envelope,
+        ) -> Result<Vec<Envelope>, ReactError> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(vec![Envelope::new(Service::Orders, e.event.clone()).caused_by(e)])
+            Ok(vec![
+                Envelope::new(Service::Orders, e.event.clone()).caused_by(e),
+            ])
         }
     }
 
@@ -167,7 +173,11 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(positions.get(&0), Some(&9), "the duplicate moved the position");
+        assert_eq!(
+            positions.get(&0),
+            Some(&9),
+            "the duplicate moved the position"
+        );
         assert_eq!(outbox_rows, 1, "one caused event");
     }
 }

@@ -97,6 +97,10 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].topic.as_deref(), Some("eventTopic.DLT"));
         assert_eq!(rows[0].message_key, "poison-1");
-        assert!(rows[0].payload.len() < 16 * 1024, "{} bytes", rows[0].payload.len());
+        assert!(
+            rows[0].payload.len() < 16 * 1024,
+            "{} bytes",
+            rows[0].payload.len()
+        );
     }
 }

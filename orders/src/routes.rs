@@ -123,7 +123,8 @@ async fn place(
     body: web::Json<PlaceOrder>,
 ) -> Result<HttpResponse, OrdersError> {
     let b = body.into_inner();
-    let number = |field, value| kafka::http::whole_number(field, value).map_err(OrdersError::Invalid);
+    let number =
+        |field, value| kafka::http::whole_number(field, value).map_err(OrdersError::Invalid);
     let request = OrderRequest::parse(
         number("productId", &b.product_id)?,
         number("quantity", &b.quantity)?,

@@ -492,7 +492,11 @@ mod tests {
     #[test]
     fn a_confirmed_order_is_only_requested_to_cancel_and_delivery_decides() {
         let (o, request) = requested();
-        assert_eq!(o.state, OrderState::Completed, "stays completed until delivery says");
+        assert_eq!(
+            o.state,
+            OrderState::Completed,
+            "stays completed until delivery says"
+        );
         assert!(o.cancel_requested);
         assert_eq!(request.event_type(), "OrderCancelRequested");
         assert!(request.initiated_by_service(Service::Orders));
@@ -529,7 +533,10 @@ mod tests {
             order_id: 5,
             delivery_state: DeliveryState::Completed,
         };
-        (o, _) = react(o, &from(Service::Delivery, Event::DeliveryCompleted(e), None));
+        (o, _) = react(
+            o,
+            &from(Service::Delivery, Event::DeliveryCompleted(e), None),
+        );
         let err = cancel_by_customer(o).unwrap_err();
         assert!(err.0.contains("delivered"), "{err}");
     }
@@ -543,7 +550,10 @@ mod tests {
             order_id: 5,
             delivery_state: DeliveryState::Completed,
         };
-        let (o, events) = react(o, &from(Service::Delivery, Event::DeliveryCompleted(e), None));
+        let (o, events) = react(
+            o,
+            &from(Service::Delivery, Event::DeliveryCompleted(e), None),
+        );
         assert!(events.is_empty());
         let (o, events) = react(o, &cancel_refused_by(&request));
         assert_eq!(o.state, OrderState::Completed);
@@ -553,7 +563,10 @@ mod tests {
     #[test]
     fn an_echo_of_an_orders_chain_does_not_cancel_an_order_that_asked_nothing() {
         let request = placed(&order(OrderState::Completed));
-        let (o, events) = react(order(OrderState::Completed), &delivery_cancelled_by(&request));
+        let (o, events) = react(
+            order(OrderState::Completed),
+            &delivery_cancelled_by(&request),
+        );
         assert_eq!(o.state, OrderState::Completed);
         assert!(events.is_empty());
     }

@@ -37,9 +37,7 @@ impl From<diesel::result::Error> for ProductsError {
 impl ResponseError for ProductsError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ProductsError::NotFound(_) | ProductsError::NoReservation(_) => {
-                StatusCode::NOT_FOUND
-            }
+            ProductsError::NotFound(_) | ProductsError::NoReservation(_) => StatusCode::NOT_FOUND,
             ProductsError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ProductsError::Internal(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             ProductsError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

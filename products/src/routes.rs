@@ -137,7 +137,8 @@ async fn create(
 ) -> Result<HttpResponse, ProductsError> {
     let body = body.into_inner();
     let name = ProductName::parse(&body.name)?;
-    let number = |field, value| kafka::http::whole_number(field, value).map_err(ProductsError::Invalid);
+    let number =
+        |field, value| kafka::http::whole_number(field, value).map_err(ProductsError::Invalid);
     let price = amount("price", number("price", &body.price)?, MAX_PRICE)?;
     let stock = amount("stock", number("stock", &body.stock)?, MAX_STOCK)?;
     let product = db

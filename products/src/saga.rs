@@ -490,7 +490,10 @@ mod tests {
             let (voided, events) = react(view, &cancel);
             assert!(events.is_empty());
             assert_eq!(voided.product.as_ref().unwrap().stock, 10);
-            assert_eq!(voided.reservation.as_ref().unwrap().state, ReservationState::Voided);
+            assert_eq!(
+                voided.reservation.as_ref().unwrap().state,
+                ReservationState::Voided
+            );
             let (after, events) = react(voided.clone(), &placed(3));
             assert_eq!(after, voided, "stock untouched");
             assert!(events.is_empty());
@@ -501,7 +504,10 @@ mod tests {
     fn a_delivered_reservation_is_settled_and_never_released() {
         let (delivered, events) = react(reserved(3, 7), &delivery_completed());
         assert!(events.is_empty());
-        assert_eq!(delivered.reservation.as_ref().unwrap().state, ReservationState::Delivered);
+        assert_eq!(
+            delivered.reservation.as_ref().unwrap().state,
+            ReservationState::Delivered
+        );
         assert_eq!(delivered.product.as_ref().unwrap().stock, 7);
         for cancel in [
             order_cancelled(Some(Service::Orders)),

@@ -115,7 +115,10 @@ async fn stop_is_bounded_with_the_broker_down(stack: &mut Stack) -> Check {
     .await?;
     for service in ["orders", "products", "delivery"] {
         let took = stack.terminate(service, Duration::from_secs(15)).await?;
-        println!("    {service} stopped on SIGTERM in {:.1} s", took.as_secs_f64());
+        println!(
+            "    {service} stopped on SIGTERM in {:.1} s",
+            took.as_secs_f64()
+        );
     }
     Ok(())
 }

@@ -6,13 +6,11 @@ use super::check::{
 };
 use super::client::{Client, Reply};
 use super::workload::{Product, Urls};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
-use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::collections::BTreeSet;
+use std::time::Duration;
 
 /// Page size of the REST lists.
 pub const PAGE: usize = 1000;
@@ -71,90 +69,21 @@ pub struct RawMessage {
     pub value: Value,
 }
 
-/// Reads a whole topic from the beginning up to its current end (adapted from
-/// `e2e::read_topic`, with a longer deadline for the long run). A topic that does not exist
-/// yet reads as empty.
+/// Reads a whole topic from the beginning up to its current end within `deadline` (the long
+/// run's topic is large). A topic that does not exist yet reads as empty.
 pub async fn read_topic(
     brokers: &str,
     topic: &str,
     deadline: Duration,
 ) -> Result<Vec<RawMessage>, String> {
-    let brokers = brokers.to_owned();
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || read_topic_blocking(&brokers, &topic, deadline))
-        .await
-        .map_err(|e| e.to_string())?
-}
-
-fn read_topic_blocking(
-    brokers: &str,
-    topic: &str,
-    deadline: Duration,
-) -> Result<Vec<RawMessage>, String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "chaos-reader")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .map_err(|e| format!("reader: {e}"))?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("metadata of {topic}: {e}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut assignment = TopicPartitionList::new();
-    let mut remaining = HashMap::new();
-    for p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, *p, timeout)
-            .map_err(|e| format!("watermarks of {topic}[{p}]: {e}"))?;
-        if high > low {
-            assignment
-                .add_partition_offset(topic, *p, Offset::Beginning)
-                .map_err(|e| e.to_string())?;
-            remaining.insert(*p, high);
-        }
-    }
-    let mut messages = Vec::new();
-    if remaining.is_empty() {
-        return Ok(messages);
-    }
-    consumer
-        .assign(&assignment)
-        .map_err(|e| format!("assign: {e}"))?;
-    let end = Instant::now() + deadline;
-    while !remaining.is_empty() {
-        if Instant::now() > end {
-            return Err(format!(
-                "reading {topic} did not reach its end; left: {remaining:?}"
-            ));
-        }
-        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let m = result.map_err(|e| format!("reading {topic}: {e}"))?;
-        let value = m
-            .payload()
-            .and_then(|p| serde_json::from_slice(p).ok())
-            .unwrap_or(Value::Null);
-        messages.push(RawMessage {
-            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            value,
-        });
-        if remaining
-            .get(&m.partition())
-            .is_some_and(|high| m.offset() + 1 >= *high)
-        {
-            remaining.remove(&m.partition());
-        }
-    }
-    Ok(messages)
+    let messages = crate::read_topic_within(brokers, topic, deadline).await?;
+    Ok(messages
+        .into_iter()
+        .map(|m| RawMessage {
+            key: m.key,
+            value: m.value,
+        })
+        .collect())
 }
 
 /// What a snapshot needs to know besides the services.
