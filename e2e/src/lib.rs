@@ -499,9 +499,12 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
     })
     .await
     .map_err(|e| format!("products: {e}"))?;
-    let orders = orders::build(&settings(events::Service::Orders))
-        .await
-        .map_err(|e| format!("orders: {e}"))?;
+    let orders = orders::build(&orders::Settings {
+        service: settings(events::Service::Orders),
+        saga_timeout: Duration::from_secs(30),
+    })
+    .await
+    .map_err(|e| format!("orders: {e}"))?;
     let delivery = delivery::build(&settings(events::Service::Delivery))
         .await
         .map_err(|e| format!("delivery: {e}"))?;

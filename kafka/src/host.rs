@@ -64,6 +64,8 @@ pub struct ServiceHost {
     stop_consumer: CancellationToken,
     /// The consumer task.
     consumer: JoinHandle<()>,
+    /// The service's own tasks (see [`ServiceHost::spawn_task`]); stopped with the consumer.
+    tasks: Vec<JoinHandle<()>>,
     /// Stops the relay; cancelled last, after the consumer's final commit.
     stop_relay: CancellationToken,
     /// The relay task.
@@ -153,9 +155,21 @@ impl ServiceHost {
             server,
             stop_consumer,
             consumer,
+            tasks: Vec::new(),
             stop_relay,
             relay,
         })
+    }
+
+    /// Runs a service's own background task (orders' saga timeout, say). It is told to stop
+    /// together with the consumer, and the relay publishes what it committed before exiting.
+    pub fn spawn_task<F, Fut>(&mut self, task: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks
+            .push(tokio::spawn(task(self.stop_consumer.clone())));
     }
 
     /// The port the HTTP server listens on.
@@ -181,6 +195,9 @@ impl ServiceHost {
         };
         self.stop_consumer.cancel();
         let _ = self.consumer.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
         self.stop_relay.cancel();
         let _ = self.relay.await;
         log::info!("stopped");

@@ -2,8 +2,9 @@
 //!
 //! An order starts pending (`OrderPlaced`); it completes once both StockDecreased and
 //! DeliveryStarted arrived, and is cancelled by ProductOutOfStock, by a courier's
-//! DeliveryCancelled or by the customer. It also keeps every order's saga history across the
-//! three services and a replica of the catalog, both fed from the topic.
+//! DeliveryCancelled, by the customer, or by the saga timeout when it stays pending too long.
+//! It also keeps every order's saga history across the three services and a replica of the
+//! catalog, both fed from the topic.
 
 pub mod domain;
 pub mod error;
@@ -12,5 +13,6 @@ pub mod routes;
 pub mod saga;
 pub mod startup;
 pub mod store;
+pub mod timeouts;
 
 pub use startup::{Settings, build, settings_from_env};

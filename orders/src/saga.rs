@@ -204,6 +204,23 @@ pub fn cancel_by_customer(mut order: Order) -> Result<CustomerCancel, CancelRefu
     Ok(CustomerCancel::Requested(order, event))
 }
 
+/// Rule 12: an order still pending after the saga timeout is cancelled by orders, as a
+/// customer cancel of a pending order would be (initiator orders): products releases what it
+/// reserved, delivery calls off what it started. A late StockDecreased or DeliveryStarted
+/// cannot revive it (rule 4), and products, which sees the OrderCancelled after the
+/// OrderPlaced on the same partition, releases whatever it reserved: stock is conserved.
+pub fn time_out(order: Order, timeout_secs: u64) -> Option<(Order, Envelope)> {
+    if order.state != OrderState::Placed {
+        return None;
+    }
+    let reason = format!(
+        "cancelled by orders: no confirmation from products and delivery within \
+         {timeout_secs} s (SAGA_TIMEOUT_S)"
+    );
+    let (order, event) = cancelled(order, reason);
+    Some((order, event.initiated_by(Service::Orders)))
+}
+
 fn complete_if_confirmed(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
     if order.state != OrderState::Placed || !order.stock_reserved || order.delivery_id.is_none() {
         return (order, Vec::new());
@@ -577,6 +594,38 @@ mod tests {
         o.delivery_state = Some(DeliveryState::Cancelled);
         let (o, _) = react(o, &delivery_started());
         assert_eq!(o.delivery_state, Some(DeliveryState::Cancelled));
+    }
+
+    #[test]
+    fn a_pending_order_times_out_with_orders_as_initiator() {
+        let (o, event) = time_out(order(OrderState::Placed), 30).unwrap();
+        assert_eq!(o.state, OrderState::Cancelled);
+        assert!(o.state_message.unwrap().contains("within 30 s"));
+        assert_eq!(event.event_type(), "OrderCancelled");
+        assert!(event.initiated_by_service(Service::Orders));
+        for state in [OrderState::Completed, OrderState::Cancelled] {
+            assert!(time_out(order(state), 30).is_none(), "{state}");
+        }
+    }
+
+    #[test]
+    fn late_confirmations_never_revive_a_timed_out_order() {
+        // stock confirmed before the timeout, delivery after it
+        let (o, _) = react(order(OrderState::Placed), &stock_decreased());
+        let (o, _) = time_out(o, 30).unwrap();
+        let (o, events) = react(o, &delivery_started());
+        assert_eq!(o.state, OrderState::Cancelled);
+        assert!(events.is_empty());
+        // both after it
+        let (o, _) = time_out(order(OrderState::Placed), 30).unwrap();
+        let (o, _) = react(o, &delivery_started());
+        let (o, events) = react(o, &stock_decreased());
+        assert_eq!(o.state, OrderState::Cancelled);
+        assert!(events.is_empty());
+        // a completed order is never timed out, whatever arrives later
+        let (o, _) = react(order(OrderState::Placed), &stock_decreased());
+        let (o, _) = react(o, &delivery_started());
+        assert!(time_out(o, 30).is_none());
     }
 
     #[test]

@@ -175,6 +175,21 @@ pub fn list_orders(
         .collect()
 }
 
+/// Ids of orders still pending that were placed before `cutoff` (RFC 3339), oldest first.
+pub fn pending_before(
+    conn: &mut SqliteConnection,
+    cutoff: &str,
+    limit: i64,
+) -> QueryResult<Vec<i64>> {
+    orders::table
+        .filter(orders::state.eq(OrderState::Placed.as_str()))
+        .filter(orders::created_at.lt(cutoff))
+        .order(orders::created_at)
+        .limit(limit)
+        .select(orders::id)
+        .load(conn)
+}
+
 /// One order.
 pub fn order(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<StoredOrder>> {
     orders::table
