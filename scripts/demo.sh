@@ -55,8 +55,10 @@ wait_for "$ORDERS/products/1" .stock "$((before - 1))"
 req GET "$ORDERS/products/1"
 echo "TV stock: $before → $((before - 1)) in products and in orders' replica"
 
-say "3. Cancel it: OrderCancelled → DeliveryCancelled + StockIncreased (stock restored once)"
+say "3. Cancel it: 202, a request (the order is confirmed, so delivery decides) →"
+say "   OrderCancelRequested → DeliveryCancelled → OrderCancelled + StockIncreased (stock restored once)"
 req PATCH "$ORDERS/orders/$first" '{"state":"OrderCancelled"}'
+wait_for "$ORDERS/orders/$first" .state OrderCancelled
 wait_for "$PRODUCTS/products/1" .stock "$before"
 req GET "$PRODUCTS/products/1"
 req PATCH "$ORDERS/orders/$first" '{"state":"OrderCancelled"}'
