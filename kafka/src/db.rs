@@ -10,7 +10,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use events::Envelope;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 /// The outbox and inbox tables, present in every service database.
 const PLUMBING_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -77,6 +77,8 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragma
 pub struct Database {
     pool: Pool,
     outbox_committed: Arc<Notify>,
+    /// Counts committed writes; live views (the dashboard's event stream) wait on it.
+    commits: Arc<watch::Sender<u64>>,
 }
 
 impl Database {
@@ -105,6 +107,7 @@ impl Database {
         Ok(Database {
             pool,
             outbox_committed: Arc::new(Notify::new()),
+            commits: Arc::new(watch::Sender::new(0)),
         })
     }
 
@@ -149,7 +152,14 @@ impl Database {
         if published {
             self.outbox_committed.notify_one();
         }
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
         Ok(value)
+    }
+
+    /// Changes whenever a write commits: a live view re-reads what it shows after
+    /// `changed()`, instead of polling.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
     }
 
     /// Answers when the database can run a statement (for `/health`).

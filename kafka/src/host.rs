@@ -135,6 +135,14 @@ impl ServiceHost {
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(actix_web::middleware::Logger::new("%r %s %Dms"))
+                // The dashboard on orders' port calls products and delivery too.
+                .wrap(
+                    actix_cors::Cors::default()
+                        .allow_any_origin()
+                        .allowed_methods(["GET", "POST", "PATCH"])
+                        .allow_any_header()
+                        .max_age(3600),
+                )
                 .app_data(db.clone())
                 .app_data(health.clone())
                 .configure(http::configure)

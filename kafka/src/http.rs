@@ -26,7 +26,38 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .app_data(web::PathConfig::default().error_handler(path_error))
     .app_data(web::QueryConfig::default().error_handler(query_error))
-    .route("/health", web::get().to(health));
+    .route("/health", web::get().to(health))
+    .route("/dead-letters", web::get().to(dead_letters));
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// `GET /dead-letters[?after=&limit=]`: the messages this service parked, with the reason.
+async fn dead_letters(db: web::Data<Database>, query: web::Query<PageQuery>) -> HttpResponse {
+    let page = match Page::parse(query.after, query.limit) {
+        Ok(page) => page,
+        Err(e) => return error_json(StatusCode::UNPROCESSABLE_ENTITY, e),
+    };
+    let rows = db
+        .read(move |conn| crate::parking::list(conn, page).map_err(crate::DbError::from))
+        .await;
+    match rows {
+        Ok(rows) => HttpResponse::Ok().json(rows),
+        Err(e) => {
+            log::error!("GET /dead-letters: {e}");
+            let status = if e.is_transient() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            error_json(status, "cannot read the dead letters; see the service log")
+        }
+    }
 }
 
 fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {

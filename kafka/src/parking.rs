@@ -52,6 +52,44 @@ pub fn park(
     outbox::enqueue_dead_letter(conn, dead_letter_topic, letter)
 }
 
+/// A parked message as `GET /dead-letters` shows it.
+#[derive(Debug, Clone, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = dead_letters)]
+#[serde(rename_all = "camelCase")]
+pub struct ParkedRow {
+    /// Local id (page cursor).
+    pub id: i64,
+    /// `Undecodable`, `Rejected` or `HandlerPanicked`.
+    pub kind: String,
+    /// Why.
+    pub reason: String,
+    /// Where it was read.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    #[serde(rename = "offset")]
+    pub offset_: i64,
+    /// Its key.
+    pub message_key: Option<String>,
+    /// Its size.
+    pub payload_bytes: i64,
+    /// Its SHA-256.
+    pub payload_sha256: String,
+    /// When it was parked.
+    pub parked_at: String,
+}
+
+/// One page of this service's parked messages, newest last.
+pub fn list(conn: &mut SqliteConnection, page: crate::http::Page) -> QueryResult<Vec<ParkedRow>> {
+    dead_letters::table
+        .filter(dead_letters::id.gt(page.after))
+        .order(dead_letters::id)
+        .limit(page.limit)
+        .select(ParkedRow::as_select())
+        .load(conn)
+}
+
 /// How many messages this service has parked.
 pub fn count(conn: &mut SqliteConnection) -> QueryResult<i64> {
     dead_letters::table.count().get_result(conn)
