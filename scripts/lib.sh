@@ -156,6 +156,27 @@ ensure_tansu() {
   [[ -x "$TANSU" ]] || die "tansu did not install; see the cargo output above"
 }
 
+# Installs Chromium and its WebDriver (Debian's chromium and chromium-driver) unless both are
+# there: the dashboard's browser test drives /usr/bin/chromium through /usr/bin/chromedriver.
+ensure_chromium() {
+  [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] && return 0
+  command -v apt-get >/dev/null 2>&1 || die "the browser test needs /usr/bin/chromium and /usr/bin/chromedriver, and this machine has no apt-get to install them; install Chromium and its chromedriver there by hand"
+  local sudo=""
+  if (( EUID != 0 )); then
+    command -v sudo >/dev/null 2>&1 || die "installing chromium and chromium-driver needs root: run as root or install sudo"
+    sudo="sudo"
+  fi
+  local apt=($sudo env DEBIAN_FRONTEND=noninteractive apt-get)
+  say "installing chromium and chromium-driver for the browser test (once; a few minutes)"
+  if ! "${apt[@]}" install -y chromium chromium-driver; then
+    say "apt-get install failed; updating the package lists and trying again"
+    "${apt[@]}" update && "${apt[@]}" install -y chromium chromium-driver \
+      || die "could not install chromium and chromium-driver; see apt-get's output above"
+  fi
+  [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] \
+    || die "chromium-driver installed, but /usr/bin/chromium or /usr/bin/chromedriver is missing"
+}
+
 # Starts tansu on KAFKA_BROKERS with SQLite storage under data/ unless a broker answers there.
 ensure_broker() {
   local broker pid started=false pidfile="$DATA/tansu.pid"; broker="$(first_broker)"

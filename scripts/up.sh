@@ -55,6 +55,7 @@ done
 cat <<EOT
 
 The 12st Mall is up:
+  dashboard http://127.0.0.1:8081/   (live orders, catalog, deliveries, timelines, dead letters)
   orders    http://127.0.0.1:8081   (GET /orders, /orders/{id}, /orders/{id}/events, /products)
   products  http://127.0.0.1:8085   (GET /products, /products/{id})
   delivery  http://127.0.0.1:8082   (GET /deliveries, /deliveries/{id})

@@ -827,3 +827,109 @@ pub async fn bad_input_gets_clear_errors(m: &Mall) -> Check {
     }
     Ok(())
 }
+
+/// Every service serves `GET /metrics` in the Prometheus text format and its figures move with
+/// a saga: after one completed order each service applied events and shows its consumer's
+/// position and lag per partition and its outbox backlog; orders counted the `POST /orders`
+/// that answered 201 (by route pattern, not path) and timed the saga, products the
+/// `POST /products`.
+pub async fn metrics_are_exposed(m: &Mall) -> Check {
+    /// The value of the sample whose name and labels are exactly `series`.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+    }
+    async fn scrape(http: &reqwest::Client, base: &str) -> Check<String> {
+        let url = format!("{base}/metrics");
+        let response = http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        if status != 200 || !content_type.starts_with("text/plain; version=0.0.4") {
+            return Err(format!("GET {url} → {status} {content_type:?}: {text}"));
+        }
+        Ok(text)
+    }
+    let at_least = |text: &str, series: &str, min: f64| match sample(text, series) {
+        Some(v) if v >= min => Ok(()),
+        other => Err(format!("{series} should be ≥ {min}, is {other:?}")),
+    };
+
+    let product = m.create_product("metrics", 5).await?;
+    let order = m.place_order(product, 1).await?;
+    m.wait_order_state(order, "OrderCompleted").await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .map_err(|e| e.to_string())?;
+    // Orders times the saga when it reads back its own OrderCompleted, a hop after the commit.
+    let orders = eventually(
+        "orders timed a completed saga",
+        Duration::from_secs(30),
+        || async {
+            let text = scrape(&http, &m.orders).await?;
+            at_least(
+                &text,
+                r#"mall_saga_duration_seconds_count{outcome="completed"}"#,
+                1.0,
+            )?;
+            Ok(text)
+        },
+    )
+    .await?;
+    at_least(
+        &orders,
+        r#"mall_http_requests_total{method="POST",route="/orders",status="201"}"#,
+        1.0,
+    )?;
+    if orders.contains(&format!("/orders/{order}\"")) {
+        return Err(format!("an order id became a route label:\n{orders}"));
+    }
+    let products = scrape(&http, &m.products).await?;
+    at_least(
+        &products,
+        r#"mall_http_requests_total{method="POST",route="/products",status="201"}"#,
+        1.0,
+    )?;
+    let delivery = scrape(&http, &m.delivery).await?;
+    for (service, text) in [
+        ("orders", &orders),
+        ("products", &products),
+        ("delivery", &delivery),
+    ] {
+        let named = |e: String| format!("{service}: {e}");
+        at_least(
+            text,
+            r#"mall_events_consumed_total{outcome="applied"}"#,
+            1.0,
+        )
+        .map_err(named)?;
+        for series in [
+            r#"mall_consumer_lag{partition="0"}"#,
+            r#"mall_consumer_position{partition="0"}"#,
+            "mall_outbox_pending_rows",
+            "mall_relay_lag_seconds",
+            "mall_relay_published_total",
+        ] {
+            at_least(text, series, 0.0).map_err(named)?;
+        }
+        if service != "orders" && text.contains("mall_saga_duration_seconds") {
+            return Err(format!("{service} shows orders' saga durations: {text}"));
+        }
+    }
+    Ok(())
+}

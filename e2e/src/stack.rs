@@ -155,6 +155,8 @@ impl Stack {
     }
 
     /// [`Stack::start`] with extra environment variables per service: `(service, name, value)`.
+    /// Orders always gets `PRODUCTS_URL` and `DELIVERY_URL` of this stack (for its dashboard);
+    /// an extra variable of the same name overrides it.
     pub fn start_with(
         dir: &Path,
         bin_dir: &Path,
@@ -177,10 +179,13 @@ impl Stack {
         };
         stack.spawn_broker()?;
         wait_port(port, Duration::from_secs(30)).map_err(|e| format!("tansu: {e}"))?;
+        // Every port first: orders is told where products and delivery answer.
         for service in SERVICES {
             stack
                 .ports
                 .insert(service, free_port().map_err(|e| e.to_string())?);
+        }
+        for service in SERVICES {
             stack.start_service(service)?;
         }
         Ok(stack)
@@ -272,6 +277,12 @@ impl Stack {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
+        if service == "orders" {
+            // Where orders' dashboard (`/dashboard/config`) sends the page.
+            command
+                .env("PRODUCTS_URL", self.url("products"))
+                .env("DELIVERY_URL", self.url("delivery"));
+        }
         for (target, name, value) in &self.extra_env {
             if *target == service {
                 command.env(name, value);

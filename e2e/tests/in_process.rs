@@ -52,6 +52,7 @@ scenario!(
     bad_input_gets_clear_errors,
     scenarios::bad_input_gets_clear_errors
 );
+scenario!(metrics_are_exposed, scenarios::metrics_are_exposed);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_twice() {

@@ -12,13 +12,18 @@
 //! ([`crate::parking`]); every other failure (the database busy, full, read-only…) is
 //! retried, and [`ConsumerStatus`] shows it to `/health`. A watchdog reopens the consumer when
 //! events wait on the topic and nothing moves while the broker answers.
+//!
+//! [`ConsumerStatus`] also feeds `/metrics`: the outcome counters `/health` shows *are* the
+//! Prometheus counters, and the position and lag gauges move with the figures `/health` shows.
 
 use crate::db::{Database, DbError};
 use crate::inbox::{self, Applied, ReactError, Reactor};
+use crate::metrics::Metrics;
 use crate::offsets::{self, ConsumedAt};
 use crate::parking;
 use crate::settings::KafkaSettings;
 use events::{DeadLetter, Decoded, ParkedFrom};
+use prometheus::{IntCounter, IntGaugeVec};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
@@ -77,11 +82,47 @@ pub fn create_probe(settings: &KafkaSettings) -> KafkaResult<BaseConsumer> {
         .create()
 }
 
-/// What the consumer is doing, for `/health` and the watchdog.
+/// What the consumer is doing, for `/health`, `/metrics` and the watchdog.
 pub struct ConsumerStatus {
     group: String,
     stuck_after: Duration,
     inner: Mutex<ConsumerState>,
+    metrics: ConsumerMetrics,
+}
+
+/// The consumer's share of the service's [`Metrics`]: the one place its counts are kept.
+struct ConsumerMetrics {
+    applied: IntCounter,
+    duplicates: IntCounter,
+    skipped: IntCounter,
+    parked: IntCounter,
+    retries: IntCounter,
+    reopened: IntCounter,
+    lag: IntGaugeVec,
+    position: IntGaugeVec,
+}
+
+impl ConsumerMetrics {
+    fn new(m: &Metrics) -> Self {
+        let outcome = |o: &str| m.events_consumed.with_label_values(&[o]);
+        ConsumerMetrics {
+            applied: outcome("applied"),
+            duplicates: outcome("duplicate"),
+            skipped: outcome("skipped"),
+            parked: outcome("parked"),
+            retries: m.event_retries.clone(),
+            reopened: m.consumer_reopened.clone(),
+            lag: m.consumer_lag.clone(),
+            position: m.consumer_position.clone(),
+        }
+    }
+
+    /// Sets the partition's position and lag gauges.
+    fn show(&self, partition: i32, p: &Progress) {
+        let label = partition.to_string();
+        self.position.with_label_values(&[&label]).set(p.position);
+        self.lag.with_label_values(&[&label]).set(p.lag());
+    }
 }
 
 struct ConsumerState {
@@ -91,13 +132,8 @@ struct ConsumerState {
     last_probe_ok: Option<Instant>,
     last_progress: Instant,
     retrying: Option<Retrying>,
-    reopened: u32,
     last_reopen: Option<(Instant, String)>,
     last_error: Option<String>,
-    applied: u64,
-    duplicates: u64,
-    skipped: u64,
-    parked: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -124,8 +160,9 @@ struct Retrying {
 }
 
 impl ConsumerStatus {
-    /// The status of `group`'s consumer; a stall longer than `stuck_after` is a problem.
-    pub fn new(group: &str, stuck_after: Duration) -> Self {
+    /// The status of `group`'s consumer, counted in `metrics`; a stall longer than
+    /// `stuck_after` is a problem.
+    pub fn new(group: &str, stuck_after: Duration, metrics: &Metrics) -> Self {
         let now = Instant::now();
         ConsumerStatus {
             group: group.to_owned(),
@@ -137,14 +174,10 @@ impl ConsumerStatus {
                 last_probe_ok: None,
                 last_progress: now,
                 retrying: None,
-                reopened: 0,
                 last_reopen: None,
                 last_error: None,
-                applied: 0,
-                duplicates: 0,
-                skipped: 0,
-                parked: 0,
             }),
+            metrics: ConsumerMetrics::new(metrics),
         }
     }
 
@@ -169,6 +202,12 @@ impl ConsumerStatus {
             })
             .collect();
         s.last_progress = Instant::now();
+        // Partitions no longer held leave the gauges.
+        self.metrics.position.reset();
+        self.metrics.lag.reset();
+        for (id, p) in &s.assigned {
+            self.metrics.show(*id, p);
+        }
     }
 
     fn progressed(&self, partition: i32, next: i64) {
@@ -180,10 +219,12 @@ impl ConsumerStatus {
             if p.lag() == 0 {
                 p.behind_since = None;
             }
+            self.metrics.show(partition, p);
         }
     }
 
     fn retrying(&self, event: String, error: String, attempts: u32) {
+        self.metrics.retries.inc();
         let mut s = self.state();
         let since = s
             .retrying
@@ -212,6 +253,7 @@ impl ConsumerStatus {
                 } else {
                     p.behind_since = None;
                 }
+                self.metrics.show(*partition, p);
             }
         }
     }
@@ -307,25 +349,26 @@ impl ConsumerStatus {
     }
 
     fn reopened(&self, reason: String) {
+        self.metrics.reopened.inc();
         let mut s = self.state();
-        s.reopened += 1;
         s.last_reopen = Some((Instant::now(), reason));
         s.last_progress = Instant::now();
     }
 
     fn count(&self, outcome: Counted) {
-        let mut s = self.state();
+        let m = &self.metrics;
         match outcome {
-            Counted::Applied => s.applied += 1,
-            Counted::Duplicate => s.duplicates += 1,
-            Counted::Skipped => s.skipped += 1,
-            Counted::Parked => s.parked += 1,
+            Counted::Applied => m.applied.inc(),
+            Counted::Duplicate => m.duplicates.inc(),
+            Counted::Skipped => m.skipped.inc(),
+            Counted::Parked => m.parked.inc(),
         }
     }
 
     /// The figures `/health` shows.
     pub fn snapshot(&self) -> serde_json::Value {
         let s = self.state();
+        let m = &self.metrics;
         let partitions: BTreeMap<String, serde_json::Value> = s
             .assigned
             .iter()
@@ -338,16 +381,16 @@ impl ConsumerStatus {
             .collect();
         serde_json::json!({
             "partitions": partitions,
-            "applied": s.applied,
-            "duplicatesIgnored": s.duplicates,
-            "skipped": s.skipped,
-            "parked": s.parked,
+            "applied": m.applied.get(),
+            "duplicatesIgnored": m.duplicates.get(),
+            "skipped": m.skipped.get(),
+            "parked": m.parked.get(),
             "retrying": s.retrying.as_ref().map(|r| serde_json::json!({
                 "event": r.event, "attempts": r.attempts, "error": r.error,
                 "forSeconds": r.since.elapsed().as_secs(),
             })),
             "secondsSinceProgress": s.last_progress.elapsed().as_secs(),
-            "reopened": s.reopened,
+            "reopened": m.reopened.get(),
             "lastReopen": s.last_reopen.as_ref().map(|(_, why)| why),
             "lastError": s.last_error,
         })
@@ -396,22 +439,24 @@ pub struct EventConsumer {
     db: Database,
     /// The service's rules.
     reactor: Arc<dyn Reactor>,
-    /// Shared with `/health`.
+    /// Shared with `/health`; counts into the service's [`Metrics`].
     status: Arc<ConsumerStatus>,
 }
 
 impl EventConsumer {
-    /// Wires the service's database and reactor to the topic.
+    /// Wires the service's database and reactor to the topic, counting into `metrics`.
     pub fn new(
         settings: &KafkaSettings,
         probe: Arc<BaseConsumer>,
         db: Database,
         reactor: Arc<dyn Reactor>,
+        metrics: &Metrics,
     ) -> Self {
         EventConsumer {
             status: Arc::new(ConsumerStatus::new(
                 &settings.group_id,
                 settings.session_timeout,
+                metrics,
             )),
             settings: settings.clone(),
             probe,
@@ -793,7 +838,7 @@ mod tests {
     use super::*;
 
     fn status() -> ConsumerStatus {
-        ConsumerStatus::new("products", Duration::from_millis(50))
+        ConsumerStatus::new("products", Duration::from_millis(50), &Metrics::new())
     }
 
     #[test]
@@ -839,6 +884,47 @@ mod tests {
             "{problem}"
         );
         assert!(s.reopen_reason().is_none());
+    }
+
+    #[test]
+    fn health_and_metrics_show_the_same_counts_positions_and_lags() {
+        let metrics = Metrics::new();
+        let s = ConsumerStatus::new("orders", Duration::from_secs(10), &metrics);
+        s.assigned(&BTreeMap::from([(0, 5), (1, 0)]));
+        s.observed(2, &BTreeMap::from([(0, (0, 9)), (1, (0, 0))]));
+        s.count(Counted::Applied);
+        s.count(Counted::Applied);
+        s.count(Counted::Duplicate);
+        s.count(Counted::Parked);
+        s.progressed(0, 6);
+        s.retrying("OrderPlaced x".into(), "database is locked".into(), 1);
+        s.reopened("test".into());
+        let health = s.snapshot();
+        assert_eq!(health["applied"], 2);
+        assert_eq!(health["duplicatesIgnored"], 1);
+        assert_eq!(health["parked"], 1);
+        assert_eq!(health["reopened"], 1);
+        assert_eq!(health["partitions"]["0"]["lag"], 3);
+        let text = metrics.render();
+        for line in [
+            "mall_events_consumed_total{outcome=\"applied\"} 2",
+            "mall_events_consumed_total{outcome=\"duplicate\"} 1",
+            "mall_events_consumed_total{outcome=\"parked\"} 1",
+            "mall_events_consumed_total{outcome=\"skipped\"} 0",
+            "mall_event_retries_total 1",
+            "mall_consumer_reopened_total 1",
+            "mall_consumer_position{partition=\"0\"} 6",
+            "mall_consumer_lag{partition=\"0\"} 3",
+            "mall_consumer_lag{partition=\"1\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        s.assigned(&BTreeMap::from([(1, 0)]));
+        let text = metrics.render();
+        assert!(
+            !text.contains("partition=\"0\""),
+            "a partition no longer held leaves the gauges: {text}"
+        );
     }
 
     #[test]

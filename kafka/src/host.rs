@@ -1,10 +1,12 @@
 //! Hosting a service: its HTTP API, its outbox relay and its consumer loop, started together
-//! and stopped in the order that loses nothing.
+//! and stopped in the order that loses nothing, and the service's [`Metrics`] they all count
+//! into (served at `/metrics`).
 
 use crate::consumer::{EventConsumer, create_probe};
 use crate::db::Database;
 use crate::http::Health;
 use crate::inbox::Reactor;
+use crate::metrics::{self, Metrics};
 use crate::outbox::OutboxRelay;
 use crate::producer::create_producer;
 use crate::settings::ServiceSettings;
@@ -35,6 +37,9 @@ pub enum StartError {
         /// What failed.
         reason: String,
     },
+    /// A service's own metric could not be registered (its name is taken).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// The HTTP port cannot be bound.
     #[error("cannot listen on {address}: {source}")]
     Listen {
@@ -58,6 +63,8 @@ const HTTP_DRAIN_SECS: u64 = 5;
 pub struct ServiceHost {
     /// The bound HTTP port.
     port: u16,
+    /// The service's metrics, served at `/metrics`.
+    metrics: web::Data<Metrics>,
     /// The HTTP server; stopped first.
     server: Server,
     /// Stops the consumer; cancelled second.
@@ -73,8 +80,9 @@ pub struct ServiceHost {
 }
 
 impl ServiceHost {
-    /// Ensures the topics, then starts the relay, the consumer and the HTTP server.
-    /// `routes` adds the service's own endpoints; `/health` and JSON errors come with it.
+    /// Ensures the topics, then starts the relay, the consumer and the HTTP server, all counting
+    /// into a new [`Metrics`] of the service's own. `routes` adds the service's own endpoints;
+    /// `/health`, `/metrics` and JSON errors come with it.
     pub async fn start<F>(
         settings: &ServiceSettings,
         db: Database,
@@ -114,15 +122,17 @@ impl ServiceHost {
                  is a broker running? scripts/up.sh starts one"
             ))
         })?;
+        let metrics = web::Data::new(Metrics::new());
         let producer_settings = kafka.clone();
         let relay = OutboxRelay::new(
             db.clone(),
             Box::new(move || create_producer(&producer_settings)),
             kafka.topic.clone(),
+            &metrics,
         )
         .map_err(|e| broker(e.to_string()))?;
         let probe = Arc::new(create_probe(kafka).map_err(|e| broker(e.to_string()))?);
-        let consumer = EventConsumer::new(kafka, probe.clone(), db.clone(), reactor);
+        let consumer = EventConsumer::new(kafka, probe.clone(), db.clone(), reactor, &metrics);
         let health = web::Data::new(Health {
             db: db.clone(),
             probe,
@@ -132,6 +142,7 @@ impl ServiceHost {
             stuck_after: kafka.session_timeout,
         });
         let db = web::Data::new(db);
+        let served_metrics = metrics.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(actix_web::middleware::Logger::new("%r %s %Dms"))
@@ -143,8 +154,11 @@ impl ServiceHost {
                         .allow_any_header()
                         .max_age(3600),
                 )
+                // Outermost, so it counts every answer, CORS preflights and 404s too.
+                .wrap(actix_web::middleware::from_fn(metrics::track_requests))
                 .app_data(db.clone())
                 .app_data(health.clone())
+                .app_data(served_metrics.clone())
                 .configure(http::configure)
                 .configure(routes.clone())
                 .default_service(web::to(http::not_found))
@@ -160,6 +174,7 @@ impl ServiceHost {
         let consumer = tokio::spawn(consumer.run(stop_consumer.clone()));
         Ok(ServiceHost {
             port,
+            metrics,
             server,
             stop_consumer,
             consumer,
@@ -178,6 +193,12 @@ impl ServiceHost {
     {
         self.tasks
             .push(tokio::spawn(task(self.stop_consumer.clone())));
+    }
+
+    /// The service's metrics: [`Metrics::register`] adds the service's own (orders' saga
+    /// durations) to what `/metrics` serves.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The port the HTTP server listens on.

@@ -1,8 +1,9 @@
 //! HTTP pieces every service shares: JSON error bodies for every rejection (never actix's plain
-//! text), and `/health`.
+//! text), `/health`, and `/metrics` (the service's [`Metrics`] in the Prometheus text format).
 
 use crate::consumer::ConsumerStatus;
 use crate::db::Database;
+use crate::metrics::Metrics;
 use crate::outbox::RelayStatus;
 use actix_web::error::{InternalError, JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::StatusCode;
@@ -17,7 +18,7 @@ pub fn error_json(status: StatusCode, message: impl Display) -> HttpResponse {
     HttpResponse::build(status).json(serde_json::json!({ "error": message.to_string() }))
 }
 
-/// Registers the extractor settings and `/health`.
+/// Registers the extractor settings, `/health`, `/metrics` and `/dead-letters`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
         web::JsonConfig::default()
@@ -27,6 +28,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .app_data(web::PathConfig::default().error_handler(path_error))
     .app_data(web::QueryConfig::default().error_handler(query_error))
     .route("/health", web::get().to(health))
+    .route("/metrics", web::get().to(metrics))
     .route("/dead-letters", web::get().to(dead_letters));
 }
 
@@ -166,6 +168,25 @@ pub async fn health(health: web::Data<Health>) -> HttpResponse {
     HttpResponse::ServiceUnavailable().json(body)
 }
 
+/// `GET /metrics`: the service's [`Metrics`] in the Prometheus text exposition format, with
+/// the outbox backlog read now. When the database cannot be read the backlog gauges keep their
+/// last values (logged) and everything else is still served.
+pub async fn metrics(metrics: web::Data<Metrics>, db: web::Data<Database>) -> HttpResponse {
+    match db
+        .read(|conn| crate::outbox::backlog(conn).map_err(crate::DbError::from))
+        .await
+    {
+        Ok(backlog) => metrics.outbox_backlog(
+            backlog.pending,
+            backlog.oldest_age_seconds(chrono::Utc::now()),
+        ),
+        Err(e) => log::warn!("/metrics: cannot read the outbox backlog: {e}"),
+    }
+    HttpResponse::Ok()
+        .content_type(crate::metrics::CONTENT_TYPE)
+        .body(metrics.render())
+}
+
 /// The JSON 405 for a known path with a method it does not take.
 pub async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     error_json(
@@ -252,6 +273,62 @@ mod tests {
         assert!(whole_number("price", &json!(true)).is_err());
         assert_eq!(optional_whole_number("stock", None), Ok(None));
         assert_eq!(optional_whole_number("stock", Some(&json!(null))), Ok(None));
+    }
+
+    #[actix_web::test]
+    async fn metrics_are_served_as_text_with_the_outbox_backlog_read_at_scrape_time() {
+        use actix_web::test as actix_test;
+        use events::{Envelope, Event, OrderCompleted, Service};
+        const PLUMBING: diesel_migrations::EmbeddedMigrations =
+            diesel_migrations::embed_migrations!("migrations");
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("m.db").to_str().unwrap(), PLUMBING).unwrap();
+        let event = Envelope::new(
+            Service::Orders,
+            Event::OrderCompleted(OrderCompleted {
+                order_id: 1,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+            }),
+        );
+        db.write(move |_| Ok::<_, crate::DbError>(((), vec![event])))
+            .await
+            .unwrap();
+        let metrics = web::Data::new(Metrics::new());
+        let app = actix_test::init_service(
+            actix_web::App::new()
+                .wrap(actix_web::middleware::from_fn(
+                    crate::metrics::track_requests,
+                ))
+                .app_data(web::Data::new(db))
+                .app_data(metrics.clone())
+                .configure(configure),
+        )
+        .await;
+        let scrape = || actix_test::TestRequest::get().uri("/metrics").to_request();
+        let first = actix_test::call_service(&app, scrape()).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        assert_eq!(
+            first
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        let text = String::from_utf8(actix_test::read_body(first).await.to_vec()).unwrap();
+        assert!(
+            text.lines().any(|l| l == "mall_outbox_pending_rows 1"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE mall_relay_lag_seconds gauge"));
+        let second = actix_test::call_service(&app, scrape()).await;
+        let text = String::from_utf8(actix_test::read_body(second).await.to_vec()).unwrap();
+        assert!(
+            text.lines().any(|l| l
+                == r#"mall_http_requests_total{method="GET",route="/metrics",status="200"} 1"#),
+            "the first scrape was counted: {text}"
+        );
     }
 
     #[test]

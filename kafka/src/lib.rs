@@ -10,7 +10,10 @@
 //! - [`offsets`]: the consumer's position, committed with each event's effect.
 //! - [`parking`]: dead letters, committed with the position past the parked message.
 //! - [`producer`], [`admin`]: the idempotent producer and topic creation.
-//! - [`http`], [`host`]: JSON errors, `/health`, and starting/stopping a whole service.
+//! - [`http`], [`host`]: JSON errors, `/health`, `/metrics`, and starting/stopping a whole
+//!   service.
+//! - [`metrics`]: each service's Prometheus registry and the HTTP middleware that counts
+//!   requests.
 //! - [`settings`]: env-var configuration.
 
 pub mod admin;
@@ -19,6 +22,7 @@ pub mod db;
 pub mod host;
 pub mod http;
 pub mod inbox;
+pub mod metrics;
 pub mod offsets;
 pub mod outbox;
 pub mod parking;
@@ -28,6 +32,7 @@ pub mod settings;
 pub use db::{Database, DbError};
 pub use host::{ServiceHost, StartError, run_service, shutdown_signal};
 pub use inbox::{Applied, ReactError, Reactor, apply_once, apply_once_at};
+pub use metrics::Metrics;
 pub use outbox::OutboxRelay;
 pub use settings::{ConfigError, KafkaSettings, ServiceSettings, env_flag, env_or};
 

@@ -5,11 +5,16 @@
 //! nothing, because the row stays unpublished until the broker has acknowledged it. A crash
 //! between the acknowledgement and marking the row can publish it twice, which consumers absorb
 //! by event id.
+//!
+//! [`RelayStatus`] keeps the relay's counts for `/health` and `/metrics` alike; the backlog
+//! ([`backlog`]: pending rows, age of the oldest) is read when `/metrics` is scraped.
 
 use crate::db::{Database, DbError};
+use crate::metrics::Metrics;
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
 use events::Envelope;
+use prometheus::IntCounter;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use std::sync::{Arc, Mutex};
@@ -154,16 +159,61 @@ pub fn pending_count(conn: &mut SqliteConnection) -> QueryResult<i64> {
         .get_result(conn)
 }
 
+/// The rows waiting to be published, as `/metrics` shows them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backlog {
+    /// How many rows are pending.
+    pub pending: i64,
+    /// When the oldest pending row (the next to publish) was written.
+    pub oldest_created_at: Option<String>,
+}
+
+impl Backlog {
+    /// Seconds since the oldest pending row was written at `now`; 0 when none is pending
+    /// (or its time cannot be read).
+    pub fn oldest_age_seconds(&self, now: chrono::DateTime<chrono::Utc>) -> f64 {
+        self.oldest_created_at
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map_or(0.0, |t| {
+                (now - t.with_timezone(&chrono::Utc))
+                    .to_std()
+                    .map_or(0.0, |age| age.as_secs_f64())
+            })
+    }
+}
+
+/// The pending row count and the oldest pending row's time, in one read.
+pub fn backlog(conn: &mut SqliteConnection) -> QueryResult<Backlog> {
+    conn.transaction(|conn| {
+        let oldest = outbox::table
+            .filter(outbox::published_at.is_null())
+            .order(outbox::id)
+            .select(outbox::created_at)
+            .first::<String>(conn)
+            .optional()?;
+        Ok(Backlog {
+            pending: pending_count(conn)?,
+            oldest_created_at: oldest,
+        })
+    })
+}
+
 /// Rows published per round trip to the database.
 const BATCH: i64 = 500;
 
 /// Makes the relay's producer; called again when the current one hits a fatal error.
 pub type ProducerFactory = Box<dyn Fn() -> KafkaResult<FutureProducer> + Send + Sync>;
 
-/// What the relay reports to `/health`.
-#[derive(Debug, Default)]
+/// What the relay reports to `/health` and `/metrics`.
+#[derive(Debug)]
 pub struct RelayStatus {
     inner: Mutex<RelayState>,
+    /// The relay's share of the service's [`Metrics`]: the one place its counts are kept.
+    published: IntCounter,
+    refused: IntCounter,
+    failures: IntCounter,
+    producers_recreated: IntCounter,
 }
 
 #[derive(Debug, Default)]
@@ -173,17 +223,24 @@ struct RelayState {
     /// Since when the current round waits for acknowledgements (sends never time out).
     waiting_since: Option<Instant>,
     last_error: Option<String>,
-    producers_recreated: u32,
     last_fatal: Option<String>,
-    published: u64,
-    refused: u64,
 }
 
 impl RelayStatus {
+    /// A relay's status, counted in `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        RelayStatus {
+            inner: Mutex::default(),
+            published: metrics.relay_published.clone(),
+            refused: metrics.relay_refused.clone(),
+            failures: metrics.relay_failures.clone(),
+            producers_recreated: metrics.producer_recreated.clone(),
+        }
+    }
+
     fn succeeded(&self, published: usize) {
-        let mut s = lock(&self.inner);
-        s.failing_since = None;
-        s.published += published as u64;
+        lock(&self.inner).failing_since = None;
+        self.published.inc_by(published as u64);
     }
 
     fn failed(&self, error: &str) {
@@ -196,14 +253,18 @@ impl RelayStatus {
         lock(&self.inner).waiting_since = waiting.then(Instant::now);
     }
 
+    /// A round failed for any reason (broker or database) and will be retried.
+    fn round_failed(&self) {
+        self.failures.inc();
+    }
+
     fn refused(&self) {
-        lock(&self.inner).refused += 1;
+        self.refused.inc();
     }
 
     fn recreated(&self, fatal: &str) {
-        let mut s = lock(&self.inner);
-        s.producers_recreated += 1;
-        s.last_fatal = Some(fatal.to_owned());
+        self.producers_recreated.inc();
+        lock(&self.inner).last_fatal = Some(fatal.to_owned());
     }
 
     /// Why the relay is stuck, if it has been failing, or waiting for the broker, for longer
@@ -230,12 +291,12 @@ impl RelayStatus {
     pub fn snapshot(&self) -> serde_json::Value {
         let s = lock(&self.inner);
         serde_json::json!({
-            "published": s.published,
-            "refusedByBroker": s.refused,
+            "published": self.published.get(),
+            "refusedByBroker": self.refused.get(),
             "failingForSeconds": s.failing_since.map(|t| t.elapsed().as_secs()),
             "waitingForSeconds": s.waiting_since.map(|t| t.elapsed().as_secs()),
             "lastError": s.last_error,
-            "producersRecreated": s.producers_recreated,
+            "producersRecreated": self.producers_recreated.get(),
             "lastFatalError": s.last_fatal,
         })
     }
@@ -258,20 +319,26 @@ pub struct OutboxRelay {
     producer: FutureProducer,
     /// The saga topic, for rows without a topic of their own.
     topic: String,
-    /// Shared with `/health`.
+    /// Shared with `/health`; counts into the service's [`Metrics`].
     status: Arc<RelayStatus>,
 }
 
 impl OutboxRelay {
-    /// A relay for `db`'s outbox publishing to `topic` through producers from `make_producer`.
-    pub fn new(db: Database, make_producer: ProducerFactory, topic: String) -> KafkaResult<Self> {
+    /// A relay for `db`'s outbox publishing to `topic` through producers from `make_producer`,
+    /// counting into `metrics`.
+    pub fn new(
+        db: Database,
+        make_producer: ProducerFactory,
+        topic: String,
+        metrics: &Metrics,
+    ) -> KafkaResult<Self> {
         let producer = make_producer()?;
         Ok(OutboxRelay {
             db,
             make_producer,
             producer,
             topic,
-            status: Arc::new(RelayStatus::default()),
+            status: Arc::new(RelayStatus::new(metrics)),
         })
     }
 
@@ -295,6 +362,7 @@ impl OutboxRelay {
                 Err(RelayError::Interrupted) => break,
                 Err(e) => {
                     failures += 1;
+                    self.status.round_failed();
                     log::warn!("outbox relay: {e}; retrying");
                     let backoff = Duration::from_millis(100 * u64::from(failures.min(20)));
                     tokio::select! {
@@ -482,4 +550,66 @@ pub enum RelayError {
     /// The relay was told to stop while waiting for acknowledgements.
     #[error("stopped while waiting for the broker")]
     Interrupted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+
+    const PLUMBING: EmbeddedMigrations = embed_migrations!("migrations");
+
+    fn row(n: u32, age_seconds: i64) -> NewOutboxRow {
+        NewOutboxRow {
+            event_id: format!("event-{n}"),
+            event_type: "OrderPlaced".into(),
+            message_key: "1".into(),
+            payload: "{}".into(),
+            created_at: (chrono::Utc::now() - chrono::Duration::seconds(age_seconds)).to_rfc3339(),
+            topic: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_backlog_counts_pending_rows_and_ages_the_next_to_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("o.db").to_str().unwrap(), PLUMBING).unwrap();
+        let backlog = |db: Database| async move {
+            db.read(|conn| backlog(conn).map_err(DbError::from))
+                .await
+                .unwrap()
+        };
+        let empty = backlog(db.clone()).await;
+        assert_eq!(
+            (empty.pending, empty.oldest_created_at.as_deref()),
+            (0, None)
+        );
+        assert_eq!(empty.oldest_age_seconds(chrono::Utc::now()), 0.0);
+        let ids = db
+            .write(|conn| {
+                let rows = [row(1, 300), row(2, 90), row(3, 0)];
+                diesel::insert_into(outbox::table)
+                    .values(&rows[..])
+                    .execute(conn)?;
+                let ids: Vec<i64> = outbox::table
+                    .select(outbox::id)
+                    .order(outbox::id)
+                    .load(conn)?;
+                mark_published(conn, &ids[..1])?;
+                Ok::<_, DbError>((ids, Vec::new()))
+            })
+            .await
+            .unwrap();
+        let pending = backlog(db.clone()).await;
+        assert_eq!(pending.pending, 2);
+        let age = pending.oldest_age_seconds(chrono::Utc::now());
+        assert!(
+            (90.0..120.0).contains(&age),
+            "the 90 s old row is next: {age}"
+        );
+        db.read(move |conn| mark_published(conn, &ids[1..]).map_err(DbError::from))
+            .await
+            .unwrap();
+        assert_eq!(backlog(db).await.pending, 0);
+    }
 }

@@ -6,6 +6,7 @@
 //! It also keeps every order's saga history across the three services and a replica of the
 //! catalog, both fed from the topic.
 
+pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod reactor;

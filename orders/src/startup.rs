@@ -1,5 +1,6 @@
 //! Building the orders service from its settings.
 
+use crate::dashboard::{Dashboard, Links};
 use crate::reactor::OrderReactor;
 use crate::routes::routes;
 use crate::timeouts;
@@ -28,17 +29,26 @@ pub fn settings_from_env() -> Result<Settings, kafka::ConfigError> {
     })
 }
 
-/// Opens the database and starts the service with its saga timeout.
+/// Opens the database and starts the service with its saga timeout and the dashboard (whose
+/// links come from `PRODUCTS_URL` / `DELIVERY_URL`, see [`Links::from_env`]).
 pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     let db = Database::open(&settings.service.database_url, MIGRATIONS)?;
+    let dashboard = Dashboard::new(db.clone(), Links::from_env()?);
+    let pages = dashboard.clone();
+    let reactor = Arc::new(OrderReactor::new());
     let mut host = ServiceHost::start(
         &settings.service,
         db.clone(),
-        Arc::new(OrderReactor),
-        routes,
+        reactor.clone(),
+        move |cfg: &mut actix_web::web::ServiceConfig| {
+            routes(cfg);
+            pages.configure(cfg);
+        },
     )
     .await?;
+    host.metrics().register(reactor.saga_durations())?;
     let timeout = settings.saga_timeout;
     host.spawn_task(move |stop| timeouts::run(db, timeout, stop));
+    host.spawn_task(move |stop| dashboard.run(stop));
     Ok(host)
 }

@@ -190,6 +190,7 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         "100 concurrent orders against a stock of 30",
         scenarios::concurrent_orders(&m, 100, 30)
     );
+    scenario!("metrics", scenarios::metrics_are_exposed(&m));
     scenario!(
         "kill -9 of products mid-flight, then restart",
         products_killed_mid_flight(stack)
