@@ -215,6 +215,24 @@ impl Mall {
         .await
     }
 
+    /// Waits until an order's delivery is confirmed by OrderCompleted (the courier may
+    /// complete it from then on) and returns it.
+    pub async fn wait_delivery_confirmed(&self, order_id: i64) -> Check<Value> {
+        eventually(
+            "the delivery is confirmed by OrderCompleted",
+            Duration::from_secs(30),
+            || async move {
+                let d = self.delivery_of(order_id).await?;
+                if d["orderConfirmed"] == true {
+                    Ok(d)
+                } else {
+                    Err(d.to_string())
+                }
+            },
+        )
+        .await
+    }
+
     /// `GET /orders/{id}/events`: the event types in order.
     pub async fn timeline(&self, order_id: i64) -> Check<Vec<Value>> {
         let h = self

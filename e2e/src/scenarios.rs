@@ -296,19 +296,7 @@ pub async fn race_prepare(m: &Mall) -> Check<RaceOrder> {
     let product = m.create_product("delivered-race", 10).await?;
     let order = m.place_order(product, 1).await?;
     m.wait_order_state(order, "OrderCompleted").await?;
-    let delivery = eventually(
-        "the delivery is confirmed by OrderCompleted",
-        Duration::from_secs(30),
-        || async move {
-            let d = m.delivery_of(order).await?;
-            if d["orderConfirmed"] == true {
-                Ok(d)
-            } else {
-                Err(d.to_string())
-            }
-        },
-    )
-    .await?;
+    let delivery = m.wait_delivery_confirmed(order).await?;
     Ok(RaceOrder {
         product,
         order,
@@ -453,19 +441,7 @@ pub async fn courier_cancel(m: &Mall) -> Check {
     // A completed delivery: the customer can no longer cancel.
     let order = m.place_order(product, 1).await?;
     m.wait_order_state(order, "OrderCompleted").await?;
-    let delivery = eventually(
-        "the delivery is confirmed by OrderCompleted",
-        Duration::from_secs(30),
-        || async move {
-            let d = m.delivery_of(order).await?;
-            if d["orderConfirmed"] == true {
-                Ok(d)
-            } else {
-                Err(d.to_string())
-            }
-        },
-    )
-    .await?;
+    let delivery = m.wait_delivery_confirmed(order).await?;
     let url = format!("{}/deliveries/{}", m.delivery, field_i64(&delivery, "id")?);
     m.expect(
         "PATCH",

@@ -452,3 +452,11 @@ impl Drop for Stack {
         self.stop();
     }
 }
+
+/// The value after `name` on a command line (`--bin-dir target/debug`), as a path.
+pub fn argument(args: &[String], name: &str) -> Option<PathBuf> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+}

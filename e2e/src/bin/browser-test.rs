@@ -17,7 +17,7 @@
 //! (`--load N`: how many orders the burst places, 0 skips it; `--keep`: keep the run
 //! directory, with a screenshot of the whole page, also when every check passed)
 
-use e2e::stack::{Stack, free_port, wait_port_async};
+use e2e::stack::{Stack, argument, free_port, wait_port_async};
 use e2e::{Check, Mall, eventually};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
@@ -827,13 +827,6 @@ async fn run(stack: &Stack, page: &Page, screenshot: &Path, load: usize) -> (usi
         );
     }
     (passed, failed)
-}
-
-fn argument(args: &[String], name: &str) -> Option<PathBuf> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
 }
 
 #[tokio::main]

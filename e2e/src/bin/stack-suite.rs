@@ -6,10 +6,9 @@
 //!
 //! Usage: `stack-suite --bin-dir target/debug --tansu .tools/bin/tansu`
 
-use e2e::stack::Stack;
+use e2e::stack::{Stack, argument};
 use e2e::{Check, eventually, read_topic, scenarios};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -224,13 +223,6 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         stop_is_bounded_with_the_broker_down(stack)
     );
     (passed, failed)
-}
-
-fn argument(args: &[String], name: &str) -> Option<PathBuf> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
 }
 
 #[tokio::main]
