@@ -22,8 +22,9 @@ use crate::metrics::Metrics;
 use crate::offsets::{self, ConsumedAt};
 use crate::parking;
 use crate::settings::KafkaSettings;
-use events::{DeadLetter, Decoded, ParkedFrom};
-use prometheus::{IntCounter, IntGaugeVec};
+use events::{DeadLetter, Decoded, Envelope, ParkedFrom};
+use futures_util::FutureExt;
+use prometheus::{Histogram, IntCounter, IntGaugeVec};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
@@ -98,6 +99,7 @@ struct ConsumerMetrics {
     parked: IntCounter,
     retries: IntCounter,
     reopened: IntCounter,
+    batch: Histogram,
     lag: IntGaugeVec,
     position: IntGaugeVec,
 }
@@ -112,6 +114,7 @@ impl ConsumerMetrics {
             parked: outcome("parked"),
             retries: m.event_retries.clone(),
             reopened: m.consumer_reopened.clone(),
+            batch: m.consumer_batch.clone(),
             lag: m.consumer_lag.clone(),
             position: m.consumer_position.clone(),
         }
@@ -356,13 +359,18 @@ impl ConsumerStatus {
     }
 
     fn count(&self, outcome: Counted) {
+        self.count_many(outcome, 1);
+    }
+
+    fn count_many(&self, outcome: Counted, n: usize) {
         let m = &self.metrics;
-        match outcome {
-            Counted::Applied => m.applied.inc(),
-            Counted::Duplicate => m.duplicates.inc(),
-            Counted::Skipped => m.skipped.inc(),
-            Counted::Parked => m.parked.inc(),
-        }
+        let counter = match outcome {
+            Counted::Applied => &m.applied,
+            Counted::Duplicate => &m.duplicates,
+            Counted::Skipped => &m.skipped,
+            Counted::Parked => &m.parked,
+        };
+        counter.inc_by(n as u64);
     }
 
     /// The figures `/health` shows.
@@ -397,12 +405,16 @@ impl ConsumerStatus {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Counted {
     Applied,
     Duplicate,
     Skipped,
     Parked,
 }
+
+/// At most this many fetched messages commit in one transaction.
+const MAX_BATCH: usize = 500;
 
 /// What happened to one message.
 #[derive(Debug, PartialEq, Eq)]
@@ -424,6 +436,11 @@ enum Exit {
 /// One assignment: the consumer and where it stands.
 struct Session {
     consumer: SagaConsumer,
+    read: ReadSoFar,
+}
+
+/// Where a session stands, per partition.
+struct ReadSoFar {
     positions: BTreeMap<i32, i64>,
     /// Partitions whose position moved past skipped messages only; flushed every second.
     unsaved: BTreeSet<i32>,
@@ -545,19 +562,21 @@ impl EventConsumer {
         self.status.assigned(&positions);
         Ok(Session {
             consumer,
-            positions,
-            unsaved: BTreeSet::new(),
+            read: ReadSoFar {
+                positions,
+                unsaved: BTreeSet::new(),
+            },
         })
     }
 
     async fn consume(&self, mut session: Session, shutdown: &CancellationToken) -> Exit {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let message = tokio::select! {
+            let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
-                    self.save_positions(&mut session).await;
+                    self.save_positions(&mut session.read).await;
                     if let Some(reason) = self.status.reopen_reason() {
                         return Exit::Reopen(reason);
                     }
@@ -565,7 +584,7 @@ impl EventConsumer {
                 }
                 message = session.consumer.recv() => message,
             };
-            let message = match message {
+            let first = match first {
                 Ok(message) => message,
                 Err(e) => {
                     log::warn!("consumer {}: {e}", self.group());
@@ -574,41 +593,173 @@ impl EventConsumer {
                     continue;
                 }
             };
-            let at = ConsumedAt {
-                topic: message.topic().to_owned(),
-                partition: message.partition(),
-                next_offset: message.offset() + 1,
-            };
-            let outcome = self.handle(&message, &at, shutdown).await;
-            drop(message);
-            match outcome {
-                Outcome::Stored => {
-                    session.unsaved.remove(&at.partition);
+            // Whatever else the last fetch brought is applied with it, in one transaction.
+            let mut messages = vec![first];
+            while messages.len() < MAX_BATCH {
+                match session.consumer.recv().now_or_never() {
+                    Some(Ok(message)) => messages.push(message),
+                    Some(Err(e)) => {
+                        log::warn!("consumer {}: {e}", self.group());
+                        self.status.error(e.to_string());
+                        break;
+                    }
+                    None => break,
                 }
-                Outcome::Skipped => {
-                    session.unsaved.insert(at.partition);
-                }
-                Outcome::Interrupted => break,
             }
-            session.positions.insert(at.partition, at.next_offset);
-            self.status.progressed(at.partition, at.next_offset);
+            self.status.metrics.batch.observe(messages.len() as f64);
+            if self
+                .handle_batch(&messages, &mut session.read, shutdown)
+                .await
+                == Outcome::Interrupted
+            {
+                break;
+            }
         }
-        self.save_positions(&mut session).await;
+        self.save_positions(&mut session.read).await;
         Exit::Stopped
     }
 
+    /// Handles messages in order: runs of decodable ones commit together
+    /// ([`EventConsumer::apply_run`]); an undecodable one, or a run whose transaction fails,
+    /// goes through [`EventConsumer::handle`] one message at a time (retries, parking).
+    async fn handle_batch(
+        &self,
+        messages: &[BorrowedMessage<'_>],
+        read: &mut ReadSoFar,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        let mut rest = messages;
+        while !rest.is_empty() {
+            let decoded: Vec<Option<Envelope>> = rest
+                .iter()
+                .map_while(|m| match events::decode(m.payload().unwrap_or_default()) {
+                    Ok(Decoded::Known(event)) => {
+                        Some(Some(*event).filter(|e| self.reactor.wants(e)))
+                    }
+                    Ok(Decoded::Unknown { .. }) => Some(None),
+                    Err(_) => None,
+                })
+                .collect();
+            let (run, after) = rest.split_at(decoded.len().max(1));
+            rest = after;
+            if !decoded.is_empty() && self.apply_run(run, decoded, read).await {
+                continue;
+            }
+            for message in run {
+                let at = consumed_at(message);
+                match self.handle(message, &at, shutdown).await {
+                    Outcome::Stored => {
+                        read.unsaved.remove(&at.partition);
+                    }
+                    Outcome::Skipped => {
+                        read.unsaved.insert(at.partition);
+                    }
+                    Outcome::Interrupted => return Outcome::Interrupted,
+                }
+                read.positions.insert(at.partition, at.next_offset);
+                self.status.progressed(at.partition, at.next_offset);
+            }
+        }
+        Outcome::Stored
+    }
+
+    /// Applies a run of decoded messages (`None`: not for this service) and stores the
+    /// position after each partition's last one, all in one transaction. False when the
+    /// transaction failed: nothing of it committed, and the caller handles the messages
+    /// one by one.
+    async fn apply_run(
+        &self,
+        run: &[BorrowedMessage<'_>],
+        decoded: Vec<Option<Envelope>>,
+        read: &mut ReadSoFar,
+    ) -> bool {
+        let mut last: BTreeMap<i32, ConsumedAt> = BTreeMap::new();
+        for message in run {
+            let at = consumed_at(message);
+            last.insert(at.partition, at);
+        }
+        let wanted: Vec<(Envelope, String)> = run
+            .iter()
+            .zip(decoded)
+            .filter_map(|(message, event)| {
+                let event = event?;
+                let what = describe_event(&event, &consumed_at(message));
+                Some((event, what))
+            })
+            .collect();
+        let skipped = run.len() - wanted.len();
+        if wanted.is_empty() {
+            // Nothing to apply: the positions go with the next commit or the next tick.
+            for (partition, at) in last {
+                read.unsaved.insert(partition);
+                read.positions.insert(partition, at.next_offset);
+                self.status.progressed(partition, at.next_offset);
+            }
+            self.status.count_many(Counted::Skipped, skipped);
+            return true;
+        }
+        let reactor = self.reactor.clone();
+        let positions: Vec<ConsumedAt> = last.values().cloned().collect();
+        let result = self
+            .db
+            .write(move |conn| {
+                let mut outcomes = Vec::with_capacity(wanted.len());
+                let mut caused = Vec::new();
+                for (event, what) in wanted {
+                    let (applied, events) = inbox::apply_in(conn, &*reactor, &event)?;
+                    outcomes.push((applied, what));
+                    caused.extend(events);
+                }
+                for at in &positions {
+                    offsets::store(conn, at)?;
+                }
+                Ok::<_, ReactError>((outcomes, caused))
+            })
+            .await;
+        let outcomes = match result {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                log::debug!(
+                    "consumer {}: a batch of {} failed ({e}); applying its events one by one",
+                    self.group(),
+                    run.len()
+                );
+                return false;
+            }
+        };
+        for (applied, what) in outcomes {
+            match applied {
+                Applied::Done(caused) => {
+                    log::debug!("applied {what} -> {caused} event(s)");
+                    self.status.count(Counted::Applied);
+                }
+                Applied::Duplicate => {
+                    log::info!("ignored redelivered {what}");
+                    self.status.count(Counted::Duplicate);
+                }
+            }
+        }
+        self.status.count_many(Counted::Skipped, skipped);
+        for (partition, at) in last {
+            read.unsaved.remove(&partition);
+            read.positions.insert(partition, at.next_offset);
+            self.status.progressed(partition, at.next_offset);
+        }
+        true
+    }
+
     /// Stores the positions that moved past skipped messages only.
-    async fn save_positions(&self, session: &mut Session) {
-        if session.unsaved.is_empty() {
+    async fn save_positions(&self, read: &mut ReadSoFar) {
+        if read.unsaved.is_empty() {
             return;
         }
-        let moved: Vec<ConsumedAt> = session
+        let moved: Vec<ConsumedAt> = read
             .unsaved
             .iter()
             .map(|p| ConsumedAt {
                 topic: self.settings.topic.clone(),
                 partition: *p,
-                next_offset: session.positions[p],
+                next_offset: read.positions[p],
             })
             .collect();
         let saved = self
@@ -621,7 +772,7 @@ impl EventConsumer {
             })
             .await;
         match saved {
-            Ok(()) => session.unsaved.clear(),
+            Ok(()) => read.unsaved.clear(),
             // Only skipped messages are behind them: at worst they are read again.
             Err(e) => log::warn!("consumer {}: cannot save positions: {e}", self.group()),
         }
@@ -654,13 +805,7 @@ impl EventConsumer {
             self.status.count(Counted::Skipped);
             return Outcome::Skipped;
         }
-        let what = format!(
-            "{} {} (order {}) at {}",
-            event.event_type(),
-            event.event_id,
-            event.correlation_id.as_deref().unwrap_or("-"),
-            describe(at)
-        );
+        let what = describe_event(&event, at);
         let mut attempt = 0u32;
         loop {
             let result = inbox::apply_once_at(
@@ -827,6 +972,26 @@ async fn monitor(probe: Arc<BaseConsumer>, topic: String, status: Arc<ConsumerSt
             status.observed(count, &marks);
         }
     }
+}
+
+/// Where a message was, as the position after it.
+fn consumed_at(message: &BorrowedMessage<'_>) -> ConsumedAt {
+    ConsumedAt {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        next_offset: message.offset() + 1,
+    }
+}
+
+/// An event as log lines name it: type, id, order (correlation id) and position.
+fn describe_event(event: &Envelope, at: &ConsumedAt) -> String {
+    format!(
+        "{} {} (order {}) at {}",
+        event.event_type(),
+        event.event_id,
+        event.correlation_id.as_deref().unwrap_or("-"),
+        describe(at)
+    )
 }
 
 fn describe(at: &ConsumedAt) -> String {

@@ -87,21 +87,32 @@ pub async fn apply_once_at<R: Reactor + ?Sized>(
         if let Some(at) = &at {
             offsets::store(conn, at)?;
         }
-        let id = event.event_id.to_string();
-        if already_processed(conn, &id)? {
-            return Ok((Applied::Duplicate, Vec::new()));
-        }
-        let caused = reactor.react(conn, &event)?;
-        diesel::insert_into(processed_events::table)
-            .values((
-                processed_events::event_id.eq(&id),
-                processed_events::event_type.eq(event.event_type()),
-                processed_events::processed_at.eq(chrono::Utc::now().to_rfc3339()),
-            ))
-            .execute(conn)?;
-        Ok((Applied::Done(caused.len()), caused))
+        apply_in(conn, &*reactor, &event)
     })
     .await
+}
+
+/// Applies `event` inside the caller's transaction unless its id was already processed:
+/// the effect, the id, and the caused events returned for the outbox. Batches call it once
+/// per event in one transaction; an event sees the effects of those before it.
+pub fn apply_in<R: Reactor + ?Sized>(
+    conn: &mut SqliteConnection,
+    reactor: &R,
+    event: &Envelope,
+) -> Result<(Applied, Vec<Envelope>), ReactError> {
+    let id = event.event_id.to_string();
+    if already_processed(conn, &id)? {
+        return Ok((Applied::Duplicate, Vec::new()));
+    }
+    let caused = reactor.react(conn, event)?;
+    diesel::insert_into(processed_events::table)
+        .values((
+            processed_events::event_id.eq(&id),
+            processed_events::event_type.eq(event.event_type()),
+            processed_events::processed_at.eq(chrono::Utc::now().to_rfc3339()),
+        ))
+        .execute(conn)?;
+    Ok((Applied::Done(caused.len()), caused))
 }
 
 fn already_processed(conn: &mut SqliteConnection, id: &str) -> QueryResult<bool> {

@@ -16,8 +16,8 @@ use actix_web::middleware::Next;
 use actix_web::web;
 use prometheus::core::Collector;
 use prometheus::{
-    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::time::Instant;
 
@@ -49,6 +49,8 @@ pub struct Metrics {
     pub(crate) consumer_position: IntGaugeVec,
     /// `mall_consumer_reopened_total`.
     pub(crate) consumer_reopened: IntCounter,
+    /// `mall_consumer_batch_messages`.
+    pub(crate) consumer_batch: Histogram,
     /// `mall_outbox_pending_rows`, set at scrape time.
     pub(crate) outbox_pending: IntGauge,
     /// `mall_relay_lag_seconds`, set at scrape time.
@@ -125,6 +127,17 @@ impl Metrics {
                     "mall_consumer_reopened_total",
                     "Times the watchdog reopened the consumer (no progress while events \
                      waited, or new partitions)",
+                ),
+            ),
+            consumer_batch: add(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "mall_consumer_batch_messages",
+                        "Messages handled together per fetch: a run without bad messages \
+                         commits in one transaction",
+                    )
+                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]),
                 ),
             ),
             outbox_pending: add(
