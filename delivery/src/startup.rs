@@ -1,6 +1,7 @@
 //! Building the delivery service from its settings.
 
 use crate::reactor::DeliveryReactor;
+use crate::retention;
 use crate::routes::routes;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use events::Service;
@@ -17,8 +18,9 @@ pub fn settings_from_env() -> Result<Settings, kafka::ConfigError> {
     ServiceSettings::from_env(Service::Delivery, 8082)
 }
 
-/// Opens the database and starts the service.
+/// Opens the database and starts the service with its retention rule.
 pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     let db = Database::open(&settings.database_url, MIGRATIONS)?;
-    ServiceHost::start(settings, db, Arc::new(DeliveryReactor), routes).await
+    let prune = retention::rules(settings.retention.dedup_window);
+    ServiceHost::start(settings, db, Arc::new(DeliveryReactor), prune, routes).await
 }

@@ -510,6 +510,7 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
             session_timeout: Duration::from_secs(6),
             fetch_wait_max: Duration::from_millis(10),
         },
+        retention: kafka::RetentionSettings::default(),
     };
     let products = products::build(&products::Settings {
         service: settings(events::Service::Products),
@@ -520,6 +521,7 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
     let orders = orders::build(&orders::Settings {
         service: settings(events::Service::Orders),
         saga_timeout: Duration::from_secs(30),
+        order_history: Duration::from_secs(30 * 24 * 3600),
     })
     .await
     .map_err(|e| format!("orders: {e}"))?;

@@ -1,6 +1,6 @@
-//! Hosting a service: its HTTP API, its outbox relay and its consumer loop, started together
-//! and stopped in the order that loses nothing, and the service's [`Metrics`] they all count
-//! into (served at `/metrics`).
+//! Hosting a service: its HTTP API, its outbox relay, its consumer loop and its [`Retention`]
+//! task, started together and stopped in the order that loses nothing, and the service's
+//! [`Metrics`] they all count into (served at `/metrics`).
 
 use crate::consumer::{EventConsumer, create_probe};
 use crate::db::Database;
@@ -9,6 +9,7 @@ use crate::inbox::Reactor;
 use crate::metrics::{self, Metrics};
 use crate::outbox::OutboxRelay;
 use crate::producer::create_producer;
+use crate::retention::{PruneRule, Retention};
 use crate::settings::ServiceSettings;
 use crate::{admin, http};
 use actix_web::dev::Server;
@@ -56,10 +57,11 @@ const RELAY_DRAIN: Duration = Duration::from_secs(5);
 /// How long in-flight HTTP requests may take to finish on the way out.
 const HTTP_DRAIN_SECS: u64 = 5;
 
-/// A running service: HTTP on its own listener (so tests can bind port 0), plus the relay and
-/// consumer tasks. They stop in this order: HTTP (no new requests), then the consumer (it
-/// finishes the event in hand and saves its position), then the relay (it publishes what
-/// the others committed, for at most [`RELAY_DRAIN`]).
+/// A running service: HTTP on its own listener (so tests can bind port 0), plus the relay,
+/// consumer and retention tasks. They stop in this order: HTTP (no new requests), then the
+/// consumer, retention and the service's own tasks (the consumer finishes the event in hand
+/// and saves its position), then the relay (it publishes what the others committed, for at
+/// most [`RELAY_DRAIN`]).
 pub struct ServiceHost {
     /// The bound HTTP port.
     port: u16,
@@ -71,7 +73,8 @@ pub struct ServiceHost {
     stop_consumer: CancellationToken,
     /// The consumer task.
     consumer: JoinHandle<()>,
-    /// The service's own tasks (see [`ServiceHost::spawn_task`]); stopped with the consumer.
+    /// The retention task and the service's own tasks (see [`ServiceHost::spawn_task`]);
+    /// stopped with the consumer.
     tasks: Vec<JoinHandle<()>>,
     /// Stops the relay; cancelled last, after the consumer's final commit.
     stop_relay: CancellationToken,
@@ -80,13 +83,16 @@ pub struct ServiceHost {
 }
 
 impl ServiceHost {
-    /// Ensures the topics, then starts the relay, the consumer and the HTTP server, all counting
-    /// into a new [`Metrics`] of the service's own. `routes` adds the service's own endpoints;
-    /// `/health`, `/metrics` and JSON errors come with it.
+    /// Ensures the topics, then starts the relay, the consumer, the retention task and the HTTP
+    /// server, all counting into a new [`Metrics`] of the service's own. `prune` are the
+    /// service's own [`PruneRule`]s for its settled saga records; the retention task runs them
+    /// after the plumbing's (outbox, processed ids). `routes` adds the service's own
+    /// endpoints; `/health`, `/metrics` and JSON errors come with it.
     pub async fn start<F>(
         settings: &ServiceSettings,
         db: Database,
         reactor: Arc<dyn Reactor>,
+        prune: Vec<PruneRule>,
         routes: F,
     ) -> Result<Self, StartError>
     where
@@ -131,6 +137,7 @@ impl ServiceHost {
             &metrics,
         )
         .map_err(|e| broker(e.to_string()))?;
+        let retention = Retention::new(db.clone(), &settings.retention, prune, &metrics);
         let probe = Arc::new(create_probe(kafka).map_err(|e| broker(e.to_string()))?);
         let consumer = EventConsumer::new(kafka, probe.clone(), db.clone(), reactor, &metrics);
         let health = web::Data::new(Health {
@@ -172,13 +179,14 @@ impl ServiceHost {
         let (stop_consumer, stop_relay) = (CancellationToken::new(), CancellationToken::new());
         let relay = tokio::spawn(relay.run(stop_relay.clone(), RELAY_DRAIN));
         let consumer = tokio::spawn(consumer.run(stop_consumer.clone()));
+        let retention = tokio::spawn(retention.run(stop_consumer.clone()));
         Ok(ServiceHost {
             port,
             metrics,
             server,
             stop_consumer,
             consumer,
-            tasks: Vec::new(),
+            tasks: vec![retention],
             stop_relay,
             relay,
         })

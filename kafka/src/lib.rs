@@ -14,6 +14,8 @@
 //!   service.
 //! - [`metrics`]: each service's Prometheus registry and the HTTP middleware that counts
 //!   requests.
+//! - [`retention`]: the background task that deletes dedup state and settled history once
+//!   no event can need it, so the databases stop growing.
 //! - [`settings`]: env-var configuration.
 
 pub mod admin;
@@ -27,6 +29,7 @@ pub mod offsets;
 pub mod outbox;
 pub mod parking;
 pub mod producer;
+pub mod retention;
 pub mod settings;
 
 pub use db::{Database, DbError};
@@ -34,7 +37,10 @@ pub use host::{ServiceHost, StartError, run_service, shutdown_signal};
 pub use inbox::{Applied, ReactError, Reactor, apply_once, apply_once_at};
 pub use metrics::Metrics;
 pub use outbox::OutboxRelay;
-pub use settings::{ConfigError, KafkaSettings, ServiceSettings, env_flag, env_or};
+pub use retention::{Deleted, PruneRule, Retention};
+pub use settings::{
+    ConfigError, KafkaSettings, RetentionSettings, ServiceSettings, env_flag, env_or,
+};
 
 /// Initialises logging from `RUST_LOG` (default `info`).
 pub fn init_logging() {

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub(crate) relay_refused: IntCounter,
     /// `mall_producer_recreated_total`.
     pub(crate) producer_recreated: IntCounter,
+    /// `mall_retention_deleted_total{table}`.
+    pub(crate) retention_deleted: IntCounterVec,
     /// `mall_http_requests_total{method,route,status}`.
     http_requests: IntCounterVec,
     /// `mall_http_request_duration_seconds{method,route}`.
@@ -182,6 +184,18 @@ impl Metrics {
                 IntCounter::new(
                     "mall_producer_recreated_total",
                     "Times the relay replaced a producer that hit a fatal error",
+                ),
+            ),
+            retention_deleted: add(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "mall_retention_deleted_total",
+                        "Rows the retention task deleted because they aged out of their \
+                         window (settled history, published outbox rows, processed ids), \
+                         by table",
+                    ),
+                    &["table"],
                 ),
             ),
             http_requests: add(

@@ -107,6 +107,8 @@ pub struct ServiceSettings {
     pub database_url: String,
     /// The broker and topic.
     pub kafka: KafkaSettings,
+    /// How long settled history is kept.
+    pub retention: RetentionSettings,
 }
 
 impl ServiceSettings {
@@ -117,7 +119,80 @@ impl ServiceSettings {
             port: env_or("PORT", default_port)?,
             database_url: env_or("DATABASE_URL", format!("data/{service}.db"))?,
             kafka: KafkaSettings::from_env(service.as_str())?,
+            retention: RetentionSettings::from_env()?,
         })
+    }
+}
+
+/// How long dedup state is kept and how often the retention task prunes it
+/// (see [`crate::retention`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionSettings {
+    /// `RETENTION_DEDUP_WINDOW_S` (default 7 days, Kafka's default `retention.ms`): processed
+    /// event ids, published outbox rows and settled saga records older than this are deleted.
+    /// It must cover the longest redelivery possible, i.e. the topic's retention.
+    pub dedup_window: Duration,
+    /// `RETENTION_INTERVAL_S` (default 60): time between pruning rounds.
+    pub interval: Duration,
+}
+
+/// Reads a number of seconds, refusing 0 (a zero window would prune dedup state at once).
+fn positive_secs(name: &str, default: Duration) -> Result<Duration, ConfigError> {
+    match env_or(name, default.as_secs())? {
+        0 => Err(ConfigError {
+            name: name.to_owned(),
+            value: "0".into(),
+            reason: "must be at least 1 second".into(),
+        }),
+        secs => Ok(Duration::from_secs(secs)),
+    }
+}
+
+/// Kafka's default `retention.ms`: 7 days.
+const SEVEN_DAYS_S: u64 = 7 * 24 * 3600;
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        RetentionSettings {
+            dedup_window: Duration::from_secs(SEVEN_DAYS_S),
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetentionSettings {
+    /// Reads `RETENTION_DEDUP_WINDOW_S` and `RETENTION_INTERVAL_S`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let defaults = RetentionSettings::default();
+        Ok(RetentionSettings {
+            dedup_window: positive_secs("RETENTION_DEDUP_WINDOW_S", defaults.dedup_window)?,
+            interval: positive_secs("RETENTION_INTERVAL_S", defaults.interval)?,
+        })
+    }
+
+    /// Reads a service's own retention window `name` (seconds, `default_s` when unset), which
+    /// must be at least the dedup window: records kept for less could be pruned while an
+    /// event about them can still arrive.
+    pub fn window_from_env(&self, name: &str, default_s: u64) -> Result<Duration, ConfigError> {
+        let window = Duration::from_secs(env_or(name, default_s)?);
+        self.check_window(name, window)
+    }
+
+    /// `window` (the value of `name`) if it covers the dedup window; otherwise an error
+    /// naming `name`.
+    pub fn check_window(&self, name: &str, window: Duration) -> Result<Duration, ConfigError> {
+        if window < self.dedup_window {
+            return Err(ConfigError {
+                name: name.to_owned(),
+                value: window.as_secs().to_string(),
+                reason: format!(
+                    "must be at least RETENTION_DEDUP_WINDOW_S ({} s): a record pruned sooner \
+                     could be needed by an event that can still arrive",
+                    self.dedup_window.as_secs()
+                ),
+            });
+        }
+        Ok(window)
     }
 }
 
@@ -135,5 +210,26 @@ mod tests {
         );
         assert_eq!(parse_var::<u16>("PORT", Some("  ".into()), 7).unwrap(), 7);
         assert_eq!(parse_var::<u16>("PORT", None, 7).unwrap(), 7);
+    }
+
+    #[test]
+    fn a_window_shorter_than_the_dedup_window_is_refused_by_name() {
+        let retention = RetentionSettings::default();
+        let short = Duration::from_secs(3600);
+        let err = retention
+            .check_window("ORDER_HISTORY_RETENTION_S", short)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("ORDER_HISTORY_RETENTION_S=\"3600\""),
+            "{err}"
+        );
+        let long = Duration::from_secs(30 * 24 * 3600);
+        assert_eq!(
+            retention
+                .check_window("ORDER_HISTORY_RETENTION_S", long)
+                .unwrap(),
+            long
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod reactor;
+pub mod retention;
 pub mod routes;
 pub mod saga;
 pub mod startup;

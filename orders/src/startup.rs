@@ -3,7 +3,7 @@
 use crate::dashboard::{Dashboard, Links};
 use crate::reactor::OrderReactor;
 use crate::routes::routes;
-use crate::timeouts;
+use crate::{retention, timeouts};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use events::Service;
 use kafka::{Database, ServiceHost, ServiceSettings, StartError};
@@ -19,19 +19,35 @@ pub struct Settings {
     pub service: ServiceSettings,
     /// `SAGA_TIMEOUT_S` (default 30): an order still pending this long is cancelled.
     pub saga_timeout: Duration,
+    /// `ORDER_HISTORY_RETENTION_S` (default 30 days, at least `RETENTION_DEDUP_WINDOW_S`):
+    /// a settled order and its history are deleted this long after their last change.
+    pub order_history: Duration,
 }
+
+/// The default of `ORDER_HISTORY_RETENTION_S`: 30 days.
+const ORDER_HISTORY_DEFAULT_S: u64 = 30 * 24 * 3600;
 
 /// Reads the settings from the environment.
 pub fn settings_from_env() -> Result<Settings, kafka::ConfigError> {
+    let service = ServiceSettings::from_env(Service::Orders, 8081)?;
+    let order_history = service
+        .retention
+        .window_from_env("ORDER_HISTORY_RETENTION_S", ORDER_HISTORY_DEFAULT_S)?;
     Ok(Settings {
-        service: ServiceSettings::from_env(Service::Orders, 8081)?,
+        service,
         saga_timeout: Duration::from_secs(kafka::env_or("SAGA_TIMEOUT_S", 30)?),
+        order_history,
     })
 }
 
-/// Opens the database and starts the service with its saga timeout and the dashboard (whose
-/// links come from `PRODUCTS_URL` / `DELIVERY_URL`, see [`Links::from_env`]).
+/// Opens the database and starts the service with its saga timeout, its retention rule and the
+/// dashboard (whose links come from `PRODUCTS_URL` / `DELIVERY_URL`, see [`Links::from_env`]).
 pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
+    // Also when the settings were not read by settings_from_env.
+    let order_history = settings
+        .service
+        .retention
+        .check_window("ORDER_HISTORY_RETENTION_S", settings.order_history)?;
     let db = Database::open(&settings.service.database_url, MIGRATIONS)?;
     let dashboard = Dashboard::new(db.clone(), Links::from_env()?);
     let pages = dashboard.clone();
@@ -40,6 +56,7 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
         &settings.service,
         db.clone(),
         reactor.clone(),
+        retention::rules(order_history),
         move |cfg: &mut actix_web::web::ServiceConfig| {
             routes(cfg);
             pages.configure(cfg);

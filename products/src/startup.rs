@@ -1,6 +1,7 @@
 //! Building the products service from its settings.
 
 use crate::reactor::StockReactor;
+use crate::retention;
 use crate::routes::routes;
 use crate::store::{self, NewProduct};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
@@ -29,13 +30,14 @@ impl Settings {
     }
 }
 
-/// Opens the database, seeds it if asked and starts the service.
+/// Opens the database, seeds it if asked and starts the service with its retention rule.
 pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     let db = Database::open(&settings.service.database_url, MIGRATIONS)?;
     if settings.seed_catalog {
         seed_catalog(&db).await?;
     }
-    ServiceHost::start(&settings.service, db, Arc::new(StockReactor), routes).await
+    let prune = retention::rules(settings.service.retention.dedup_window);
+    ServiceHost::start(&settings.service, db, Arc::new(StockReactor), prune, routes).await
 }
 
 /// The seed lab's catalog: TV, MASK, NOTEBOOK, TABLE, CLOCK with ids 1–5, price i×10000 and

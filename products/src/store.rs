@@ -12,6 +12,7 @@ pub mod schema {
             name -> Text,
             price -> BigInt,
             stock -> BigInt,
+            delivered_archived -> BigInt,
         }
     }
 
@@ -178,10 +179,14 @@ pub struct Committed {
     pub delivered: i64,
 }
 
-/// [`Committed`] units for every product that has any, in one query.
+/// [`Committed`] units for every product that has any, in two queries.
 pub fn committed_by_product(
     conn: &mut SqliteConnection,
 ) -> QueryResult<std::collections::HashMap<i64, Committed>> {
+    let archived: Vec<(i64, i64)> = products::table
+        .filter(products::delivered_archived.gt(0))
+        .select((products::id, products::delivered_archived))
+        .load(conn)?;
     let held: Vec<(i64, String, i64)> = stock_reservations::table
         .filter(stock_reservations::state.eq_any(["Reserved", "Delivered"]))
         .select((
@@ -191,6 +196,9 @@ pub fn committed_by_product(
         ))
         .load(conn)?;
     let mut totals = std::collections::HashMap::<i64, Committed>::new();
+    for (product_id, units) in archived {
+        totals.entry(product_id).or_default().delivered += units;
+    }
     for (product_id, state, quantity) in held {
         let t = totals.entry(product_id).or_default();
         if state == "Reserved" {
@@ -203,14 +211,23 @@ pub fn committed_by_product(
 }
 
 /// [`Committed`] units of one product: stock + reserved + delivered stays constant under the
-/// saga, whatever orders do.
+/// saga, whatever orders do (delivered counts the pruned reservations too).
 pub fn committed_units(conn: &mut SqliteConnection, product_id: i64) -> QueryResult<Committed> {
+    let archived: i64 = products::table
+        .find(product_id)
+        .select(products::delivered_archived)
+        .first(conn)
+        .optional()?
+        .unwrap_or(0);
     let held: Vec<(String, i64)> = stock_reservations::table
         .filter(stock_reservations::product_id.eq(product_id))
         .filter(stock_reservations::state.eq_any(["Reserved", "Delivered"]))
         .select((stock_reservations::state, stock_reservations::quantity))
         .load(conn)?;
-    let mut t = Committed::default();
+    let mut t = Committed {
+        delivered: archived,
+        ..Committed::default()
+    };
     for (state, quantity) in held {
         if state == "Reserved" {
             t.reserved += quantity;

@@ -1,0 +1,2 @@
+DROP INDEX voided_orders_by_age;
+DROP INDEX deliveries_settled;

@@ -1,0 +1,2 @@
+DROP INDEX processed_events_by_processed_at;
+DROP INDEX outbox_by_published_at;
