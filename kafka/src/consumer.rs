@@ -950,6 +950,47 @@ fn partitions_of(probe: &BaseConsumer, topic: &str) -> Result<Vec<i32>, String> 
     Ok(partitions)
 }
 
+/// The low and high watermark of each partition: two ListOffsets requests for all
+/// partitions together (earliest, latest), not two per partition — on tansu every request
+/// costs broker CPU, and this runs every two seconds in every service.
+fn watermarks(
+    probe: &BaseConsumer,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<BTreeMap<i32, (i64, i64)>, String> {
+    // As timestamps, Beginning (-2) asks for the earliest offset, End (-1) for the next to be
+    // written.
+    let query = |timestamp: Offset| -> Result<BTreeMap<i32, i64>, String> {
+        let mut asked = TopicPartitionList::new();
+        for p in partitions {
+            asked
+                .add_partition_offset(topic, *p, timestamp)
+                .map_err(|e| e.to_string())?;
+        }
+        let answer = probe
+            .offsets_for_times(asked, Duration::from_secs(2))
+            .map_err(|e| format!("offsets of {topic}: {e}"))?;
+        answer
+            .elements_for_topic(topic)
+            .iter()
+            .map(|e| match (e.error(), e.offset()) {
+                (Ok(()), Offset::Offset(offset)) => Ok((e.partition(), offset)),
+                (Err(err), _) => Err(format!("offsets of {topic}[{}]: {err}", e.partition())),
+                (Ok(()), other) => Err(format!(
+                    "offsets of {topic}[{}]: no offset ({other:?})",
+                    e.partition()
+                )),
+            })
+            .collect()
+    };
+    let low = query(Offset::Beginning)?;
+    let high = query(Offset::End)?;
+    Ok(low
+        .into_iter()
+        .filter_map(|(p, low)| high.get(&p).map(|high| (p, (low, *high))))
+        .collect())
+}
+
 /// Every two seconds: the topic's partitions and high watermarks, for `/health` and the
 /// watchdog.
 async fn monitor(probe: Arc<BaseConsumer>, topic: String, status: Arc<ConsumerStatus>) {
@@ -958,18 +999,14 @@ async fn monitor(probe: Arc<BaseConsumer>, topic: String, status: Arc<ConsumerSt
         let (probe, t) = (probe.clone(), topic.clone());
         let observed = tokio::task::spawn_blocking(move || {
             let partitions = partitions_of(&probe, &t)?;
-            let mut marks = BTreeMap::new();
-            for p in &partitions {
-                let mark = probe
-                    .fetch_watermarks(&t, *p, Duration::from_secs(2))
-                    .map_err(|e| format!("watermarks of {t}[{p}]: {e}"))?;
-                marks.insert(*p, mark);
-            }
+            let marks = watermarks(&probe, &t, &partitions)?;
             Ok::<_, String>((partitions.len(), marks))
         })
         .await;
-        if let Ok(Ok((count, marks))) = observed {
-            status.observed(count, &marks);
+        match observed {
+            Ok(Ok((count, marks))) => status.observed(count, &marks),
+            Ok(Err(e)) => log::debug!("consumer monitor: {e}"),
+            Err(e) => log::debug!("consumer monitor: {e}"),
         }
     }
 }
