@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
-# Measures the running mall (start it with scripts/up.sh): POST /orders round trip, saga latency
-# OrderPlaced → OrderCompleted (median, p95), and burst throughput. Prints figures; asserts
-# nothing. Arguments: [sequential orders] [burst] [concurrency], default 100 500 20.
+# The benchmark: builds the services and `saga-bench` (release), installs the tansu broker if
+# needed, then runs `saga-bench`, which starts its own broker and services on free ports with
+# fresh databases in a temporary run directory and prints figures (it asserts nothing).
+#
+#   scripts/bench.sh                          # floor, 300/s for 30 s, 1000/s for 60 s, fetch-wait table
+#   scripts/bench.sh --rate 500 --duration 30 # one open-loop rate
+#   scripts/bench.sh --find-max               # rising rates until one is not held
+#   scripts/bench.sh --fetch-wait-table       # saga p50 and idle CPU per KAFKA_FETCH_WAIT_MAX_MS
+#   scripts/bench.sh --preload 1000000 --rate 300   # with a million orders of history
+#
+# Flags are forwarded; scripts/bench.sh --help lists them all.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
-cargo build --release --bin saga-bench
-exec target/release/saga-bench "$@"
+if declare -F check_prerequisites >/dev/null; then
+  check_prerequisites
+fi
+
+say "building the services and saga-bench (release)"
+cargo build --release --bin orders --bin products --bin delivery --bin saga-bench
+ensure_tansu
+exec target/release/saga-bench --bin-dir target/release --tansu "$TANSU" "$@"

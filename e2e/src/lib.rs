@@ -3,6 +3,7 @@
 //! (`scripts/test.sh` → `stack-suite`). They assert on REST state and on the topic, never on
 //! logs.
 
+pub mod bench;
 pub mod chaos;
 pub mod scenarios;
 pub mod stack;

@@ -428,6 +428,17 @@ impl Stack {
         exited
     }
 
+    /// The process ids of the running children: the broker as `tansu` first, then the
+    /// services in [`SERVICES`] order (a service that is not running is left out).
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let broker = self.broker.iter().map(|p| (p.name.clone(), p.pid()));
+        let services = SERVICES
+            .iter()
+            .filter_map(|s| self.services.get(s))
+            .map(|p| (p.name.clone(), p.pid()));
+        broker.chain(services).collect()
+    }
+
     /// A client for this stack.
     pub fn mall(&self) -> Mall {
         Mall::new(

@@ -1,152 +1,548 @@
-//! `saga-bench`: how fast the saga is, against a running mall (`scripts/up.sh`), printed as
-//! figures — never asserted.
+//! `saga-bench`: how fast the saga is and what it costs, printed as figures — never asserted.
+//! It starts its own stack (a fresh tansu broker and the three release binaries on free ports,
+//! services logging at `warn`), like `chaos`, and measures:
 //!
-//! - HTTP: `POST /orders` round trip, sequential.
-//! - Saga latency: OrderPlaced → OrderCompleted, from the order's timeline timestamps (both
-//!   stamped by orders, so one clock), sequential orders.
-//! - Throughput: a burst of concurrent orders, until the last one completes.
+//! - the broker floor: sequential produce → consume round trips of one small message;
+//! - open-loop runs: orders posted on a fixed schedule, each saga timed from its own events
+//!   on the topic; steady-state throughput, latency percentiles, CPU per 1,000 sagas, memory
+//!   and database growth;
+//! - `--find-max`: rising rates until one is no longer held;
+//! - `--fetch-wait-table`: saga latency and idle CPU for several `KAFKA_FETCH_WAIT_MAX_MS`.
 //!
-//! Usage: `saga-bench [ORDERS_SEQUENTIAL] [BURST] [CONCURRENCY]` (default 100 500 20). Reads
-//! `ORDERS_URL`, `PRODUCTS_URL`, `DELIVERY_URL`, `KAFKA_BROKERS`, `KAFKA_TOPIC`.
+//! Exits non-zero only when the stack cannot start or a measurement breaks.
 
+use e2e::bench::floor::broker_floor;
+use e2e::bench::run::{self, Plan, Report, Rig};
+use e2e::bench::stats::Spread;
+use e2e::bench::{load, preload, procfs};
+use e2e::stack::{SERVICES, Stack, argument};
 use e2e::{Check, Mall, eventually};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-fn env(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+const USAGE: &str = "\
+usage: saga-bench [--rate R --duration S] [--find-max] [--fetch-wait-table] [--preload N] [--keep]
+                  [--fetch-wait MS] [--bin-dir DIR] [--tansu PATH]
+
+Starts its own broker and services (scripts/bench.sh builds them) and prints figures.
+With no mode flag: broker floor, open loop at 300/s for 30 s and at 1000/s for 60 s, and the
+fetch-wait table.
+
+  --rate R --duration S  broker floor, then one open loop: R orders/s for S seconds (default 30)
+  --find-max             broker floor, then rising rates from 50/s (20 s each) to the first not held
+                         (p99 POST→terminal < 1 s, >= 97 % of the rate ended in steady state)
+  --fetch-wait-table     for KAFKA_FETCH_WAIT_MAX_MS 5, 10, 20, 50 (a fresh stack each): saga p50
+                         at 50/s and idle CPU of the broker and the services
+  --preload N            first fill the databases with N completed orders (not for the table)
+  --fetch-wait MS        the services' KAFKA_FETCH_WAIT_MAX_MS for the floor and the open loops
+                         (default: $KAFKA_FETCH_WAIT_MAX_MS, else 50, the services' default)
+  --keep                 keep the run directories (databases, logs)
+  --bin-dir DIR          where orders, products, delivery are (default target/release)
+  --tansu PATH           the broker binary (default .tools/bin/tansu)";
+
+/// Stock of the bench product: enough that no saga is refused.
+const STOCK: i64 = 100_000_000;
+/// Round trips of the broker floor.
+const FLOOR_ROUND_TRIPS: usize = 200;
+/// Rates of `--find-max`, orders/s.
+const FIND_MAX_RATES: [f64; 14] = [
+    50.0, 100.0, 200.0, 400.0, 600.0, 800.0, 1000.0, 1200.0, 1500.0, 2000.0, 2500.0, 3000.0,
+    4000.0, 5000.0,
+];
+/// Fetch waits of the table, ms.
+const TABLE_FETCH_WAITS: [u64; 4] = [5, 10, 20, 50];
+
+struct Options {
+    bin_dir: PathBuf,
+    tansu: PathBuf,
+    rate: Option<f64>,
+    duration: Option<f64>,
+    find_max: bool,
+    fetch_wait_table: bool,
+    preload: u64,
+    fetch_wait_ms: u64,
+    keep: bool,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
+impl Options {
+    /// No mode flag: everything, with the default rates.
+    fn is_default(&self) -> bool {
+        self.rate.is_none() && !self.find_max && !self.fetch_wait_table
     }
-    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
-fn summary(name: &str, mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    let median = percentile(&samples, 0.5);
-    println!(
-        "{name:<34} n={:<5} median {median:>7.1} ms   p95 {:>7.1} ms   max {:>7.1} ms",
-        samples.len(),
-        percentile(&samples, 0.95),
-        samples.last().copied().unwrap_or(f64::NAN)
-    );
-    median
+fn number<T: std::str::FromStr>(args: &[String], name: &str) -> Result<Option<T>, String> {
+    argument(args, name)
+        .map(|v| {
+            v.to_string_lossy()
+                .parse()
+                .map_err(|_| format!("{name} needs a number"))
+        })
+        .transpose()
 }
 
-fn millis(timestamp: &serde_json::Value) -> Check<i64> {
-    let text = timestamp.as_str().ok_or("timestamp is not a string")?;
-    chrono_free_millis(text).ok_or_else(|| format!("bad timestamp {text}"))
+/// The path made absolute: the broker runs in the run directory, where a relative path
+/// would not resolve.
+fn absolute(path: PathBuf) -> Result<PathBuf, String> {
+    std::path::absolute(&path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Milliseconds of the day from `YYYY-MM-DDTHH:MM:SS.mmmZ` (enough for differences within a run).
-fn chrono_free_millis(text: &str) -> Option<i64> {
-    let time = text.split('T').nth(1)?.trim_end_matches('Z');
-    let mut parts = time.split(':');
-    let h: i64 = parts.next()?.parse().ok()?;
-    let m: i64 = parts.next()?.parse().ok()?;
-    let s: f64 = parts.next()?.parse().ok()?;
-    Some(((h * 60 + m) * 60) * 1000 + (s * 1000.0).round() as i64)
+/// Parses the command line; `Err("")` asks for the usage text alone.
+fn parse(args: &[String]) -> Result<Options, String> {
+    const VALUED: [&str; 6] = [
+        "--rate",
+        "--duration",
+        "--preload",
+        "--fetch-wait",
+        "--bin-dir",
+        "--tansu",
+    ];
+    const FLAGS: [&str; 3] = ["--find-max", "--fetch-wait-table", "--keep"];
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "-h" | "--help" => return Err(String::new()),
+            a if VALUED.contains(&a) => i += 2,
+            a if FLAGS.contains(&a) => i += 1,
+            a => return Err(format!("unknown argument {a:?}")),
+        }
+    }
+    let env_wait = std::env::var("KAFKA_FETCH_WAIT_MAX_MS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let o = Options {
+        bin_dir: absolute(argument(args, "--bin-dir").unwrap_or_else(|| "target/release".into()))?,
+        tansu: absolute(argument(args, "--tansu").unwrap_or_else(|| ".tools/bin/tansu".into()))?,
+        rate: number(args, "--rate")?,
+        duration: number(args, "--duration")?,
+        find_max: args.iter().any(|a| a == "--find-max"),
+        fetch_wait_table: args.iter().any(|a| a == "--fetch-wait-table"),
+        preload: number(args, "--preload")?.unwrap_or(0),
+        fetch_wait_ms: number(args, "--fetch-wait")?.or(env_wait).unwrap_or(50),
+        keep: args.iter().any(|a| a == "--keep"),
+    };
+    if o.duration.is_some() && o.rate.is_none() {
+        return Err("--duration goes with --rate".into());
+    }
+    if o.rate.is_some_and(|r| r <= 0.0) || o.duration.is_some_and(|d| d <= 0.0) {
+        return Err("--rate and --duration must be positive".into());
+    }
+    Ok(o)
 }
 
-async fn saga_latency(m: &Mall, order: i64) -> Check<f64> {
-    let timeline = eventually(
-        "the order completes",
+/// A started stack, its run directory and the bench's view of it.
+struct Session {
+    stack: Stack,
+    rig: Rig,
+    product: i64,
+    dir: tempfile::TempDir,
+}
+
+/// Every service logs at `warn` (logging must not dominate) with this fetch wait.
+fn service_env(fetch_wait_ms: u64) -> Vec<(&'static str, String, String)> {
+    SERVICES
+        .iter()
+        .flat_map(|s| {
+            [
+                (*s, "RUST_LOG".to_owned(), "warn".to_owned()),
+                (
+                    *s,
+                    "KAFKA_FETCH_WAIT_MAX_MS".to_owned(),
+                    fetch_wait_ms.to_string(),
+                ),
+            ]
+        })
+        .collect()
+}
+
+async fn start_session(o: &Options, fetch_wait_ms: u64) -> Result<Session, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("mall-bench-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a run directory: {e}"))?;
+    let started = async {
+        let stack = Stack::start_with(dir.path(), &o.bin_dir, &o.tansu, service_env(fetch_wait_ms))
+            .map_err(|e| format!("start-up: {e}"))?;
+        let mall = stack.mall();
+        mall.wait_healthy().await?;
+        let product = bench_product(&mall).await?;
+        Ok::<_, String>((stack, product))
+    }
+    .await;
+    match started {
+        Ok((stack, product)) => Ok(Session {
+            rig: rig_of(&stack, fetch_wait_ms, product),
+            stack,
+            product,
+            dir,
+        }),
+        // The logs say why.
+        Err(e) => Err(format!(
+            "{e} (run directory kept: {})",
+            dir.keep().display()
+        )),
+    }
+}
+
+/// Creates the product every order buys and waits until orders' replica knows it.
+async fn bench_product(mall: &Mall) -> Check<i64> {
+    let id = mall.create_product("bench", STOCK).await?;
+    let url = format!("{}/products/{id}", mall.orders);
+    eventually(
+        "orders' replica knows the bench product",
         Duration::from_secs(30),
-        || async move {
-            let t = m.timeline(order).await?;
-            if t.iter().any(|e| e["eventType"] == "OrderCompleted") {
-                Ok(t)
-            } else {
-                Err(format!("{t:?}"))
-            }
+        || {
+            let url = url.clone();
+            async move { mall.expect("GET", &url, None, 200).await.map(|_| ()) }
         },
     )
     .await?;
-    let at = |kind: &str| {
-        timeline
-            .iter()
-            .find(|e| e["eventType"] == kind)
-            .ok_or_else(|| format!("no {kind}"))
-            .and_then(|e| millis(&e["timestamp"]))
-    };
-    Ok((at("OrderCompleted")? - at("OrderPlaced")?) as f64)
+    Ok(id)
 }
 
-async fn run(sequential: usize, burst: usize, concurrency: usize) -> Check {
-    let m = Mall::new(
-        env("ORDERS_URL", "http://127.0.0.1:8081"),
-        env("PRODUCTS_URL", "http://127.0.0.1:8085"),
-        env("DELIVERY_URL", "http://127.0.0.1:8082"),
-        env("KAFKA_BROKERS", "127.0.0.1:9092"),
-        env("KAFKA_TOPIC", "eventTopic"),
-    );
-    m.wait_healthy().await?;
-    let product = m.create_product("bench", 1_000_000).await?;
-
-    let (mut http, mut saga) = (Vec::new(), Vec::new());
-    for _ in 0..sequential {
-        let started = Instant::now();
-        let order = m.place_order(product, 1).await?;
-        http.push(started.elapsed().as_secs_f64() * 1000.0);
-        saga.push(saga_latency(&m, order).await?);
+fn rig_of(stack: &Stack, fetch_wait_ms: u64, product: i64) -> Rig {
+    let mut processes = stack.pids();
+    processes.push(("saga-bench".to_owned(), std::process::id()));
+    let body = serde_json::json!({ "productId": product, "quantity": 1, "customerId": "bench@12st.mall",
+                                   "customerName": "Bench", "customerAddr": "Seoul" });
+    Rig {
+        brokers: stack.brokers().to_owned(),
+        dir: stack.dir().to_owned(),
+        processes,
+        fetch_wait_ms,
+        target: load::Target {
+            client: load::client(),
+            url: format!("{}/orders", stack.url("orders")),
+            body: body.to_string(),
+        },
+        ticks_per_second: procfs::clock_ticks_per_second(),
     }
-    println!(
-        "saga-bench against {} ({sequential} sequential orders, then {burst} with {concurrency} in flight)",
-        m.orders
-    );
-    let http_median = summary("POST /orders round trip", http);
-    let saga_median = summary("OrderPlaced → OrderCompleted", saga);
-    println!(
-        "{:<34} {:.1}x",
-        "saga / HTTP round trip (medians)",
-        saga_median / http_median
-    );
+}
 
+/// Stops the stack; keeps the run directory when asked.
+fn finish(mut session: Session, keep: bool) {
+    session.stack.stop();
+    if keep {
+        println!("run directory kept: {}", session.dir.keep().display());
+    }
+}
+
+/// Stops the services, writes `orders` completed orders of history into their databases,
+/// starts them again.
+async fn preload_history(session: &mut Session, orders: u64) -> Result<(), String> {
+    println!();
+    println!("preload: {orders} completed orders of history");
+    print_database_sizes(session, "before");
+    for service in SERVICES {
+        session
+            .stack
+            .terminate(service, Duration::from_secs(30))
+            .await?;
+    }
     let started = Instant::now();
-    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..burst {
-        let m = m.clone();
-        let semaphore = semaphore.clone();
-        tasks.spawn(async move {
-            let _permit = semaphore.acquire_owned().await.map_err(|e| e.to_string())?;
-            m.place_order(product, 1).await
-        });
+    let (dir, product) = (session.rig.dir.clone(), session.product);
+    let took = tokio::task::spawn_blocking(move || preload::fill(&dir, orders, product))
+        .await
+        .map_err(|e| e.to_string())??;
+    let total = started.elapsed().as_secs_f64();
+    for (service, took) in took {
+        println!("  {service:<10} filled in {:>6.1} s", took.as_secs_f64());
     }
-    let mut ids = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        ids.push(joined.map_err(|e| e.to_string())??);
-    }
-    let accepted = started.elapsed();
-    for id in &ids {
-        m.wait_order_state(*id, "OrderCompleted").await?;
-    }
-    let done = started.elapsed();
     println!(
-        "{:<34} {:.0} orders/s accepted, {:.0} sagas/s completed ({burst} in {:.2} s)",
-        "burst throughput",
-        burst as f64 / accepted.as_secs_f64(),
-        burst as f64 / done.as_secs_f64(),
-        done.as_secs_f64()
+        "  {:<10} {total:>6.1} s ({:.0} orders/s)",
+        "all",
+        orders as f64 / total
     );
+    print_database_sizes(session, "after");
+    // SQLite's page caches of the fill were the bench's peak memory, not the load's: reset
+    // VmHWM to the current RSS (Linux 4.0+; harmless where it fails).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    for service in SERVICES {
+        session.stack.restart_service(service)?;
+    }
+    session.stack.mall().wait_healthy().await?;
+    session.rig = rig_of(&session.stack, session.rig.fetch_wait_ms, session.product);
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
+fn print_database_sizes(session: &Session, when: &str) {
+    let sizes: Vec<String> = SERVICES
+        .iter()
+        .map(|s| {
+            format!(
+                "{s} {:.1} MiB",
+                run::mib(procfs::database_bytes(&session.rig.dir, s))
+            )
+        })
         .collect();
-    let arg = |i: usize, default| args.get(i).copied().unwrap_or(default);
-    match run(arg(0, 100), arg(1, 500), arg(2, 20)).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    println!("  db + wal {when:<7} {}", sizes.join("   "));
+}
+
+fn print_floor(floor: &Spread, fetch_wait_ms: u64) {
+    println!();
+    println!(
+        "broker floor: {} sequential produce (acks=all, linger 0) → consume (fetch.wait.max.ms {fetch_wait_ms}) round trips of one small message",
+        floor.n
+    );
+    println!(
+        "  p50 {:.1} ms   p90 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
+        floor.p50, floor.p90, floor.p99, floor.max
+    );
+}
+
+fn print_ratio(report: &Report, floor: &Spread) {
+    println!(
+        "  saga p50 / (2 × floor p50) = {:.1} / (2 × {:.1}) = {:.2}",
+        report.saga.p50,
+        floor.p50,
+        report.saga.p50 / (2.0 * floor.p50)
+    );
+}
+
+/// The open-loop runs asked for: `--rate`, or the default pair.
+fn plans(o: &Options) -> Vec<Plan> {
+    let plan = |rate: f64, secs: f64| Plan {
+        rate,
+        duration: Duration::from_secs_f64(secs),
+        drain: Duration::from_secs(30),
+    };
+    match o.rate {
+        Some(rate) => vec![plan(rate, o.duration.unwrap_or(30.0))],
+        None if o.is_default() => vec![plan(300.0, 30.0), plan(1000.0, 60.0)],
+        None => Vec::new(),
+    }
+}
+
+/// One stack: preload, floor, the open loops, find-max. The run directory is kept on failure.
+async fn main_stack(o: &Options) -> Result<(), String> {
+    let mut session = start_session(o, o.fetch_wait_ms).await?;
+    println!("stack up: {}", session.rig.dir.display());
+    let outcome = measure_main(&mut session, o).await;
+    finish(session, o.keep || outcome.is_err());
+    outcome
+}
+
+async fn measure_main(session: &mut Session, o: &Options) -> Result<(), String> {
+    if o.preload > 0 {
+        preload_history(session, o.preload).await?;
+    }
+    let floor = broker_floor(&session.rig.brokers, o.fetch_wait_ms, FLOOR_ROUND_TRIPS).await?;
+    print_floor(&floor, o.fetch_wait_ms);
+    for plan in plans(o) {
+        let report = run::open_loop(&session.rig, plan).await?;
+        run::print_report(&report);
+        print_ratio(&report, &floor);
+        check_alive(&mut session.stack)?;
+    }
+    if o.find_max {
+        find_max(session).await?;
+    }
+    Ok(())
+}
+
+/// Fails when a process of the stack has exited.
+fn check_alive(stack: &mut Stack) -> Result<(), String> {
+    match stack.reap_exited().first() {
+        Some((name, status)) => Err(format!("{name} exited during the bench ({status})")),
+        None => Ok(()),
+    }
+}
+
+async fn find_max(session: &mut Session) -> Result<(), String> {
+    println!();
+    println!(
+        "find-max: 20 s per rate; held = p99 POST→terminal < 1 s, >= 97 % of the rate ended in the steady window, <= 1 % unfinished"
+    );
+    println!(
+        "  {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9} {:>5}",
+        "offered/s",
+        "orders",
+        "ended/s",
+        "% offered",
+        "p50 ms",
+        "p99 ms",
+        "unfinished",
+        "non-201",
+        "cap waits",
+        "held"
+    );
+    let mut best = None;
+    for rate in FIND_MAX_RATES {
+        let plan = Plan {
+            rate,
+            duration: Duration::from_secs(20),
+            drain: Duration::from_secs(20),
+        };
+        let r = run::open_loop(&session.rig, plan).await?;
+        check_alive(&mut session.stack)?;
+        let non_201: usize = r.other_status.values().sum::<usize>() + r.no_answer;
+        println!(
+            "  {rate:>9.0} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {non_201:>8} {:>9} {:>5}",
+            r.load.posts.len(),
+            r.throughput(),
+            100.0 * r.throughput() / rate,
+            r.post_to_terminal.p50,
+            r.post_to_terminal.p99,
+            r.unfinished,
+            r.load.cap_hits,
+            if r.sustained() { "yes" } else { "no" }
+        );
+        if !r.sustained() {
+            break;
+        }
+        best = Some(rate);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    match best {
+        Some(rate) => println!("  highest rate held: {rate:.0} orders/s"),
+        None => println!(
+            "  no rate was held, not even {:.0} orders/s",
+            FIND_MAX_RATES[0]
+        ),
+    }
+    Ok(())
+}
+
+/// One row of the fetch-wait table.
+struct TableRow {
+    fetch_wait_ms: u64,
+    floor: Spread,
+    saga: Spread,
+    unfinished: usize,
+    /// % of a core while idle: broker, then each service.
+    idle: Vec<(String, f64)>,
+}
+
+/// CPU % of a core per process over `window` with no load.
+async fn idle_cpu(rig: &Rig, window: Duration) -> Vec<(String, f64)> {
+    let first = procfs::cpu_sample(&rig.processes);
+    tokio::time::sleep(window).await;
+    let last = procfs::cpu_sample(&rig.processes);
+    run::cpu_seconds(rig, &first, &last)
+        .into_iter()
+        .filter(|(name, _)| name != "saga-bench")
+        .map(|(name, secs)| (name, 100.0 * secs / window.as_secs_f64()))
+        .collect()
+}
+
+/// One row on a fresh stack; its run directory is kept on failure.
+async fn table_row(o: &Options, fetch_wait_ms: u64) -> Result<TableRow, String> {
+    let mut session = start_session(o, fetch_wait_ms).await?;
+    let row = measure_row(&mut session, fetch_wait_ms).await;
+    finish(session, o.keep || row.is_err());
+    row
+}
+
+async fn measure_row(session: &mut Session, fetch_wait_ms: u64) -> Result<TableRow, String> {
+    tokio::time::sleep(Duration::from_secs(3)).await; // start-up work settles
+    let idle = idle_cpu(&session.rig, Duration::from_secs(10)).await;
+    let floor = broker_floor(&session.rig.brokers, fetch_wait_ms, 50).await?;
+    let plan = Plan {
+        rate: 50.0,
+        duration: Duration::from_secs(15),
+        drain: Duration::from_secs(15),
+    };
+    let report = run::open_loop(&session.rig, plan).await?;
+    check_alive(&mut session.stack)?;
+    Ok(TableRow {
+        fetch_wait_ms,
+        floor,
+        saga: report.saga,
+        unfinished: report.unfinished,
+        idle,
+    })
+}
+
+async fn fetch_wait_table(o: &Options) -> Result<(), String> {
+    println!();
+    println!(
+        "fetch-wait table: a fresh stack per KAFKA_FETCH_WAIT_MAX_MS; idle CPU over 10 s with no orders, then 50 orders/s for 15 s"
+    );
+    let mut rows = Vec::new();
+    for wait in TABLE_FETCH_WAITS {
+        rows.push(table_row(o, wait).await?);
+    }
+    println!(
+        "  {:>13} {:>14} {:>13} {:>13} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11}",
+        "fetch wait ms",
+        "floor p50 ms",
+        "saga p50 ms",
+        "saga p99 ms",
+        "ratio",
+        "unfinished",
+        "idle tansu",
+        "idle orders",
+        "idle prod.",
+        "idle deliv."
+    );
+    for row in rows {
+        let idle: Vec<String> = row
+            .idle
+            .iter()
+            .map(|(_, pct)| format!("{pct:>10.1}%"))
+            .collect();
+        println!(
+            "  {:>13} {:>14.1} {:>13.1} {:>13.1} {:>10.2} {:>10} {}",
+            row.fetch_wait_ms,
+            row.floor.p50,
+            row.saga.p50,
+            row.saga.p99,
+            row.saga.p50 / (2.0 * row.floor.p50),
+            row.unfinished,
+            idle.join(" ")
+        );
+    }
+    println!("  (ratio = saga p50 / (2 × floor p50); idle = % of one core)");
+    Ok(())
+}
+
+fn print_header(o: &Options) {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "saga-bench — 12st Mall on {cores} cores — fetch wait {} ms (floor, open loops) — {}",
+        o.fetch_wait_ms,
+        chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+    );
+}
+
+async fn bench(o: &Options) -> Result<(), String> {
+    print_header(o);
+    if o.is_default() || o.rate.is_some() || o.find_max {
+        main_stack(o).await?;
+    }
+    if o.is_default() || o.fetch_wait_table {
+        fetch_wait_table(o).await?;
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let o = match parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("saga-bench: {e}");
+            }
+            eprintln!("{USAGE}");
+            return if e.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = bench(&o) => outcome,
+        _ = kafka::shutdown_signal() => Err("interrupted".to_owned()),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("saga-bench: {e}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }
