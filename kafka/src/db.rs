@@ -11,6 +11,7 @@ use events::Envelope;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
 /// The outbox and inbox tables, present in every service database.
 const PLUMBING_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -168,6 +169,31 @@ impl Database {
             .await
     }
 
+    /// Copies the write-ahead log into the database and empties it, waiting (busy timeout) for
+    /// readers of older snapshots to finish. SQLite's automatic checkpoints never wait, so
+    /// under steady load, with a reader always open somewhere, they never reach the end of
+    /// the log and it grows without bound (measured: 2.5 GB after a minute of overload).
+    pub async fn checkpoint(&self) -> Result<(), DbError> {
+        self.read(|conn| {
+            conn.batch_execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                .map_err(DbError::from)
+        })
+        .await
+    }
+
+    /// Runs [`Database::checkpoint`] every `every` until `stop`.
+    pub async fn checkpoint_every(self, every: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            if let Err(e) = self.checkpoint().await {
+                log::warn!("write-ahead log checkpoint: {e}");
+            }
+        }
+    }
+
     /// Tells the relay that rows were committed outside [`Database::write`]'s event list
     /// (dead letters).
     pub(crate) fn wake_relay(&self) {
@@ -209,6 +235,28 @@ mod tests {
             assert!(!query(kind, "constraint failed").is_transient(), "{kind:?}");
         }
         assert!(!DbError::Task("panicked".into()).is_transient());
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_empties_the_write_ahead_log_while_a_reader_waits_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.db");
+        let db = Database::open(path.to_str().unwrap(), PLUMBING_MIGRATIONS).unwrap();
+        for i in 0..200 {
+            db.write(move |conn| {
+                conn.batch_execute(&format!(
+                    "INSERT INTO processed_events VALUES ('{i}', 'T', '{}')",
+                    "x".repeat(2000)
+                ))?;
+                Ok::<_, DbError>(((), Vec::new()))
+            })
+            .await
+            .unwrap();
+        }
+        let wal = dir.path().join("wal.db-wal");
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        db.checkpoint().await.unwrap();
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0, "log emptied");
     }
 
     #[test]

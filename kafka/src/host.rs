@@ -54,6 +54,8 @@ pub enum StartError {
 /// How long the relay may keep publishing on the way out; with HTTP's and the consumer's
 /// own bounds a stop takes at most ~12 s, under `scripts/down.sh`'s 15 s.
 const RELAY_DRAIN: Duration = Duration::from_secs(5);
+/// How often the write-ahead log is emptied ([`Database::checkpoint`]).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 /// How long in-flight HTTP requests may take to finish on the way out.
 const HTTP_DRAIN_SECS: u64 = 5;
 
@@ -138,6 +140,7 @@ impl ServiceHost {
         )
         .map_err(|e| broker(e.to_string()))?;
         let retention = Retention::new(db.clone(), &settings.retention, prune, &metrics);
+        let checkpoints = db.clone();
         let probe = Arc::new(create_probe(kafka).map_err(|e| broker(e.to_string()))?);
         let consumer = EventConsumer::new(kafka, probe.clone(), db.clone(), reactor, &metrics);
         let health = web::Data::new(Health {
@@ -180,13 +183,15 @@ impl ServiceHost {
         let relay = tokio::spawn(relay.run(stop_relay.clone(), RELAY_DRAIN));
         let consumer = tokio::spawn(consumer.run(stop_consumer.clone()));
         let retention = tokio::spawn(retention.run(stop_consumer.clone()));
+        let checkpoints =
+            tokio::spawn(checkpoints.checkpoint_every(CHECKPOINT_EVERY, stop_consumer.clone()));
         Ok(ServiceHost {
             port,
             metrics,
             server,
             stop_consumer,
             consumer,
-            tasks: vec![retention],
+            tasks: vec![retention, checkpoints],
             stop_relay,
             relay,
         })

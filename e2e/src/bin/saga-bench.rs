@@ -36,7 +36,7 @@ fetch-wait table.
                          at 50/s and idle CPU of the broker and the services
   --preload N            first fill the databases with N completed orders (not for the table)
   --fetch-wait MS        the services' KAFKA_FETCH_WAIT_MAX_MS for the floor and the open loops
-                         (default: $KAFKA_FETCH_WAIT_MAX_MS, else 50, the services' default)
+                         (default: $KAFKA_FETCH_WAIT_MAX_MS, else the services' default, 20)
   --keep                 keep the run directories (databases, logs)
   --bin-dir DIR          where orders, products, delivery are (default target/release)
   --tansu PATH           the broker binary (default .tools/bin/tansu)";
@@ -119,7 +119,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
         find_max: args.iter().any(|a| a == "--find-max"),
         fetch_wait_table: args.iter().any(|a| a == "--fetch-wait-table"),
         preload: number(args, "--preload")?.unwrap_or(0),
-        fetch_wait_ms: number(args, "--fetch-wait")?.or(env_wait).unwrap_or(50),
+        fetch_wait_ms: number(args, "--fetch-wait")?
+            .or(env_wait)
+            .unwrap_or(kafka::settings::DEFAULT_FETCH_WAIT_MS),
         keep: args.iter().any(|a| a == "--keep"),
     };
     if o.duration.is_some() && o.rate.is_none() {
