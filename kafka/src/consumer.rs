@@ -933,8 +933,8 @@ impl EventConsumer {
     }
 }
 
-/// The partition ids of `topic`.
-fn partitions_of(probe: &BaseConsumer, topic: &str) -> Result<Vec<i32>, String> {
+/// The partition ids of `topic`; an error when it has none (yet).
+pub fn partitions_of(probe: &BaseConsumer, topic: &str) -> Result<Vec<i32>, String> {
     let metadata = probe
         .fetch_metadata(Some(topic), Duration::from_secs(5))
         .map_err(|e| format!("metadata of {topic}: {e}"))?;
@@ -953,7 +953,7 @@ fn partitions_of(probe: &BaseConsumer, topic: &str) -> Result<Vec<i32>, String> 
 /// The low and high watermark of each partition: two ListOffsets requests for all
 /// partitions together (earliest, latest), not two per partition — on tansu every request
 /// costs broker CPU, and this runs every two seconds in every service.
-fn watermarks(
+pub fn watermarks(
     probe: &BaseConsumer,
     topic: &str,
     partitions: &[i32],

@@ -112,33 +112,21 @@ impl Drop for Watcher {
 /// Every partition of `topic` at its high watermark; waits up to 30 s for the topic to exist
 /// (the services create it as they start).
 fn end_offsets(consumer: &BaseConsumer, topic: &str) -> Result<TopicPartitionList, String> {
-    let timeout = Duration::from_secs(10);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(|e| format!("metadata of {topic}: {e}"))?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if !partitions.is_empty() {
-            let mut list = TopicPartitionList::new();
-            for p in partitions {
-                let (_, high) = consumer
-                    .fetch_watermarks(topic, p, timeout)
-                    .map_err(|e| format!("watermarks of {topic}/{p}: {e}"))?;
-                list.add_partition_offset(topic, p, Offset::Offset(high))
-                    .map_err(|e| e.to_string())?;
+        match kafka::consumer::partitions_of(consumer, topic) {
+            Ok(partitions) => {
+                let marks = kafka::consumer::watermarks(consumer, topic, &partitions)?;
+                let mut list = TopicPartitionList::new();
+                for (p, (_, high)) in marks {
+                    list.add_partition_offset(topic, p, Offset::Offset(high))
+                        .map_err(|e| e.to_string())?;
+                }
+                return Ok(list);
             }
-            return Ok(list);
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
-        if Instant::now() > deadline {
-            return Err(format!("topic {topic} has no partitions"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
