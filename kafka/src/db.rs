@@ -238,7 +238,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_checkpoint_empties_the_write_ahead_log_while_a_reader_waits_elsewhere() {
+    async fn a_checkpoint_empties_the_write_ahead_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal.db");
         let db = Database::open(path.to_str().unwrap(), PLUMBING_MIGRATIONS).unwrap();

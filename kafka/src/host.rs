@@ -75,8 +75,8 @@ pub struct ServiceHost {
     stop_consumer: CancellationToken,
     /// The consumer task.
     consumer: JoinHandle<()>,
-    /// The retention task and the service's own tasks (see [`ServiceHost::spawn_task`]);
-    /// stopped with the consumer.
+    /// The retention task, the WAL checkpoints and the service's own tasks (see
+    /// [`ServiceHost::spawn_task`]); stopped with the consumer.
     tasks: Vec<JoinHandle<()>>,
     /// Stops the relay; cancelled last, after the consumer's final commit.
     stop_relay: CancellationToken,
