@@ -769,18 +769,7 @@ mod tests {
         db_for_orders
             .write(|conn| {
                 let now = "2026-11-27T12:00:00Z".to_owned();
-                let new = crate::store::NewOrder {
-                    product_id: 1,
-                    product_name: None,
-                    quantity: 1,
-                    price: None,
-                    customer_id: "c".into(),
-                    customer_name: None,
-                    customer_addr: None,
-                    state: "OrderPlaced",
-                    created_at: now.clone(),
-                    updated_at: now,
-                };
+                let new = crate::store::NewOrder::fixture("OrderPlaced", now);
                 crate::store::insert_order(conn, &new)?;
                 Ok::<_, DbError>(((), Vec::new()))
             })

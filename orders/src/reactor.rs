@@ -158,18 +158,7 @@ mod tests {
     async fn place(db: &Database, seconds_ago: i64) -> i64 {
         let at = (chrono::Utc::now() - chrono::Duration::seconds(seconds_ago)).to_rfc3339();
         db.write(move |conn| {
-            let new = NewOrder {
-                product_id: 1,
-                product_name: None,
-                quantity: 1,
-                price: None,
-                customer_id: "c".into(),
-                customer_name: None,
-                customer_addr: None,
-                state: OrderState::Placed.as_str(),
-                created_at: at.clone(),
-                updated_at: at,
-            };
+            let new = NewOrder::fixture(OrderState::Placed.as_str(), at);
             Ok::<_, DbError>((store::insert_order(conn, &new)?.order.id, Vec::new()))
         })
         .await

@@ -94,23 +94,9 @@ mod tests {
         days: u32,
     ) -> QueryResult<i64> {
         let at = kafka::retention::cutoff_at(chrono::Utc::now(), DAY * days);
-        let id = store::insert_order(
-            conn,
-            &NewOrder {
-                product_id: 1,
-                product_name: None,
-                quantity: 1,
-                price: None,
-                customer_id: "c".into(),
-                customer_name: None,
-                customer_addr: None,
-                state: state.as_str(),
-                created_at: at.clone(),
-                updated_at: at.clone(),
-            },
-        )?
-        .order
-        .id;
+        let id = store::insert_order(conn, &NewOrder::fixture(state.as_str(), at.clone()))?
+            .order
+            .id;
         diesel::update(orders::table.find(id))
             .set((
                 orders::delivery_state.eq(delivery.map(DeliveryState::as_str)),

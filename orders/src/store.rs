@@ -96,6 +96,25 @@ pub struct NewOrder {
     pub updated_at: String,
 }
 
+#[cfg(test)]
+impl NewOrder {
+    /// The tests' order: one unit of product 1 for customer "c", in `state`, written at `at`.
+    pub(crate) fn fixture(state: &'static str, at: String) -> Self {
+        NewOrder {
+            product_id: 1,
+            product_name: None,
+            quantity: 1,
+            price: None,
+            customer_id: "c".into(),
+            customer_name: None,
+            customer_addr: None,
+            state,
+            created_at: at.clone(),
+            updated_at: at,
+        }
+    }
+}
+
 /// An order as stored, with its timestamps.
 #[derive(Debug, Clone)]
 pub struct StoredOrder {

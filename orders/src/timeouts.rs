@@ -77,18 +77,7 @@ mod tests {
     const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
     fn new_order(created_at: String) -> NewOrder {
-        NewOrder {
-            product_id: 1,
-            product_name: None,
-            quantity: 1,
-            price: None,
-            customer_id: "c".into(),
-            customer_name: None,
-            customer_addr: None,
-            state: OrderState::Placed.as_str(),
-            created_at: created_at.clone(),
-            updated_at: created_at,
-        }
+        NewOrder::fixture(OrderState::Placed.as_str(), created_at)
     }
 
     #[tokio::test]
