@@ -2,7 +2,7 @@
 
 use crate::saga::OrderDelivery;
 use crate::{saga, store};
-use diesel::sqlite::SqliteConnection;
+use kafka::db::DbConnection;
 use events::{Envelope, Event};
 use kafka::{ReactError, Reactor};
 
@@ -23,7 +23,7 @@ impl Reactor for DeliveryReactor {
 
     fn react(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut DbConnection,
         event: &Envelope,
     ) -> Result<Vec<Envelope>, ReactError> {
         let Some(order_id) = event.event.order_id() else {

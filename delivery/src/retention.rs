@@ -11,7 +11,7 @@
 use crate::saga::DeliveryState;
 use crate::store::schema::{deliveries, voided_orders};
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use kafka::db::DbConnection;
 use kafka::{Deleted, PruneRule};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ pub fn rules(dedup_window: Duration) -> Vec<PruneRule> {
 
 /// Deletes up to `limit` completed or cancelled deliveries last changed before `cutoff`,
 /// never the newest.
-pub fn prune_finished(conn: &mut SqliteConnection, cutoff: &str, limit: i64) -> QueryResult<usize> {
+pub fn prune_finished(conn: &mut DbConnection, cutoff: &str, limit: i64) -> QueryResult<usize> {
     let Some(newest) = deliveries::table
         .select(diesel::dsl::max(deliveries::id))
         .first::<Option<i64>>(conn)?
@@ -48,7 +48,7 @@ pub fn prune_finished(conn: &mut SqliteConnection, cutoff: &str, limit: i64) -> 
 }
 
 /// Deletes up to `limit` voided orders recorded before `cutoff`.
-pub fn prune_voided(conn: &mut SqliteConnection, cutoff: &str, limit: i64) -> QueryResult<usize> {
+pub fn prune_voided(conn: &mut DbConnection, cutoff: &str, limit: i64) -> QueryResult<usize> {
     let batch: Vec<i64> = voided_orders::table
         .filter(voided_orders::voided_at.lt(cutoff))
         .select(voided_orders::order_id)
@@ -63,10 +63,9 @@ mod tests {
     use super::*;
     use crate::saga::Delivery;
     use crate::store;
-    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-    use kafka::{Database, DbError};
+        use kafka::{Database, DbError};
 
-    const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+    const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
     fn ago(days: u32) -> String {
@@ -75,7 +74,7 @@ mod tests {
 
     /// Delivery `id` (of order `id`) in `state`, last changed `days` ago.
     fn delivery(
-        conn: &mut SqliteConnection,
+        conn: &mut DbConnection,
         id: i64,
         state: DeliveryState,
         days: u32,
@@ -99,7 +98,7 @@ mod tests {
             .map(|_| ())
     }
 
-    fn voided(conn: &mut SqliteConnection, order_id: i64, days: u32) -> QueryResult<()> {
+    fn voided(conn: &mut DbConnection, order_id: i64, days: u32) -> QueryResult<()> {
         diesel::insert_into(voided_orders::table)
             .values((
                 voided_orders::order_id.eq(order_id),

@@ -3,12 +3,16 @@
 use crate::reactor::DeliveryReactor;
 use crate::retention;
 use crate::routes::routes;
-use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use diesel_migrations::embed_migrations;
 use events::Service;
 use kafka::{Database, ServiceHost, ServiceSettings, StartError};
 use std::sync::Arc;
 
-const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+/// This service's tables, per backend.
+pub const MIGRATIONS: kafka::db::Migrations = kafka::db::Migrations {
+    sqlite: embed_migrations!("migrations/sqlite"),
+    postgres: embed_migrations!("migrations/postgres"),
+};
 
 /// Delivery's settings: port (default 8082), database and broker.
 pub type Settings = ServiceSettings;

@@ -2,7 +2,7 @@
 
 use crate::saga::{Delivery, DeliveryState, OrderDelivery};
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use kafka::db::DbConnection;
 
 /// The schema, matching `migrations/`.
 pub mod schema {
@@ -100,7 +100,7 @@ fn load(rows: Vec<DeliveryRow>) -> QueryResult<Vec<Delivery>> {
 
 /// One page of deliveries by id, optionally only one order's.
 pub fn list(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     order_id: Option<i64>,
     page: kafka::http::Page,
 ) -> QueryResult<Vec<Delivery>> {
@@ -116,7 +116,7 @@ pub fn list(
 }
 
 /// One delivery.
-pub fn by_id(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<Delivery>> {
+pub fn by_id(conn: &mut DbConnection, id: i64) -> QueryResult<Option<Delivery>> {
     let row = deliveries::table
         .find(id)
         .select(DeliveryRow::as_select())
@@ -126,7 +126,7 @@ pub fn by_id(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<Deliver
 }
 
 /// What delivery knows about an order.
-pub fn by_order(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<OrderDelivery> {
+pub fn by_order(conn: &mut DbConnection, order_id: i64) -> QueryResult<OrderDelivery> {
     let row = deliveries::table
         .filter(deliveries::order_id.eq(order_id))
         .select(DeliveryRow::as_select())
@@ -147,19 +147,19 @@ pub fn by_order(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<Order
 }
 
 /// Remembers that an order was cancelled before its OrderPlaced arrived.
-pub fn void(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<()> {
-    diesel::insert_into(voided_orders::table)
+pub fn void(conn: &mut DbConnection, order_id: i64) -> QueryResult<()> {
+    let statement = diesel::insert_into(voided_orders::table)
         .values((
             voided_orders::order_id.eq(order_id),
             voided_orders::voided_at.eq(chrono::Utc::now().to_rfc3339()),
         ))
-        .on_conflict_do_nothing()
-        .execute(conn)
+        .on_conflict_do_nothing();
+    kafka::on_backend!(conn, |c| statement.execute(c))
         .map(|_| ())
 }
 
 /// The id the next delivery gets; callers hold the write lock, so it cannot be taken twice.
-pub fn next_id(conn: &mut SqliteConnection) -> QueryResult<i64> {
+pub fn next_id(conn: &mut DbConnection) -> QueryResult<i64> {
     let max: Option<i64> = deliveries::table
         .select(diesel::dsl::max(deliveries::id))
         .first(conn)?;
@@ -167,7 +167,7 @@ pub fn next_id(conn: &mut SqliteConnection) -> QueryResult<i64> {
 }
 
 /// Inserts or updates a delivery.
-pub fn save(conn: &mut SqliteConnection, d: &Delivery) -> QueryResult<()> {
+pub fn save(conn: &mut DbConnection, d: &Delivery) -> QueryResult<()> {
     let row = NewDelivery {
         id: d.id,
         order_id: d.order_id,
@@ -181,11 +181,11 @@ pub fn save(conn: &mut SqliteConnection, d: &Delivery) -> QueryResult<()> {
         state_message: d.state_message.as_deref(),
         updated_at: chrono::Utc::now().to_rfc3339(),
     };
-    diesel::insert_into(deliveries::table)
+    let statement = diesel::insert_into(deliveries::table)
         .values((&row, deliveries::created_at.eq(&row.updated_at)))
         .on_conflict(deliveries::id)
         .do_update()
-        .set(&row)
-        .execute(conn)
+        .set(&row);
+    kafka::on_backend!(conn, |c| statement.execute(c))
         .map(|_| ())
 }

@@ -1,11 +1,19 @@
-//! A service's SQLite database: a connection pool, migrations run at start-up, and the one way
-//! to change state — [`Database::write`] — which commits the events the change causes into the
-//! outbox in the same transaction and then wakes the [`OutboxRelay`](crate::OutboxRelay).
+//! A service's database — an embedded SQLite file or a PostgreSQL database — a connection
+//! pool, migrations run at start-up, and the one way to change state — [`Database::write`] —
+//! which commits the events the change causes into the outbox in the same transaction and then
+//! wakes the [`OutboxRelay`](crate::OutboxRelay).
+//!
+//! Writes are serialized per service database on both backends: SQLite has one writer by
+//! design (`BEGIN IMMEDIATE`), and on PostgreSQL every write transaction first takes one
+//! transaction-scoped advisory lock. Every instance of a service therefore sees the same
+//! serial history, so the read-decide-write rules (a saga step, a PATCH that answers 409,
+//! the next delivery id) need no per-row locking, and outbox ids grow in commit order.
 
 use crate::outbox;
-use diesel::connection::SimpleConnection;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection};
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::pg::PgConnection;
 use diesel::sqlite::SqliteConnection;
+use diesel::Connection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use events::Envelope;
 use std::sync::Arc;
@@ -13,11 +21,148 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-/// The outbox and inbox tables, present in every service database.
-const PLUMBING_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+/// A connection to either backend. Queries written once with diesel's DSL run on both; the
+/// few that differ (upserts) go through [`on_backend!`](crate::on_backend).
+#[derive(diesel::MultiConnection)]
+pub enum DbConnection {
+    /// An embedded SQLite file: one instance per service (the default).
+    Sqlite(SqliteConnection),
+    /// A PostgreSQL database shared by all instances of one service.
+    Postgres(PgConnection),
+}
 
-/// A pooled SQLite connection pool.
-pub type Pool = r2d2::Pool<ConnectionManager<SqliteConnection>>;
+/// Runs `$body` with `$c` bound to the concrete connection inside a [`DbConnection`], for the
+/// statements diesel cannot build for both backends at once (`ON CONFLICT`).
+#[macro_export]
+macro_rules! on_backend {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::db::DbConnection::Sqlite($c) => $body,
+            $crate::db::DbConnection::Postgres($c) => $body,
+        }
+    };
+}
+
+/// A service's migrations, one set per backend (the SQL differs: identity columns, booleans,
+/// SQLite's table rebuilds).
+
+pub struct Migrations {
+    /// Applied to an SQLite file.
+    pub sqlite: EmbeddedMigrations,
+    /// Applied to a PostgreSQL database.
+    pub postgres: EmbeddedMigrations,
+}
+
+/// The outbox and inbox tables, present in every service database.
+const PLUMBING_MIGRATIONS: Migrations = Migrations {
+    sqlite: embed_migrations!("migrations/sqlite"),
+    postgres: embed_migrations!("migrations/postgres"),
+};
+
+/// For tests of the plumbing alone: no service tables (the plumbing again, already applied).
+pub const PLUMBING_ONLY: Migrations = PLUMBING_MIGRATIONS;
+
+/// Where a service keeps its state, from `DATABASE_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// `postgres://…` or `postgresql://…`.
+    Postgres(String),
+    /// A file path, or `sqlite://` followed by one.
+    Sqlite(String),
+}
+
+impl Backend {
+    /// Reads a `DATABASE_URL`.
+    pub fn from_url(url: &str) -> Self {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres(url.to_owned())
+        } else {
+            Backend::Sqlite(url.strip_prefix("sqlite://").unwrap_or(url).to_owned())
+        }
+    }
+
+    /// Several instances of a service may share this database.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Backend::Postgres(_))
+    }
+}
+
+/// The advisory lock every PostgreSQL write transaction takes first (one database per
+/// service, so one constant is enough).
+const WRITE_LOCK: i64 = 0x6d61_6c6c; // "mall"
+
+/// Opens connections of the configured backend. diesel's own manager would try each backend
+/// in turn, and SQLite accepts any string as a file name: a PostgreSQL URL with the server
+/// down would silently become a new SQLite file.
+#[derive(Debug)]
+pub struct Manager(Backend);
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = DbConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<DbConnection, Self::Error> {
+        use diesel::r2d2::Error;
+        match &self.0 {
+            Backend::Sqlite(path) => {
+                let mut conn =
+                    SqliteConnection::establish(path).map_err(Error::ConnectionError)?;
+                // WAL so readers never block the writer, and a busy timeout so a writer waits
+                // for the lock instead of failing at once.
+                conn.batch_execute(
+                    "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
+                     PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                )
+                .map_err(Error::QueryError)?;
+                Ok(DbConnection::Sqlite(conn))
+            }
+            Backend::Postgres(url) => PgConnection::establish(url)
+                .map(DbConnection::Postgres)
+                .map_err(Error::ConnectionError),
+        }
+    }
+
+    fn is_valid(&self, conn: &mut DbConnection) -> Result<(), Self::Error> {
+        conn.batch_execute("SELECT 1")
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, conn: &mut DbConnection) -> bool {
+        diesel::r2d2::R2D2Connection::is_broken(conn)
+    }
+}
+
+/// A pool of connections to one service database.
+pub type Pool = r2d2::Pool<Manager>;
+
+/// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite, `BEGIN` and the service's
+/// write lock on PostgreSQL (module docs).
+pub fn write_transaction<T, E, F>(conn: &mut DbConnection, f: F) -> Result<T, E>
+where
+    F: FnOnce(&mut DbConnection) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    match conn {
+        DbConnection::Sqlite(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
+        DbConnection::Postgres(c) => {
+            AnsiTransactionManager::begin_transaction(c)?;
+            if let Err(e) = c.batch_execute(&format!("SELECT pg_advisory_xact_lock({WRITE_LOCK})")) {
+                AnsiTransactionManager::rollback_transaction(c)?;
+                return Err(e.into());
+            }
+        }
+    }
+    match f(conn) {
+        Ok(value) => {
+            <DbConnection as Connection>::TransactionManager::commit_transaction(conn)?;
+            Ok(value)
+        }
+        Err(e) => {
+            <DbConnection as Connection>::TransactionManager::rollback_transaction(conn)?;
+            Err(e)
+        }
+    }
+}
 
 /// A database operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,24 +203,10 @@ impl DbError {
     }
 }
 
-/// Per-connection settings: WAL so readers never block the writer, and a busy timeout so a
-/// writer waits for the lock instead of failing at once.
-#[derive(Debug)]
-struct SqlitePragmas;
-
-impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragmas {
-    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        conn.batch_execute(
-            "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
-             PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-        )
-        .map_err(diesel::r2d2::Error::QueryError)
-    }
-}
-
 /// A service's database plus the signal that tells its outbox relay a new event was committed.
 #[derive(Clone)]
 pub struct Database {
+    backend: Backend,
     pool: Pool,
     outbox_committed: Arc<Notify>,
     /// Counts committed writes; live views (the dashboard's event stream) wait on it.
@@ -83,29 +214,40 @@ pub struct Database {
 }
 
 impl Database {
-    /// Opens (creating if needed) the SQLite file at `url` and runs the plumbing migrations and
-    /// then the service's own.
-    pub fn open(url: &str, migrations: EmbeddedMigrations) -> Result<Self, DbError> {
-        let path = url.strip_prefix("sqlite://").unwrap_or(url);
-        if let Some(dir) = std::path::Path::new(path).parent()
+    /// Opens the database at `url` (a PostgreSQL URL, or an SQLite file created if needed)
+    /// and runs the plumbing migrations and then the service's own.
+    pub fn open(url: &str, migrations: Migrations) -> Result<Self, DbError> {
+        let backend = Backend::from_url(url);
+        if let Backend::Sqlite(path) = &backend
+            && let Some(dir) = std::path::Path::new(path).parent()
             && !dir.as_os_str().is_empty()
         {
             std::fs::create_dir_all(dir).map_err(|e| {
                 DbError::Setup(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
+        let shown = redacted(url);
         let pool = r2d2::Pool::builder()
             .max_size(8)
             .connection_timeout(Duration::from_secs(10))
-            .connection_customizer(Box::new(SqlitePragmas))
-            .build(ConnectionManager::<SqliteConnection>::new(path))
-            .map_err(|e| DbError::Setup(format!("cannot open {path}: {e}")))?;
+            .build(Manager(backend.clone()))
+            .map_err(|e| DbError::Setup(format!("cannot open {shown}: {e}")))?;
         let mut conn = pool.get()?;
-        for source in [PLUMBING_MIGRATIONS, migrations] {
-            conn.run_pending_migrations(source)
-                .map_err(|e| DbError::Setup(format!("migrating {path}: {e}")))?;
+        for set in [PLUMBING_MIGRATIONS, migrations] {
+            let source = match backend {
+                Backend::Sqlite(_) => set.sqlite,
+                Backend::Postgres(_) => set.postgres,
+            };
+            // Two instances starting at once on one PostgreSQL database would both migrate:
+            // the write lock makes the second wait and then find nothing pending.
+            write_transaction(&mut conn, |conn| {
+                conn.run_pending_migrations(source)
+                    .map(|_| ())
+                    .map_err(|e| DbError::Setup(format!("migrating {shown}: {e}")))
+            })?;
         }
         Ok(Database {
+            backend,
             pool,
             outbox_committed: Arc::new(Notify::new()),
             commits: Arc::new(watch::Sender::new(0)),
@@ -115,7 +257,7 @@ impl Database {
     /// Runs a read on a blocking thread.
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where
-        F: FnOnce(&mut SqliteConnection) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<DbError> + Send + 'static,
     {
@@ -131,18 +273,18 @@ impl Database {
     /// Changes state and commits the events the change causes into the outbox, in one
     /// transaction; then wakes the relay. `f` returns its result and the events to publish.
     ///
-    /// The transaction takes the write lock up front (`BEGIN IMMEDIATE`) so two writers never
-    /// deadlock upgrading a read lock.
+    /// The transaction takes the write lock up front ([`write_transaction`]) so two writers
+    /// never deadlock upgrading a read lock, and every instance sees one serial history.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
-        F: FnOnce(&mut SqliteConnection) -> Result<(T, Vec<Envelope>), E> + Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<(T, Vec<Envelope>), E> + Send + 'static,
         T: Send + 'static,
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
         let pool = self.pool.clone();
         let (value, published) = tokio::task::spawn_blocking(move || {
             let mut conn = pool.get().map_err(DbError::from)?;
-            conn.immediate_transaction(|conn| {
+            write_transaction(&mut conn, |conn| {
                 let (value, events) = f(conn)?;
                 outbox::enqueue(conn, &events)?;
                 Ok::<_, E>((value, !events.is_empty()))
@@ -173,7 +315,11 @@ impl Database {
     /// readers of older snapshots to finish. SQLite's automatic checkpoints never wait, so
     /// under steady load, with a reader always open somewhere, they never reach the end of
     /// the log and it grows without bound (measured: 2.5 GB after a minute of overload).
+    /// PostgreSQL manages its own log: nothing to do there.
     pub async fn checkpoint(&self) -> Result<(), DbError> {
+        if self.backend.is_shared() {
+            return Ok(());
+        }
         self.read(|conn| {
             conn.batch_execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 .map_err(DbError::from)
@@ -194,6 +340,11 @@ impl Database {
         }
     }
 
+    /// Which backend this is.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
     /// Tells the relay that rows were committed outside [`Database::write`]'s event list
     /// (dead letters).
     pub(crate) fn wake_relay(&self) {
@@ -203,6 +354,18 @@ impl Database {
     /// Fires whenever a transaction committed at least one outbox row.
     pub(crate) fn outbox_committed(&self) -> Arc<Notify> {
         self.outbox_committed.clone()
+    }
+}
+
+/// `url` without its password, for messages.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::db::{Database, DbError};
 use crate::offsets::{self, ConsumedAt};
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use crate::db::DbConnection;
 use events::Envelope;
 
 diesel::table! {
@@ -26,7 +26,7 @@ pub trait Reactor: Send + Sync + 'static {
     /// Applies `event` using `conn` and returns the events it causes.
     fn react(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut DbConnection,
         event: &Envelope,
     ) -> Result<Vec<Envelope>, ReactError>;
 }
@@ -96,7 +96,7 @@ pub async fn apply_once_at<R: Reactor + ?Sized>(
 /// the effect, the id, and the caused events returned for the outbox. Batches call it once
 /// per event in one transaction; an event sees the effects of those before it.
 pub fn apply_in<R: Reactor + ?Sized>(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     reactor: &R,
     event: &Envelope,
 ) -> Result<(Applied, Vec<Envelope>), ReactError> {
@@ -115,7 +115,7 @@ pub fn apply_in<R: Reactor + ?Sized>(
     Ok((Applied::Done(caused.len()), caused))
 }
 
-fn already_processed(conn: &mut SqliteConnection, id: &str) -> QueryResult<bool> {
+fn already_processed(conn: &mut DbConnection, id: &str) -> QueryResult<bool> {
     diesel::select(diesel::dsl::exists(
         processed_events::table.filter(processed_events::event_id.eq(id)),
     ))
@@ -125,12 +125,11 @@ fn already_processed(conn: &mut SqliteConnection, id: &str) -> QueryResult<bool>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-    use events::{Event, OrderCompleted, Service};
+        use events::{Event, OrderCompleted, Service};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    const NONE: EmbeddedMigrations = embed_migrations!("migrations");
+    const NONE: crate::db::Migrations = crate::db::PLUMBING_ONLY;
 
     /// Counts its effects and causes one event per application.
     struct Counting(AtomicUsize);
@@ -141,7 +140,7 @@ mod tests {
         }
         fn react(
             &self,
-            _: &mut SqliteConnection,
+            _: &mut DbConnection,
             e: &Envelope,
         ) -> Result<Vec<Envelope>, ReactError> {
             self.0.fetch_add(1, Ordering::SeqCst);

@@ -6,7 +6,7 @@
 //! starts each from here (see [`crate::consumer`]).
 
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use crate::db::DbConnection;
 use std::collections::BTreeMap;
 
 diesel::table! {
@@ -31,9 +31,9 @@ pub struct ConsumedAt {
 }
 
 /// Records `at` inside the caller's transaction.
-pub fn store(conn: &mut SqliteConnection, at: &ConsumedAt) -> QueryResult<()> {
+pub fn store(conn: &mut DbConnection, at: &ConsumedAt) -> QueryResult<()> {
     let now = chrono::Utc::now().to_rfc3339();
-    diesel::insert_into(consumer_offsets::table)
+    let statement = diesel::insert_into(consumer_offsets::table)
         .values((
             consumer_offsets::topic.eq(&at.topic),
             consumer_offsets::partition.eq(at.partition),
@@ -45,13 +45,13 @@ pub fn store(conn: &mut SqliteConnection, at: &ConsumedAt) -> QueryResult<()> {
         .set((
             consumer_offsets::next_offset.eq(at.next_offset),
             consumer_offsets::updated_at.eq(&now),
-        ))
-        .execute(conn)
+        ));
+    crate::on_backend!(conn, |c| statement.execute(c))
         .map(|_| ())
 }
 
 /// The next offset to read for every partition of `topic` this service has read.
-pub fn load(conn: &mut SqliteConnection, topic: &str) -> QueryResult<BTreeMap<i32, i64>> {
+pub fn load(conn: &mut DbConnection, topic: &str) -> QueryResult<BTreeMap<i32, i64>> {
     let rows: Vec<(i32, i64)> = consumer_offsets::table
         .filter(consumer_offsets::topic.eq(topic))
         .select((consumer_offsets::partition, consumer_offsets::next_offset))

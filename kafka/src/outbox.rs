@@ -12,7 +12,7 @@
 use crate::db::{Database, DbError};
 use crate::metrics::Metrics;
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use crate::db::DbConnection;
 use events::Envelope;
 use prometheus::IntCounter;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -92,20 +92,20 @@ impl From<&Envelope> for NewOutboxRow {
 }
 
 /// Adds `events` to the outbox inside the caller's transaction.
-pub fn enqueue(conn: &mut SqliteConnection, events: &[Envelope]) -> QueryResult<()> {
+pub fn enqueue(conn: &mut DbConnection, events: &[Envelope]) -> QueryResult<()> {
     if events.is_empty() {
         return Ok(());
     }
     let rows: Vec<NewOutboxRow> = events.iter().map(NewOutboxRow::from).collect();
-    diesel::insert_into(outbox::table)
-        .values(&rows)
-        .execute(conn)
+    let statement = diesel::insert_into(outbox::table)
+        .values(&rows);
+    crate::on_backend!(conn, |c| statement.execute(c))
         .map(|_| ())
 }
 
 /// Adds a dead letter for `dead_letter_topic` to the outbox inside the caller's transaction.
 pub fn enqueue_dead_letter(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     dead_letter_topic: &str,
     letter: &events::DeadLetter,
 ) -> QueryResult<()> {
@@ -124,7 +124,7 @@ pub fn enqueue_dead_letter(
 }
 
 /// The oldest `limit` unpublished rows, in commit order.
-pub fn pending(conn: &mut SqliteConnection, limit: i64) -> QueryResult<Vec<OutboxRow>> {
+pub fn pending(conn: &mut DbConnection, limit: i64) -> QueryResult<Vec<OutboxRow>> {
     outbox::table
         .filter(outbox::published_at.is_null())
         .order(outbox::id)
@@ -134,7 +134,7 @@ pub fn pending(conn: &mut SqliteConnection, limit: i64) -> QueryResult<Vec<Outbo
 }
 
 /// Marks rows as acknowledged by the broker.
-pub fn mark_published(conn: &mut SqliteConnection, ids: &[i64]) -> QueryResult<usize> {
+pub fn mark_published(conn: &mut DbConnection, ids: &[i64]) -> QueryResult<usize> {
     diesel::update(outbox::table.filter(outbox::id.eq_any(ids)))
         .set(outbox::published_at.eq(chrono::Utc::now().to_rfc3339()))
         .execute(conn)
@@ -142,7 +142,7 @@ pub fn mark_published(conn: &mut SqliteConnection, ids: &[i64]) -> QueryResult<u
 
 /// Marks a row the broker refused for good: it is done, with the reason, so it cannot block
 /// the rows behind it.
-pub fn mark_refused(conn: &mut SqliteConnection, id: i64, error: &str) -> QueryResult<usize> {
+pub fn mark_refused(conn: &mut DbConnection, id: i64, error: &str) -> QueryResult<usize> {
     diesel::update(outbox::table.find(id))
         .set((
             outbox::published_at.eq(chrono::Utc::now().to_rfc3339()),
@@ -152,7 +152,7 @@ pub fn mark_refused(conn: &mut SqliteConnection, id: i64, error: &str) -> QueryR
 }
 
 /// How many rows wait to be published.
-pub fn pending_count(conn: &mut SqliteConnection) -> QueryResult<i64> {
+pub fn pending_count(conn: &mut DbConnection) -> QueryResult<i64> {
     outbox::table
         .filter(outbox::published_at.is_null())
         .count()
@@ -184,7 +184,7 @@ impl Backlog {
 }
 
 /// The pending row count and the oldest pending row's time, in one read.
-pub fn backlog(conn: &mut SqliteConnection) -> QueryResult<Backlog> {
+pub fn backlog(conn: &mut DbConnection) -> QueryResult<Backlog> {
     conn.transaction(|conn| {
         let oldest = outbox::table
             .filter(outbox::published_at.is_null())
@@ -555,9 +555,8 @@ pub enum RelayError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-
-    const PLUMBING: EmbeddedMigrations = embed_migrations!("migrations");
+    
+    const PLUMBING: crate::db::Migrations = crate::db::PLUMBING_ONLY;
 
     fn row(n: u32, age_seconds: i64) -> NewOutboxRow {
         NewOutboxRow {
@@ -588,9 +587,8 @@ mod tests {
         let ids = db
             .write(|conn| {
                 let rows = [row(1, 300), row(2, 90), row(3, 0)];
-                diesel::insert_into(outbox::table)
-                    .values(&rows[..])
-                    .execute(conn)?;
+                let statement = diesel::insert_into(outbox::table).values(&rows[..]);
+                crate::on_backend!(conn, |c| statement.execute(c))?;
                 let ids: Vec<i64> = outbox::table
                     .select(outbox::id)
                     .order(outbox::id)

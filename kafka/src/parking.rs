@@ -7,7 +7,7 @@
 use crate::offsets::{self, ConsumedAt};
 use crate::outbox;
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use crate::db::DbConnection;
 use events::DeadLetter;
 
 diesel::table! {
@@ -30,7 +30,7 @@ diesel::table! {
 /// Records `letter`, queues it for `dead_letter_topic` and moves the position past the
 /// message, inside the caller's transaction.
 pub fn park(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     letter: &DeadLetter,
     dead_letter_topic: &str,
     at: &ConsumedAt,
@@ -81,7 +81,7 @@ pub struct ParkedRow {
 }
 
 /// One page of this service's parked messages, newest last.
-pub fn list(conn: &mut SqliteConnection, page: crate::http::Page) -> QueryResult<Vec<ParkedRow>> {
+pub fn list(conn: &mut DbConnection, page: crate::http::Page) -> QueryResult<Vec<ParkedRow>> {
     dead_letters::table
         .filter(dead_letters::id.gt(page.after))
         .order(dead_letters::id)
@@ -91,7 +91,7 @@ pub fn list(conn: &mut SqliteConnection, page: crate::http::Page) -> QueryResult
 }
 
 /// How many messages this service has parked.
-pub fn count(conn: &mut SqliteConnection) -> QueryResult<i64> {
+pub fn count(conn: &mut DbConnection) -> QueryResult<i64> {
     dead_letters::table.count().get_result(conn)
 }
 
@@ -99,10 +99,9 @@ pub fn count(conn: &mut SqliteConnection) -> QueryResult<i64> {
 mod tests {
     use super::*;
     use crate::Database;
-    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-    use events::ParkedFrom;
+        use events::ParkedFrom;
 
-    const NONE: EmbeddedMigrations = embed_migrations!("migrations");
+    const NONE: crate::db::Migrations = crate::db::PLUMBING_ONLY;
 
     #[tokio::test]
     async fn parking_records_queues_and_moves_the_position_together() {

@@ -42,7 +42,7 @@ use crate::db::{Database, DbError};
 use crate::metrics::Metrics;
 use crate::settings::RetentionSettings;
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use crate::db::DbConnection;
 use prometheus::IntCounterVec;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,7 +116,7 @@ impl std::fmt::Display for Deleted {
 /// (RFC 3339, see the module docs) and says how many it deleted. It runs inside a write
 /// transaction.
 pub type PruneFn =
-    Arc<dyn Fn(&mut SqliteConnection, &str, i64) -> QueryResult<Deleted> + Send + Sync>;
+    Arc<dyn Fn(&mut DbConnection, &str, i64) -> QueryResult<Deleted> + Send + Sync>;
 
 /// One kind of row the retention task deletes once it is older than a window.
 #[derive(Clone)]
@@ -134,7 +134,7 @@ impl PruneRule {
     /// `prune` must only ever select rows whose saga is settled.
     pub fn new<F>(name: &'static str, window: Duration, prune: F) -> Self
     where
-        F: Fn(&mut SqliteConnection, &str, i64) -> QueryResult<Deleted> + Send + Sync + 'static,
+        F: Fn(&mut DbConnection, &str, i64) -> QueryResult<Deleted> + Send + Sync + 'static,
     {
         PruneRule {
             name,
@@ -160,7 +160,7 @@ pub fn cutoff_at(now: chrono::DateTime<chrono::Utc>, window: Duration) -> String
 /// Deletes up to `limit` outbox rows published before `cutoff`. Pending rows (null
 /// `published_at`) never match, however old: they still have to be published.
 pub fn prune_published_outbox(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     cutoff: &str,
     limit: i64,
 ) -> QueryResult<usize> {
@@ -175,7 +175,7 @@ pub fn prune_published_outbox(
 
 /// Deletes up to `limit` processed event ids recorded before `cutoff`.
 pub fn prune_processed_events(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     cutoff: &str,
     limit: i64,
 ) -> QueryResult<usize> {
@@ -317,9 +317,8 @@ mod tests {
     use super::*;
     use crate::inbox::processed_events;
     use crate::outbox::outbox;
-    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-
-    const NONE: EmbeddedMigrations = embed_migrations!("migrations");
+    
+    const NONE: crate::db::Migrations = crate::db::PLUMBING_ONLY;
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
     fn ago(days: u32) -> String {

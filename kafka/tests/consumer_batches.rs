@@ -4,8 +4,7 @@
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
-use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use kafka::db::DbConnection;
 use events::{Envelope, Event, OrderCompleted, Service};
 use kafka::consumer::{EventConsumer, create_probe};
 use kafka::{Database, DbError, KafkaSettings, Metrics, ReactError, Reactor};
@@ -16,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-const PLUMBING_ONLY: EmbeddedMigrations = embed_migrations!("migrations");
+const PLUMBING_ONLY: kafka::db::Migrations = kafka::db::PLUMBING_ONLY;
 const TOPIC: &str = "t";
 /// The order id this reactor refuses.
 const REFUSED_ORDER: i64 = 13;
@@ -31,7 +30,7 @@ impl Reactor for Recording {
 
     fn react(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut DbConnection,
         event: &Envelope,
     ) -> Result<Vec<Envelope>, ReactError> {
         let Event::OrderCompleted(done) = &event.event else {

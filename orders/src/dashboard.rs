@@ -20,7 +20,7 @@ use actix_web::http::header::{self, HeaderMap};
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use kafka::db::DbConnection;
 use kafka::{ConfigError, Database, DbError};
 use serde::{Deserialize, Serialize};
 use std::pin::Pin;
@@ -160,7 +160,7 @@ async fn config(
     })))
 }
 
-fn newest_order_id(conn: &mut SqliteConnection) -> Result<i64, DbError> {
+fn newest_order_id(conn: &mut DbConnection) -> Result<i64, DbError> {
     use crate::store::schema::orders;
     Ok(orders::table
         .select(diesel::dsl::max(orders::id))
@@ -314,7 +314,7 @@ impl EventRow {
     }
 }
 
-fn rows_after(conn: &mut SqliteConnection, after: i64) -> Result<Vec<Frame>, DbError> {
+fn rows_after(conn: &mut DbConnection, after: i64) -> Result<Vec<Frame>, DbError> {
     Ok(order_events::table
         .filter(order_events::seq.gt(after))
         .order(order_events::seq)
@@ -326,7 +326,7 @@ fn rows_after(conn: &mut SqliteConnection, after: i64) -> Result<Vec<Frame>, DbE
         .collect())
 }
 
-fn last_seq(conn: &mut SqliteConnection) -> Result<i64, DbError> {
+fn last_seq(conn: &mut DbConnection) -> Result<i64, DbError> {
     Ok(order_events::table
         .select(diesel::dsl::max(order_events::seq))
         .first::<Option<i64>>(conn)?
@@ -485,9 +485,8 @@ async fn send(out: &mpsc::Sender<Bytes>, chunk: Bytes) -> Result<(), StreamEnd> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-
-    const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+    
+    const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;
 
     async fn database() -> (tempfile::TempDir, Database) {
         let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@
 
 use crate::saga;
 use crate::store::{self, StoredOrder};
-use diesel::sqlite::SqliteConnection;
+use kafka::db::DbConnection;
 use events::{Envelope, Event, Service};
 use kafka::metrics::prometheus::{HistogramOpts, HistogramVec};
 use kafka::{ReactError, Reactor};
@@ -57,7 +57,7 @@ impl OrderReactor {
     /// of an order that had not completed.
     fn time_saga(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut DbConnection,
         stored: &StoredOrder,
         event: &Envelope,
     ) -> Result<(), ReactError> {
@@ -104,7 +104,7 @@ impl Default for OrderReactor {
 
 /// Whether orders already read back its own OrderCompleted for the order (it precedes any
 /// OrderCancelled on the order's partition).
-fn completed_before(conn: &mut SqliteConnection, order_id: i64) -> Result<bool, ReactError> {
+fn completed_before(conn: &mut DbConnection, order_id: i64) -> Result<bool, ReactError> {
     Ok(store::history(conn, order_id)?
         .iter()
         .any(|h| h.event_type == "OrderCompleted" && h.source == Service::Orders.as_str()))
@@ -117,7 +117,7 @@ impl Reactor for OrderReactor {
 
     fn react(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut DbConnection,
         event: &Envelope,
     ) -> Result<Vec<Envelope>, ReactError> {
         if let Event::ProductChanged(p) = &event.event {
@@ -148,12 +148,11 @@ mod tests {
     use super::*;
     use crate::saga::OrderState;
     use crate::store::NewOrder;
-    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-    use events::{OrderCancelled, OrderCompleted};
+        use events::{OrderCancelled, OrderCompleted};
     use kafka::{Applied, Database, DbError, apply_once};
     use std::sync::Arc;
 
-    const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+    const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;
 
     async fn place(db: &Database, seconds_ago: i64) -> i64 {
         let at = (chrono::Utc::now() - chrono::Duration::seconds(seconds_ago)).to_rfc3339();

@@ -17,7 +17,7 @@
 use crate::saga::OrderState;
 use crate::store::schema::{order_events, orders};
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use kafka::db::DbConnection;
 use events::DeliveryState;
 use kafka::{Deleted, PruneRule};
 use std::time::Duration;
@@ -40,7 +40,7 @@ pub fn rules(window: Duration) -> Vec<PruneRule> {
 
 /// Deletes up to `limit / 8` settled orders last changed before `cutoff`, with their history.
 pub fn prune_settled(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     cutoff: &str,
     limit: i64,
 ) -> QueryResult<Deleted> {
@@ -77,17 +77,16 @@ pub fn prune_settled(
 mod tests {
     use super::*;
     use crate::store::{self, NewOrder};
-    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-    use events::{Envelope, Event, OrderCompleted, Service};
+        use events::{Envelope, Event, OrderCompleted, Service};
     use kafka::{Database, DbError};
 
-    const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+    const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
     /// An order in `state` / `delivery` (cancel requested if asked), last changed `days` ago,
     /// with two history rows.
     fn order(
-        conn: &mut SqliteConnection,
+        conn: &mut DbConnection,
         state: OrderState,
         delivery: Option<DeliveryState>,
         cancel_requested: bool,

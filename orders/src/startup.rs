@@ -4,13 +4,17 @@ use crate::dashboard::{Dashboard, Links};
 use crate::reactor::OrderReactor;
 use crate::routes::routes;
 use crate::{retention, timeouts};
-use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use diesel_migrations::embed_migrations;
 use events::Service;
 use kafka::{Database, ServiceHost, ServiceSettings, StartError};
 use std::sync::Arc;
 use std::time::Duration;
 
-const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+/// This service's tables, per backend.
+pub const MIGRATIONS: kafka::db::Migrations = kafka::db::Migrations {
+    sqlite: embed_migrations!("migrations/sqlite"),
+    postgres: embed_migrations!("migrations/postgres"),
+};
 
 /// Orders' settings.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 
 use crate::saga::{Order, OrderState};
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use kafka::db::DbConnection;
 use events::{DeliveryState, Envelope, ProductChanged};
 use serde::Serialize;
 
@@ -164,17 +164,18 @@ impl TryFrom<OrderRow> for StoredOrder {
 }
 
 /// Stores a new order and returns it with its id.
-pub fn insert_order(conn: &mut SqliteConnection, new: &NewOrder) -> QueryResult<StoredOrder> {
-    diesel::insert_into(orders::table)
+pub fn insert_order(conn: &mut DbConnection, new: &NewOrder) -> QueryResult<StoredOrder> {
+    // Returning a Selectable is built per backend: diesel cannot dispatch it at run time.
+    let row: OrderRow = kafka::on_backend!(conn, |c| diesel::insert_into(orders::table)
         .values(new)
         .returning(OrderRow::as_returning())
-        .get_result(conn)?
-        .try_into()
+        .get_result(c))?;
+    row.try_into()
 }
 
 /// One page of orders by id, after `after`, optionally one customer's.
 pub fn list_orders(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     customer_id: Option<&str>,
     page: kafka::http::Page,
 ) -> QueryResult<Vec<StoredOrder>> {
@@ -196,7 +197,7 @@ pub fn list_orders(
 
 /// Ids of orders still pending that were placed before `cutoff` (RFC 3339), oldest first.
 pub fn pending_before(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     cutoff: &str,
     limit: i64,
 ) -> QueryResult<Vec<i64>> {
@@ -210,7 +211,7 @@ pub fn pending_before(
 }
 
 /// One order.
-pub fn order(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<StoredOrder>> {
+pub fn order(conn: &mut DbConnection, id: i64) -> QueryResult<Option<StoredOrder>> {
     orders::table
         .find(id)
         .select(OrderRow::as_select())
@@ -221,7 +222,7 @@ pub fn order(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<StoredO
 }
 
 /// Writes the saga-owned fields of an order.
-pub fn save_order(conn: &mut SqliteConnection, o: &Order) -> QueryResult<()> {
+pub fn save_order(conn: &mut DbConnection, o: &Order) -> QueryResult<()> {
     diesel::update(orders::table.find(o.id))
         .set((
             orders::state.eq(o.state.as_str()),
@@ -252,12 +253,12 @@ pub struct HistoryRow {
 }
 
 /// Appends a consumed event to its order's history (in topic order; a repeat is ignored).
-pub fn record_history(conn: &mut SqliteConnection, order_id: i64, e: &Envelope) -> QueryResult<()> {
+pub fn record_history(conn: &mut DbConnection, order_id: i64, e: &Envelope) -> QueryResult<()> {
     let mut payload = serde_json::to_value(&e.event).unwrap_or_default();
     if let Some(fields) = payload.as_object_mut() {
         fields.remove("eventType");
     }
-    diesel::insert_into(order_events::table)
+    let statement = diesel::insert_into(order_events::table)
         .values((
             order_events::order_id.eq(order_id),
             order_events::event_id.eq(e.event_id.to_string()),
@@ -270,13 +271,13 @@ pub fn record_history(conn: &mut SqliteConnection, order_id: i64, e: &Envelope) 
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
             order_events::payload.eq(payload.to_string()),
         ))
-        .on_conflict_do_nothing()
-        .execute(conn)
+        .on_conflict_do_nothing();
+    kafka::on_backend!(conn, |c| statement.execute(c))
         .map(|_| ())
 }
 
 /// An order's history, oldest first.
-pub fn history(conn: &mut SqliteConnection, order_id: i64) -> QueryResult<Vec<HistoryRow>> {
+pub fn history(conn: &mut DbConnection, order_id: i64) -> QueryResult<Vec<HistoryRow>> {
     order_events::table
         .filter(order_events::order_id.eq(order_id))
         .order(order_events::seq)
@@ -298,7 +299,7 @@ pub struct ReplicaProduct {
 }
 
 /// Applies a ProductChanged to the replica.
-pub fn upsert_product(conn: &mut SqliteConnection, p: &ProductChanged) -> QueryResult<()> {
+pub fn upsert_product(conn: &mut DbConnection, p: &ProductChanged) -> QueryResult<()> {
     let now = chrono::Utc::now().to_rfc3339();
     let values = (
         products::id.eq(p.product_id),
@@ -307,17 +308,17 @@ pub fn upsert_product(conn: &mut SqliteConnection, p: &ProductChanged) -> QueryR
         products::stock.eq(p.product_stock),
         products::updated_at.eq(&now),
     );
-    diesel::insert_into(products::table)
+    let statement = diesel::insert_into(products::table)
         .values(values)
         .on_conflict(products::id)
         .do_update()
-        .set(values)
-        .execute(conn)
+        .set(values);
+    kafka::on_backend!(conn, |c| statement.execute(c))
         .map(|_| ())
 }
 
 /// The replica, by id.
-pub fn replica(conn: &mut SqliteConnection) -> QueryResult<Vec<ReplicaProduct>> {
+pub fn replica(conn: &mut DbConnection) -> QueryResult<Vec<ReplicaProduct>> {
     products::table
         .order(products::id)
         .select(ReplicaProduct::as_select())
@@ -326,7 +327,7 @@ pub fn replica(conn: &mut SqliteConnection) -> QueryResult<Vec<ReplicaProduct>> 
 
 /// One replica entry.
 pub fn replica_product(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     id: i64,
 ) -> QueryResult<Option<ReplicaProduct>> {
     products::table

@@ -72,9 +72,8 @@ mod tests {
     use super::*;
     use crate::saga::OrderState;
     use crate::store::NewOrder;
-    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-
-    const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+    
+    const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;
 
     fn new_order(created_at: String) -> NewOrder {
         NewOrder::fixture(OrderState::Placed.as_str(), created_at)

@@ -3,7 +3,7 @@
 
 use crate::saga::{self, StockView};
 use crate::store;
-use diesel::sqlite::SqliteConnection;
+use kafka::db::DbConnection;
 use events::{Envelope, Event};
 use kafka::{ReactError, Reactor};
 
@@ -23,7 +23,7 @@ impl Reactor for StockReactor {
 
     fn react(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut DbConnection,
         event: &Envelope,
     ) -> Result<Vec<Envelope>, ReactError> {
         let Some(order_id) = event.event.order_id() else {

@@ -12,7 +12,7 @@
 use crate::saga::ReservationState;
 use crate::store::schema::{products, stock_reservations};
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use kafka::db::DbConnection;
 use kafka::{Deleted, PruneRule};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -37,7 +37,7 @@ pub fn rules(dedup_window: Duration) -> Vec<PruneRule> {
 /// Deletes up to `limit` settled reservations last changed before `cutoff`, archiving the
 /// delivered units into their product.
 pub fn prune_settled(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     cutoff: &str,
     limit: i64,
 ) -> QueryResult<Deleted> {
@@ -77,16 +77,15 @@ mod tests {
     use super::*;
     use crate::saga::StockReservation;
     use crate::store::{self, NewProduct};
-    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-    use kafka::{Database, DbError};
+        use kafka::{Database, DbError};
 
-    const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+    const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
     /// Order `order_id`'s reservation of 2 units of `product_id`, in `state`, last changed
     /// `days` ago.
     fn reservation(
-        conn: &mut SqliteConnection,
+        conn: &mut DbConnection,
         order_id: i64,
         product_id: i64,
         state: ReservationState,

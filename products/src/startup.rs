@@ -4,12 +4,16 @@ use crate::reactor::StockReactor;
 use crate::retention;
 use crate::routes::routes;
 use crate::store::{self, NewProduct};
-use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use diesel_migrations::embed_migrations;
 use events::{Envelope, Service};
 use kafka::{Database, DbError, ServiceHost, ServiceSettings, StartError};
 use std::sync::Arc;
 
-const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+/// This service's tables, per backend.
+pub const MIGRATIONS: kafka::db::Migrations = kafka::db::Migrations {
+    sqlite: embed_migrations!("migrations/sqlite"),
+    postgres: embed_migrations!("migrations/postgres"),
+};
 
 /// Products' settings.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 
 use crate::saga::{Product, ReservationState, StockReservation};
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
+use kafka::db::DbConnection;
 
 /// The schema, matching `migrations/`.
 pub mod schema {
@@ -98,7 +98,7 @@ impl TryFrom<ReservationRow> for StockReservation {
 }
 
 /// Every product, by id.
-pub fn all_products(conn: &mut SqliteConnection) -> QueryResult<Vec<Product>> {
+pub fn all_products(conn: &mut DbConnection) -> QueryResult<Vec<Product>> {
     products::table
         .order(products::id)
         .select(ProductRow::as_select())
@@ -107,7 +107,7 @@ pub fn all_products(conn: &mut SqliteConnection) -> QueryResult<Vec<Product>> {
 }
 
 /// One product.
-pub fn product(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<Product>> {
+pub fn product(conn: &mut DbConnection, id: i64) -> QueryResult<Option<Product>> {
     products::table
         .find(id)
         .select(ProductRow::as_select())
@@ -117,16 +117,17 @@ pub fn product(conn: &mut SqliteConnection, id: i64) -> QueryResult<Option<Produ
 }
 
 /// Inserts a product and returns it with its id.
-pub fn insert_product(conn: &mut SqliteConnection, new: &NewProduct<'_>) -> QueryResult<Product> {
-    diesel::insert_into(products::table)
+pub fn insert_product(conn: &mut DbConnection, new: &NewProduct<'_>) -> QueryResult<Product> {
+    // Returning a Selectable is built per backend: diesel cannot dispatch it at run time.
+    kafka::on_backend!(conn, |c| diesel::insert_into(products::table)
         .values(new)
         .returning(ProductRow::as_returning())
-        .get_result(conn)
-        .map(Product::from)
+        .get_result(c))
+    .map(Product::from)
 }
 
 /// Writes a product's name, price and stock.
-pub fn save_product(conn: &mut SqliteConnection, p: &Product) -> QueryResult<()> {
+pub fn save_product(conn: &mut DbConnection, p: &Product) -> QueryResult<()> {
     diesel::update(products::table.find(p.id))
         .set((
             products::name.eq(&p.name),
@@ -139,7 +140,7 @@ pub fn save_product(conn: &mut SqliteConnection, p: &Product) -> QueryResult<()>
 
 /// The reservation decided for an order, if any.
 pub fn reservation(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     order_id: i64,
 ) -> Result<Option<StockReservation>, kafka::ReactError> {
     let row = stock_reservations::table
@@ -153,7 +154,7 @@ pub fn reservation(
 }
 
 /// Inserts or updates an order's reservation.
-pub fn save_reservation(conn: &mut SqliteConnection, r: &StockReservation) -> QueryResult<()> {
+pub fn save_reservation(conn: &mut DbConnection, r: &StockReservation) -> QueryResult<()> {
     let row = ReservationRow {
         order_id: r.order_id,
         product_id: r.product_id,
@@ -161,12 +162,12 @@ pub fn save_reservation(conn: &mut SqliteConnection, r: &StockReservation) -> Qu
         state: r.state.as_str().to_owned(),
         updated_at: chrono::Utc::now().to_rfc3339(),
     };
-    diesel::insert_into(stock_reservations::table)
+    let statement = diesel::insert_into(stock_reservations::table)
         .values(&row)
         .on_conflict(stock_reservations::order_id)
         .do_update()
-        .set(&row)
-        .execute(conn)
+        .set(&row);
+    kafka::on_backend!(conn, |c| statement.execute(c))
         .map(|_| ())
 }
 
@@ -181,7 +182,7 @@ pub struct Committed {
 
 /// [`Committed`] units for every product that has any, in two queries.
 pub fn committed_by_product(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
 ) -> QueryResult<std::collections::HashMap<i64, Committed>> {
     let archived: Vec<(i64, i64)> = products::table
         .filter(products::delivered_archived.gt(0))
@@ -212,7 +213,7 @@ pub fn committed_by_product(
 
 /// [`Committed`] units of one product: stock + reserved + delivered stays constant under the
 /// saga, whatever orders do (delivered counts the pruned reservations too).
-pub fn committed_units(conn: &mut SqliteConnection, product_id: i64) -> QueryResult<Committed> {
+pub fn committed_units(conn: &mut DbConnection, product_id: i64) -> QueryResult<Committed> {
     let archived: i64 = products::table
         .find(product_id)
         .select(products::delivered_archived)
@@ -240,7 +241,7 @@ pub fn committed_units(conn: &mut SqliteConnection, product_id: i64) -> QueryRes
 
 /// One page of reservations by order id.
 pub fn reservations(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     page: kafka::http::Page,
 ) -> QueryResult<Vec<StockReservation>> {
     stock_reservations::table

@@ -1,0 +1,2 @@
+DROP TABLE voided_orders;
+DROP TABLE deliveries;

@@ -1,0 +1,3 @@
+DROP TABLE products;
+DROP TABLE order_events;
+DROP TABLE orders;

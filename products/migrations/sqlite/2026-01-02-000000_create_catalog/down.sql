@@ -1,0 +1,2 @@
+DROP TABLE stock_reservations;
+DROP TABLE products;
