@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod pg;
 pub mod scenarios;
 pub mod stack;
 

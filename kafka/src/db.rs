@@ -45,7 +45,6 @@ macro_rules! on_backend {
 
 /// A service's migrations, one set per backend (the SQL differs: identity columns, booleans,
 /// SQLite's table rebuilds).
-
 pub struct Migrations {
     /// Applied to an SQLite file.
     pub sqlite: EmbeddedMigrations,
