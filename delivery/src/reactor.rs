@@ -2,8 +2,8 @@
 
 use crate::saga::OrderDelivery;
 use crate::{saga, store};
-use kafka::db::DbConnection;
 use events::{Envelope, Event};
+use kafka::db::DbConnection;
 use kafka::{ReactError, Reactor};
 
 /// Delivery's reaction to OrderPlaced, OrderCompleted, OrderCancelled and

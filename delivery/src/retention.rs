@@ -63,7 +63,7 @@ mod tests {
     use super::*;
     use crate::saga::Delivery;
     use crate::store;
-        use kafka::{Database, DbError};
+    use kafka::{Database, DbError};
 
     const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;
     const DAY: Duration = Duration::from_secs(24 * 3600);

@@ -154,8 +154,7 @@ pub fn void(conn: &mut DbConnection, order_id: i64) -> QueryResult<()> {
             voided_orders::voided_at.eq(chrono::Utc::now().to_rfc3339()),
         ))
         .on_conflict_do_nothing();
-    kafka::on_backend!(conn, |c| statement.execute(c))
-        .map(|_| ())
+    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
 }
 
 /// The id the next delivery gets; callers hold the write lock, so it cannot be taken twice.
@@ -186,6 +185,5 @@ pub fn save(conn: &mut DbConnection, d: &Delivery) -> QueryResult<()> {
         .on_conflict(deliveries::id)
         .do_update()
         .set(&row);
-    kafka::on_backend!(conn, |c| statement.execute(c))
-        .map(|_| ())
+    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
 }

@@ -511,6 +511,7 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
             group_id: service.as_str().to_owned(),
             session_timeout: Duration::from_secs(6),
             fetch_wait_max: Duration::from_millis(10),
+            instance: service.as_str().to_owned(),
         },
         retention: kafka::RetentionSettings::default(),
     };

@@ -1,12 +1,15 @@
 //! The consumer loop every service runs: decode, apply exactly once, record the position.
 //!
-//! **No consumer group membership.** A service is one process, so its consumer assigns itself
-//! every partition of the topic and starts each at the position stored in its own database
-//! ([`crate::offsets`]), written in the same transaction as the effect of the event before it.
-//! Nothing depends on the broker's group coordinator, whose rebalances after quick crashes
-//! can leave a restarted member with no partitions for good (tansu 0.6.0; see the README).
-//! A crash at any instant loses nothing and doubles nothing: the position and the effect
-//! commit together, and the inbox absorbs any repeat anyway.
+//! **No broker consumer group.** The instances of a service share the topic's partitions
+//! through leases in their shared database ([`crate::leases`]; one instance on SQLite holds
+//! them all): each assigns itself the partitions it holds and starts each at the position
+//! stored there ([`crate::offsets`]), written in the same transaction as the effect of the
+//! event before it — and only while the lease is still its own. Nothing depends on the broker's
+//! group coordinator, whose rebalances after quick crashes can leave a restarted member with
+//! no partitions for good (tansu 0.6.0; see the README). A crash at any instant loses nothing
+//! and doubles nothing: the position and the effect commit together, and the inbox absorbs
+//! any repeat anyway. Every [`BALANCE_EVERY`] the consumer renews its leases and takes its
+//! fair share; when what it holds changes it reassigns itself.
 //!
 //! A message that cannot be decoded or is refused by the service's rules is parked
 //! ([`crate::parking`]); every other failure (the database busy, full, read-only…) is
@@ -18,6 +21,7 @@
 
 use crate::db::{Database, DbError};
 use crate::inbox::{self, Applied, ReactError, Reactor};
+use crate::leases::{Balanced, Membership};
 use crate::metrics::Metrics;
 use crate::offsets::{self, ConsumedAt};
 use crate::parking;
@@ -129,8 +133,13 @@ impl ConsumerMetrics {
 }
 
 struct ConsumerState {
-    started: Instant,
     assigned: BTreeMap<i32, Progress>,
+    /// The last successful balancing round.
+    last_balance: Instant,
+    /// Instances sharing the partitions, at the last round.
+    members: usize,
+    /// Partitions no live instance held, since when.
+    orphaned: Option<(Vec<i32>, Instant)>,
     topic_partitions: Option<usize>,
     last_probe_ok: Option<Instant>,
     last_progress: Instant,
@@ -171,8 +180,10 @@ impl ConsumerStatus {
             group: group.to_owned(),
             stuck_after,
             inner: Mutex::new(ConsumerState {
-                started: now,
                 assigned: BTreeMap::new(),
+                last_balance: now,
+                members: 0,
+                orphaned: None,
                 topic_partitions: None,
                 last_probe_ok: None,
                 last_progress: now,
@@ -211,6 +222,18 @@ impl ConsumerStatus {
         for (id, p) in &s.assigned {
             self.metrics.show(*id, p);
         }
+    }
+
+    fn balanced(&self, b: &Balanced) {
+        let mut s = self.state();
+        s.last_balance = Instant::now();
+        s.members = b.members;
+        s.orphaned = if b.orphaned.is_empty() {
+            None
+        } else {
+            let since = s.orphaned.as_ref().map_or_else(Instant::now, |(_, t)| *t);
+            Some((b.orphaned.clone(), since))
+        };
     }
 
     fn progressed(&self, partition: i32, next: i64) {
@@ -285,19 +308,34 @@ impl ConsumerStatus {
         (!partitions.is_empty()).then_some((partitions, waiting, idle.as_secs()))
     }
 
-    /// Why the consumer is stuck, if it is: no partitions, one event retried, or events
-    /// waiting with no progress, each for longer than the session timeout.
+    /// Why the consumer is stuck, if it is: its leases not renewed, partitions nobody
+    /// consumes, one event retried, or events waiting with no progress, each for longer than
+    /// the session timeout. (Holding no partitions is fine while other instances hold them all.)
     pub fn problem(&self) -> Option<String> {
         let s = self.state();
         let group = &self.group;
-        if s.assigned.is_empty() && s.started.elapsed() > self.stuck_after {
+        let last_error = || {
+            s.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        };
+        if s.last_balance.elapsed() > self.stuck_after {
             return Some(format!(
-                "consumer {group} holds no partitions ({} s since start){}",
-                s.started.elapsed().as_secs(),
-                s.last_error
-                    .as_deref()
-                    .map(|e| format!("; last error: {e}"))
-                    .unwrap_or_default()
+                "consumer {group} could not renew its partition leases for {} s{}",
+                s.last_balance.elapsed().as_secs(),
+                last_error()
+            ));
+        }
+        if let Some((partitions, since)) = s
+            .orphaned
+            .as_ref()
+            .filter(|(_, t)| t.elapsed() > self.stuck_after)
+        {
+            return Some(format!(
+                "consumer {group}: partitions {partitions:?} held by no instance for {} s{}",
+                since.elapsed().as_secs(),
+                last_error()
             ));
         }
         if let Some(r) = s
@@ -322,8 +360,8 @@ impl ConsumerStatus {
     }
 
     /// Why the watchdog should reopen the consumer: the broker answers, events wait and
-    /// nothing moves (and no event is being retried on purpose), or the topic has partitions
-    /// the consumer does not read. At most once per `stuck_after`.
+    /// nothing moves (and no event is being retried on purpose). At most once per
+    /// `stuck_after`. (New partitions are taken by the next balancing round.)
     fn reopen_reason(&self) -> Option<String> {
         let s = self.state();
         if s.last_reopen
@@ -331,12 +369,6 @@ impl ConsumerStatus {
             .is_some_and(|(at, _)| at.elapsed() < self.stuck_after)
         {
             return None;
-        }
-        if let Some(n) = s.topic_partitions.filter(|n| *n > s.assigned.len()) {
-            return Some(format!(
-                "the topic has {n} partitions, {} assigned",
-                s.assigned.len()
-            ));
         }
         let broker_answers = s
             .last_probe_ok
@@ -389,6 +421,8 @@ impl ConsumerStatus {
             .collect();
         serde_json::json!({
             "partitions": partitions,
+            "instancesSharing": s.members,
+            "secondsSinceBalance": s.last_balance.elapsed().as_secs(),
             "applied": m.applied.get(),
             "duplicatesIgnored": m.duplicates.get(),
             "skipped": m.skipped.get(),
@@ -425,18 +459,31 @@ enum Outcome {
     Skipped,
     /// Shutdown came while it was being retried: leave it for the next start.
     Interrupted,
+    /// Another instance took the partition's lease: nothing of it committed here.
+    LeaseLost,
 }
+
+/// How often the consumer renews its leases and rebalances (a third of the default lease
+/// time, so two rounds may fail before a lease lapses).
+const BALANCE_EVERY: Duration = Duration::from_secs(3);
 
 /// Why [`EventConsumer::consume`] returned.
 enum Exit {
     Stopped,
     Reopen(String),
+    /// The partitions held changed: assign the new set.
+    Rebalanced,
 }
 
 /// One assignment: the consumer and where it stands.
 struct Session {
     consumer: SagaConsumer,
     read: ReadSoFar,
+    /// The topic's partitions at the last round.
+    partitions: Vec<i32>,
+    /// The partitions this instance holds and reads.
+    holds: BTreeSet<i32>,
+    balanced_at: Instant,
 }
 
 /// Where a session stands, per partition.
@@ -458,6 +505,8 @@ pub struct EventConsumer {
     reactor: Arc<dyn Reactor>,
     /// Shared with `/health`; counts into the service's [`Metrics`].
     status: Arc<ConsumerStatus>,
+    /// This instance's partition leases; given up when the consumer stops.
+    membership: Membership,
 }
 
 impl EventConsumer {
@@ -475,6 +524,10 @@ impl EventConsumer {
                 settings.session_timeout,
                 metrics,
             )),
+            membership: Membership {
+                me: settings.instance.clone(),
+                ttl: settings.session_timeout,
+            },
             settings: settings.clone(),
             probe,
             db,
@@ -513,6 +566,7 @@ impl EventConsumer {
             failures = 0;
             match self.consume(session, &shutdown).await {
                 Exit::Stopped => break,
+                Exit::Rebalanced => {}
                 Exit::Reopen(reason) => {
                     log::warn!("consumer {}: {reason}; reopening it", self.group());
                     self.status.reopened(reason);
@@ -520,21 +574,53 @@ impl EventConsumer {
             }
         }
         monitor.abort();
+        let (membership, topic) = (self.membership.clone(), self.settings.topic.clone());
+        let left = self
+            .db
+            .write(move |conn| Ok::<_, DbError>((membership.leave(conn, &topic)?, Vec::new())))
+            .await;
+        if let Err(e) = left {
+            log::warn!(
+                "consumer {}: leases not given up (they expire): {e}",
+                self.group()
+            );
+        }
         log::info!("consumer {} stopped", self.group());
+    }
+
+    /// One balancing round over `partitions` (see [`crate::leases`]).
+    async fn balance(&self, partitions: &[i32]) -> Result<Balanced, DbError> {
+        let (membership, topic, partitions) = (
+            self.membership.clone(),
+            self.settings.topic.clone(),
+            partitions.to_vec(),
+        );
+        let balanced = self
+            .db
+            .write(move |conn| {
+                let b = membership.balance(conn, &topic, &partitions)?;
+                Ok::<_, DbError>((b, Vec::new()))
+            })
+            .await?;
+        self.status.balanced(&balanced);
+        Ok(balanced)
     }
 
     fn group(&self) -> &str {
         &self.settings.group_id
     }
 
-    /// Assigns every partition of the topic, each at its stored position.
+    /// Takes this instance's share of the partitions and assigns them, each at its stored
+    /// position.
     async fn open(&self) -> Result<Session, String> {
         let probe = self.probe.clone();
         let topic = self.settings.topic.clone();
         let partitions = tokio::task::spawn_blocking(move || partitions_of(&probe, &topic))
             .await
             .map_err(|e| e.to_string())??;
+        let balanced = self.balance(&partitions).await.map_err(|e| e.to_string())?;
         let topic = self.settings.topic.clone();
+        // Read after the leases were taken: a former holder can no longer move them.
         let stored = self
             .db
             .read(move |conn| offsets::load(conn, &topic).map_err(DbError::from))
@@ -543,7 +629,7 @@ impl EventConsumer {
         let consumer = create_consumer(&self.settings).map_err(|e| e.to_string())?;
         let mut assignment = TopicPartitionList::new();
         let mut positions = BTreeMap::new();
-        for partition in partitions {
+        for &partition in &balanced.holds {
             let offset = match stored.get(&partition) {
                 Some(next) => Offset::Offset(*next),
                 None => Offset::Beginning,
@@ -555,8 +641,10 @@ impl EventConsumer {
         }
         consumer.assign(&assignment).map_err(|e| e.to_string())?;
         log::info!(
-            "consumer {}: reading {} from stored positions {positions:?}",
+            "consumer {} ({}, {} instance(s)): reading {} from stored positions {positions:?}",
             self.group(),
+            self.membership.me,
+            balanced.members,
             self.settings.topic
         );
         self.status.assigned(&positions);
@@ -566,6 +654,9 @@ impl EventConsumer {
                 positions,
                 unsaved: BTreeSet::new(),
             },
+            partitions,
+            holds: balanced.holds,
+            balanced_at: Instant::now(),
         })
     }
 
@@ -579,6 +670,11 @@ impl EventConsumer {
                     self.save_positions(&mut session.read).await;
                     if let Some(reason) = self.status.reopen_reason() {
                         return Exit::Reopen(reason);
+                    }
+                    if session.balanced_at.elapsed() >= BALANCE_EVERY
+                        && self.rebalance(&mut session).await
+                    {
+                        return Exit::Rebalanced;
                     }
                     continue;
                 }
@@ -607,16 +703,54 @@ impl EventConsumer {
                 }
             }
             self.status.metrics.batch.observe(messages.len() as f64);
-            if self
+            match self
                 .handle_batch(&messages, &mut session.read, shutdown)
                 .await
-                == Outcome::Interrupted
             {
-                break;
+                Outcome::Interrupted => break,
+                Outcome::LeaseLost => {
+                    log::warn!(
+                        "consumer {}: another instance took a partition; rebalancing",
+                        self.group()
+                    );
+                    return Exit::Rebalanced;
+                }
+                Outcome::Stored | Outcome::Skipped => {}
             }
         }
         self.save_positions(&mut session.read).await;
         Exit::Stopped
+    }
+
+    /// Renews the leases; true when the partitions held changed (positions saved first).
+    async fn rebalance(&self, session: &mut Session) -> bool {
+        let partitions: Vec<i32> = match self.status.state().topic_partitions {
+            Some(n) => (0..n as i32).collect(),
+            None => session.partitions.clone(),
+        };
+        match self.balance(&partitions).await {
+            Ok(balanced) => {
+                session.balanced_at = Instant::now();
+                session.partitions = partitions;
+                if balanced.holds == session.holds {
+                    return false;
+                }
+                self.save_positions(&mut session.read).await;
+                log::info!(
+                    "consumer {}: partitions {:?} -> {:?} ({} instance(s))",
+                    self.group(),
+                    session.holds,
+                    balanced.holds,
+                    balanced.members
+                );
+                true
+            }
+            Err(e) => {
+                log::warn!("consumer {}: cannot renew its leases: {e}", self.group());
+                self.status.error(e.to_string());
+                false
+            }
+        }
     }
 
     /// Handles messages in order: runs of decodable ones commit together
@@ -646,7 +780,7 @@ impl EventConsumer {
                 continue;
             }
             for message in run {
-                let at = consumed_at(message);
+                let at = consumed_at(message, &self.membership.me);
                 match self.handle(message, &at, shutdown).await {
                     Outcome::Stored => {
                         read.unsaved.remove(&at.partition);
@@ -655,6 +789,7 @@ impl EventConsumer {
                         read.unsaved.insert(at.partition);
                     }
                     Outcome::Interrupted => return Outcome::Interrupted,
+                    Outcome::LeaseLost => return Outcome::LeaseLost,
                 }
                 read.positions.insert(at.partition, at.next_offset);
                 self.status.progressed(at.partition, at.next_offset);
@@ -675,7 +810,7 @@ impl EventConsumer {
     ) -> bool {
         let mut last: BTreeMap<i32, ConsumedAt> = BTreeMap::new();
         for message in run {
-            let at = consumed_at(message);
+            let at = consumed_at(message, &self.membership.me);
             last.insert(at.partition, at);
         }
         let wanted: Vec<(Envelope, String)> = run
@@ -683,7 +818,7 @@ impl EventConsumer {
             .zip(decoded)
             .filter_map(|(message, event)| {
                 let event = event?;
-                let what = describe_event(&event, &consumed_at(message));
+                let what = describe_event(&event, &consumed_at(message, &self.membership.me));
                 Some((event, what))
             })
             .collect();
@@ -757,6 +892,7 @@ impl EventConsumer {
             .unsaved
             .iter()
             .map(|p| ConsumedAt {
+                holder: self.membership.me.clone(),
                 topic: self.settings.topic.clone(),
                 partition: *p,
                 next_offset: read.positions[p],
@@ -826,6 +962,7 @@ impl EventConsumer {
                     self.status.count(Counted::Duplicate);
                     return Outcome::Stored;
                 }
+                Err(ReactError::Db(DbError::NotHolder(_))) => return Outcome::LeaseLost,
                 Err(e) if e.is_transient() => e,
                 Err(ReactError::Db(DbError::Task(panic))) => {
                     let letter = DeadLetter::handler_panicked(
@@ -888,6 +1025,7 @@ impl EventConsumer {
                     self.status.count(Counted::Parked);
                     return Outcome::Stored;
                 }
+                Err(DbError::NotHolder(_)) => return Outcome::LeaseLost,
                 Err(e) if e.is_transient() => {
                     attempt += 1;
                     self.status.retrying(
@@ -1012,8 +1150,9 @@ async fn monitor(probe: Arc<BaseConsumer>, topic: String, status: Arc<ConsumerSt
 }
 
 /// Where a message was, as the position after it.
-fn consumed_at(message: &BorrowedMessage<'_>) -> ConsumedAt {
+fn consumed_at(message: &BorrowedMessage<'_>, holder: &str) -> ConsumedAt {
     ConsumedAt {
+        holder: holder.to_owned(),
         topic: message.topic().to_owned(),
         partition: message.partition(),
         next_offset: message.offset() + 1,
@@ -1043,13 +1182,29 @@ mod tests {
         ConsumerStatus::new("products", Duration::from_millis(50), &Metrics::new())
     }
 
+    fn balanced(orphaned: Vec<i32>) -> Balanced {
+        Balanced {
+            holds: BTreeSet::new(),
+            orphaned,
+            members: 2,
+        }
+    }
+
     #[test]
-    fn no_partitions_after_the_timeout_is_a_problem() {
+    fn leases_not_renewed_or_partitions_nobody_reads_are_problems_holding_none_is_not() {
         let s = status();
         assert_eq!(s.problem(), None);
         std::thread::sleep(Duration::from_millis(60));
-        assert!(s.problem().unwrap().contains("holds no partitions"));
-        s.assigned(&BTreeMap::from([(0, 0)]));
+        assert!(s.problem().unwrap().contains("could not renew"));
+        s.balanced(&balanced(vec![]));
+        assert_eq!(s.problem(), None, "the other instance holds them all");
+        s.balanced(&balanced(vec![2]));
+        assert_eq!(s.problem(), None, "just orphaned");
+        std::thread::sleep(Duration::from_millis(60));
+        s.balanced(&balanced(vec![2]));
+        let problem = s.problem().unwrap();
+        assert!(problem.contains("[2] held by no instance"), "{problem}");
+        s.balanced(&balanced(vec![]));
         assert_eq!(s.problem(), None);
     }
 
@@ -1060,6 +1215,7 @@ mod tests {
         s.observed(2, &BTreeMap::from([(0, (0, 9)), (1, (0, 0))]));
         assert_eq!(s.problem(), None, "just fell behind");
         std::thread::sleep(Duration::from_millis(60));
+        s.balanced(&balanced(vec![]));
         let problem = s.problem().unwrap();
         assert!(
             problem.contains("4 events waiting on partitions [0]"),
@@ -1080,6 +1236,7 @@ mod tests {
         s.retrying("OrderPlaced x".into(), "disk I/O error".into(), 1);
         std::thread::sleep(Duration::from_millis(60));
         s.retrying("OrderPlaced x".into(), "disk I/O error".into(), 9);
+        s.balanced(&balanced(vec![]));
         let problem = s.problem().unwrap();
         assert!(
             problem.contains("stuck") && problem.contains("disk I/O error"),
@@ -1126,18 +1283,6 @@ mod tests {
         assert!(
             !text.contains("partition=\"0\""),
             "a partition no longer held leaves the gauges: {text}"
-        );
-    }
-
-    #[test]
-    fn a_new_partition_reopens_the_consumer() {
-        let s = status();
-        s.assigned(&BTreeMap::from([(0, 0)]));
-        s.observed(2, &BTreeMap::from([(0, (0, 0)), (1, (0, 0))]));
-        assert!(
-            s.reopen_reason()
-                .unwrap()
-                .contains("2 partitions, 1 assigned")
         );
     }
 }

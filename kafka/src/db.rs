@@ -10,10 +10,10 @@
 //! the next delivery id) need no per-row locking, and outbox ids grow in commit order.
 
 use crate::outbox;
+use diesel::Connection;
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::pg::PgConnection;
 use diesel::sqlite::SqliteConnection;
-use diesel::Connection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use events::Envelope;
 use std::sync::Arc;
@@ -104,8 +104,7 @@ impl r2d2::ManageConnection for Manager {
         use diesel::r2d2::Error;
         match &self.0 {
             Backend::Sqlite(path) => {
-                let mut conn =
-                    SqliteConnection::establish(path).map_err(Error::ConnectionError)?;
+                let mut conn = SqliteConnection::establish(path).map_err(Error::ConnectionError)?;
                 // WAL so readers never block the writer, and a busy timeout so a writer waits
                 // for the lock instead of failing at once.
                 conn.batch_execute(
@@ -142,10 +141,13 @@ where
     E: From<diesel::result::Error>,
 {
     match conn {
-        DbConnection::Sqlite(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
+        DbConnection::Sqlite(c) => {
+            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
+        }
         DbConnection::Postgres(c) => {
             AnsiTransactionManager::begin_transaction(c)?;
-            if let Err(e) = c.batch_execute(&format!("SELECT pg_advisory_xact_lock({WRITE_LOCK})")) {
+            if let Err(e) = c.batch_execute(&format!("SELECT pg_advisory_xact_lock({WRITE_LOCK})"))
+            {
                 AnsiTransactionManager::rollback_transaction(c)?;
                 return Err(e.into());
             }
@@ -178,6 +180,10 @@ pub enum DbError {
     /// The blocking task running the statement died.
     #[error("database task: {0}")]
     Task(String),
+    /// This instance no longer holds the lease guarding the commit
+    /// ([`crate::leases::fence`]): another instance took over.
+    #[error("lease {0} is held by another instance")]
+    NotHolder(String),
 }
 
 impl DbError {
@@ -197,7 +203,9 @@ impl DbError {
                 _,
             )) => false,
             DbError::Task(_) => false,
-            DbError::Pool(_) | DbError::Query(_) | DbError::Setup(_) => true,
+            DbError::Pool(_) | DbError::Query(_) | DbError::Setup(_) | DbError::NotHolder(_) => {
+                true
+            }
         }
     }
 }

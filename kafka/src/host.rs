@@ -136,6 +136,10 @@ impl ServiceHost {
             db.clone(),
             Box::new(move || create_producer(&producer_settings)),
             kafka.topic.clone(),
+            crate::leases::Membership {
+                me: kafka.instance.clone(),
+                ttl: kafka.session_timeout,
+            },
             &metrics,
         )
         .map_err(|e| broker(e.to_string()))?;

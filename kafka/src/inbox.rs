@@ -1,10 +1,10 @@
 //! The idempotent consumer: an event's effect, the events it causes and the record that it was
 //! processed commit in one transaction, so a redelivered event finds its id and does nothing.
 
+use crate::db::DbConnection;
 use crate::db::{Database, DbError};
 use crate::offsets::{self, ConsumedAt};
 use diesel::prelude::*;
-use crate::db::DbConnection;
 use events::Envelope;
 
 diesel::table! {
@@ -24,11 +24,8 @@ pub trait Reactor: Send + Sync + 'static {
     fn wants(&self, event: &Envelope) -> bool;
 
     /// Applies `event` using `conn` and returns the events it causes.
-    fn react(
-        &self,
-        conn: &mut DbConnection,
-        event: &Envelope,
-    ) -> Result<Vec<Envelope>, ReactError>;
+    fn react(&self, conn: &mut DbConnection, event: &Envelope)
+    -> Result<Vec<Envelope>, ReactError>;
 }
 
 /// Why an event could not be applied.
@@ -125,7 +122,7 @@ fn already_processed(conn: &mut DbConnection, id: &str) -> QueryResult<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-        use events::{Event, OrderCompleted, Service};
+    use events::{Event, OrderCompleted, Service};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -138,11 +135,7 @@ mod tests {
         fn wants(&self, _: &Envelope) -> bool {
             true
         }
-        fn react(
-            &self,
-            _: &mut DbConnection,
-            e: &Envelope,
-        ) -> Result<Vec<Envelope>, ReactError> {
+        fn react(&self, _: &mut DbConnection, e: &Envelope) -> Result<Vec<Envelope>, ReactError> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(vec![
                 Envelope::new(Service::Orders, e.event.clone()).caused_by(e),
@@ -164,15 +157,25 @@ mod tests {
                 customer_id: "c".into(),
             }),
         );
-        let at = |next_offset| ConsumedAt {
+        crate::leases::grant(&db, "t", 0, "me").await;
+        let at = |next_offset, holder: &str| ConsumedAt {
             topic: "t".into(),
             partition: 0,
             next_offset,
+            holder: holder.into(),
         };
-        let first = apply_once_at(&db, reactor.clone(), event.clone(), Some(at(5))).await;
-        let again = apply_once_at(&db, reactor.clone(), event, Some(at(9))).await;
+        let first = apply_once_at(&db, reactor.clone(), event.clone(), Some(at(5, "me"))).await;
+        let again = apply_once_at(&db, reactor.clone(), event.clone(), Some(at(9, "me"))).await;
         assert_eq!(first.unwrap(), Applied::Done(1));
         assert_eq!(again.unwrap(), Applied::Duplicate);
+        // Another instance without the partition's lease commits nothing, not even a position.
+        let mut other = event;
+        other.event_id = uuid::Uuid::new_v4();
+        let fenced = apply_once_at(&db, reactor.clone(), other, Some(at(10, "other"))).await;
+        assert!(
+            matches!(fenced, Err(ReactError::Db(crate::DbError::NotHolder(_)))),
+            "{fenced:?}"
+        );
         assert_eq!(reactor.0.load(Ordering::SeqCst), 1, "one effect");
         let (positions, outbox_rows) = db
             .read(|conn| {

@@ -24,6 +24,7 @@ pub mod db;
 pub mod host;
 pub mod http;
 pub mod inbox;
+pub mod leases;
 pub mod metrics;
 pub mod offsets;
 pub mod outbox;

@@ -5,8 +5,8 @@
 //! the broker's group coordinator at all: the consumer assigns itself every partition and
 //! starts each from here (see [`crate::consumer`]).
 
+use crate::db::{DbConnection, DbError};
 use diesel::prelude::*;
-use crate::db::DbConnection;
 use std::collections::BTreeMap;
 
 diesel::table! {
@@ -28,10 +28,19 @@ pub struct ConsumedAt {
     pub partition: i32,
     /// The offset to read next (the message's offset + 1).
     pub next_offset: i64,
+    /// The instance that read it: it must still hold the partition's lease to store this.
+    pub holder: String,
 }
 
-/// Records `at` inside the caller's transaction.
-pub fn store(conn: &mut DbConnection, at: &ConsumedAt) -> QueryResult<()> {
+/// Records `at` inside the caller's transaction, which fails with [`DbError::NotHolder`]
+/// when `at.holder` lost the partition's lease ([`crate::leases`]): the effects read with a
+/// lost lease never commit.
+pub fn store(conn: &mut DbConnection, at: &ConsumedAt) -> Result<(), DbError> {
+    crate::leases::fence(
+        conn,
+        &crate::leases::partition_lease(&at.topic, at.partition),
+        &at.holder,
+    )?;
     let now = chrono::Utc::now().to_rfc3339();
     let statement = diesel::insert_into(consumer_offsets::table)
         .values((
@@ -46,8 +55,8 @@ pub fn store(conn: &mut DbConnection, at: &ConsumedAt) -> QueryResult<()> {
             consumer_offsets::next_offset.eq(at.next_offset),
             consumer_offsets::updated_at.eq(&now),
         ));
-    crate::on_backend!(conn, |c| statement.execute(c))
-        .map(|_| ())
+    crate::on_backend!(conn, |c| statement.execute(c))?;
+    Ok(())
 }
 
 /// The next offset to read for every partition of `topic` this service has read.

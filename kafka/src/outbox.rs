@@ -6,13 +6,21 @@
 //! between the acknowledgement and marking the row can publish it twice, which consumers absorb
 //! by event id.
 //!
+//! Instances of a service sharing one database run one relay at a time: the one holding the
+//! `relay` lease ([`crate::leases`]); the others stand by and take over when it lapses. Rows
+//! are read in id order, and ids grow in commit order (writes are serialized per database),
+//! so each order's events reach the topic in the order they were committed. Two relays
+//! publish at once only when a holder paused past its lease (SIGSTOP, a long GC-like stall)
+//! resumes mid-batch: its rows are then published twice, which consumers absorb by event id.
+//!
 //! [`RelayStatus`] keeps the relay's counts for `/health` and `/metrics` alike; the backlog
 //! ([`backlog`]: pending rows, age of the oldest) is read when `/metrics` is scraped.
 
+use crate::db::DbConnection;
 use crate::db::{Database, DbError};
+use crate::leases::{self, Membership};
 use crate::metrics::Metrics;
 use diesel::prelude::*;
-use crate::db::DbConnection;
 use events::Envelope;
 use prometheus::IntCounter;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -97,10 +105,8 @@ pub fn enqueue(conn: &mut DbConnection, events: &[Envelope]) -> QueryResult<()> 
         return Ok(());
     }
     let rows: Vec<NewOutboxRow> = events.iter().map(NewOutboxRow::from).collect();
-    let statement = diesel::insert_into(outbox::table)
-        .values(&rows);
-    crate::on_backend!(conn, |c| statement.execute(c))
-        .map(|_| ())
+    let statement = diesel::insert_into(outbox::table).values(&rows);
+    crate::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
 }
 
 /// Adds a dead letter for `dead_letter_topic` to the outbox inside the caller's transaction.
@@ -224,6 +230,8 @@ struct RelayState {
     waiting_since: Option<Instant>,
     last_error: Option<String>,
     last_fatal: Option<String>,
+    /// Another instance holds the `relay` lease.
+    standby: bool,
 }
 
 impl RelayStatus {
@@ -247,6 +255,10 @@ impl RelayStatus {
         let mut s = lock(&self.inner);
         s.failing_since.get_or_insert_with(Instant::now);
         s.last_error = Some(error.to_owned());
+    }
+
+    fn standby(&self, standby: bool) {
+        lock(&self.inner).standby = standby;
     }
 
     fn waiting(&self, waiting: bool) {
@@ -291,6 +303,7 @@ impl RelayStatus {
     pub fn snapshot(&self) -> serde_json::Value {
         let s = lock(&self.inner);
         serde_json::json!({
+            "standby": s.standby,
             "published": self.published.get(),
             "refusedByBroker": self.refused.get(),
             "failingForSeconds": s.failing_since.map(|t| t.elapsed().as_secs()),
@@ -321,6 +334,10 @@ pub struct OutboxRelay {
     topic: String,
     /// Shared with `/health`; counts into the service's [`Metrics`].
     status: Arc<RelayStatus>,
+    /// This instance, for the `relay` lease; released after the final drain.
+    membership: Membership,
+    /// Until when (ms since the epoch) this instance holds the lease, as it last wrote it.
+    held_until: Option<i64>,
 }
 
 impl OutboxRelay {
@@ -330,6 +347,7 @@ impl OutboxRelay {
         db: Database,
         make_producer: ProducerFactory,
         topic: String,
+        membership: Membership,
         metrics: &Metrics,
     ) -> KafkaResult<Self> {
         let producer = make_producer()?;
@@ -339,7 +357,43 @@ impl OutboxRelay {
             producer,
             topic,
             status: Arc::new(RelayStatus::new(metrics)),
+            membership,
+            held_until: None,
         })
+    }
+
+    /// Whether this instance may publish: it holds the `relay` lease with at least half its
+    /// time left, renewing it when less is left (one write per half lease time).
+    async fn holds_lease(&mut self) -> bool {
+        let half = self.membership.ttl.as_millis() as i64 / 2;
+        if self
+            .held_until
+            .is_some_and(|until| until - leases::now_ms() > half)
+        {
+            return true;
+        }
+        let membership = self.membership.clone();
+        let held = self
+            .db
+            .write(move |conn| {
+                Ok::<_, DbError>((membership.hold(conn, leases::RELAY)?, Vec::new()))
+            })
+            .await;
+        let was_held = self.held_until.is_some();
+        self.held_until = match held {
+            Ok(until) => until,
+            Err(e) => {
+                log::warn!("outbox relay: cannot renew its lease: {e}");
+                None
+            }
+        };
+        match (was_held, self.held_until.is_some()) {
+            (false, true) => log::info!("outbox relay: this instance publishes"),
+            (true, false) => log::warn!("outbox relay: lease lost; standing by"),
+            _ => {}
+        }
+        self.status.standby(self.held_until.is_none());
+        self.held_until.is_some()
     }
 
     /// The status `/health` reads.
@@ -356,6 +410,13 @@ impl OutboxRelay {
         let committed = self.db.outbox_committed();
         let mut failures = 0u32;
         loop {
+            if !self.holds_lease().await {
+                // Another instance publishes; take over when its lease lapses.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
             match self.publish_pending(&shutdown).await {
                 Ok(n) if n as i64 == BATCH => continue,
                 Ok(_) => failures = 0,
@@ -386,7 +447,7 @@ impl OutboxRelay {
                 deadline.cancel();
             })
         };
-        loop {
+        while self.holds_lease().await {
             match self.publish_pending(&deadline).await {
                 Ok(n) if n as i64 == BATCH => continue,
                 Ok(_) => break,
@@ -397,6 +458,18 @@ impl OutboxRelay {
             }
         }
         timer.abort();
+        if self.held_until.is_some() {
+            let membership = self.membership.clone();
+            let released = self
+                .db
+                .write(move |conn| {
+                    Ok::<_, DbError>((membership.release(conn, leases::RELAY)?, Vec::new()))
+                })
+                .await;
+            if let Err(e) = released {
+                log::warn!("outbox relay: lease not given up (it expires): {e}");
+            }
+        }
         log::info!("outbox relay stopped");
     }
 
@@ -555,7 +628,7 @@ pub enum RelayError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    
+
     const PLUMBING: crate::db::Migrations = crate::db::PLUMBING_ONLY;
 
     fn row(n: u32, age_seconds: i64) -> NewOutboxRow {

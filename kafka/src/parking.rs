@@ -4,10 +4,10 @@
 //! event. A dead letter is bounded in size ([`events::DeadLetter`]), so it always fits; were
 //! the broker to refuse it anyway, the relay marks it refused and the local record remains.
 
+use crate::db::{DbConnection, DbError};
 use crate::offsets::{self, ConsumedAt};
 use crate::outbox;
 use diesel::prelude::*;
-use crate::db::DbConnection;
 use events::DeadLetter;
 
 diesel::table! {
@@ -34,7 +34,7 @@ pub fn park(
     letter: &DeadLetter,
     dead_letter_topic: &str,
     at: &ConsumedAt,
-) -> QueryResult<()> {
+) -> Result<(), DbError> {
     offsets::store(conn, at)?;
     diesel::insert_into(dead_letters::table)
         .values((
@@ -49,7 +49,8 @@ pub fn park(
             dead_letters::parked_at.eq(&letter.parked_at),
         ))
         .execute(conn)?;
-    outbox::enqueue_dead_letter(conn, dead_letter_topic, letter)
+    outbox::enqueue_dead_letter(conn, dead_letter_topic, letter)?;
+    Ok(())
 }
 
 /// A parked message as `GET /dead-letters` shows it.
@@ -99,7 +100,7 @@ pub fn count(conn: &mut DbConnection) -> QueryResult<i64> {
 mod tests {
     use super::*;
     use crate::Database;
-        use events::ParkedFrom;
+    use events::ParkedFrom;
 
     const NONE: crate::db::Migrations = crate::db::PLUMBING_ONLY;
 
@@ -115,10 +116,12 @@ mod tests {
             key: Some("poison-1".into()),
         };
         let letter = DeadLetter::undecodable(from, &[0u8; 200_000], "not a JSON object");
+        crate::leases::grant(&db, "eventTopic", 1, "me").await;
         let at = ConsumedAt {
             topic: "eventTopic".into(),
             partition: 1,
             next_offset: 8,
+            holder: "me".into(),
         };
         let (rows, positions, parked) = db
             .write(move |conn| {

@@ -38,11 +38,11 @@
 //! same way, and since `+` sorts before `.` and the digits, comparing the text orders the
 //! instants correctly (`…:05+00:00` < `…:05.123…`), so SQLite compares them on an index.
 
+use crate::db::DbConnection;
 use crate::db::{Database, DbError};
 use crate::metrics::Metrics;
 use crate::settings::RetentionSettings;
 use diesel::prelude::*;
-use crate::db::DbConnection;
 use prometheus::IntCounterVec;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -115,8 +115,7 @@ impl std::fmt::Display for Deleted {
 /// Deletes at most `limit` (about; see the rule) prunable rows last changed before `cutoff`
 /// (RFC 3339, see the module docs) and says how many it deleted. It runs inside a write
 /// transaction.
-pub type PruneFn =
-    Arc<dyn Fn(&mut DbConnection, &str, i64) -> QueryResult<Deleted> + Send + Sync>;
+pub type PruneFn = Arc<dyn Fn(&mut DbConnection, &str, i64) -> QueryResult<Deleted> + Send + Sync>;
 
 /// One kind of row the retention task deletes once it is older than a window.
 #[derive(Clone)]
@@ -317,7 +316,7 @@ mod tests {
     use super::*;
     use crate::inbox::processed_events;
     use crate::outbox::outbox;
-    
+
     const NONE: crate::db::Migrations = crate::db::PLUMBING_ONLY;
     const DAY: Duration = Duration::from_secs(24 * 3600);
 

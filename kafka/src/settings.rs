@@ -82,6 +82,10 @@ pub struct KafkaSettings {
     /// `KAFKA_FETCH_WAIT_MAX_MS`: how long the broker may hold a fetch. Brokers that always
     /// wait this long (tansu) add it to every hop; lower means faster sagas, busier broker.
     pub fetch_wait_max: Duration,
+    /// `INSTANCE_ID`: this instance among those of its service sharing one database; it names
+    /// the partition and relay leases it holds ([`crate::leases`]). Stable across restarts, so
+    /// a restarted instance resumes its own leases at once. Default: `<service>@<host>:<port>`.
+    pub instance: String,
 }
 
 impl KafkaSettings {
@@ -97,6 +101,7 @@ impl KafkaSettings {
                 "KAFKA_FETCH_WAIT_MAX_MS",
                 DEFAULT_FETCH_WAIT_MS,
             )?),
+            instance: env_or("INSTANCE_ID", group_id.to_owned())?,
         })
     }
 
@@ -124,11 +129,15 @@ pub struct ServiceSettings {
 impl ServiceSettings {
     /// Reads the settings of `service` with its default port.
     pub fn from_env(service: events::Service, default_port: u16) -> Result<Self, ConfigError> {
+        let host = env_or("HOST", "127.0.0.1".to_string())?;
+        let port = env_or("PORT", default_port)?;
+        let mut kafka = KafkaSettings::from_env(service.as_str())?;
+        kafka.instance = env_or("INSTANCE_ID", format!("{service}@{host}:{port}"))?;
         Ok(ServiceSettings {
-            host: env_or("HOST", "127.0.0.1".to_string())?,
-            port: env_or("PORT", default_port)?,
+            host,
+            port,
             database_url: env_or("DATABASE_URL", format!("data/{service}.db"))?,
-            kafka: KafkaSettings::from_env(service.as_str())?,
+            kafka,
             retention: RetentionSettings::from_env()?,
         })
     }

@@ -4,9 +4,9 @@
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use kafka::db::DbConnection;
 use events::{Envelope, Event, OrderCompleted, Service};
 use kafka::consumer::{EventConsumer, create_probe};
+use kafka::db::DbConnection;
 use kafka::{Database, DbError, KafkaSettings, Metrics, ReactError, Reactor};
 use rdkafka::ClientConfig;
 use rdkafka::mocking::MockCluster;
@@ -113,6 +113,7 @@ async fn a_fetched_batch_commits_together_and_bad_messages_in_it_are_handled_one
         group_id: "test".into(),
         session_timeout: Duration::from_secs(10),
         fetch_wait_max: Duration::from_millis(10),
+        instance: "test-1".into(),
     };
     let metrics = Metrics::new();
     let consumer = EventConsumer::new(

@@ -485,7 +485,7 @@ async fn send(out: &mpsc::Sender<Bytes>, chunk: Bytes) -> Result<(), StreamEnd> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    
+
     const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;
 
     async fn database() -> (tempfile::TempDir, Database) {

@@ -10,8 +10,8 @@
 
 use crate::saga;
 use crate::store::{self, StoredOrder};
-use kafka::db::DbConnection;
 use events::{Envelope, Event, Service};
+use kafka::db::DbConnection;
 use kafka::metrics::prometheus::{HistogramOpts, HistogramVec};
 use kafka::{ReactError, Reactor};
 use std::sync::Mutex;
@@ -148,7 +148,7 @@ mod tests {
     use super::*;
     use crate::saga::OrderState;
     use crate::store::NewOrder;
-        use events::{OrderCancelled, OrderCompleted};
+    use events::{OrderCancelled, OrderCompleted};
     use kafka::{Applied, Database, DbError, apply_once};
     use std::sync::Arc;
 

@@ -17,8 +17,8 @@
 use crate::saga::OrderState;
 use crate::store::schema::{order_events, orders};
 use diesel::prelude::*;
-use kafka::db::DbConnection;
 use events::DeliveryState;
+use kafka::db::DbConnection;
 use kafka::{Deleted, PruneRule};
 use std::time::Duration;
 
@@ -39,11 +39,7 @@ pub fn rules(window: Duration) -> Vec<PruneRule> {
 }
 
 /// Deletes up to `limit / 8` settled orders last changed before `cutoff`, with their history.
-pub fn prune_settled(
-    conn: &mut DbConnection,
-    cutoff: &str,
-    limit: i64,
-) -> QueryResult<Deleted> {
+pub fn prune_settled(conn: &mut DbConnection, cutoff: &str, limit: i64) -> QueryResult<Deleted> {
     let mut ids = Vec::new();
     let orders_per_batch = (limit / HISTORY_ROWS_PER_ORDER).max(1);
     for (state, delivery) in SETTLED {
@@ -77,7 +73,7 @@ pub fn prune_settled(
 mod tests {
     use super::*;
     use crate::store::{self, NewOrder};
-        use events::{Envelope, Event, OrderCompleted, Service};
+    use events::{Envelope, Event, OrderCompleted, Service};
     use kafka::{Database, DbError};
 
     const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;

@@ -2,8 +2,8 @@
 
 use crate::saga::{Order, OrderState};
 use diesel::prelude::*;
-use kafka::db::DbConnection;
 use events::{DeliveryState, Envelope, ProductChanged};
+use kafka::db::DbConnection;
 use serde::Serialize;
 
 /// The schema, matching `migrations/`.
@@ -196,11 +196,7 @@ pub fn list_orders(
 }
 
 /// Ids of orders still pending that were placed before `cutoff` (RFC 3339), oldest first.
-pub fn pending_before(
-    conn: &mut DbConnection,
-    cutoff: &str,
-    limit: i64,
-) -> QueryResult<Vec<i64>> {
+pub fn pending_before(conn: &mut DbConnection, cutoff: &str, limit: i64) -> QueryResult<Vec<i64>> {
     orders::table
         .filter(orders::state.eq(OrderState::Placed.as_str()))
         .filter(orders::created_at.lt(cutoff))
@@ -272,8 +268,7 @@ pub fn record_history(conn: &mut DbConnection, order_id: i64, e: &Envelope) -> Q
             order_events::payload.eq(payload.to_string()),
         ))
         .on_conflict_do_nothing();
-    kafka::on_backend!(conn, |c| statement.execute(c))
-        .map(|_| ())
+    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
 }
 
 /// An order's history, oldest first.
@@ -313,8 +308,7 @@ pub fn upsert_product(conn: &mut DbConnection, p: &ProductChanged) -> QueryResul
         .on_conflict(products::id)
         .do_update()
         .set(values);
-    kafka::on_backend!(conn, |c| statement.execute(c))
-        .map(|_| ())
+    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
 }
 
 /// The replica, by id.
@@ -326,10 +320,7 @@ pub fn replica(conn: &mut DbConnection) -> QueryResult<Vec<ReplicaProduct>> {
 }
 
 /// One replica entry.
-pub fn replica_product(
-    conn: &mut DbConnection,
-    id: i64,
-) -> QueryResult<Option<ReplicaProduct>> {
+pub fn replica_product(conn: &mut DbConnection, id: i64) -> QueryResult<Option<ReplicaProduct>> {
     products::table
         .find(id)
         .select(ReplicaProduct::as_select())

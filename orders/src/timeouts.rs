@@ -72,7 +72,7 @@ mod tests {
     use super::*;
     use crate::saga::OrderState;
     use crate::store::NewOrder;
-    
+
     const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;
 
     fn new_order(created_at: String) -> NewOrder {

@@ -3,8 +3,8 @@
 
 use crate::saga::{self, StockView};
 use crate::store;
-use kafka::db::DbConnection;
 use events::{Envelope, Event};
+use kafka::db::DbConnection;
 use kafka::{ReactError, Reactor};
 
 /// Products' reaction to OrderPlaced, OrderCancelled, DeliveryCancelled and DeliveryCompleted.

@@ -36,11 +36,7 @@ pub fn rules(dedup_window: Duration) -> Vec<PruneRule> {
 
 /// Deletes up to `limit` settled reservations last changed before `cutoff`, archiving the
 /// delivered units into their product.
-pub fn prune_settled(
-    conn: &mut DbConnection,
-    cutoff: &str,
-    limit: i64,
-) -> QueryResult<Deleted> {
+pub fn prune_settled(conn: &mut DbConnection, cutoff: &str, limit: i64) -> QueryResult<Deleted> {
     let settled = SETTLED.map(ReservationState::as_str);
     let batch: Vec<(i64, i64, String, i64)> = stock_reservations::table
         .filter(stock_reservations::state.eq_any(settled))
@@ -77,7 +73,7 @@ mod tests {
     use super::*;
     use crate::saga::StockReservation;
     use crate::store::{self, NewProduct};
-        use kafka::{Database, DbError};
+    use kafka::{Database, DbError};
 
     const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;
     const DAY: Duration = Duration::from_secs(24 * 3600);

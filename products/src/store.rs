@@ -167,8 +167,7 @@ pub fn save_reservation(conn: &mut DbConnection, r: &StockReservation) -> QueryR
         .on_conflict(stock_reservations::order_id)
         .do_update()
         .set(&row);
-    kafka::on_backend!(conn, |c| statement.execute(c))
-        .map(|_| ())
+    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
 }
 
 /// Units a product has out of stock: held for orders in flight, and delivered.
