@@ -10,10 +10,12 @@ use diesel::pg::PgConnection;
 pub fn fresh_database(server: &str, name: &str) -> Result<String, String> {
     let mut admin = PgConnection::establish(server)
         .map_err(|e| format!("cannot connect to PostgreSQL at {server}: {e}"))?;
+    // Two calls: several statements in one would run as one transaction, which DROP refuses.
     admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE); CREATE DATABASE \"{name}\""
-        ))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .map_err(|e| format!("cannot drop database {name}: {e}"))?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
         .map_err(|e| format!("cannot create database {name}: {e}"))?;
     Ok(with_database(server, name))
 }

@@ -90,6 +90,10 @@ impl Backend {
 /// service, so one constant is enough).
 const WRITE_LOCK: i64 = 0x6d61_6c6c; // "mall"
 
+/// The channel every PostgreSQL write notifies on commit, so live views on any instance wake
+/// for commits made by the others.
+const COMMITS_CHANNEL: &str = "mall_commits";
+
 /// Opens connections of the configured backend. diesel's own manager would try each backend
 /// in turn, and SQLite accepts any string as a file name: a PostgreSQL URL with the server
 /// down would silently become a new SQLite file.
@@ -155,6 +159,10 @@ where
     }
     match f(conn) {
         Ok(value) => {
+            if let DbConnection::Postgres(c) = conn {
+                // Delivered at commit, to every instance listening (see Database::commits).
+                c.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}"))?;
+            }
             <DbConnection as Connection>::TransactionManager::commit_transaction(conn)?;
             Ok(value)
         }
@@ -218,6 +226,8 @@ pub struct Database {
     outbox_committed: Arc<Notify>,
     /// Counts committed writes; live views (the dashboard's event stream) wait on it.
     commits: Arc<watch::Sender<u64>>,
+    /// Starts, once, the listener that counts other instances' commits (PostgreSQL).
+    listening: Arc<std::sync::Once>,
 }
 
 impl Database {
@@ -258,6 +268,7 @@ impl Database {
             pool,
             outbox_committed: Arc::new(Notify::new()),
             commits: Arc::new(watch::Sender::new(0)),
+            listening: Arc::new(std::sync::Once::new()),
         })
     }
 
@@ -306,9 +317,20 @@ impl Database {
         Ok(value)
     }
 
-    /// Changes whenever a write commits: a live view re-reads what it shows after
-    /// `changed()`, instead of polling.
+    /// Changes whenever a write commits — on PostgreSQL also a write of another instance
+    /// (LISTEN/NOTIFY) — so a live view re-reads what it shows after `changed()`, instead of
+    /// polling its tables.
     pub fn commits(&self) -> watch::Receiver<u64> {
+        if let Backend::Postgres(url) = &self.backend {
+            let (url, commits) = (url.clone(), self.commits.clone());
+            self.listening.call_once(move || {
+                std::thread::Builder::new()
+                    .name("commit-listener".into())
+                    .spawn(move || listen_for_commits(&url, &commits))
+                    .map(|_| ())
+                    .unwrap_or_else(|e| log::warn!("no commit listener: {e}"));
+            });
+        }
         self.commits.subscribe()
     }
 
@@ -361,6 +383,37 @@ impl Database {
     /// Fires whenever a transaction committed at least one outbox row.
     pub(crate) fn outbox_committed(&self) -> Arc<Notify> {
         self.outbox_committed.clone()
+    }
+}
+
+/// Counts the commits announced on [`COMMITS_CHANNEL`] into `commits`, for the life of the
+/// process; reconnects after a lost connection. Checking for a notification reads only what
+/// the server already sent, so the 100 ms poll costs no query.
+fn listen_for_commits(url: &str, commits: &watch::Sender<u64>) {
+    let mut failures = 0u32;
+    loop {
+        let listening: Result<std::convert::Infallible, String> = PgConnection::establish(url)
+            .map_err(|e| e.to_string())
+            .and_then(|mut conn| {
+                conn.batch_execute(&format!("LISTEN {COMMITS_CHANNEL}"))
+                    .map_err(|e| e.to_string())?;
+                failures = 0;
+                loop {
+                    let mut woke = false;
+                    for notification in conn.notifications_iter() {
+                        notification.map_err(|e| e.to_string())?;
+                        woke = true;
+                    }
+                    if woke {
+                        commits.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        let Err(e) = listening;
+        failures += 1;
+        log::warn!("commit listener: {e}; reconnecting");
+        std::thread::sleep(Duration::from_millis(500 * u64::from(failures.min(20))));
     }
 }
 

@@ -1,0 +1,142 @@
+//! The plumbing on PostgreSQL, with two `Database` handles on one database standing for two
+//! instances of a service. Runs when `TEST_POSTGRES_URL` names a server's maintenance
+//! database (`scripts/test.sh` starts one); without it each test says it was skipped.
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use kafka::db::{Database, DbError, PLUMBING_ONLY};
+use kafka::leases::{self, Membership};
+use std::time::Duration;
+
+/// A fresh database on the test server, or `None` (skipped) without `TEST_POSTGRES_URL`.
+fn fresh_database(name: &str) -> Option<String> {
+    let server = std::env::var("TEST_POSTGRES_URL").ok()?;
+    let name = format!("kafka_{name}_{}", std::process::id());
+    let mut admin = diesel::PgConnection::establish(&server).expect("test server");
+    // Two calls: several statements in one would run as one transaction, which DROP refuses.
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .expect("old database dropped");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .expect("fresh database");
+    let base = server.rsplit_once('/').expect("a database in the URL").0;
+    Some(format!("{base}/{name}"))
+}
+
+macro_rules! database_or_skip {
+    ($name:expr) => {
+        match fresh_database($name) {
+            Some(url) => url,
+            None => {
+                eprintln!("skipped: TEST_POSTGRES_URL is not set");
+                return;
+            }
+        }
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_never_lose_an_update_and_both_migrate_at_once() {
+    let url = database_or_skip!("writes");
+    let (a, b) = {
+        let (u1, u2) = (url.clone(), url.clone());
+        let one = tokio::task::spawn_blocking(move || Database::open(&u1, PLUMBING_ONLY));
+        let two = tokio::task::spawn_blocking(move || Database::open(&u2, PLUMBING_ONLY));
+        (one.await.unwrap().unwrap(), two.await.unwrap().unwrap())
+    };
+    a.write(|conn| {
+        conn.batch_execute(
+            "CREATE TABLE counter (n BIGINT NOT NULL); INSERT INTO counter VALUES (0)",
+        )?;
+        Ok::<_, DbError>(((), Vec::new()))
+    })
+    .await
+    .unwrap();
+    // Read, decide, write: without the per-database write lock, READ COMMITTED loses updates.
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let db = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            db.write(|conn| {
+                let n: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT n FROM counter")
+                    .get_result(conn)?;
+                std::thread::sleep(Duration::from_millis(1));
+                conn.batch_execute(&format!("UPDATE counter SET n = {}", n + 1))?;
+                Ok::<_, DbError>(((), Vec::new()))
+            })
+            .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let n: i64 = a
+        .read(|conn| {
+            diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT n FROM counter")
+                .get_result(conn)
+                .map_err(DbError::from)
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 100, "every increment kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_on_one_instance_wakes_the_live_views_of_the_other() {
+    let url = database_or_skip!("notify");
+    let a = Database::open(&url, PLUMBING_ONLY).unwrap();
+    let b = Database::open(&url, PLUMBING_ONLY).unwrap();
+    let mut commits = b.commits();
+    tokio::time::sleep(Duration::from_millis(500)).await; // the listener is connected
+    commits.borrow_and_update();
+    a.write(|conn| {
+        conn.batch_execute("INSERT INTO processed_events VALUES ('e1', 'T', 'now')")?;
+        Ok::<_, DbError>(((), Vec::new()))
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), commits.changed())
+        .await
+        .expect("woken within 5 s")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_split_partitions_and_fence_the_old_holder() {
+    let url = database_or_skip!("leases");
+    let db = Database::open(&url, PLUMBING_ONLY).unwrap();
+    let partitions: Vec<i32> = (0..6).collect();
+    let balance = |me: &str| {
+        let (m, p) = (
+            Membership {
+                me: me.into(),
+                ttl: Duration::from_secs(10),
+            },
+            partitions.clone(),
+        );
+        db.write(move |conn| Ok::<_, DbError>((m.balance(conn, "t", &p)?, Vec::new())))
+    };
+    assert_eq!(balance("a").await.unwrap().holds.len(), 6);
+    assert!(balance("b").await.unwrap().holds.is_empty());
+    assert_eq!(balance("a").await.unwrap().holds.len(), 3);
+    let b = balance("b").await.unwrap();
+    assert_eq!(b.holds.len(), 3);
+    let stale = db
+        .write(|conn| {
+            let at = kafka::offsets::ConsumedAt {
+                topic: "t".into(),
+                partition: 5,
+                next_offset: 1,
+                holder: "a".into(),
+            };
+            Ok::<_, DbError>((kafka::offsets::store(conn, &at).is_err(), Vec::new()))
+        })
+        .await
+        .unwrap();
+    assert!(
+        stale,
+        "a no longer holds partition 5: its position does not commit"
+    );
+    let _ = leases::RELAY;
+}
