@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Stops what scripts/up.sh started, by pid: SIGTERM (graceful: finish the event in hand,
-# commit, flush), then SIGKILL after STOP_TIMEOUT_S seconds (default 15). --wipe also deletes
-# data/ (databases, broker storage, logs).
+# Stops what scripts/up.sh started, by pid: every service (the single instances, data/<svc>.pid,
+# and every instance of `up.sh --instances N`, data/<svc>-<k>.pid, whatever N was), SIGTERM
+# (graceful: finish the event in hand, commit, flush), then SIGKILL after STOP_TIMEOUT_S seconds
+# (default 15); then the broker, and the PostgreSQL server of data/postgres (fast shutdown; a
+# server given by POSTGRES_URL is not ours and is left alone). --wipe also deletes data/
+# (databases, broker storage, logs).
 #
 # Only a process that is verifiably ours is signalled: the pid in data/<name>.pid must be alive
 # (a zombie counts as exited), run this checkout's binary (target/release/<name>, or
@@ -52,9 +55,31 @@ stop() {
   rm -f "$pidfile"
 }
 
-# Services first, so they can flush to the broker before it goes.
-for svc in "${SERVICES[@]}"; do stop "$svc" "$ROOT/target/release/$svc"; done
+# Services first, so they can flush to the broker and commit to their database before those
+# go. Every instance gets SIGTERM at once (stop_all), so they do not wait for each other.
+# stop_all NAME PROGRAM...: stops each data/NAME.pid that runs its PROGRAM, together.
+stop_all() {
+  local -a pids=()
+  while (( $# )); do
+    stop "$1" "$2" &
+    pids+=("$!")
+    shift 2
+  done
+  (( ${#pids[@]} == 0 )) || wait "${pids[@]}"
+}
+services=()
+shopt -s nullglob
+for svc in "${SERVICES[@]}"; do
+  [[ -f "$DATA/$svc.pid" ]] && services+=("$svc" "$ROOT/target/release/$svc")
+  for pidfile in "$DATA/$svc"-*.pid; do
+    name="$(basename "$pidfile" .pid)"
+    [[ "${name#"$svc"-}" =~ ^[0-9]+$ ]] && services+=("$name" "$ROOT/target/release/$svc")
+  done
+done
+shopt -u nullglob
+stop_all "${services[@]}"
 stop tansu "$TANSU"
+stop_postgres "$DATA/postgres"
 
 if $wipe; then
   say "removing data/"

@@ -156,23 +156,32 @@ ensure_tansu() {
   [[ -x "$TANSU" ]] || die "tansu did not install; see the cargo output above"
 }
 
+# Installs Debian packages with apt-get (through sudo when not root), updating the package lists
+# and trying again when the first attempt fails. $1 says what needs them, for the messages.
+apt_install() {
+  local need="$1" sudo=""
+  shift
+  command -v apt-get >/dev/null 2>&1 \
+    || die "$need, and this machine has no apt-get to install $*; install them by hand"
+  if (( EUID != 0 )); then
+    command -v sudo >/dev/null 2>&1 || die "installing $* needs root: run as root or install sudo"
+    sudo="sudo"
+  fi
+  local apt=($sudo env DEBIAN_FRONTEND=noninteractive apt-get)
+  if ! "${apt[@]}" install -y "$@"; then
+    say "apt-get install failed; updating the package lists and trying again"
+    "${apt[@]}" update && "${apt[@]}" install -y "$@" \
+      || die "could not install $*; see apt-get's output above"
+  fi
+}
+
 # Installs Chromium and its WebDriver (Debian's chromium and chromium-driver) unless both are
 # there: the dashboard's browser test drives /usr/bin/chromium through /usr/bin/chromedriver.
 ensure_chromium() {
   [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] && return 0
-  command -v apt-get >/dev/null 2>&1 || die "the browser test needs /usr/bin/chromium and /usr/bin/chromedriver, and this machine has no apt-get to install them; install Chromium and its chromedriver there by hand"
-  local sudo=""
-  if (( EUID != 0 )); then
-    command -v sudo >/dev/null 2>&1 || die "installing chromium and chromium-driver needs root: run as root or install sudo"
-    sudo="sudo"
-  fi
-  local apt=($sudo env DEBIAN_FRONTEND=noninteractive apt-get)
   say "installing chromium and chromium-driver for the browser test (once; a few minutes)"
-  if ! "${apt[@]}" install -y chromium chromium-driver; then
-    say "apt-get install failed; updating the package lists and trying again"
-    "${apt[@]}" update && "${apt[@]}" install -y chromium chromium-driver \
-      || die "could not install chromium and chromium-driver; see apt-get's output above"
-  fi
+  apt_install "the browser test needs /usr/bin/chromium and /usr/bin/chromedriver" \
+    chromium chromium-driver
   [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] \
     || die "chromium-driver installed, but /usr/bin/chromium or /usr/bin/chromedriver is missing"
 }
@@ -213,4 +222,251 @@ $(tail -n 15 "$DATA/tansu.log" 2>/dev/null)"
   done
   $started && die "tansu did not answer at $broker within 10 s; see data/tansu.log"
   die "tansu (pid $PIDFILE_PID, data/tansu.pid) runs but does not answer at $broker; is KAFKA_BROKERS what it was started with? scripts/down.sh stops it"
+}
+
+# --- PostgreSQL: scripts/up.sh --instances N and scripts/test.sh ------------------------------
+# With POSTGRES_URL set (an existing server's maintenance database, e.g.
+# postgres://me:pw@db:5432/postgres) the scripts use that server and start none; otherwise they
+# run their own, as the `postgres` OS user when root (initdb refuses to run as root).
+
+# The directory of the server programs (initdb, pg_ctl, postgres, pg_isready, psql): where pg_ctl
+# on PATH really lives, else Debian's /usr/lib/postgresql/<newest version>/bin. Sets PG_BIN;
+# false when there is none.
+find_pg_bin() {
+  local dir found
+  local -a candidates=()
+  if found="$(command -v pg_ctl 2>/dev/null)" && [[ -n "$found" ]]; then
+    candidates+=("$(dirname "$(readlink -f "$found")")")
+  fi
+  mapfile -t -O "${#candidates[@]}" candidates < <(
+    printf '%s\n' /usr/lib/postgresql/*/bin | sort -t/ -k5,5rn)
+  for dir in "${candidates[@]}"; do
+    if [[ -x "$dir/initdb" && -x "$dir/pg_ctl" && -x "$dir/postgres" && -x "$dir/pg_isready" \
+      && -x "$dir/psql" ]]; then
+      PG_BIN="$dir"
+      return 0
+    fi
+  done
+  PG_BIN=""
+  return 1
+}
+
+# Sets PSQL to a psql that runs: the server's own, else the one on PATH; false when none does.
+find_psql() {
+  PSQL=""
+  if find_pg_bin; then
+    PSQL="$PG_BIN/psql"
+  else
+    PSQL="$(command -v psql 2>/dev/null)" || true
+  fi
+  [[ -n "$PSQL" ]] && "$PSQL" --version >/dev/null 2>&1
+}
+
+# Makes sure PostgreSQL can be used. With POSTGRES_URL only psql is needed (to create the
+# databases); otherwise the server programs: Debian's postgresql package is installed with
+# apt-get when initdb or pg_ctl is missing (Debian's postinst may also create and start its own
+# cluster "main" on 5432; the scripts do not use it). Sets PSQL, and PG_BIN without POSTGRES_URL.
+ensure_postgres() {
+  if [[ -n "${POSTGRES_URL:-}" ]]; then
+    find_psql && return 0
+    say "installing postgresql-client (psql, to create the databases on POSTGRES_URL's server)"
+    apt_install "psql is needed to create databases on POSTGRES_URL's server" postgresql-client
+    find_psql || die "postgresql-client installed, but psql does not run"
+    return 0
+  fi
+  if ! find_pg_bin; then
+    say "installing PostgreSQL (Debian's postgresql: initdb, pg_ctl, psql; once, about a minute)"
+    apt_install "PostgreSQL's server programs (initdb, pg_ctl) are missing" postgresql
+    find_pg_bin || die "postgresql installed, but no directory holds initdb, pg_ctl, postgres, pg_isready and psql (looked beside pg_ctl on PATH and in /usr/lib/postgresql/*/bin)"
+    say "PostgreSQL's programs are in $PG_BIN"
+  fi
+  PSQL="$PG_BIN/psql"
+  if (( EUID == 0 )); then
+    id -u postgres >/dev/null 2>&1 \
+      || die "as root, the PostgreSQL server has to run as another user, and there is no 'postgres' user: create one (useradd --system --home-dir /var/lib/postgresql postgres) or run as a normal user"
+    command -v runuser >/dev/null 2>&1 || die "as root, runuser (util-linux) is needed to run the PostgreSQL server as the postgres user"
+  fi
+}
+
+# Runs a server command as the owner of the data directory: the postgres user when root, else
+# this user. From /, so that the command does not stumble on a working directory it cannot read.
+pg_as_owner() {
+  if (( EUID == 0 )); then
+    (cd / && runuser -u postgres -- "$@")
+  else
+    (cd / && "$@")
+  fi
+}
+
+# True when a PostgreSQL server runs on data directory $1: the pid on the first line of its
+# postmaster.pid is alive (not a zombie), runs a postgres program and works in that directory
+# (the postmaster changes into its data directory), so a stale file whose pid was recycled does
+# not count. Sets PG_PID and PG_RUNNING_PORT (the file's fourth line).
+pg_running() {
+  local dir="$1" pid="" port="" cwd program
+  PG_PID="" PG_RUNNING_PORT=""
+  [[ -f "$dir/postmaster.pid" ]] || return 1
+  { read -r pid && read -r _ && read -r _ && read -r port; } <"$dir/postmaster.pid" 2>/dev/null || true
+  proc_stat "$pid" || return 1
+  [[ "$PROC_STATE" == [ZX] ]] && return 1
+  program="$(proc_program "$pid")" || true
+  [[ "${program##*/}" == postgres || "${program##*/}" == postmaster ]] || return 1
+  cwd="$(readlink "/proc/$pid/cwd" 2>/dev/null)" || return 1
+  [[ "$cwd" == "$(readlink -f "$dir")" ]] || return 1
+  PG_PID="$pid" PG_RUNNING_PORT="$port"
+}
+
+# True when postgres processes work in data directory $1 (as its postmaster and every backend
+# do); sets PG_LEFTOVERS to their pids.
+pg_leftovers() {
+  local dir proc pid program
+  dir="$(readlink -f "$1")"
+  PG_LEFTOVERS=""
+  for proc in /proc/[1-9]*; do
+    pid="${proc#/proc/}"
+    [[ "$(readlink "$proc/cwd" 2>/dev/null)" == "$dir" ]] || continue
+    proc_stat "$pid" || continue
+    [[ "$PROC_STATE" == [ZX] ]] && continue
+    program="$(proc_program "$pid")" || true
+    [[ "${program##*/}" == postgres || "${program##*/}" == postmaster ]] || continue
+    PG_LEFTOVERS+="${PG_LEFTOVERS:+ }$pid"
+  done
+  [[ -n "$PG_LEFTOVERS" ]]
+}
+
+# Starts a PostgreSQL server on data directory $1 (created and initialised on first use: trust
+# authentication for local and 127.0.0.1 connections only, superuser `postgres`), listening on
+# 127.0.0.1:$2 only with its unix socket in $1 and its log in $1/server.log, and waits until it
+# accepts connections. A server already running on $1 is reused; a postmaster.pid left by a
+# crash is removed first. Its maintenance database: postgres://postgres@127.0.0.1:$2/postgres.
+start_postgres() {
+  local dir="$1" port="$2" out socket_dir pid
+  if [[ ! "$port" =~ ^[1-9][0-9]*$ ]] || (( port > 65535 )); then
+    die "start_postgres: '$port' is not a port"
+  fi
+  find_pg_bin || die "no PostgreSQL server programs (initdb, pg_ctl); ensure_postgres installs them"
+  mkdir -p "$dir"
+  dir="$(cd "$dir" && pwd -P)"
+  if pg_running "$dir"; then
+    [[ "$PG_RUNNING_PORT" == "$port" ]] \
+      || die "PostgreSQL already runs on $dir (pid $PG_PID) but on port $PG_RUNNING_PORT, not $port; stop it (scripts/down.sh) or use POSTGRES_PORT=$PG_RUNNING_PORT"
+    say "PostgreSQL already running on 127.0.0.1:$port (pid $PG_PID, data $dir)"
+  else
+    if (( EUID == 0 )); then
+      chown postgres: "$dir"
+      chmod 700 "$dir"
+      runuser -u postgres -- test -w "$dir" -a -x "$dir" \
+        || die "the postgres user, which runs the server when root runs the scripts, cannot reach $dir (a directory above it, e.g. /root, is closed to it): put the checkout where it can, run as a normal user, or set POSTGRES_URL to a server of your own"
+    fi
+    if [[ ! -f "$dir/PG_VERSION" ]]; then
+      [[ -z "$(ls -A "$dir")" ]] || die "$dir is neither empty nor a PostgreSQL data directory; move it away"
+      say "initialising a PostgreSQL data directory in $dir (trust authentication, local connections only)"
+      out="$(pg_as_owner "$PG_BIN/initdb" -D "$dir" -U postgres -A trust -E UTF8 --locale=C 2>&1)" \
+        || die "initdb failed:
+$out"
+      printf '%s\n' '# scripts/lib.sh: trust, for local connections only (the server listens on 127.0.0.1)' \
+        'local all all trust' 'host all all 127.0.0.1/32 trust' >"$dir/pg_hba.conf"
+      printf '\n%s\n' "include_if_exists = 'mall.conf'   # written by scripts/lib.sh at each start" \
+        >>"$dir/postgresql.conf"
+    fi
+    # The socket path has to fit in 107 bytes; a deeper directory gets TCP only.
+    socket_dir="$dir"
+    (( ${#dir} + 20 > 107 )) && socket_dir=""
+    printf '%s\n' "# written by scripts/lib.sh's start_postgres at each start" \
+      "port = $port" "listen_addresses = '127.0.0.1'" \
+      "unix_socket_directories = '${socket_dir//\'/\'\'}'" \
+      "max_connections = 500   # 8 pooled connections per service instance" \
+      >"$dir/mall.conf"
+    (( EUID == 0 )) && chown postgres: "$dir/mall.conf" "$dir/pg_hba.conf"
+    if [[ -f "$dir/postmaster.pid" ]]; then
+      # The server checks this file itself, but cannot tell a recycled pid of another user
+      # from its own. Its backends outliving a killed postmaster would still use the data
+      # directory: they exit by themselves within moments; wait for that before removing it.
+      read -r pid _ <"$dir/postmaster.pid" 2>/dev/null || true
+      for _ in $(seq 1 100); do
+        pg_leftovers "$dir" || break
+        sleep 0.1
+      done
+      pg_leftovers "$dir" && die "PostgreSQL processes still work in $dir (pids $PG_LEFTOVERS) although its postmaster is gone; stop them first"
+      say "$dir/postmaster.pid is stale (left by a crash: pid ${pid:-?} is gone or is not its server); removing it"
+      rm -f "$dir/postmaster.pid" "$dir"/.s.PGSQL.*.lock
+    fi
+    port_open "127.0.0.1:$port" && die "port $port (for PostgreSQL) is taken by another process; free it or set POSTGRES_PORT"
+    pg_as_owner "$PG_BIN/pg_ctl" start -D "$dir" -l "$dir/server.log" -w -t 60 -s >/dev/null 2>&1 \
+      || die "PostgreSQL did not start on 127.0.0.1:$port; last lines of $dir/server.log:
+$(tail -n 15 "$dir/server.log" 2>/dev/null)"
+    pg_running "$dir" || true
+    say "started PostgreSQL on 127.0.0.1:$port, pid ${PG_PID:-?} (data $dir, log $dir/server.log)"
+  fi
+  for _ in $(seq 1 300); do
+    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres && return 0
+    sleep 0.1
+  done
+  die "PostgreSQL on 127.0.0.1:$port does not accept connections within 30 s; see $dir/server.log"
+}
+
+# Stops the PostgreSQL server of data directory $1 if one runs there (fast shutdown: SIGINT,
+# then immediate, SIGQUIT, after 30 s); removes a stale postmaster.pid. Needs no server programs.
+stop_postgres() {
+  local dir="$1" pid
+  [[ -f "$dir/postmaster.pid" ]] || return 0
+  if ! pg_running "$dir"; then
+    say "$dir/postmaster.pid is stale (no server runs there); removing it"
+    rm -f "$dir/postmaster.pid"
+    return 0
+  fi
+  pid="$PG_PID"
+  say "stopping PostgreSQL (pid $pid, data $dir)"
+  kill -INT "$pid" 2>/dev/null || true
+  for _ in $(seq 1 300); do
+    pg_running "$dir" || return 0
+    sleep 0.1
+  done
+  say "PostgreSQL did not stop within 30 s; shutting it down immediately"
+  kill -QUIT "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    pg_running "$dir" || return 0
+    sleep 0.1
+  done
+  say "PostgreSQL (pid $pid) has still not exited"
+  return 1
+}
+
+# URL $1 (postgres://user:pw@host:port/db?options) with its database replaced by $2.
+pg_url_with_db() {
+  local url="$1" name="$2" base query="" rest
+  base="${url%%\?*}"
+  [[ "$base" == "$url" ]] || query="?${url#*\?}"
+  rest="${base#*://}"
+  [[ "$rest" == */* ]] && base="${base%"/${rest#*/}"}"
+  echo "$base/$name$query"
+}
+
+# Creates the databases named $2... on the server whose maintenance database URL is $1 (e.g.
+# postgres://postgres@127.0.0.1:5433/postgres), each unless it exists. Their URLs: pg_url_with_db.
+create_databases() {
+  local url="$1" name out
+  shift
+  [[ -n "${PSQL:-}" ]] || find_psql || die "psql is needed to create databases; ensure_postgres installs it"
+  for name in "$@"; do
+    [[ "$name" =~ ^[a-z_][a-z0-9_]*$ ]] || die "create_databases: '$name' is not a plain database name"
+    out="$("$PSQL" "$url" -XAtq -c "SELECT 1 FROM pg_database WHERE datname = '$name'" 2>&1)" \
+      || die "cannot reach PostgreSQL at $(pg_redact "$url"): $out"
+    [[ "$out" == 1 ]] && continue
+    if out="$("$PSQL" "$url" -Xq -c "CREATE DATABASE \"$name\"" 2>&1)"; then
+      say "created database $name"
+    elif [[ "$out" != *"already exists"* ]]; then
+      die "cannot create database $name on $(pg_redact "$url"): $out"
+    fi
+  done
+}
+
+# URL $1 with any password replaced by ***, for messages.
+pg_redact() {
+  local url="$1"
+  if [[ "$url" =~ ^([a-z]+://[^:/@]+):[^@/]*@(.*)$ ]]; then
+    echo "${BASH_REMATCH[1]}:***@${BASH_REMATCH[2]}"
+  else
+    echo "$url"
+  fi
 }

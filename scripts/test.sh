@@ -6,6 +6,11 @@
 # kills, a double kill, a broker kill and restart, a SIGSTOP, a graceful restart, during a
 # mixed workload, then every invariant checked); then the browser test: the dashboard in
 # headless Chromium (installed with apt-get when missing), driven through chromedriver.
+# Then the same on PostgreSQL (installed with apt-get when missing): a throwaway server in a
+# temporary directory on a free port (stopped and removed at exit, also on failure; with
+# POSTGRES_URL set, that server instead), and on it the in-process tests, the real-broker suite,
+# and a chaos run with three instances of each service sharing six partitions. Every suite
+# creates fresh databases of its own on the server.
 # Ends with one line: `N passed, N failed`.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -13,51 +18,124 @@ cd "$ROOT"
 check_prerequisites
 
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+pg_dir="" # the throwaway PostgreSQL server's data directory
+# Stops and removes the throwaway PostgreSQL server, if any.
+remove_postgres() {
+  if [[ -n "$pg_dir" ]]; then
+    stop_postgres "$pg_dir"
+    rm -rf "$pg_dir"
+    pg_dir=""
+  fi
+}
+trap 'rm -f "$log"; remove_postgres >/dev/null' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
-say "1/4 cargo test --workspace"
+# cargo_counts LOG: "passed failed" summed over the `test result:` lines of cargo test's output.
+cargo_counts() {
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+       END { print p + 0, f + 0 }' "$1"
+}
+
+# suite_counts LOG: "passed failed" from the last `N passed, N failed` line of a suite's output;
+# one more failure when there is no such line (it did not finish).
+suite_counts() {
+  local p f
+  read -r p f < <(awk '/^[0-9]+ passed, [0-9]+ failed$/ { p = $1; f = $3 } END { print p + 0, (NR ? f + 0 : 1) }' "$1")
+  grep -qE '^[0-9]+ passed, [0-9]+ failed$' "$1" || f=$((f + 1))
+  echo "$p $f"
+}
+
+say "1/7 cargo test --workspace"
 cargo test --workspace 2>&1 | tee "$log"
 cargo_status="${PIPESTATUS[0]}"
-read -r unit_passed unit_failed < <(
-  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
-       END { print p + 0, f + 0 }' "$log")
+read -r unit_passed unit_failed < <(cargo_counts "$log")
 if [[ "$cargo_status" != 0 && "$unit_failed" == 0 ]]; then
   unit_failed=1 # it did not even build
 fi
 
-say "2/4 real-broker suite"
+say "2/7 real-broker suite"
 ensure_tansu
 suite_passed=0
 suite_failed=1
 if cargo build --bins 2>&1 | tail -n 3; then
   # The suite stops every process it started, also on Ctrl-C.
   target/debug/stack-suite --bin-dir target/debug --tansu "$TANSU" | tee "$log"
-  read -r suite_passed suite_failed < <(awk '/^[0-9]+ passed, [0-9]+ failed$/ { p = $1; f = $3 } END { print p + 0, (NR ? f + 0 : 1) }' "$log")
-  grep -qE '^[0-9]+ passed, [0-9]+ failed$' "$log" || suite_failed=$((suite_failed + 1))
+  read -r suite_passed suite_failed < <(suite_counts "$log")
 fi
 
-say "3/4 short chaos run (seeded; replay a failure with scripts/chaos.sh --seed N)"
+say "3/7 short chaos run (seeded; replay a failure with scripts/chaos.sh --seed N)"
 chaos_passed=0
 chaos_failed=1
 if [[ -x target/debug/chaos ]]; then
   target/debug/chaos --bin-dir target/debug --tansu "$TANSU" ${CHAOS_SEED:+--seed "$CHAOS_SEED"} | tee "$log"
-  read -r chaos_passed chaos_failed < <(awk '/^[0-9]+ passed, [0-9]+ failed$/ { p = $1; f = $3 } END { print p + 0, (NR ? f + 0 : 1) }' "$log")
-  grep -qE '^[0-9]+ passed, [0-9]+ failed$' "$log" || chaos_failed=$((chaos_failed + 1))
+  read -r chaos_passed chaos_failed < <(suite_counts "$log")
 fi
 
-say "4/4 browser test (the dashboard in headless Chromium)"
+say "4/7 browser test (the dashboard in headless Chromium)"
 browser_passed=0
 browser_failed=1
 # In a subshell: a failed install counts as a failure here instead of ending the run.
 if ( ensure_chromium ) && [[ -x target/debug/browser-test ]]; then
   target/debug/browser-test --bin-dir target/debug --tansu "$TANSU" | tee "$log"
-  read -r browser_passed browser_failed < <(awk '/^[0-9]+ passed, [0-9]+ failed$/ { p = $1; f = $3 } END { print p + 0, (NR ? f + 0 : 1) }' "$log")
-  grep -qE '^[0-9]+ passed, [0-9]+ failed$' "$log" || browser_failed=$((browser_failed + 1))
+  read -r browser_passed browser_failed < <(suite_counts "$log")
 fi
+
+# PostgreSQL: POSTGRES_URL's server, or a throwaway one. In subshells, like ensure_chromium: a
+# failed install or start counts as a failure of each PostgreSQL step instead of ending the run.
+pg_url=""
+if [[ -n "${POSTGRES_URL:-}" ]]; then
+  say "PostgreSQL: the server of POSTGRES_URL, $(pg_redact "$POSTGRES_URL")"
+  pg_url="$POSTGRES_URL"
+elif ( ensure_postgres ); then
+  pg_dir="$(mktemp -d)"
+  pg_port=""
+  for _ in $(seq 1 50); do
+    candidate=$((20000 + RANDOM % 40000))
+    port_open "127.0.0.1:$candidate" || { pg_port="$candidate"; break; }
+  done
+  say "PostgreSQL: a throwaway server on 127.0.0.1:${pg_port:-?} (data $pg_dir, removed at exit)"
+  if [[ -n "$pg_port" ]] && ( start_postgres "$pg_dir" "$pg_port" ); then
+    pg_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
+  fi
+fi
+[[ -n "$pg_url" ]] || say "no PostgreSQL server: its three steps count as failed"
+
+say "5/7 in-process tests on PostgreSQL (cargo test -p e2e --test in_process)"
+pg_unit_passed=0
+pg_unit_failed=1
+if [[ -n "$pg_url" ]]; then
+  TEST_POSTGRES_URL="$pg_url" cargo test -p e2e --test in_process 2>&1 | tee "$log"
+  cargo_status="${PIPESTATUS[0]}"
+  read -r pg_unit_passed pg_unit_failed < <(cargo_counts "$log")
+  if [[ "$cargo_status" != 0 && "$pg_unit_failed" == 0 ]]; then
+    pg_unit_failed=1
+  fi
+fi
+
+say "6/7 real-broker suite on PostgreSQL"
+pg_suite_passed=0
+pg_suite_failed=1
+if [[ -n "$pg_url" && -x target/debug/stack-suite ]]; then
+  target/debug/stack-suite --bin-dir target/debug --tansu "$TANSU" --postgres "$pg_url" | tee "$log"
+  read -r pg_suite_passed pg_suite_failed < <(suite_counts "$log")
+fi
+
+say "7/7 chaos run on PostgreSQL: three instances of each service, six partitions"
+pg_chaos_passed=0
+pg_chaos_failed=1
+if [[ -n "$pg_url" && -x target/debug/chaos ]]; then
+  target/debug/chaos --bin-dir target/debug --tansu "$TANSU" --postgres "$pg_url" \
+    --instances 3 --partitions 6 ${CHAOS_SEED:+--seed "$CHAOS_SEED"} | tee "$log"
+  read -r pg_chaos_passed pg_chaos_failed < <(suite_counts "$log")
+fi
+
+remove_postgres
 
 echo
 say "cargo test: $unit_passed passed, $unit_failed failed; real-broker suite: $suite_passed passed, $suite_failed failed; chaos: $chaos_passed passed, $chaos_failed failed; browser: $browser_passed passed, $browser_failed failed"
-passed=$((unit_passed + suite_passed + chaos_passed + browser_passed))
-failed=$((unit_failed + suite_failed + chaos_failed + browser_failed))
+say "on PostgreSQL: in-process: $pg_unit_passed passed, $pg_unit_failed failed; real-broker suite: $pg_suite_passed passed, $pg_suite_failed failed; chaos (3 instances): $pg_chaos_passed passed, $pg_chaos_failed failed"
+passed=$((unit_passed + suite_passed + chaos_passed + browser_passed + pg_unit_passed + pg_suite_passed + pg_chaos_passed))
+failed=$((unit_failed + suite_failed + chaos_failed + browser_failed + pg_unit_failed + pg_suite_failed + pg_chaos_failed))
 echo "$passed passed, $failed failed"
 [[ "$failed" == 0 ]]
