@@ -101,11 +101,11 @@ elif ( ensure_postgres ); then
 fi
 [[ -n "$pg_url" ]] || say "no PostgreSQL server: its three steps count as failed"
 
-say "5/7 in-process tests on PostgreSQL (cargo test -p e2e --test in_process)"
+say "5/7 plumbing and in-process tests on PostgreSQL (kafka/tests/postgres.rs, e2e/tests/in_process.rs)"
 pg_unit_passed=0
 pg_unit_failed=1
 if [[ -n "$pg_url" ]]; then
-  TEST_POSTGRES_URL="$pg_url" cargo test -p e2e --test in_process 2>&1 | tee "$log"
+  TEST_POSTGRES_URL="$pg_url" cargo test --workspace --test postgres --test in_process 2>&1 | tee "$log"
   cargo_status="${PIPESTATUS[0]}"
   read -r pg_unit_passed pg_unit_failed < <(cargo_counts "$log")
   if [[ "$cargo_status" != 0 && "$pg_unit_failed" == 0 ]]; then
