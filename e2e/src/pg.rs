@@ -10,11 +10,16 @@ use diesel::pg::PgConnection;
 pub fn fresh_database(server: &str, name: &str) -> Result<String, String> {
     let mut admin = PgConnection::establish(server)
         .map_err(|e| format!("cannot connect to PostgreSQL at {server}: {e}"))?;
-    admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE); CREATE DATABASE \"{name}\""
-        ))
-        .map_err(|e| format!("cannot create database {name}: {e}"))?;
+    // Two statements, sent one by one: sent together they form one implicit transaction,
+    // which `DROP DATABASE` refuses.
+    for statement in [
+        format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+        format!("CREATE DATABASE \"{name}\""),
+    ] {
+        admin
+            .batch_execute(&statement)
+            .map_err(|e| format!("cannot create database {name}: {e}"))?;
+    }
     Ok(with_database(server, name))
 }
 
