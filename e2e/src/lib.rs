@@ -485,7 +485,8 @@ pub async fn replay_everything_twice(
 }
 
 /// The three services started in this process against `brokers`, each on port 0 with its own
-/// temporary SQLite database.
+/// temporary SQLite database — or, when `TEST_POSTGRES_URL` names a PostgreSQL server, its own
+/// fresh database there ([`pg::fresh_database`]).
 pub struct InProcessMall {
     /// The client view.
     pub mall: Mall,
@@ -496,14 +497,31 @@ pub struct InProcessMall {
 /// replica knows the seeded catalog.
 pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall> {
     let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let postgres = std::env::var("TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    let mut databases = std::collections::HashMap::new();
+    for service in [
+        events::Service::Orders,
+        events::Service::Products,
+        events::Service::Delivery,
+    ] {
+        let url = match &postgres {
+            Some(server) => {
+                pg::fresh_database(server, &pg::unique_name(&format!("e2e_{service}")))?
+            }
+            None => data
+                .path()
+                .join(format!("{service}.db"))
+                .to_string_lossy()
+                .into_owned(),
+        };
+        databases.insert(service.as_str(), url);
+    }
     let settings = |service: events::Service| kafka::ServiceSettings {
         host: "127.0.0.1".into(),
         port: 0,
-        database_url: data
-            .path()
-            .join(format!("{service}.db"))
-            .to_string_lossy()
-            .into_owned(),
+        database_url: databases[service.as_str()].clone(),
         kafka: kafka::KafkaSettings {
             brokers: brokers.to_owned(),
             topic: topic.to_owned(),

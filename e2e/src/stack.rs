@@ -2,6 +2,13 @@
 //! ports, with their databases, broker storage and logs in one run directory. Used by the
 //! real-broker suite (`stack-suite`) and the fault-injection run (`chaos`).
 //!
+//! [`StackOptions`] may put the services on PostgreSQL (a fresh database per service per run,
+//! given as `DATABASE_URL`), run several instances of each service on that shared database
+//! (`INSTANCE_ID=<svc>-<k>`, each on its own port) and set `KAFKA_PARTITIONS`. An instance is
+//! named `orders` when there is one per service, `orders-1`, `orders-2`, … otherwise; every
+//! method taking a service also takes an instance name, and a bare service name means its
+//! instance 1. Its log is `<instance>.log`.
+//!
 //! Every child is reaped: a process killed here is waited for at once, one that exits by itself
 //! is collected by [`Stack::reap_exited`], and whatever still runs is killed and waited for when
 //! the [`Stack`] is stopped or dropped (also on a panic). Signals other than SIGKILL are sent
@@ -14,6 +21,8 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The saga topic every run uses.
@@ -23,6 +32,16 @@ pub const SERVICES: [&str; 3] = ["orders", "products", "delivery"];
 /// `KAFKA_SESSION_TIMEOUT_MS` given to every service.
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 
+/// The name of instance `k` (1-based) of a service when there are `instances` per service:
+/// `orders` when there is one, else `orders-<k>`.
+pub fn instance_name(service: &str, k: usize, instances: usize) -> String {
+    if instances <= 1 {
+        service.to_owned()
+    } else {
+        format!("{service}-{k}")
+    }
+}
+
 /// The `&'static` name of a service, or an error naming the unknown one.
 pub fn service_name(service: &str) -> Result<&'static str, String> {
     SERVICES
@@ -30,6 +49,110 @@ pub fn service_name(service: &str) -> Result<&'static str, String> {
         .copied()
         .find(|s| *s == service)
         .ok_or_else(|| format!("unknown service {service:?}"))
+}
+
+/// How a [`Stack`] runs its services.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// A PostgreSQL server URL (`postgres://user@host:port/postgres`): each service gets a fresh
+    /// database there, shared by its instances. `None`: an SQLite file per service.
+    pub postgres: Option<String>,
+    /// Instances per service (at least 1; more than 1 needs `postgres`).
+    pub instances: usize,
+    /// `KAFKA_PARTITIONS` for the services (which create the topic); `None`: their default.
+    pub partitions: Option<u32>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            postgres: None,
+            instances: 1,
+            partitions: None,
+        }
+    }
+}
+
+impl StackOptions {
+    /// Reads `--postgres URL`, `--instances N` and `--partitions P` from a command line.
+    pub fn from_args(args: &[String]) -> Result<StackOptions, String> {
+        let value = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .map(|i| args.get(i + 1).ok_or(format!("{name} needs a value")))
+                .transpose()
+        };
+        let mut o = StackOptions {
+            postgres: value("--postgres")?.cloned(),
+            ..StackOptions::default()
+        };
+        if let Some(n) = value("--instances")? {
+            o.instances = n
+                .parse()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or(format!("--instances: not a positive number: {n}"))?;
+        }
+        if let Some(p) = value("--partitions")? {
+            o.partitions = Some(
+                p.parse()
+                    .ok()
+                    .filter(|p| *p >= 1)
+                    .ok_or(format!("--partitions: not a positive number: {p}"))?,
+            );
+        }
+        o.validate()?;
+        Ok(o)
+    }
+
+    /// Fails on `instances > 1` without `postgres`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.instances == 0 {
+            return Err("--instances must be at least 1".into());
+        }
+        if self.instances > 1 && self.postgres.is_none() {
+            return Err(format!(
+                "--instances {} needs --postgres: instances share their service's database, \
+                 and an SQLite file cannot be shared between processes",
+                self.instances
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The live (running and not stopped) instances of a [`Stack`], shared with clients so they
+/// can spread requests over them ([`Pool`]).
+pub type Live = Arc<Mutex<BTreeSet<String>>>;
+
+/// The instances of one service, for spreading requests round-robin over the live ones.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    /// `(instance, base URL)`, instance 1 first.
+    instances: Vec<(String, String)>,
+    live: Live,
+    next: Arc<AtomicUsize>,
+}
+
+impl Pool {
+    /// The base URL of the next live instance, round-robin; when none is live, the next one
+    /// anyway (the request then fails as it would have).
+    pub fn pick(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let len = self.instances.len();
+        (0..len)
+            .map(|i| &self.instances[(n + i) % len])
+            .find(|(name, _)| live.contains(name))
+            .unwrap_or(&self.instances[n % len])
+            .1
+            .clone()
+    }
+
+    /// Every instance's base URL.
+    pub fn all(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.instances.iter().map(|(n, u)| (n.as_str(), u.as_str()))
+    }
 }
 
 /// One child process, killed and reaped when dropped.
@@ -87,17 +210,23 @@ impl Drop for Process {
     }
 }
 
-/// The broker and the three services of one run.
+/// The broker and the three services (one or more instances each) of one run.
 pub struct Stack {
     dir: PathBuf,
     bin_dir: PathBuf,
     tansu: PathBuf,
     broker_port: u16,
     brokers: String,
-    ports: HashMap<&'static str, u16>,
+    options: StackOptions,
+    /// `DATABASE_URL` per service.
+    databases: HashMap<&'static str, String>,
+    /// HTTP port per instance.
+    ports: HashMap<String, u16>,
     broker: Option<Process>,
-    services: HashMap<&'static str, Process>,
-    stopped: BTreeSet<&'static str>,
+    /// Running children per instance.
+    services: HashMap<String, Process>,
+    stopped: BTreeSet<String>,
+    live: Live,
     extra_env: Vec<(&'static str, String, String)>,
     started: Instant,
 }
@@ -163,6 +292,33 @@ impl Stack {
         tansu: &Path,
         extra_env: Vec<(&'static str, String, String)>,
     ) -> Result<Stack, String> {
+        Self::start_with_options(dir, bin_dir, tansu, extra_env, StackOptions::default())
+    }
+
+    /// [`Stack::start_with`] with [`StackOptions`]: PostgreSQL databases (created here, fresh),
+    /// several instances per service, the number of partitions.
+    pub fn start_with_options(
+        dir: &Path,
+        bin_dir: &Path,
+        tansu: &Path,
+        extra_env: Vec<(&'static str, String, String)>,
+        options: StackOptions,
+    ) -> Result<Stack, String> {
+        options.validate()?;
+        let mut databases = HashMap::new();
+        for service in SERVICES {
+            let url = match &options.postgres {
+                Some(server) => crate::pg::fresh_database(
+                    server,
+                    &crate::pg::unique_name(&format!("mall_{service}")),
+                )?,
+                None => dir
+                    .join(format!("{service}.db"))
+                    .to_string_lossy()
+                    .into_owned(),
+            };
+            databases.insert(service, url);
+        }
         let port = free_port().map_err(|e| e.to_string())?;
         let mut stack = Stack {
             dir: dir.to_owned(),
@@ -170,25 +326,110 @@ impl Stack {
             tansu: tansu.to_owned(),
             broker_port: port,
             brokers: format!("127.0.0.1:{port}"),
+            options,
+            databases,
             ports: HashMap::new(),
             broker: None,
             services: HashMap::new(),
             stopped: BTreeSet::new(),
+            live: Live::default(),
             extra_env,
             started: Instant::now(),
         };
         stack.spawn_broker()?;
         wait_port(port, Duration::from_secs(30)).map_err(|e| format!("tansu: {e}"))?;
         // Every port first: orders is told where products and delivery answer.
-        for service in SERVICES {
+        let all = stack.all_instances();
+        for instance in &all {
             stack
                 .ports
-                .insert(service, free_port().map_err(|e| e.to_string())?);
+                .insert(instance.clone(), free_port().map_err(|e| e.to_string())?);
         }
-        for service in SERVICES {
-            stack.start_service(service)?;
+        for instance in &all {
+            stack.start_service(instance)?;
         }
         Ok(stack)
+    }
+
+    /// The options it was started with.
+    pub fn options(&self) -> &StackOptions {
+        &self.options
+    }
+
+    /// Instances per service.
+    pub fn instance_count(&self) -> usize {
+        self.options.instances
+    }
+
+    /// The name of instance `k` (1-based) of a service: `orders` when there is one instance per
+    /// service, else `orders-<k>`.
+    pub fn instance_name(&self, service: &str, k: usize) -> String {
+        instance_name(service, k, self.options.instances)
+    }
+
+    /// The instances of a service, instance 1 first.
+    pub fn instances(&self, service: &str) -> Vec<String> {
+        (1..=self.options.instances)
+            .map(|k| self.instance_name(service, k))
+            .collect()
+    }
+
+    /// Every instance of every service, in [`SERVICES`] order.
+    pub fn all_instances(&self) -> Vec<String> {
+        SERVICES.iter().flat_map(|s| self.instances(s)).collect()
+    }
+
+    /// `(service, instance name)` of a service name (its instance 1) or an instance name.
+    pub fn resolve(&self, name: &str) -> Result<(&'static str, String), String> {
+        if let Ok(service) = service_name(name) {
+            return Ok((service, self.instance_name(service, 1)));
+        }
+        if let Some((service, k)) = name.rsplit_once('-')
+            && let (Ok(service), Ok(k)) = (service_name(service), k.parse::<usize>())
+            && (1..=self.options.instances).contains(&k)
+            && self.options.instances > 1
+        {
+            return Ok((service, name.to_owned()));
+        }
+        Err(format!("unknown service or instance {name:?}"))
+    }
+
+    /// The shared set of live instances (running, not stopped).
+    pub fn live(&self) -> Live {
+        self.live.clone()
+    }
+
+    /// The instances of a service as a [`Pool`] over this stack's live set.
+    pub fn pool(&self, service: &str) -> Pool {
+        Pool {
+            instances: self
+                .instances(service)
+                .into_iter()
+                .map(|i| {
+                    let url = self.url(&i);
+                    (i, url)
+                })
+                .collect(),
+            live: self.live.clone(),
+            next: Arc::default(),
+        }
+    }
+
+    /// True when an instance answers requests as far as the stack knows (running, not stopped).
+    pub fn is_live(&self, name: &str) -> bool {
+        self.resolve(name)
+            .is_ok_and(|(_, i)| self.services.contains_key(&i) && !self.stopped.contains(&i))
+    }
+
+    fn sync_live(&self) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.clear();
+        live.extend(
+            self.services
+                .keys()
+                .filter(|i| !self.stopped.contains(*i))
+                .cloned(),
+        );
     }
 
     /// The run directory.
@@ -201,9 +442,10 @@ impl Stack {
         &self.brokers
     }
 
-    /// The HTTP port of a service.
+    /// The HTTP port of a service (its instance 1) or an instance.
     pub fn port(&self, service: &str) -> Option<u16> {
-        self.ports.get(service).copied()
+        let (_, instance) = self.resolve(service).ok()?;
+        self.ports.get(&instance).copied()
     }
 
     /// `http://127.0.0.1:<port>` of a service.
@@ -211,9 +453,10 @@ impl Stack {
         format!("http://127.0.0.1:{}", self.port(service).unwrap_or(0))
     }
 
-    /// True when the service has a live child (possibly SIGSTOPped).
+    /// True when the service (instance) has a live child (possibly SIGSTOPped).
     pub fn is_running(&self, service: &str) -> bool {
-        self.services.contains_key(service)
+        self.resolve(service)
+            .is_ok_and(|(_, i)| self.services.contains_key(&i))
     }
 
     /// True when the broker has a live child.
@@ -255,18 +498,18 @@ impl Stack {
         Ok(())
     }
 
-    /// Starts a service (again) on its port with its database; the log is appended to.
+    /// Starts a service instance (again) on its port with its database; the log is appended to.
     pub fn start_service(&mut self, service: &str) -> Result<(), String> {
-        let service = service_name(service)?;
-        if self.services.contains_key(service) {
-            return Err(format!("{service} is already running"));
+        let (service, instance) = self.resolve(service)?;
+        if self.services.contains_key(&instance) {
+            return Err(format!("{instance} is already running"));
         }
-        self.mark_log(service, "starting");
-        let (out, err) = log_file(&self.dir, service).map_err(|e| e.to_string())?;
+        self.mark_log(&instance, "starting");
+        let (out, err) = log_file(&self.dir, &instance).map_err(|e| e.to_string())?;
         let mut command = Command::new(self.bin_dir.join(service));
         command
-            .env("PORT", self.ports[service].to_string())
-            .env("DATABASE_URL", self.dir.join(format!("{service}.db")))
+            .env("PORT", self.ports[&instance].to_string())
+            .env("DATABASE_URL", &self.databases[service])
             .env("KAFKA_BROKERS", &self.brokers)
             .env("KAFKA_TOPIC", TOPIC)
             .env(
@@ -277,6 +520,12 @@ impl Stack {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
+        if self.options.instances > 1 {
+            command.env("INSTANCE_ID", &instance);
+        }
+        if let Some(p) = self.options.partitions {
+            command.env("KAFKA_PARTITIONS", p.to_string());
+        }
         if service == "orders" {
             // Where orders' dashboard (`/dashboard/config`) sends the page.
             command
@@ -292,14 +541,15 @@ impl Stack {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("cannot start {service}: {e}"))?;
+            .map_err(|e| format!("cannot start {instance}: {e}"))?;
         self.services.insert(
-            service,
+            instance.clone(),
             Process {
-                name: service.into(),
+                name: instance,
                 child,
             },
         );
+        self.sync_live();
         Ok(())
     }
 
@@ -317,36 +567,40 @@ impl Stack {
 
     /// `kill -9` a service and reap it: no shutdown path runs. Fails if it is not running.
     pub fn sigkill(&mut self, service: &str) -> Result<(), String> {
+        let (_, instance) = self.resolve(service)?;
         let p = self
             .services
-            .remove(service)
-            .ok_or(format!("{service} is not running"))?;
-        self.stopped.remove(service);
+            .remove(&instance)
+            .ok_or(format!("{instance} is not running"))?;
+        self.stopped.remove(&instance);
+        self.sync_live();
         p.sigkill();
         Ok(())
     }
 
     /// SIGSTOP a service: it is frozen (no heartbeats, no HTTP answers) until [`Stack::sigcont`].
     pub fn sigstop(&mut self, service: &str) -> Result<(), String> {
-        let service = service_name(service)?;
+        let (_, instance) = self.resolve(service)?;
         let p = self
             .services
-            .get(service)
-            .ok_or(format!("{service} is not running"))?;
+            .get(&instance)
+            .ok_or(format!("{instance} is not running"))?;
         p.signal("STOP")?;
-        self.stopped.insert(service);
+        self.stopped.insert(instance);
+        self.sync_live();
         Ok(())
     }
 
     /// SIGCONT a stopped service.
     pub fn sigcont(&mut self, service: &str) -> Result<(), String> {
-        let service = service_name(service)?;
+        let (_, instance) = self.resolve(service)?;
         let p = self
             .services
-            .get(service)
-            .ok_or(format!("{service} is not running"))?;
+            .get(&instance)
+            .ok_or(format!("{instance} is not running"))?;
         p.signal("CONT")?;
-        self.stopped.remove(service);
+        self.stopped.remove(&instance);
+        self.sync_live();
         Ok(())
     }
 
@@ -357,11 +611,13 @@ impl Stack {
         service: &str,
         timeout: Duration,
     ) -> Result<Duration, String> {
+        let (_, service) = self.resolve(service)?;
         let mut p = self
             .services
-            .remove(service)
+            .remove(&service)
             .ok_or(format!("{service} is not running"))?;
-        self.stopped.remove(service);
+        self.stopped.remove(&service);
+        self.sync_live();
         let started = Instant::now();
         p.signal("TERM")?;
         while started.elapsed() < timeout {
@@ -412,15 +668,16 @@ impl Stack {
     /// no longer running; start it again with [`Stack::restart_service`].
     pub fn reap_exited(&mut self) -> Vec<(String, ExitStatus)> {
         let mut exited = Vec::new();
-        let names: Vec<&'static str> = self.services.keys().copied().collect();
+        let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
-            let status = self.services.get_mut(name).and_then(Process::try_exit);
+            let status = self.services.get_mut(&name).and_then(Process::try_exit);
             if let Some(status) = status {
-                self.services.remove(name);
-                self.stopped.remove(name);
-                exited.push((name.to_owned(), status));
+                self.services.remove(&name);
+                self.stopped.remove(&name);
+                exited.push((name, status));
             }
         }
+        self.sync_live();
         if let Some(status) = self.broker.as_mut().and_then(Process::try_exit) {
             self.broker = None;
             exited.push(("tansu".to_owned(), status));
@@ -429,17 +686,31 @@ impl Stack {
     }
 
     /// The process ids of the running children: the broker as `tansu` first, then the
-    /// services in [`SERVICES`] order (a service that is not running is left out).
+    /// instances in [`SERVICES`] order (one that is not running is left out).
     pub fn pids(&self) -> Vec<(String, u32)> {
         let broker = self.broker.iter().map(|p| (p.name.clone(), p.pid()));
-        let services = SERVICES
-            .iter()
-            .filter_map(|s| self.services.get(s))
-            .map(|p| (p.name.clone(), p.pid()));
+        let services = self
+            .all_instances()
+            .into_iter()
+            .filter_map(|i| self.services.get(&i))
+            .map(|p| (p.name.clone(), p.pid()))
+            .collect::<Vec<_>>();
         broker.chain(services).collect()
     }
 
-    /// A client for this stack.
+    /// A client for instance `k` (1-based) of each service.
+    pub fn mall_of(&self, k: usize) -> Mall {
+        let url = |s: &str| self.url(&self.instance_name(s, k));
+        Mall::new(
+            url("orders"),
+            url("products"),
+            url("delivery"),
+            self.brokers.clone(),
+            TOPIC.into(),
+        )
+    }
+
+    /// A client for this stack (instance 1 of each service).
     pub fn mall(&self) -> Mall {
         Mall::new(
             self.url("orders"),
@@ -454,6 +725,7 @@ impl Stack {
     pub fn stop(&mut self) {
         self.services.clear();
         self.stopped.clear();
+        self.sync_live();
         self.broker = None;
     }
 }

@@ -1,5 +1,6 @@
-//! The three services in this process on port 0, with temporary SQLite databases, against
-//! rdkafka's in-process `MockCluster` broker: each test gets its own cluster.
+//! The three services in this process on port 0, with temporary SQLite databases (or fresh
+//! PostgreSQL databases when `TEST_POSTGRES_URL` is set), against rdkafka's in-process
+//! `MockCluster` broker: each test gets its own cluster.
 
 use e2e::{InProcessMall, scenarios, spawn_in_process};
 use rdkafka::mocking::MockCluster;

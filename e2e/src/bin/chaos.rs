@@ -7,8 +7,15 @@
 //! and checks the invariants on the REST APIs and the topic. Ends with `N passed, N failed`;
 //! exits non-zero on any violation.
 //!
+//! With `--postgres URL` each service gets a fresh database on that server; `--instances N`
+//! (needs `--postgres`) runs N processes per service on it: the faults then hit single
+//! instances (`orders-2`), the workload spreads its requests round-robin over the live
+//! instances, and the state is read through a live one. `--partitions P` sets
+//! `KAFKA_PARTITIONS`.
+//!
 //! Usage: `chaos --bin-dir target/release --tansu .tools/bin/tansu [--orders 500] [--kills 5]
-//! [--broker-restarts 1] [--stops 1] [--terms 1] [--rate 25] [--seed N] [--keep]`
+//! [--broker-restarts 1] [--stops 1] [--terms 1] [--rate 25] [--seed N] [--keep]
+//! [--postgres URL] [--instances N] [--partitions P]`
 
 use e2e::chaos::check::{self, CheckResult, Violation, names};
 use e2e::chaos::client::Client;
@@ -17,7 +24,7 @@ use e2e::chaos::inject::{self, FaultRecord};
 use e2e::chaos::plan::{self, Counts, PlannedFault};
 use e2e::chaos::rng::{Rng, fresh_seed};
 use e2e::chaos::workload::{self, Product, Progress, Urls};
-use e2e::stack::{SERVICES, Stack};
+use e2e::stack::{SERVICES, Stack, StackOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -27,7 +34,8 @@ use std::time::{Duration, Instant};
 const USAGE: &str =
     "usage: chaos --bin-dir <dir with orders, products, delivery> --tansu <tansu binary>
              [--orders N=500] [--kills N=5] [--broker-restarts N=1] [--stops N=1] [--terms N=1]
-             [--rate R=25] [--seed N] [--keep]";
+             [--rate R=25] [--seed N] [--keep]
+             [--postgres URL] [--instances N=1] [--partitions P]";
 
 /// How long after the last restart every invariant must hold.
 const SETTLE: Duration = Duration::from_secs(30);
@@ -47,6 +55,7 @@ struct Options {
     rate: f64,
     seed: u64,
     keep: bool,
+    stack: StackOptions,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -65,6 +74,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         rate: 25.0,
         seed: fresh_seed(),
         keep: false,
+        stack: StackOptions::from_args(args)?,
     };
     let mut i = 0;
     while i < args.len() {
@@ -99,6 +109,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--stops" => o.counts.stops = small()?,
             "--terms" => o.counts.terms = small()?,
             "--seed" => o.seed = number()?,
+            "--postgres" | "--instances" | "--partitions" => {} // read by StackOptions
             "--rate" => {
                 o.rate = value
                     .parse::<f64>()
@@ -178,14 +189,15 @@ async fn run(
 ) -> Result<Outcome, String> {
     let client = Client::new();
     let urls = Urls {
-        orders: stack.url("orders"),
-        products: stack.url("products"),
-        delivery: stack.url("delivery"),
+        orders: stack.pool("orders"),
+        products: stack.pool("products"),
+        delivery: stack.pool("delivery"),
     };
+    let all = stack.all_instances();
     let mut crashes = Vec::new();
     let started = Instant::now();
     let mut problems = Vec::new();
-    if !inject::wait_healthy(stack, &client, &SERVICES, HEALTH_TIMEOUT, &mut problems).await {
+    if !inject::wait_healthy(stack, &client, &all, HEALTH_TIMEOUT, &mut problems).await {
         return Err(format!("the mall did not start: {}", problems.join("; ")));
     }
     crashes.extend(problems);
@@ -327,7 +339,7 @@ async fn run(
 
     // Quiescence.
     let mut problems = Vec::new();
-    if !inject::wait_healthy(stack, &client, &SERVICES, HEALTH_TIMEOUT, &mut problems).await {
+    if !inject::wait_healthy(stack, &client, &all, HEALTH_TIMEOUT, &mut problems).await {
         crashes.push(format!("after the last fault: {}", problems.join("; ")));
     } else {
         crashes.extend(problems);
@@ -550,7 +562,7 @@ async fn main() -> ExitCode {
         }
     };
     let window = Duration::from_secs_f64(o.orders as f64 / o.rate);
-    let plan = plan::plan(&mut Rng::new(o.seed), &o.counts, window);
+    let plan = plan::plan_for(&mut Rng::new(o.seed), &o.counts, window, o.stack.instances);
     let dir = match tempfile::Builder::new().prefix("mall-chaos-").tempdir() {
         Ok(dir) => dir,
         Err(e) => {
@@ -572,7 +584,23 @@ async fn main() -> ExitCode {
         println!("  {:>2}. at +{:>6}  {}", i + 1, secs(p.at), p.fault);
     }
     let extra_env = vec![("products", "SEED_CATALOG".to_owned(), "false".to_owned())];
-    let mut stack = match Stack::start_with(dir.path(), &o.bin_dir, &o.tansu, extra_env) {
+    if o.stack.instances > 1 || o.stack.postgres.is_some() {
+        println!(
+            "stack: {} instance(s) per service on PostgreSQL{}",
+            o.stack.instances,
+            o.stack
+                .partitions
+                .map(|p| format!(", {p} partitions"))
+                .unwrap_or_default()
+        );
+    }
+    let mut stack = match Stack::start_with_options(
+        dir.path(),
+        &o.bin_dir,
+        &o.tansu,
+        extra_env,
+        o.stack.clone(),
+    ) {
         Ok(stack) => stack,
         Err(e) => {
             println!("FAIL start-up: {e}");
@@ -598,7 +626,7 @@ async fn main() -> ExitCode {
     if failed > 0 || o.keep {
         let kept = dir.keep();
         println!(
-            "run directory kept: {} (logs: tansu.log, orders.log, products.log, delivery.log)",
+            "run directory kept: {} (logs: tansu.log and <service or instance>.log)",
             kept.display()
         );
     } else {

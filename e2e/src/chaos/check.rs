@@ -25,7 +25,7 @@ pub mod names {
     /// The DLT holds the injected poison only, parked by every group.
     pub const DLT: &str = "DLT: only the injected poison, parked by all three groups";
     /// /health answers 200 at the end.
-    pub const HEALTH: &str = "all three /health answer 200 at the end";
+    pub const HEALTH: &str = "every service (instance) /health answers 200 at the end";
     /// The REST lists and topics could be read.
     pub const READABLE: &str = "state readable (REST lists, products, topics)";
 }

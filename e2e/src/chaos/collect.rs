@@ -118,7 +118,7 @@ pub async fn snapshot(cx: Context<'_>) -> Snapshot {
     let orders = read_pages(
         cx.client,
         "GET /orders (paged)",
-        &format!("{}/orders", cx.urls.orders),
+        &format!("{}/orders", cx.urls.orders.pick()),
         "id",
     )
     .await;
@@ -129,7 +129,7 @@ pub async fn snapshot(cx: Context<'_>) -> Snapshot {
     let reservations = read_pages(
         cx.client,
         "GET /reservations (paged)",
-        &format!("{}/reservations", cx.urls.products),
+        &format!("{}/reservations", cx.urls.products.pick()),
         "orderId",
     )
     .await;
@@ -140,7 +140,7 @@ pub async fn snapshot(cx: Context<'_>) -> Snapshot {
     let deliveries = read_pages(
         cx.client,
         "GET /deliveries (paged)",
-        &format!("{}/deliveries", cx.urls.delivery),
+        &format!("{}/deliveries", cx.urls.delivery.pick()),
         "id",
     )
     .await;
@@ -149,7 +149,7 @@ pub async fn snapshot(cx: Context<'_>) -> Snapshot {
         Err(e) => s.read_errors.push(format!("deliveries: {e}")),
     }
     for p in cx.products {
-        let url = format!("{}/products/{}", cx.urls.products, p.id);
+        let url = format!("{}/products/{}", cx.urls.products.pick(), p.id);
         match cx
             .client
             .call("GET /products/{id}", "GET", &url, None)
@@ -181,13 +181,11 @@ pub async fn snapshot(cx: Context<'_>) -> Snapshot {
         }
         Err(e) => s.read_errors.push(format!("topic {dlt}: {e}")),
     }
-    for (service, base) in [
-        ("orders", &cx.urls.orders),
-        ("products", &cx.urls.products),
-        ("delivery", &cx.urls.delivery),
-    ] {
-        s.health
-            .push((service.to_owned(), cx.client.health(base).await));
+    for pool in [&cx.urls.orders, &cx.urls.products, &cx.urls.delivery] {
+        for (instance, base) in pool.all() {
+            s.health
+                .push((instance.to_owned(), cx.client.health(base).await));
+        }
     }
     let log = cx.client.log();
     s.requests = log.requests;

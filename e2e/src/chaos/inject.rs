@@ -1,9 +1,10 @@
 //! Carrying out one planned fault on the running [`Stack`], from the first signal to the
-//! moment the services it hit answer `/health` 200 again.
+//! moment the services (instances) it hit answer `/health` 200 again — every instance after a
+//! broker restart.
 
 use super::client::Client;
 use super::plan::Fault;
-use crate::stack::{SERVICES, Stack};
+use crate::stack::Stack;
 use std::time::{Duration, Instant};
 
 /// How long a service may take to answer `/health` 200 after a fault.
@@ -32,17 +33,17 @@ pub struct FaultRecord {
     pub notes: Vec<String>,
 }
 
-/// The base URL of a service on the stack.
+/// The base URL of a service (instance) on the stack.
 fn url(stack: &Stack, service: &str) -> String {
     stack.url(service)
 }
 
-/// Waits until each service answers /health 200; a service that exits meanwhile is reported
-/// and started again (up to 3 times). Returns false on timeout.
+/// Waits until each service (instance) answers /health 200; one that exits meanwhile is
+/// reported and started again (up to 3 times). Returns false on timeout.
 pub async fn wait_healthy(
     stack: &mut Stack,
     client: &Client,
-    services: &[&'static str],
+    services: &[String],
     timeout: Duration,
     problems: &mut Vec<String>,
 ) -> bool {
@@ -175,12 +176,18 @@ pub async fn execute(
     }
     let last_restart = Instant::now();
     let services = fault.services();
+    let everything = services.is_empty();
+    let services = if everything {
+        stack.all_instances()
+    } else {
+        services
+    };
     let healthy = wait_healthy(stack, client, &services, RECOVERY_TIMEOUT, &mut problems).await;
     let recovered_after = healthy.then(|| began.elapsed());
     match recovered_after {
         Some(d) => at(&format!(
             "{} healthy again, {:.1} s after the fault began",
-            if services.len() == SERVICES.len() {
+            if everything {
                 "all services".to_owned()
             } else {
                 services.join(" and ")

@@ -1,8 +1,11 @@
 //! The fault plan: which faults, against which process, at which moment of the workload; all
 //! drawn from the seeded [`Rng`], before the run starts, so a seed replays the same plan.
+//! With several instances per service ([`plan_for`]) the faults name instances (`orders-2`):
+//! a kill, a double kill, a stop or a SIGTERM hits one instance, a two-at-once kill two
+//! different instances (of one service or of two).
 
 use super::rng::Rng;
-use crate::stack::SERVICES;
+use crate::stack::{SERVICES, instance_name};
 use std::fmt;
 use std::time::Duration;
 
@@ -10,23 +13,23 @@ use std::time::Duration;
 /// time; each is complete before the next begins.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
-    /// SIGKILL a service, restart it.
+    /// SIGKILL a service (instance), restart it.
     Kill {
-        /// The service.
-        service: &'static str,
+        /// The service or instance.
+        service: String,
     },
     /// SIGKILL a service, restart it, SIGKILL it again `again_after` after the restart (well
     /// within its session timeout, so its first new member is still in the group), restart.
     DoubleKill {
-        /// The service.
-        service: &'static str,
+        /// The service or instance.
+        service: String,
         /// How long the first restart lives.
         again_after: Duration,
     },
-    /// SIGKILL two services at once, restart both.
+    /// SIGKILL two services (instances) at once, restart both.
     KillTwo {
-        /// The services.
-        services: [&'static str; 2],
+        /// The services or instances.
+        services: [String; 2],
     },
     /// SIGKILL the broker, wait `down_for`, restart it on the same port and storage.
     BrokerRestart {
@@ -35,15 +38,15 @@ pub enum Fault {
     },
     /// SIGSTOP a service for `stopped_for` (longer than its session timeout), then SIGCONT.
     Stop {
-        /// The service.
-        service: &'static str,
+        /// The service or instance.
+        service: String,
         /// How long it stays frozen.
         stopped_for: Duration,
     },
     /// SIGTERM a service, wait for it to exit by itself, restart it.
     Term {
-        /// The service.
-        service: &'static str,
+        /// The service or instance.
+        service: String,
     },
 }
 
@@ -83,21 +86,22 @@ impl Fault {
             Fault::Kill { service }
             | Fault::DoubleKill { service, .. }
             | Fault::Stop { service, .. }
-            | Fault::Term { service } => (*service).to_owned(),
+            | Fault::Term { service } => service.clone(),
             Fault::KillTwo { services } => services.join("+"),
             Fault::BrokerRestart { .. } => "tansu".into(),
         }
     }
 
-    /// The services whose `/health` says the fault is over.
-    pub fn services(&self) -> Vec<&'static str> {
+    /// The services (instances) whose `/health` says the fault is over; empty for the broker,
+    /// whose restart every instance must survive.
+    pub fn services(&self) -> Vec<String> {
         match self {
             Fault::Kill { service }
             | Fault::DoubleKill { service, .. }
             | Fault::Stop { service, .. }
-            | Fault::Term { service } => vec![*service],
+            | Fault::Term { service } => vec![service.clone()],
             Fault::KillTwo { services } => services.to_vec(),
-            Fault::BrokerRestart { .. } => SERVICES.to_vec(),
+            Fault::BrokerRestart { .. } => Vec::new(),
         }
     }
 
@@ -143,32 +147,44 @@ pub struct PlannedFault {
     pub fault: Fault,
 }
 
-fn service(rng: &mut Rng) -> &'static str {
-    SERVICES[rng.below(SERVICES.len() as u64) as usize]
+/// The `i`-th of the `3 × instances` instances, services in [`SERVICES`] order.
+fn nth_instance(i: usize, instances: usize) -> String {
+    instance_name(SERVICES[i / instances], i % instances + 1, instances)
 }
 
-fn two_services(rng: &mut Rng) -> [&'static str; 2] {
-    let first = rng.below(3) as usize;
-    let second = (first + 1 + rng.below(2) as usize) % 3;
-    [SERVICES[first], SERVICES[second]]
+/// One instance at random (with one instance per service: one service, drawn as always).
+fn service(rng: &mut Rng, instances: usize) -> String {
+    let all = SERVICES.len() * instances;
+    nth_instance(rng.below(all as u64) as usize, instances)
 }
 
-fn double_kill(rng: &mut Rng) -> Fault {
+/// Two different instances at random.
+fn two_services(rng: &mut Rng, instances: usize) -> [String; 2] {
+    let all = SERVICES.len() * instances;
+    let first = rng.below(all as u64) as usize;
+    let second = (first + 1 + rng.below(all as u64 - 1) as usize) % all;
+    [
+        nth_instance(first, instances),
+        nth_instance(second, instances),
+    ]
+}
+
+fn double_kill(rng: &mut Rng, instances: usize) -> Fault {
     Fault::DoubleKill {
-        service: service(rng),
+        service: service(rng, instances),
         again_after: Duration::from_secs_f64(rng.uniform(0.5, 2.0)),
     }
 }
 
 /// The service kills: exactly `kills` SIGKILLs; with 5 or more, at least one double kill and
 /// one two-at-once kill.
-fn kill_faults(rng: &mut Rng, kills: u32) -> Vec<Fault> {
+fn kill_faults(rng: &mut Rng, kills: u32, instances: usize) -> Vec<Fault> {
     let mut faults = Vec::new();
     let mut left = kills;
     if kills >= 5 {
-        faults.push(double_kill(rng));
+        faults.push(double_kill(rng, instances));
         faults.push(Fault::KillTwo {
-            services: two_services(rng),
+            services: two_services(rng, instances),
         });
         left -= 4;
     }
@@ -176,11 +192,11 @@ fn kill_faults(rng: &mut Rng, kills: u32) -> Vec<Fault> {
         let choice = if left >= 2 { rng.below(3) } else { 0 };
         let fault = match choice {
             0 => Fault::Kill {
-                service: service(rng),
+                service: service(rng, instances),
             },
-            1 => double_kill(rng),
+            1 => double_kill(rng, instances),
             _ => Fault::KillTwo {
-                services: two_services(rng),
+                services: two_services(rng, instances),
             },
         };
         left -= fault.kills();
@@ -194,7 +210,18 @@ fn kill_faults(rng: &mut Rng, kills: u32) -> Vec<Fault> {
 /// estimated time; when the faults need more than the window, they are planned back to back
 /// (and run on after the last order).
 pub fn plan(rng: &mut Rng, counts: &Counts, window: Duration) -> Vec<PlannedFault> {
-    let mut faults = kill_faults(rng, counts.kills);
+    plan_for(rng, counts, window, 1)
+}
+
+/// [`plan`] for `instances` instances per service: the faults name instances.
+pub fn plan_for(
+    rng: &mut Rng,
+    counts: &Counts,
+    window: Duration,
+    instances: usize,
+) -> Vec<PlannedFault> {
+    let instances = instances.max(1);
+    let mut faults = kill_faults(rng, counts.kills, instances);
     for _ in 0..counts.broker_restarts {
         faults.push(Fault::BrokerRestart {
             down_for: Duration::from_secs_f64(rng.uniform(0.5, 3.0)),
@@ -202,13 +229,13 @@ pub fn plan(rng: &mut Rng, counts: &Counts, window: Duration) -> Vec<PlannedFaul
     }
     for _ in 0..counts.stops {
         faults.push(Fault::Stop {
-            service: service(rng),
+            service: service(rng, instances),
             stopped_for: Duration::from_secs_f64(rng.uniform(7.5, 9.0)),
         });
     }
     for _ in 0..counts.terms {
         faults.push(Fault::Term {
-            service: service(rng),
+            service: service(rng, instances),
         });
     }
     rng.shuffle(&mut faults);
@@ -310,9 +337,24 @@ mod tests {
     #[test]
     fn kill_two_hits_two_different_services() {
         let mut rng = Rng::new(3);
-        for _ in 0..1000 {
-            let [a, b] = two_services(&mut rng);
-            assert_ne!(a, b);
+        for instances in [1, 2, 3] {
+            for _ in 0..1000 {
+                let [a, b] = two_services(&mut rng, instances);
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn with_instances_the_faults_name_instances() {
+        for seed in 0..50 {
+            for p in plan_for(&mut Rng::new(seed), &counts(7), Duration::from_secs(60), 3) {
+                for target in p.fault.services() {
+                    let (service, k) = target.rsplit_once('-').expect("an instance name");
+                    assert!(SERVICES.contains(&service), "{target}");
+                    assert!(["1", "2", "3"].contains(&k), "{target}");
+                }
+            }
         }
     }
 

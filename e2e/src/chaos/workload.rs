@@ -5,6 +5,7 @@
 
 use super::client::{Client, Reply};
 use super::rng::Rng;
+use crate::stack::Pool;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,15 +34,16 @@ pub struct Product {
     pub initial: i64,
 }
 
-/// The base URLs of the three services.
+/// The instances of the three services; each request goes to the next live instance of its
+/// service, round-robin ([`Pool::pick`]).
 #[derive(Debug, Clone)]
 pub struct Urls {
     /// orders.
-    pub orders: String,
+    pub orders: Pool,
     /// products.
-    pub products: String,
+    pub products: Pool,
     /// delivery.
-    pub delivery: String,
+    pub delivery: Pool,
 }
 
 /// The stock of each of `count` products for `orders` orders: in total about
@@ -73,7 +75,7 @@ pub async fn create_products(
                 .call(
                     "POST /products",
                     "POST",
-                    &format!("{}/products", urls.products),
+                    &format!("{}/products", urls.products.pick()),
                     Some(body.clone()),
                 )
                 .await;
@@ -293,7 +295,7 @@ async fn place(
         .call(
             "POST /orders",
             "POST",
-            &format!("{}/orders", urls.orders),
+            &format!("{}/orders", urls.orders.pick()),
             Some(body),
         )
         .await;
@@ -378,7 +380,7 @@ async fn follow_up(client: &Client, urls: &Urls, job: &Job) -> bool {
                     .call(
                         "PATCH /orders/{id}",
                         "PATCH",
-                        &format!("{}/orders/{}", urls.orders, job.order),
+                        &format!("{}/orders/{}", urls.orders.pick(), job.order),
                         Some(json!({ "state": "OrderCancelled" })),
                     )
                     .await;
@@ -397,7 +399,7 @@ async fn follow_up(client: &Client, urls: &Urls, job: &Job) -> bool {
                     .call(
                         "GET /deliveries?orderId=",
                         "GET",
-                        &format!("{}/deliveries?orderId={}", urls.delivery, job.order),
+                        &format!("{}/deliveries?orderId={}", urls.delivery.pick(), job.order),
                         None,
                     )
                     .await;
@@ -414,7 +416,7 @@ async fn follow_up(client: &Client, urls: &Urls, job: &Job) -> bool {
                     .call(
                         &format!("PATCH /deliveries/{{id}} {target}"),
                         "PATCH",
-                        &format!("{}/deliveries/{delivery_id}", urls.delivery),
+                        &format!("{}/deliveries/{delivery_id}", urls.delivery.pick()),
                         Some(json!({ "deliveryState": target })),
                     )
                     .await;
