@@ -432,6 +432,11 @@ impl Stack {
         );
     }
 
+    /// The `DATABASE_URL` of a service (an SQLite path or a PostgreSQL URL).
+    pub fn database_url(&self, service: &str) -> Option<&str> {
+        self.databases.get(service).map(String::as_str)
+    }
+
     /// The run directory.
     pub fn dir(&self) -> &Path {
         &self.dir

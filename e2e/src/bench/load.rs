@@ -60,10 +60,20 @@ struct Created {
 pub struct Target {
     /// The HTTP client (keep-alive, shared pool).
     pub client: reqwest::Client,
-    /// `http://…/orders`.
-    pub url: String,
+    /// `http://…/orders` of every orders instance; posts go round-robin.
+    pub urls: Vec<String>,
+    /// The next of `urls`.
+    pub next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// The JSON body, the same for every order.
     pub body: String,
+}
+
+impl Target {
+    /// The URL the next order goes to.
+    pub fn url(&self) -> &str {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.urls[n % self.urls.len()]
+    }
 }
 
 /// A client for the load: keep-alive with a pool as large as the in-flight cap.
@@ -123,7 +133,7 @@ async fn post_order(target: &Target) -> Post {
     let sent = Instant::now();
     let response = target
         .client
-        .post(&target.url)
+        .post(target.url())
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(target.body.clone())
         .send()

@@ -57,6 +57,40 @@ pub fn memory(pid: u32) -> Memory {
     }
 }
 
+/// Pids of every `postgres` process on this machine (the server the stack's databases are
+/// on, its backends and workers): the bench counts their CPU as one process, "postgres".
+pub fn postgres_pids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "postgres")
+        })
+        .collect()
+}
+
+/// Bytes of a service's database: `pg_database_size` for a PostgreSQL URL (0 if unreachable),
+/// else the SQLite file in `dir` and its write-ahead log.
+pub fn database_size(dir: &Path, service: &str, url: Option<&str>) -> u64 {
+    use diesel::{Connection, RunQueryDsl};
+    match url {
+        Some(url) if url.starts_with("postgres") => diesel::PgConnection::establish(url)
+            .ok()
+            .and_then(|mut conn| {
+                diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                    "SELECT pg_database_size(current_database())",
+                )
+                .get_result::<i64>(&mut conn)
+                .ok()
+            })
+            .map_or(0, |bytes| bytes as u64),
+        _ => database_bytes(dir, service),
+    }
+}
+
 /// Bytes of `<dir>/<service>.db` plus its write-ahead log.
 pub fn database_bytes(dir: &Path, service: &str) -> u64 {
     let size = |name: String| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());

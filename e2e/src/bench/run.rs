@@ -16,8 +16,11 @@ pub struct Rig {
     pub brokers: String,
     /// The run directory, with the services' databases.
     pub dir: PathBuf,
-    /// Name and pid of the broker, each service and the bench itself.
+    /// Name and pid of the broker, each service instance, the bench itself and (PostgreSQL)
+    /// every postgres process, all named "postgres" and counted as one.
     pub processes: Vec<(String, u32)>,
+    /// Each service's `DATABASE_URL`, where it is PostgreSQL.
+    pub databases: HashMap<&'static str, String>,
     /// The services' `KAFKA_FETCH_WAIT_MAX_MS`, also used by the bench's consumers.
     pub fetch_wait_ms: u64,
     /// Where the orders go.
@@ -123,7 +126,7 @@ pub async fn open_loop(rig: &Rig, plan: Plan) -> Result<Report, String> {
     let database = SERVICES
         .iter()
         .zip(database_before)
-        .map(|(s, before)| (*s, before, procfs::database_bytes(&rig.dir, s)))
+        .map(|(s, before)| (*s, before, database_bytes(rig, s)))
         .collect();
     Ok(summarise(
         plan, load, &ids, &times, drained_in, cpu_secs, memory, database,
@@ -138,10 +141,28 @@ fn created_id(post: &load::Post) -> Option<i64> {
 }
 
 fn database_sizes(rig: &Rig) -> Vec<u64> {
-    SERVICES
-        .iter()
-        .map(|s| procfs::database_bytes(&rig.dir, s))
-        .collect()
+    SERVICES.iter().map(|s| database_bytes(rig, s)).collect()
+}
+
+/// Bytes of a service's database (file or PostgreSQL database).
+pub fn database_bytes(rig: &Rig, service: &str) -> u64 {
+    procfs::database_size(
+        &rig.dir,
+        service,
+        rig.databases.get(service).map(String::as_str),
+    )
+}
+
+/// Entries of one name (the postgres processes) summed into one; memory: the largest.
+fn merged<T: Clone>(entries: Vec<(String, T)>, add: impl Fn(&T, &T) -> T) -> Vec<(String, T)> {
+    let mut out: Vec<(String, T)> = Vec::new();
+    for (name, value) in entries {
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, total)) => *total = add(total, &value),
+            None => out.push((name, value)),
+        }
+    }
+    out
 }
 
 /// CPU ticks at the start and the end of the steady window → seconds per process; memory at
@@ -160,12 +181,20 @@ async fn sample_steady_window(
         .iter()
         .map(|(name, pid)| (name.clone(), procfs::memory(*pid)))
         .collect();
-    (cpu_seconds(rig, &first, &last), memory)
+    let larger = |a: &Memory, b: &Memory| {
+        if b.rss_kb > a.rss_kb {
+            b.clone()
+        } else {
+            a.clone()
+        }
+    };
+    (cpu_seconds(rig, &first, &last), merged(memory, larger))
 }
 
 /// CPU seconds per process between two samples (NaN for a process that went away).
 pub fn cpu_seconds(rig: &Rig, first: &[Option<u64>], last: &[Option<u64>]) -> Vec<(String, f64)> {
-    rig.processes
+    let each = rig
+        .processes
         .iter()
         .zip(first.iter().zip(last))
         .map(|((name, _), pair)| {
@@ -175,7 +204,17 @@ pub fn cpu_seconds(rig: &Rig, first: &[Option<u64>], last: &[Option<u64>]) -> Ve
             };
             (name.clone(), secs)
         })
-        .collect()
+        .collect();
+    // A postgres backend that exits meanwhile is NaN: left out of the sum.
+    merged(each, |a, b| {
+        if b.is_nan() {
+            *a
+        } else if a.is_nan() {
+            *b
+        } else {
+            a + b
+        }
+    })
 }
 
 /// Waits until every order has a terminal event or `timeout` passes; returns how long it
@@ -337,7 +376,8 @@ fn print_resources(r: &Report) {
         let db = r
             .database
             .iter()
-            .find(|(s, _, _)| s == name)
+            // Shared by a service's instances: shown once, on its first.
+            .find(|(s, _, _)| s == name || name.strip_suffix("-1") == Some(*s))
             .map(|(_, before, after)| {
                 let grown = *after as f64 - *before as f64;
                 format!(

@@ -15,7 +15,7 @@ use e2e::bench::floor::broker_floor;
 use e2e::bench::run::{self, Plan, Report, Rig};
 use e2e::bench::stats::Spread;
 use e2e::bench::{load, preload, procfs};
-use e2e::stack::{SERVICES, Stack, argument};
+use e2e::stack::{SERVICES, Stack, StackOptions, argument};
 use e2e::{Check, Mall, eventually};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "\
 usage: saga-bench [--rate R --duration S] [--find-max] [--fetch-wait-table] [--preload N] [--keep]
                   [--fetch-wait MS] [--bin-dir DIR] [--tansu PATH]
+                  [--postgres URL [--instances N] [--partitions P]]
 
 Starts its own broker and services (scripts/bench.sh builds them) and prints figures.
 With no mode flag: broker floor, open loop at 300/s for 30 s and at 1000/s for 60 s, and the
@@ -39,7 +40,11 @@ fetch-wait table.
                          (default: $KAFKA_FETCH_WAIT_MAX_MS, else the services' default, 20)
   --keep                 keep the run directories (databases, logs)
   --bin-dir DIR          where orders, products, delivery are (default target/release)
-  --tansu PATH           the broker binary (default .tools/bin/tansu)";
+  --tansu PATH           the broker binary (default .tools/bin/tansu)
+  --postgres URL         the services on PostgreSQL (URL of a server's maintenance database;
+                         fresh databases per run); the postgres processes' CPU is one line
+  --instances N          N instances of each service (needs --postgres); orders go round-robin
+  --partitions P         KAFKA_PARTITIONS for the services (which create the topic)";
 
 /// Stock of the bench product: enough that no saga is refused.
 const STOCK: i64 = 100_000_000;
@@ -63,6 +68,7 @@ struct Options {
     preload: u64,
     fetch_wait_ms: u64,
     keep: bool,
+    stack: StackOptions,
 }
 
 impl Options {
@@ -90,7 +96,10 @@ fn absolute(path: PathBuf) -> Result<PathBuf, String> {
 
 /// Parses the command line; `Err("")` asks for the usage text alone.
 fn parse(args: &[String]) -> Result<Options, String> {
-    const VALUED: [&str; 6] = [
+    const VALUED: [&str; 9] = [
+        "--postgres",
+        "--instances",
+        "--partitions",
         "--rate",
         "--duration",
         "--preload",
@@ -123,7 +132,11 @@ fn parse(args: &[String]) -> Result<Options, String> {
             .or(env_wait)
             .unwrap_or(kafka::settings::DEFAULT_FETCH_WAIT_MS),
         keep: args.iter().any(|a| a == "--keep"),
+        stack: StackOptions::from_args(args)?,
     };
+    if o.preload > 0 && o.stack.postgres.is_some() {
+        return Err("--preload writes SQLite files; it does not go with --postgres".into());
+    }
     if o.duration.is_some() && o.rate.is_none() {
         return Err("--duration goes with --rate".into());
     }
@@ -164,8 +177,14 @@ async fn start_session(o: &Options, fetch_wait_ms: u64) -> Result<Session, Strin
         .tempdir()
         .map_err(|e| format!("cannot create a run directory: {e}"))?;
     let started = async {
-        let stack = Stack::start_with(dir.path(), &o.bin_dir, &o.tansu, service_env(fetch_wait_ms))
-            .map_err(|e| format!("start-up: {e}"))?;
+        let stack = Stack::start_with_options(
+            dir.path(),
+            &o.bin_dir,
+            &o.tansu,
+            service_env(fetch_wait_ms),
+            o.stack.clone(),
+        )
+        .map_err(|e| format!("start-up: {e}"))?;
         let mall = stack.mall();
         mall.wait_healthy().await?;
         let product = bench_product(&mall).await?;
@@ -206,16 +225,34 @@ async fn bench_product(mall: &Mall) -> Check<i64> {
 fn rig_of(stack: &Stack, fetch_wait_ms: u64, product: i64) -> Rig {
     let mut processes = stack.pids();
     processes.push(("saga-bench".to_owned(), std::process::id()));
+    let databases: std::collections::HashMap<&'static str, String> = SERVICES
+        .iter()
+        .filter_map(|s| Some((*s, stack.database_url(s)?.to_owned())))
+        .filter(|(_, url)| url.starts_with("postgres"))
+        .collect();
+    if !databases.is_empty() {
+        processes.extend(
+            procfs::postgres_pids()
+                .into_iter()
+                .map(|pid| ("postgres".to_owned(), pid)),
+        );
+    }
     let body = serde_json::json!({ "productId": product, "quantity": 1, "customerId": "bench@12st.mall",
                                    "customerName": "Bench", "customerAddr": "Seoul" });
     Rig {
         brokers: stack.brokers().to_owned(),
         dir: stack.dir().to_owned(),
         processes,
+        databases,
         fetch_wait_ms,
         target: load::Target {
             client: load::client(),
-            url: format!("{}/orders", stack.url("orders")),
+            urls: stack
+                .instances("orders")
+                .iter()
+                .map(|i| format!("{}/orders", stack.url(i)))
+                .collect(),
+            next: Default::default(),
             body: body.to_string(),
         },
         ticks_per_second: procfs::clock_ticks_per_second(),
@@ -274,7 +311,7 @@ fn print_database_sizes(session: &Session, when: &str) {
         .map(|s| {
             format!(
                 "{s} {:.1} MiB",
-                run::mib(procfs::database_bytes(&session.rig.dir, s))
+                run::mib(run::database_bytes(&session.rig, s))
             )
         })
         .collect();
