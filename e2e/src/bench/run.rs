@@ -183,9 +183,9 @@ async fn sample_steady_window(
         .collect();
     let larger = |a: &Memory, b: &Memory| {
         if b.rss_kb > a.rss_kb {
-            b.clone()
+            *b
         } else {
-            a.clone()
+            *a
         }
     };
     (cpu_seconds(rig, &first, &last), merged(memory, larger))
