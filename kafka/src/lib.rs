@@ -1,11 +1,13 @@
 //! The I/O shell the three 12st Mall services share, so each service is only its saga rules,
 //! its tables and its HTTP handlers.
 //!
-//! - [`db`]: the SQLite pool and [`Database::write`], the only way to change state: it commits
-//!   the caused events into the outbox in the same transaction.
+//! - [`db`]: the SQLite or PostgreSQL pool and [`Database::write`], the only way to change
+//!   state: one writer per database, the caused events into the outbox in the same transaction.
+//! - [`leases`]: which instance of a service consumes which partition and runs the relay,
+//!   decided in the service's database; the lease fences stale commits.
 //! - [`outbox`]: the outbox table and the [`OutboxRelay`] that publishes it in order.
 //! - [`inbox`]: exactly-once application of consumed events ([`Reactor`], [`apply_once`]).
-//! - [`consumer`]: the consumer loop: every partition assigned, positions from the database,
+//! - [`consumer`]: the consumer loop: its leased partitions assigned, positions from the database,
 //!   a watchdog, and the status `/health` reports.
 //! - [`offsets`]: the consumer's position, committed with each event's effect.
 //! - [`parking`]: dead letters, committed with the position past the parked message.

@@ -2,8 +2,9 @@
 //!
 //! An event's effect and the offset after it commit in one transaction, so after a crash the
 //! consumer resumes exactly after the last committed effect. The position does not depend on
-//! the broker's group coordinator at all: the consumer assigns itself every partition and
-//! starts each from here (see [`crate::consumer`]).
+//! the broker's group coordinator at all: the consumer assigns itself the partitions it holds
+//! leases on and starts each from here (see [`crate::consumer`]); [`store`] commits only while
+//! the lease is still this instance's ([`crate::leases`]).
 
 use crate::db::{DbConnection, DbError};
 use diesel::prelude::*;

@@ -71,9 +71,10 @@ pub struct KafkaSettings {
     pub brokers: String,
     /// `KAFKA_TOPIC`, the one topic every saga event goes to.
     pub topic: String,
-    /// `KAFKA_PARTITIONS`, used when the topic has to be created. One by default: a service is
-    /// one process reading every partition, and on tansu each partition costs broker CPU on
-    /// every fetch (idle broker 14% of a core with one, 31% with three; see the README).
+    /// `KAFKA_PARTITIONS`, used when the topic has to be created. One by default: a single
+    /// instance reads every partition anyway, and on tansu each partition costs broker CPU on
+    /// every fetch (idle broker 14% of a core with one, 31% with three; see the README). Several
+    /// instances need at least as many partitions as instances.
     pub partitions: i32,
     /// The consumer group: the service's name, so restarts resume where they stopped.
     pub group_id: String,
@@ -118,7 +119,7 @@ pub struct ServiceSettings {
     pub host: String,
     /// `PORT`; 0 picks a free port (tests).
     pub port: u16,
-    /// `DATABASE_URL`, a SQLite file path.
+    /// `DATABASE_URL`: an SQLite file path (or `sqlite://…`), or a `postgres://…` URL.
     pub database_url: String,
     /// The broker and topic.
     pub kafka: KafkaSettings,
