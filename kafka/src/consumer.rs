@@ -8,7 +8,7 @@
 //! group coordinator, whose rebalances after quick crashes can leave a restarted member with
 //! no partitions for good (tansu 0.6.0; see the README). A crash at any instant loses nothing
 //! and doubles nothing: the position and the effect commit together, and the inbox absorbs
-//! any repeat anyway. Every [`BALANCE_EVERY`] the consumer renews its leases and takes its
+//! any repeat anyway. Every 3 s (`BALANCE_EVERY`) the consumer renews its leases and takes its
 //! fair share; when what it holds changes it reassigns itself.
 //!
 //! A message that cannot be decoded or is refused by the service's rules is parked
