@@ -157,12 +157,15 @@ where
             }
         }
     }
-    match f(conn) {
+    let result = f(conn).and_then(|value| {
+        if let DbConnection::Postgres(c) = conn {
+            // Delivered at commit, to every instance listening (see Database::commits).
+            c.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}"))?;
+        }
+        Ok(value)
+    });
+    match result {
         Ok(value) => {
-            if let DbConnection::Postgres(c) = conn {
-                // Delivered at commit, to every instance listening (see Database::commits).
-                c.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}"))?;
-            }
             <DbConnection as Connection>::TransactionManager::commit_transaction(conn)?;
             Ok(value)
         }

@@ -85,7 +85,7 @@ pub struct KafkaSettings {
     pub fetch_wait_max: Duration,
     /// `INSTANCE_ID`: this instance among those of its service sharing one database; it names
     /// the partition and relay leases it holds ([`crate::leases`]). Stable across restarts, so
-    /// a restarted instance resumes its own leases at once. Default: `<service>@<host>:<port>`.
+    /// a restarted instance resumes its own leases at once. Default: `<service>@<machine name>:<port>`.
     pub instance: String,
 }
 
@@ -133,7 +133,14 @@ impl ServiceSettings {
         let host = env_or("HOST", "127.0.0.1".to_string())?;
         let port = env_or("PORT", default_port)?;
         let mut kafka = KafkaSettings::from_env(service.as_str())?;
-        kafka.instance = env_or("INSTANCE_ID", format!("{service}@{host}:{port}"))?;
+        // The machine's name, not the listen address: two machines both listening on
+        // 127.0.0.1:8081 must not share an id.
+        let machine = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_owned())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| host.clone());
+        kafka.instance = env_or("INSTANCE_ID", format!("{service}@{machine}:{port}"))?;
         Ok(ServiceSettings {
             host,
             port,

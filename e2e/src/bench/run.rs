@@ -182,11 +182,7 @@ async fn sample_steady_window(
         .map(|(name, pid)| (name.clone(), procfs::memory(*pid)))
         .collect();
     let larger = |a: &Memory, b: &Memory| {
-        if b.rss_kb > a.rss_kb {
-            *b
-        } else {
-            *a
-        }
+        if b.rss_kb > a.rss_kb { *b } else { *a }
     };
     (cpu_seconds(rig, &first, &last), merged(memory, larger))
 }
