@@ -418,17 +418,21 @@ stop_postgres() {
   pid="$PG_PID"
   say "stopping PostgreSQL (pid $pid, data $dir)"
   kill -INT "$pid" 2>/dev/null || true
-  for _ in $(seq 1 300); do
-    pg_running "$dir" || return 0
-    sleep 0.1
-  done
+  pg_gone_within "$dir" 300 && return 0
   say "PostgreSQL did not stop within 30 s; shutting it down immediately"
   kill -QUIT "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do
+  pg_gone_within "$dir" 100 && return 0
+  say "PostgreSQL (pid $pid) has still not exited"
+  return 1
+}
+
+# True once no server runs on data directory $1, checked every 0.1 s, at most $2 times.
+pg_gone_within() {
+  local dir="$1" tries="$2"
+  for _ in $(seq 1 "$tries"); do
     pg_running "$dir" || return 0
     sleep 0.1
   done
-  say "PostgreSQL (pid $pid) has still not exited"
   return 1
 }
 

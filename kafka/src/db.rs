@@ -52,14 +52,13 @@ pub struct Migrations {
     pub postgres: EmbeddedMigrations,
 }
 
-/// The outbox and inbox tables, present in every service database.
-const PLUMBING_MIGRATIONS: Migrations = Migrations {
+/// The outbox, inbox, offsets, dead-letter and lease tables, present in every service
+/// database. Tests of the plumbing alone pass them as the service's set too: nothing more to
+/// apply.
+pub const PLUMBING_MIGRATIONS: Migrations = Migrations {
     sqlite: embed_migrations!("migrations/sqlite"),
     postgres: embed_migrations!("migrations/postgres"),
 };
-
-/// For tests of the plumbing alone: no service tables (the plumbing again, already applied).
-pub const PLUMBING_ONLY: Migrations = PLUMBING_MIGRATIONS;
 
 /// Where a service keeps its state, from `DATABASE_URL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,11 +78,6 @@ impl Backend {
             Backend::Sqlite(url.strip_prefix("sqlite://").unwrap_or(url).to_owned())
         }
     }
-
-    /// Several instances of a service may share this database.
-    pub fn is_shared(&self) -> bool {
-        matches!(self, Backend::Postgres(_))
-    }
 }
 
 /// The advisory lock every PostgreSQL write transaction takes first (one database per
@@ -98,7 +92,7 @@ const COMMITS_CHANNEL: &str = "mall_commits";
 /// in turn, and SQLite accepts any string as a file name: a PostgreSQL URL with the server
 /// down would silently become a new SQLite file.
 #[derive(Debug)]
-pub struct Manager(Backend);
+struct Manager(Backend);
 
 impl r2d2::ManageConnection for Manager {
     type Connection = DbConnection;
@@ -135,7 +129,7 @@ impl r2d2::ManageConnection for Manager {
 }
 
 /// A pool of connections to one service database.
-pub type Pool = r2d2::Pool<Manager>;
+type Pool = r2d2::Pool<Manager>;
 
 /// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite, `BEGIN` and the service's
 /// write lock on PostgreSQL (module docs).
@@ -349,7 +343,7 @@ impl Database {
     /// the log and it grows without bound (measured: 2.5 GB after a minute of overload).
     /// PostgreSQL manages its own log: nothing to do there.
     pub async fn checkpoint(&self) -> Result<(), DbError> {
-        if self.backend.is_shared() {
+        if matches!(self.backend, Backend::Postgres(_)) {
             return Ok(());
         }
         self.read(|conn| {
@@ -370,11 +364,6 @@ impl Database {
                 log::warn!("write-ahead log checkpoint: {e}");
             }
         }
-    }
-
-    /// Which backend this is.
-    pub fn backend(&self) -> &Backend {
-        &self.backend
     }
 
     /// Tells the relay that rows were committed outside [`Database::write`]'s event list

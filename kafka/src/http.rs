@@ -279,7 +279,7 @@ mod tests {
     async fn metrics_are_served_as_text_with_the_outbox_backlog_read_at_scrape_time() {
         use actix_web::test as actix_test;
         use events::{Envelope, Event, OrderCompleted, Service};
-        const PLUMBING: crate::db::Migrations = crate::db::PLUMBING_ONLY;
+        const PLUMBING: crate::db::Migrations = crate::db::PLUMBING_MIGRATIONS;
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path().join("m.db").to_str().unwrap(), PLUMBING).unwrap();
         let event = Envelope::new(

@@ -126,7 +126,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    const NONE: crate::db::Migrations = crate::db::PLUMBING_ONLY;
+    const NONE: crate::db::Migrations = crate::db::PLUMBING_MIGRATIONS;
 
     /// Counts its effects and causes one event per application.
     struct Counting(AtomicUsize);

@@ -305,7 +305,7 @@ fn upsert_member(conn: &mut DbConnection, me: &str, until: i64) -> QueryResult<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::{Database, PLUMBING_ONLY};
+    use crate::db::{Database, PLUMBING_MIGRATIONS};
 
     const P6: [i32; 6] = [0, 1, 2, 3, 4, 5];
 
@@ -354,7 +354,11 @@ mod tests {
     }
 
     async fn database(dir: &tempfile::TempDir) -> Database {
-        Database::open(dir.path().join("l.db").to_str().unwrap(), PLUMBING_ONLY).unwrap()
+        Database::open(
+            dir.path().join("l.db").to_str().unwrap(),
+            PLUMBING_MIGRATIONS,
+        )
+        .unwrap()
     }
 
     fn member(me: &str) -> Membership {

@@ -629,7 +629,7 @@ pub enum RelayError {
 mod tests {
     use super::*;
 
-    const PLUMBING: crate::db::Migrations = crate::db::PLUMBING_ONLY;
+    const PLUMBING: crate::db::Migrations = crate::db::PLUMBING_MIGRATIONS;
 
     fn row(n: u32, age_seconds: i64) -> NewOutboxRow {
         NewOutboxRow {

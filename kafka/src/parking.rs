@@ -102,7 +102,7 @@ mod tests {
     use crate::Database;
     use events::ParkedFrom;
 
-    const NONE: crate::db::Migrations = crate::db::PLUMBING_ONLY;
+    const NONE: crate::db::Migrations = crate::db::PLUMBING_MIGRATIONS;
 
     #[tokio::test]
     async fn parking_records_queues_and_moves_the_position_together() {

@@ -317,7 +317,7 @@ mod tests {
     use crate::inbox::processed_events;
     use crate::outbox::outbox;
 
-    const NONE: crate::db::Migrations = crate::db::PLUMBING_ONLY;
+    const NONE: crate::db::Migrations = crate::db::PLUMBING_MIGRATIONS;
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
     fn ago(days: u32) -> String {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-const PLUMBING_ONLY: kafka::db::Migrations = kafka::db::PLUMBING_ONLY;
+use kafka::db::PLUMBING_MIGRATIONS;
 const TOPIC: &str = "t";
 /// The order id this reactor refuses.
 const REFUSED_ORDER: i64 = 13;
@@ -103,7 +103,7 @@ async fn a_fetched_batch_commits_together_and_bad_messages_in_it_are_handled_one
     let dir = tempfile::tempdir().expect("temp dir");
     let db = Database::open(
         dir.path().join("c.db").to_str().expect("path"),
-        PLUMBING_ONLY,
+        PLUMBING_MIGRATIONS,
     )
     .expect("database");
     let settings = KafkaSettings {

@@ -4,13 +4,15 @@
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use kafka::db::{Database, DbError, PLUMBING_ONLY};
+use kafka::db::{Database, DbError, PLUMBING_MIGRATIONS};
 use kafka::leases::{self, Membership};
 use std::time::Duration;
 
 /// A fresh database on the test server, or `None` (skipped) without `TEST_POSTGRES_URL`.
 fn fresh_database(name: &str) -> Option<String> {
-    let server = std::env::var("TEST_POSTGRES_URL").ok()?;
+    let server = std::env::var("TEST_POSTGRES_URL")
+        .ok()
+        .filter(|url| !url.is_empty())?;
     let name = format!("kafka_{name}_{}", std::process::id());
     let mut admin = diesel::PgConnection::establish(&server).expect("test server");
     // Two calls: several statements in one would run as one transaction, which DROP refuses.
@@ -41,8 +43,8 @@ async fn two_instances_never_lose_an_update_and_both_migrate_at_once() {
     let url = database_or_skip!("writes");
     let (a, b) = {
         let (u1, u2) = (url.clone(), url.clone());
-        let one = tokio::task::spawn_blocking(move || Database::open(&u1, PLUMBING_ONLY));
-        let two = tokio::task::spawn_blocking(move || Database::open(&u2, PLUMBING_ONLY));
+        let one = tokio::task::spawn_blocking(move || Database::open(&u1, PLUMBING_MIGRATIONS));
+        let two = tokio::task::spawn_blocking(move || Database::open(&u2, PLUMBING_MIGRATIONS));
         (one.await.unwrap().unwrap(), two.await.unwrap().unwrap())
     };
     a.write(|conn| {
@@ -85,8 +87,8 @@ async fn two_instances_never_lose_an_update_and_both_migrate_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_on_one_instance_wakes_the_live_views_of_the_other() {
     let url = database_or_skip!("notify");
-    let a = Database::open(&url, PLUMBING_ONLY).unwrap();
-    let b = Database::open(&url, PLUMBING_ONLY).unwrap();
+    let a = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    let b = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
     let mut commits = b.commits();
     tokio::time::sleep(Duration::from_millis(500)).await; // the listener is connected
     commits.borrow_and_update();
@@ -105,7 +107,7 @@ async fn a_commit_on_one_instance_wakes_the_live_views_of_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_split_partitions_and_fence_the_old_holder() {
     let url = database_or_skip!("leases");
-    let db = Database::open(&url, PLUMBING_ONLY).unwrap();
+    let db = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
     let partitions: Vec<i32> = (0..6).collect();
     let balance = |me: &str| {
         let (m, p) = (
