@@ -89,15 +89,22 @@ if [[ -n "${POSTGRES_URL:-}" ]]; then
   pg_url="$POSTGRES_URL"
 elif ( ensure_postgres ); then
   pg_dir="$(mktemp -d)"
-  pg_port=""
-  for _ in $(seq 1 50); do
-    candidate=$((20000 + RANDOM % 40000))
-    port_open "127.0.0.1:$candidate" || { pg_port="$candidate"; break; }
+  # A port below Linux's ephemeral range (32768+), so no outgoing connection holds it; a port
+  # that looks free can still be taken before the server binds it, so a failed start is retried
+  # on another one.
+  for attempt in 1 2 3 4 5; do
+    pg_port=""
+    for _ in $(seq 1 50); do
+      candidate=$((20000 + RANDOM % 12000))
+      port_open "127.0.0.1:$candidate" || { pg_port="$candidate"; break; }
+    done
+    [[ -n "$pg_port" ]] || break
+    say "PostgreSQL: a throwaway server on 127.0.0.1:$pg_port (data $pg_dir, removed at exit; attempt $attempt)"
+    if ( start_postgres "$pg_dir" "$pg_port" ); then
+      pg_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
+      break
+    fi
   done
-  say "PostgreSQL: a throwaway server on 127.0.0.1:${pg_port:-?} (data $pg_dir, removed at exit)"
-  if [[ -n "$pg_port" ]] && ( start_postgres "$pg_dir" "$pg_port" ); then
-    pg_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
-  fi
 fi
 [[ -n "$pg_url" ]] || say "no PostgreSQL server: its three steps count as failed"
 
