@@ -202,7 +202,7 @@ fn cancel_delivery(mut delivery: Delivery, reason: String) -> (Delivery, Envelop
 mod tests {
     use super::*;
     use OrderDelivery::{Known, Unknown, Voided};
-    use events::{OrderCancelRequested, OrderCancelled, OrderCompleted};
+    use events::{CancelReason, OrderCancelRequested, OrderCancelled, OrderCompleted};
 
     fn placed() -> Envelope {
         Envelope::new(
@@ -229,6 +229,7 @@ mod tests {
                 quantity: 1,
                 customer_id: "c".into(),
                 state_message: "out of stock".into(),
+                reason: Some(CancelReason::OutOfStock),
             }),
         )
         .initiated_by(initiator)

@@ -558,6 +558,15 @@ impl Stack {
         Ok(())
     }
 
+    /// Sets an environment variable of `service`'s instances from their next start on,
+    /// replacing an extra variable of the same name.
+    pub fn set_env(&mut self, service: &'static str, name: &str, value: &str) {
+        self.extra_env
+            .retain(|(target, n, _)| !(*target == service && n == name));
+        self.extra_env
+            .push((service, name.to_owned(), value.to_owned()));
+    }
+
     /// Starts a service that is not running (after a kill, a SIGTERM or a crash).
     pub fn restart_service(&mut self, service: &str) -> Result<(), String> {
         self.start_service(service)

@@ -118,6 +118,26 @@ pub struct OrderCancelled {
     pub quantity: i64,
     pub customer_id: String,
     pub state_message: String,
+    /// Why, typed: an event without a cause (`causationId` null) may come from a person or from
+    /// orders' own timer, and readers (the dashboard's timeline) should not parse prose to tell.
+    /// Absent in events written before it existed.
+    #[serde(default)]
+    pub reason: Option<CancelReason>,
+}
+
+/// Why orders cancelled an order; the wire's `reason` of [`OrderCancelled`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CancelReason {
+    /// The customer cancelled (`PATCH /orders/{id}`): at once while pending, or when delivery
+    /// granted the request.
+    Customer,
+    /// Products could not reserve the stock.
+    OutOfStock,
+    /// The courier cancelled the delivery.
+    Courier,
+    /// Still pending after `SAGA_TIMEOUT_S`: orders' timer cancelled it, no request and no event.
+    SagaTimeout,
 }
 
 /// A product's catalog entry changed; orders keeps its replica current from these.
@@ -479,6 +499,7 @@ mod tests {
                 quantity: 2,
                 customer_id: "c".into(),
                 state_message: "why".into(),
+                reason: Some(CancelReason::SagaTimeout),
             }),
             Event::ProductChanged(ProductChanged {
                 product_id: 1,
@@ -566,6 +587,35 @@ mod tests {
             decode(golden.as_bytes()),
             Ok(Decoded::Known(Box::new(envelope)))
         );
+    }
+
+    #[test]
+    fn a_cancel_reason_is_typed_on_the_wire_and_optional_for_older_events() {
+        let cancelled = |reason: &str| {
+            format!(
+                r#"{{"eventType":"OrderCancelled","orderId":7,"productId":1,"quantity":2,"customerId":"c","stateMessage":"why",{reason}"eventId":"00000000-0000-0000-0000-000000000000","timestamp":"2026-05-28T15:20:24.000Z","source":"orders","correlationId":"7","causationId":null,"initiator":"orders"}}"#
+            )
+        };
+        let reason_of = |json: &str| match decode(json.as_bytes()) {
+            Ok(Decoded::Known(e)) => match e.event {
+                Event::OrderCancelled(c) => c.reason,
+                other => panic!("decoded to {other:?}"),
+            },
+            other => panic!("{json} decoded to {other:?}"),
+        };
+        assert_eq!(
+            reason_of(&cancelled(r#""reason":"sagaTimeout","#)),
+            Some(CancelReason::SagaTimeout)
+        );
+        assert_eq!(
+            reason_of(&cancelled(r#""reason":"outOfStock","#)),
+            Some(CancelReason::OutOfStock)
+        );
+        assert_eq!(reason_of(&cancelled("")), None);
+        assert!(matches!(
+            decode(cancelled(r#""reason":"boredom","#).as_bytes()),
+            Err(DecodeError::Invalid { .. })
+        ));
     }
 
     #[test]

@@ -148,7 +148,7 @@ mod tests {
     use super::*;
     use crate::saga::OrderState;
     use crate::store::NewOrder;
-    use events::{OrderCancelled, OrderCompleted};
+    use events::{CancelReason, OrderCancelled, OrderCompleted};
     use kafka::{Applied, Database, DbError, apply_once};
     use std::sync::Arc;
 
@@ -181,6 +181,7 @@ mod tests {
             quantity: 1,
             customer_id: "c".into(),
             state_message: "cancelled by the customer".into(),
+            reason: Some(CancelReason::Customer),
         };
         Envelope::new(Service::Orders, Event::OrderCancelled(event)).initiated_by(Service::Orders)
     }

@@ -2,8 +2,8 @@
 //! (the order now, events to publish). No I/O here.
 
 use events::{
-    DeliveryState, Envelope, Event, OrderCancelRequested, OrderCancelled, OrderCompleted,
-    OrderPlaced, Service,
+    CancelReason, DeliveryState, Envelope, Event, OrderCancelRequested, OrderCancelled,
+    OrderCompleted, OrderPlaced, Service,
 };
 use serde::Serialize;
 use std::fmt;
@@ -131,7 +131,8 @@ pub fn react(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
         }
         // Rule 5: products could not reserve; cancel, carrying products as the initiator.
         Event::ProductOutOfStock(e) if order.state == OrderState::Placed => {
-            cancel(order, e.state_message.clone(), incoming)
+            let message = e.state_message.clone();
+            cancel(order, CancelReason::OutOfStock, message, incoming)
         }
         // Rule 8: a courier's cancel cancels the order; so does delivery's yes to a cancel
         // the customer requested. Other DeliveryCancelled only echo a cancel that happened.
@@ -140,7 +141,12 @@ pub fn react(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
             let courier = incoming.initiated_by_service(Service::Delivery);
             let granted = incoming.initiated_by_service(Service::Orders) && order.cancel_requested;
             if (courier || granted) && order.state != OrderState::Cancelled {
-                cancel(order, d.state_message.clone(), incoming)
+                let why = if courier {
+                    CancelReason::Courier
+                } else {
+                    CancelReason::Customer
+                };
+                cancel(order, why, d.state_message.clone(), incoming)
             } else {
                 (order, Vec::new())
             }
@@ -181,7 +187,11 @@ pub fn cancel_by_customer(mut order: Order) -> Result<CustomerCancel, CancelRefu
         return refuse("was already delivered and cannot be cancelled");
     }
     if order.state == OrderState::Placed {
-        let (order, event) = cancelled(order, "cancelled by the customer".into());
+        let (order, event) = cancelled(
+            order,
+            CancelReason::Customer,
+            "cancelled by the customer".into(),
+        );
         return Ok(CustomerCancel::Cancelled(
             order,
             event.initiated_by(Service::Orders),
@@ -217,7 +227,7 @@ pub fn time_out(order: Order, timeout_secs: u64) -> Option<(Order, Envelope)> {
         "cancelled by orders: no confirmation from products and delivery within \
          {timeout_secs} s (SAGA_TIMEOUT_S)"
     );
-    let (order, event) = cancelled(order, reason);
+    let (order, event) = cancelled(order, CancelReason::SagaTimeout, reason);
     Some((order, event.initiated_by(Service::Orders)))
 }
 
@@ -238,21 +248,27 @@ fn complete_if_confirmed(mut order: Order, incoming: &Envelope) -> (Order, Vec<E
     )
 }
 
-fn cancel(order: Order, reason: String, incoming: &Envelope) -> (Order, Vec<Envelope>) {
-    let (order, event) = cancelled(order, reason);
+fn cancel(
+    order: Order,
+    why: CancelReason,
+    message: String,
+    incoming: &Envelope,
+) -> (Order, Vec<Envelope>) {
+    let (order, event) = cancelled(order, why, message);
     (order, vec![event.caused_by(incoming)])
 }
 
-fn cancelled(mut order: Order, reason: String) -> (Order, Envelope) {
+fn cancelled(mut order: Order, why: CancelReason, message: String) -> (Order, Envelope) {
     order.state = OrderState::Cancelled;
     order.cancel_requested = false;
-    order.state_message = Some(reason.clone());
+    order.state_message = Some(message.clone());
     let event = Event::OrderCancelled(OrderCancelled {
         order_id: order.id,
         product_id: order.product_id,
         quantity: order.quantity,
         customer_id: order.customer_id.clone(),
-        state_message: reason,
+        state_message: message,
+        reason: Some(why),
     });
     (order, Envelope::new(Service::Orders, event))
 }
@@ -626,6 +642,31 @@ mod tests {
         let (o, _) = react(order(OrderState::Placed), &stock_decreased());
         let (o, _) = react(o, &delivery_started());
         assert!(time_out(o, 30).is_none());
+    }
+
+    #[test]
+    fn every_cancel_says_why_in_its_type() {
+        let reason = |events: &[Envelope]| match events {
+            [e] => match &e.event {
+                Event::OrderCancelled(c) => c.reason,
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        };
+        let placed = || order(OrderState::Placed);
+        let (_, events) = react(placed(), &out_of_stock());
+        assert_eq!(reason(&events), Some(CancelReason::OutOfStock));
+        let (_, events) = react(placed(), &delivery_cancelled(Service::Delivery));
+        assert_eq!(reason(&events), Some(CancelReason::Courier));
+        let (o, request) = requested();
+        let (_, events) = react(o, &delivery_cancelled_by(&request));
+        assert_eq!(reason(&events), Some(CancelReason::Customer));
+        let Ok(CustomerCancel::Cancelled(_, event)) = cancel_by_customer(placed()) else {
+            panic!()
+        };
+        assert_eq!(reason(&[event]), Some(CancelReason::Customer));
+        let (_, event) = time_out(placed(), 30).unwrap();
+        assert_eq!(reason(&[event]), Some(CancelReason::SagaTimeout));
     }
 
     #[test]

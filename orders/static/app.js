@@ -449,7 +449,7 @@ $(testid('place-form')).addEventListener('submit', async (event) => {
   try {
     const { status, body } = await call('POST', `${urls.orders}/orders`, { productId, quantity, customerId });
     say('ok', `order ${body.id} placed (${status}): ${body.state}, ${quantity} × ${body.productName || `#${productId}`}`,
-      { 'data-status': status, 'data-order-id': body.id });
+      { 'data-status': status, 'data-order-id': body.id, 'data-customer': customerId });
     if (!orders.live) await orders.showNewest();
     orders.upsert(body);
   } catch (e) {
@@ -572,7 +572,7 @@ function clock(timestamp) {
 function drawTimeline(events, available) {
   const left = 86;
   const top = 30;
-  const lane = 100;
+  const lane = 108;
   const sorted = events
     .map((e, index) => ({ ...e, index, at: Date.parse(e.timestamp) }))
     .sort((a, b) => (a.at - b.at) || (a.index - b.index));
@@ -641,24 +641,38 @@ function drawTimeline(events, available) {
   root.append(hops);
   for (const { x, y, level, e } of position.values()) {
     const compensation = Boolean(e.initiator);
-    const fromHttp = !e.causationId;
-    const g = svg('g', { class: `mark ${compensation ? 'compensation' : 'forward'}${fromHttp ? ' http' : ''}`,
+    const trigger = triggerOf(e);
+    const g = svg('g', { class: `mark ${compensation ? 'compensation' : 'forward'}${trigger ? ` ${trigger.kind}` : ''}`,
       'data-testid': 'timeline-event', 'data-event-type': e.eventType, 'data-source': e.source,
-      'data-initiator': e.initiator || '', 'data-compensation': compensation },
+      'data-initiator': e.initiator || '', 'data-compensation': compensation,
+      'data-trigger': trigger ? trigger.kind : '' },
     svg('title', { text: `${e.eventType} from ${e.source} at ${e.timestamp}\neventId ${e.eventId}\n`
-      + `causationId ${e.causationId || '(an HTTP request)'}\ninitiator ${e.initiator || '–'}\n`
+      + `causationId ${e.causationId || `(none: ${trigger.what})`}\ninitiator ${e.initiator || '–'}\n`
       + JSON.stringify(e.payload) }),
     svg('circle', { cx: x, cy: y, r: 9 }),
     svg('text', { class: 'type', x, y: y - 15 - level * 13, 'text-anchor': 'middle', text: e.eventType }),
     svg('text', { class: 'time', x, y: y + 23, 'text-anchor': 'middle', text: clock(e.timestamp) }));
-    if (compensation) {
-      g.append(svg('text', { class: 'initiator', x, y: y + 35, 'text-anchor': 'middle', text: `initiator: ${e.initiator}` }));
-    } else if (fromHttp) {
-      g.append(svg('text', { class: 'via', x, y: y + 35, 'text-anchor': 'middle', text: 'HTTP request' }));
-    }
+    // Below the time: the chain's initiator for a compensation, then what started a cause-less
+    // event (an HTTP request, or orders' saga timeout).
+    const below = [];
+    if (compensation) below.push(['initiator', `initiator: ${e.initiator}`]);
+    if (trigger && !(compensation && trigger.kind === 'http')) below.push([`via ${trigger.kind}`, trigger.label]);
+    below.forEach(([cls, text], line) => {
+      g.append(svg('text', { class: cls, x, y: y + 35 + line * 12, 'text-anchor': 'middle', text }));
+    });
     root.append(g);
   }
   return root;
+}
+
+// What started an event that has no cause on the topic: orders' saga timeout says so in its
+// OrderCancelled (`reason`); every other one came from an HTTP request. Null for caused events.
+function triggerOf(e) {
+  if (e.causationId) return null;
+  if (e.payload?.reason === 'sagaTimeout') {
+    return { kind: 'timer', label: 'saga timeout', what: "orders' saga timeout" };
+  }
+  return { kind: 'http', label: 'HTTP request', what: 'an HTTP request' };
 }
 
 const timeline = {
@@ -683,6 +697,11 @@ const refreshTimeline = coalesced(async (id) => {
       `${body.length} events over ${Number.isFinite(total) ? total : '?'} ms`);
     if (initiators.length) {
       summary.append('; compensation started by ', el('b', { 'data-testid': 'timeline-initiator', text: initiators.join(', ') }));
+    }
+    const timedOut = body.find((e) => triggerOf(e)?.kind === 'timer');
+    if (timedOut) {
+      summary.append(' — ', el('b', { 'data-testid': 'timeline-timeout', text: 'saga timeout' }),
+        `: ${timedOut.payload?.stateMessage ?? 'cancelled by orders'}`);
     }
     box.dataset.orderId = id;
     box.replaceChildren(summary, drawTimeline(body, box.clientWidth || 800));

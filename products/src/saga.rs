@@ -265,7 +265,9 @@ fn stock_moved(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use events::{DeliveryCancelled, DeliveryCompleted, DeliveryState, OrderCancelled};
+    use events::{
+        CancelReason, DeliveryCancelled, DeliveryCompleted, DeliveryState, OrderCancelled,
+    };
 
     fn tv(stock: i64) -> Product {
         Product {
@@ -301,6 +303,7 @@ mod tests {
                 quantity: 3,
                 customer_id: "c".into(),
                 state_message: "x".into(),
+                reason: Some(CancelReason::Customer),
             }),
         );
         e.initiator = initiator;

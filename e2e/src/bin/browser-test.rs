@@ -4,7 +4,9 @@
 //! places an order, watches it complete, cancels it (202, then OrderCancelled), opens its
 //! timeline and sees the compensation, sees the stock restored, completes a delivery as the
 //! courier, reads an error, finds a poison message among the dead letters, pages the orders
-//! list, and stays at the newest 200 rows through a burst of a thousand orders. Every check
+//! list, stays at the newest 200 rows through a burst of a thousand orders, and last, with
+//! orders restarted on a 3 s saga timeout and delivery frozen, sees an order time out and its
+//! timeline name the timeout. Every check
 //! reads the page's DOM (`data-testid`s); the page polls nothing, so what changes on it
 //! arrived through the event stream. Screenshots the compensated order's timeline (into the
 //! run directory, or where `--screenshot` says: `docs/timeline.png` refreshes the README's).
@@ -326,29 +328,34 @@ async fn page_loads(page: &Page, m: &Mall) -> Check {
     Ok(())
 }
 
-async fn place_from_the_page(page: &Page, m: &Mall, run: &mut Run) -> Check {
-    let stock = number(page.text_of(&css("product-stock-1")).await?, "TV's stock")?;
-    run.stock_before = Some(stock);
+/// Places an order of one `product` through the page's form; its id and the page's message.
+async fn place_with_the_form(page: &Page, product: i64, customer: &str) -> Check<(i64, String)> {
+    page.wait_for(&css(&format!("product-row-{product}")))
+        .await?;
     page.client
         .find(Locator::Css(&css("place-product")))
         .await
         .map_err(|e| e.to_string())?
-        .select_by_value("1")
+        .select_by_value(&product.to_string())
         .await
-        .map_err(|e| format!("choosing product 1: {e}"))?;
+        .map_err(|e| format!("choosing product {product}: {e}"))?;
     page.type_into("place-quantity", "1").await?;
-    page.type_into("place-customer", "browser@12st.mall")
-        .await?;
+    page.type_into("place-customer", customer).await?;
     page.click("place-submit").await?;
-    let text = page.wait_message("[data-status=\"201\"]").await?;
+    let filter = format!("[data-status=\"201\"][data-customer=\"{customer}\"]");
+    let text = page.wait_message(&filter).await?;
     let id = number(
-        page.attr_of(
-            &format!("{}[data-status=\"201\"]", css("message")),
-            "data-order-id",
-        )
-        .await?,
+        page.attr_of(&format!("{}{filter}", css("message")), "data-order-id")
+            .await?,
         "the placed order's id",
     )?;
+    Ok((id, text))
+}
+
+async fn place_from_the_page(page: &Page, m: &Mall, run: &mut Run) -> Check {
+    let stock = number(page.text_of(&css("product-stock-1")).await?, "TV's stock")?;
+    run.stock_before = Some(stock);
+    let (id, text) = place_with_the_form(page, 1, "browser@12st.mall").await?;
     println!("    placed order {id}: {text}");
     run.order = Some(id);
     page.wait_text(&format!("order-state-{id}"), "OrderCompleted")
@@ -757,7 +764,130 @@ async fn many_orders(page: &Page, m: &Mall, count: usize) -> Check {
     Ok(())
 }
 
-async fn run(stack: &Stack, page: &Page, screenshot: &Path, load: usize) -> (usize, usize) {
+/// Orders restarted with a 3 s saga timeout and delivery frozen: an order placed from the page
+/// reserves its stock but stays pending, orders' timer cancels it, products restocks; delivery,
+/// thawed, starts the delivery late and calls it off. The timeline names the timeout.
+async fn a_stuck_order_times_out(stack: &mut Stack, page: &Page, m: &Mall) -> Check {
+    let product = m.create_product("browser-timeout", 5).await?;
+    // The page learns of a product through orders' events; this one has none yet.
+    page.click("catalog-refresh").await?;
+    page.wait_for(&css(&format!("product-row-{product}")))
+        .await?;
+    stack.set_env("orders", "SAGA_TIMEOUT_S", "3");
+    stack.sigkill("orders")?;
+    stack.start_service("orders")?;
+    m.wait_healthy().await?;
+    stack.sigstop("delivery")?;
+    let frozen = stuck_order_ends(page, m, product).await;
+    stack.sigcont("delivery")?;
+    let id = frozen?;
+    page.wait_text(&format!("order-delivery-{id}"), "DeliveryCancelled")
+        .await?;
+    page.wait_text(&format!("product-stock-{product}"), "5")
+        .await?;
+    page.wait_text(&format!("product-reserved-{product}"), "0")
+        .await?;
+    page.click_css(&format!(
+        "{} td:first-child",
+        css(&format!("order-row-{id}"))
+    ))
+    .await?;
+    let timeline = css("timeline");
+    // The late delivery is in the timeline, and its cancellation, which ends it.
+    page.wait_for(&format!(
+        "{timeline}[data-order-id=\"{id}\"] [data-event-type=\"DeliveryCancelled\"]"
+    ))
+    .await?;
+    for (what, selector, expected) in [
+        (
+            "the cancel is marked as started by the saga timeout",
+            format!(
+                "{timeline} [data-event-type=\"OrderCancelled\"][data-trigger=\"timer\"][data-initiator=\"orders\"]"
+            ),
+            1,
+        ),
+        (
+            "the mark says so in words",
+            format!("{timeline} [data-event-type=\"OrderCancelled\"] .via.timer"),
+            1,
+        ),
+        (
+            "products restocked for it",
+            format!("{timeline} [data-event-type=\"StockIncreased\"][data-initiator=\"orders\"]"),
+            1,
+        ),
+        (
+            "the late DeliveryStarted is shown",
+            format!("{timeline} [data-event-type=\"DeliveryStarted\"]"),
+            1,
+        ),
+        (
+            "the order never completed",
+            format!("{timeline} [data-event-type=\"OrderCompleted\"]"),
+            0,
+        ),
+        (
+            "no event claims an HTTP request started the cancel",
+            format!("{timeline} [data-event-type=\"OrderCancelled\"][data-trigger=\"http\"]"),
+            0,
+        ),
+    ] {
+        let found = page.count(&selector).await?;
+        if found != expected {
+            return Err(format!("{what}: {found} match {selector}"));
+        }
+    }
+    let label = page
+        .text_of(&format!(
+            "{timeline} [data-event-type=\"OrderCancelled\"] .via.timer"
+        ))
+        .await?;
+    if label.as_deref() != Some("saga timeout") {
+        return Err(format!("the mark's label reads {label:?}"));
+    }
+    let summary = page
+        .text_of(&css("timeline-summary"))
+        .await?
+        .unwrap_or_default();
+    if !summary.contains("saga timeout") || !summary.contains("SAGA_TIMEOUT_S") {
+        return Err(format!(
+            "the summary does not name the timeout: {summary:?}"
+        ));
+    }
+    println!("    timeline: {summary}");
+    let png = page
+        .client
+        .find(Locator::Css(&css("timeline-panel")))
+        .await
+        .map_err(|e| e.to_string())?
+        .screenshot()
+        .await
+        .map_err(|e| format!("screenshot: {e}"))?;
+    let file = stack.dir().join("timeout-timeline.png");
+    std::fs::write(&file, &png).map_err(|e| format!("{}: {e}", file.display()))?;
+    println!("    saved {} ({} KB)", file.display(), png.len() / 1024);
+    Ok(())
+}
+
+/// With delivery frozen: places the order from the page and waits until orders' timer cancels
+/// it. The order's id.
+async fn stuck_order_ends(page: &Page, m: &Mall, product: i64) -> Check<i64> {
+    let (id, text) = place_with_the_form(page, product, "timeout@12st.mall").await?;
+    println!("    placed order {id} with delivery frozen: {text}");
+    page.wait_text(&format!("order-stock-reserved-{id}"), "✓")
+        .await?;
+    page.wait_text(&format!("order-state-{id}"), "OrderCancelled")
+        .await?;
+    let order = m.order(id).await?;
+    let message = order["stateMessage"].as_str().unwrap_or_default();
+    if !message.contains("SAGA_TIMEOUT_S") {
+        return Err(format!("the cancelled order's stateMessage: {message:?}"));
+    }
+    println!("    {message}");
+    Ok(id)
+}
+
+async fn run(stack: &mut Stack, page: &Page, screenshot: &Path, load: usize) -> (usize, usize) {
     let m = stack.mall();
     if let Err(e) = m.wait_healthy().await {
         println!("FAIL start-up: {e}");
@@ -826,6 +956,11 @@ async fn run(stack: &Stack, page: &Page, screenshot: &Path, load: usize) -> (usi
             many_orders(page, &m, load)
         );
     }
+    // Last: it restarts orders with a short saga timeout, which a burst would run into.
+    scenario!(
+        "a stuck order times out; its timeline names the timeout",
+        a_stuck_order_times_out(stack, page, &m)
+    );
     (passed, failed)
 }
 
@@ -939,7 +1074,7 @@ async fn start_and_run(
         }
     };
     let page = Page { client };
-    let (passed, failed) = run(&stack, &page, screenshot, load).await;
+    let (passed, failed) = run(&mut stack, &page, screenshot, load).await;
     // The whole page as the run left it, kept with the logs (on failure, or with --keep).
     if let Ok(png) = page.client.screenshot().await {
         let _ = std::fs::write(dir.join("page.png"), png);
