@@ -60,7 +60,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 const HTTP_DRAIN_SECS: u64 = 5;
 
 /// A running service: HTTP on its own listener (so tests can bind port 0), plus the relay,
-/// consumer and retention tasks. They stop in this order: HTTP (no new requests), then the
+/// consumer and retention tasks. They stop in this order: HTTP (no new requests; the tasks
+/// feeding long-lived responses are told at once, so their streams end), then the
 /// consumer, retention and the service's own tasks (the consumer finishes the event in hand
 /// and saves its position), then the relay (it publishes what the others committed, for at
 /// most [`RELAY_DRAIN`]).
@@ -71,6 +72,10 @@ pub struct ServiceHost {
     metrics: web::Data<Metrics>,
     /// The HTTP server; stopped first.
     server: Server,
+    /// Cancelled as HTTP stops taking requests: ends the tasks behind long-lived responses (the
+    /// dashboard's event streams), whose open connections the drain would otherwise wait out
+    /// for all of [`HTTP_DRAIN_SECS`].
+    stop_streams: CancellationToken,
     /// Stops the consumer; cancelled second.
     stop_consumer: CancellationToken,
     /// The consumer task.
@@ -193,6 +198,7 @@ impl ServiceHost {
             port,
             metrics,
             server,
+            stop_streams: CancellationToken::new(),
             stop_consumer,
             consumer,
             tasks: vec![retention, checkpoints],
@@ -210,6 +216,17 @@ impl ServiceHost {
     {
         self.tasks
             .push(tokio::spawn(task(self.stop_consumer.clone())));
+    }
+
+    /// Runs a task that feeds long-lived HTTP responses (orders' event stream). It is told to
+    /// stop as HTTP stops taking requests, so the drain does not wait for its streams.
+    pub fn spawn_stream_task<F, Fut>(&mut self, task: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks
+            .push(tokio::spawn(task(self.stop_streams.clone())));
     }
 
     /// The service's metrics: [`Metrics::register`] adds the service's own (orders' saga
@@ -235,10 +252,12 @@ impl ServiceHost {
             result = &mut server => result,
             _ = shutdown => {
                 log::info!("shutting down: no new requests");
+                self.stop_streams.cancel();
                 handle.stop(true).await;
                 server.await
             }
         };
+        self.stop_streams.cancel();
         self.stop_consumer.cancel();
         let _ = self.consumer.await;
         for task in self.tasks {

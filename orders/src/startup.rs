@@ -70,6 +70,6 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     host.metrics().register(reactor.saga_durations())?;
     let timeout = settings.saga_timeout;
     host.spawn_task(move |stop| timeouts::run(db, timeout, stop));
-    host.spawn_task(move |stop| dashboard.run(stop));
+    host.spawn_stream_task(move |stop| dashboard.run(stop));
     Ok(host)
 }
