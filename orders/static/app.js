@@ -40,8 +40,9 @@ class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
-async function call(method, url, body) {
+async function call(method, url, body, timeoutMs) {
   const init = { method, headers: {} };
+  if (timeoutMs) init.signal = AbortSignal.timeout(timeoutMs);
   if (body !== undefined) {
     init.headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(body);
@@ -795,6 +796,29 @@ for (const list of [orders, deliveries]) {
   $(testid(`${list.name}-newest`)).addEventListener('click', run('showNewest'));
 }
 
+// ---- each service's /health: a part down or stuck shows in red, its error in the tooltip ----
+
+const HEALTH_EVERY_MS = 5000;
+const HEALTH_TIMEOUT_MS = 3000; // a frozen process accepts the connection and never answers
+
+async function checkHealth() {
+  await Promise.all(['orders', 'products', 'delivery'].map(async (service) => {
+    const badge = $(testid(`health-${service}`));
+    let state;
+    let detail;
+    try {
+      await call('GET', `${urls[service]}/health`, undefined, HEALTH_TIMEOUT_MS);
+      [state, detail] = ['ok', 'healthy'];
+    } catch (e) {
+      // 503 names every part that is down or stuck; 0: no answer at all.
+      [state, detail] = e.status ? ['down', e.message] : ['unreachable', e.message];
+    }
+    badge.dataset.state = state;
+    badge.title = `${service} /health: ${detail}`;
+    badge.textContent = state === 'ok' ? service : `${service}: ${state === 'down' ? 'unhealthy' : 'no answer'}`;
+  }));
+}
+
 async function start() {
   let config = {};
   try {
@@ -809,6 +833,8 @@ async function start() {
   document.body.dataset.products = urls.products;
   document.body.dataset.delivery = urls.delivery;
   connect();
+  checkHealth();
+  setInterval(checkHealth, HEALTH_EVERY_MS);
 }
 
 start();

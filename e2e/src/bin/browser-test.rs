@@ -5,8 +5,8 @@
 //! timeline and sees the compensation, sees the stock restored, completes a delivery as the
 //! courier, reads an error, finds a poison message among the dead letters, pages the orders
 //! list, stays at the newest 200 rows through a burst of a thousand orders, and last, with
-//! orders restarted on a 3 s saga timeout and delivery frozen, sees an order time out and its
-//! timeline name the timeout. Every check
+//! orders restarted on a 3 s saga timeout and delivery frozen, sees an order time out, its
+//! timeline name the timeout, and the header show delivery not answering. Every check
 //! reads the page's DOM (`data-testid`s); the page polls nothing, so what changes on it
 //! arrived through the event stream. Screenshots the compensated order's timeline (into the
 //! run directory, or where `--screenshot` says: `docs/timeline.png` refreshes the README's).
@@ -196,6 +196,21 @@ impl Page {
             .unwrap_or_default())
     }
 
+    /// Waits until the first element matching `selector` has `attr` = `expected`.
+    async fn wait_attr(&self, selector: &str, attr: &str, expected: &str) -> Check {
+        eventually(
+            &format!("{selector} has {attr}={expected:?}"),
+            UI_TIMEOUT,
+            || async {
+                match self.attr_of(selector, attr).await? {
+                    Some(value) if value == expected => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await
+    }
+
     /// Waits until the element with `testid` reads `expected`.
     async fn wait_text(&self, testid: &str, expected: &str) -> Check {
         let selector = css(testid);
@@ -318,6 +333,10 @@ async fn page_loads(page: &Page, m: &Mall) -> Check {
     })
     .await?;
     page.wait_for(&css("product-row-1")).await?;
+    for service in ["orders", "products", "delivery"] {
+        page.wait_attr(&css(&format!("health-{service}")), "data-state", "ok")
+            .await?;
+    }
     let products = page.attr_of("body", "data-products").await?;
     if products.as_deref() != Some(m.products.as_str()) {
         return Err(format!(
@@ -779,8 +798,15 @@ async fn a_stuck_order_times_out(stack: &mut Stack, page: &Page, m: &Mall) -> Ch
     m.wait_healthy().await?;
     stack.sigstop("delivery")?;
     let frozen = stuck_order_ends(page, m, product).await;
+    // The header shows the frozen service: it accepts connections but answers nothing.
+    let shown = page
+        .wait_attr(&css("health-delivery"), "data-state", "unreachable")
+        .await;
     stack.sigcont("delivery")?;
     let id = frozen?;
+    shown?;
+    page.wait_attr(&css("health-delivery"), "data-state", "ok")
+        .await?;
     page.wait_text(&format!("order-delivery-{id}"), "DeliveryCancelled")
         .await?;
     page.wait_text(&format!("product-stock-{product}"), "5")
