@@ -196,6 +196,24 @@ impl Page {
             .unwrap_or_default())
     }
 
+    /// Saves a screenshot of the timeline panel as `file` (PNG).
+    async fn save_timeline(&self, file: &Path) -> Check {
+        let png = self
+            .client
+            .find(Locator::Css(&css("timeline-panel")))
+            .await
+            .map_err(|e| e.to_string())?
+            .screenshot()
+            .await
+            .map_err(|e| format!("screenshot: {e}"))?;
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        std::fs::write(file, &png).map_err(|e| format!("{}: {e}", file.display()))?;
+        println!("    saved {} ({} KB)", file.display(), png.len() / 1024);
+        Ok(())
+    }
+
     /// Waits until the first element matching `selector` has `attr` = `expected`.
     async fn wait_attr(&self, selector: &str, attr: &str, expected: &str) -> Check {
         eventually(
@@ -480,24 +498,7 @@ async fn timeline_shows_the_compensation(page: &Page, run: &Run, screenshot: &Pa
         .await?
         .unwrap_or_default();
     println!("    timeline: {summary}; {marks} events, {hops} arrows");
-    let png = page
-        .client
-        .find(Locator::Css(&css("timeline-panel")))
-        .await
-        .map_err(|e| e.to_string())?
-        .screenshot()
-        .await
-        .map_err(|e| format!("screenshot: {e}"))?;
-    if let Some(parent) = screenshot.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-    }
-    std::fs::write(screenshot, &png).map_err(|e| format!("{}: {e}", screenshot.display()))?;
-    println!(
-        "    saved {} ({} KB)",
-        screenshot.display(),
-        png.len() / 1024
-    );
-    Ok(())
+    page.save_timeline(screenshot).await
 }
 
 async fn stock_restored_in_the_catalog(page: &Page, m: &Mall, run: &Run) -> Check {
@@ -881,18 +882,8 @@ async fn a_stuck_order_times_out(stack: &mut Stack, page: &Page, m: &Mall) -> Ch
         ));
     }
     println!("    timeline: {summary}");
-    let png = page
-        .client
-        .find(Locator::Css(&css("timeline-panel")))
+    page.save_timeline(&stack.dir().join("timeout-timeline.png"))
         .await
-        .map_err(|e| e.to_string())?
-        .screenshot()
-        .await
-        .map_err(|e| format!("screenshot: {e}"))?;
-    let file = stack.dir().join("timeout-timeline.png");
-    std::fs::write(&file, &png).map_err(|e| format!("{}: {e}", file.display()))?;
-    println!("    saved {} ({} KB)", file.display(), png.len() / 1024);
-    Ok(())
 }
 
 /// With delivery frozen: places the order from the page and waits until orders' timer cancels
