@@ -14,7 +14,6 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{Method, StatusCode, header};
 use actix_web::middleware::Next;
 use actix_web::web;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Semaphore;
 
@@ -27,7 +26,7 @@ pub const WAITING: usize = 256;
 
 /// The limits and who is inside them; shared by every HTTP worker of a service.
 pub struct Admission {
-    running: Arc<Semaphore>,
+    running: Semaphore,
     waiting: AtomicUsize,
     max_waiting: usize,
 }
@@ -36,7 +35,7 @@ impl Admission {
     /// `running` requests at once, `max_waiting` more waiting.
     pub fn new(running: usize, max_waiting: usize) -> Self {
         Admission {
-            running: Arc::new(Semaphore::new(running)),
+            running: Semaphore::new(running),
             waiting: AtomicUsize::new(0),
             max_waiting,
         }
@@ -80,7 +79,7 @@ pub async fn admit<B: MessageBody>(
             .await
             .map(ServiceResponse::map_into_left_body);
     };
-    let permit = match admission.running.clone().try_acquire_owned() {
+    let permit = match admission.running.try_acquire() {
         Ok(permit) => permit,
         Err(_) => {
             let queued = admission.waiting.fetch_add(1, Ordering::Relaxed);
@@ -100,8 +99,7 @@ pub async fn admit<B: MessageBody>(
             }
             admission
                 .running
-                .clone()
-                .acquire_owned()
+                .acquire()
                 .await
                 .map_err(actix_web::error::ErrorServiceUnavailable)?
         }
@@ -115,6 +113,7 @@ pub async fn admit<B: MessageBody>(
 mod tests {
     use super::*;
     use actix_web::{App, HttpResponse, test as actix_test};
+    use std::sync::Arc;
     use std::time::Duration;
     use tokio::sync::Notify;
 

@@ -219,8 +219,8 @@ impl ServiceHost {
         F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.tasks
-            .push(tokio::spawn(task(self.stop_consumer.clone())));
+        let stop = self.stop_consumer.clone();
+        self.tasks.push(tokio::spawn(task(stop)));
     }
 
     /// Runs a task that feeds long-lived HTTP responses (orders' event stream). It is told to
@@ -230,8 +230,8 @@ impl ServiceHost {
         F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.tasks
-            .push(tokio::spawn(task(self.stop_streams.clone())));
+        let stop = self.stop_streams.clone();
+        self.tasks.push(tokio::spawn(task(stop)));
     }
 
     /// The service's metrics: [`Metrics::register`] adds the service's own (orders' saga

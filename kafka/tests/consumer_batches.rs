@@ -7,6 +7,7 @@ use diesel::prelude::*;
 use events::{Envelope, Event, OrderCompleted, Service};
 use kafka::consumer::{EventConsumer, create_probe};
 use kafka::db::DbConnection;
+use kafka::db::PLUMBING_MIGRATIONS;
 use kafka::{Database, DbError, KafkaSettings, Metrics, ReactError, Reactor};
 use rdkafka::ClientConfig;
 use rdkafka::mocking::MockCluster;
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use kafka::db::PLUMBING_MIGRATIONS;
 const TOPIC: &str = "t";
 /// The order id this reactor refuses.
 const REFUSED_ORDER: i64 = 13;

@@ -196,6 +196,15 @@ impl Page {
             .unwrap_or_default())
     }
 
+    /// Opens order `id`'s timeline as a person does: a click on its row (not on its button).
+    async fn open_timeline(&self, id: i64) -> Check {
+        self.click_css(&format!(
+            "{} td:first-child",
+            css(&format!("order-row-{id}"))
+        ))
+        .await
+    }
+
     /// Saves a screenshot of the timeline panel as `file` (PNG).
     async fn save_timeline(&self, file: &Path) -> Check {
         let png = self
@@ -343,13 +352,8 @@ impl Run {
 
 async fn page_loads(page: &Page, m: &Mall) -> Check {
     page.open(&format!("{}/", m.orders)).await?;
-    eventually("the event stream is live", UI_TIMEOUT, || async {
-        match page.attr_of(&css("stream-status"), "data-state").await? {
-            Some(state) if state == "live" => Ok(()),
-            other => Err(format!("stream-status is {other:?}")),
-        }
-    })
-    .await?;
+    page.wait_attr(&css("stream-status"), "data-state", "live")
+        .await?;
     page.wait_for(&css("product-row-1")).await?;
     for service in ["orders", "products", "delivery"] {
         page.wait_attr(&css(&format!("health-{service}")), "data-state", "ok")
@@ -435,12 +439,7 @@ async fn cancel_from_the_page(page: &Page, run: &Run) -> Check {
 
 async fn timeline_shows_the_compensation(page: &Page, run: &Run, screenshot: &Path) -> Check {
     let id = run.order()?;
-    // A click on the row (not on its button) opens the timeline.
-    page.click_css(&format!(
-        "{} td:first-child",
-        css(&format!("order-row-{id}"))
-    ))
-    .await?;
+    page.open_timeline(id).await?;
     let restocked = format!("{} [data-event-type=\"StockIncreased\"]", css("timeline"));
     page.wait_for(&restocked).await?;
     for (what, selector) in [
@@ -601,17 +600,8 @@ async fn dead_letters_are_listed(page: &Page, m: &Mall) -> Check {
 async fn the_orders_list_is_a_bounded_window(page: &Page, m: &Mall) -> Check {
     page.open(&format!("{}/?window=10", m.orders)).await?;
     page.wait_for(&css("product-row-1")).await?;
-    eventually("the stream is live", UI_TIMEOUT, || async {
-        match page
-            .attr_of(&css("stream-status"), "data-state")
-            .await?
-            .as_deref()
-        {
-            Some("live") => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await?;
+    page.wait_attr(&css("stream-status"), "data-state", "live")
+        .await?;
     let product = m.create_product("browser-window", 100).await?;
     let mut ids = Vec::new();
     for _ in 0..15 {
@@ -656,17 +646,8 @@ async fn the_orders_list_is_a_bounded_window(page: &Page, m: &Mall) -> Check {
 /// load of the page shows them quickly.
 async fn many_orders(page: &Page, m: &Mall, count: usize) -> Check {
     page.open(&format!("{}/", m.orders)).await?;
-    eventually("the stream is live", UI_TIMEOUT, || async {
-        match page
-            .attr_of(&css("stream-status"), "data-state")
-            .await?
-            .as_deref()
-        {
-            Some("live") => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await?;
+    page.wait_attr(&css("stream-status"), "data-state", "live")
+        .await?;
     let product = m.create_product("browser-load", 1_000_000).await?;
     let started = Instant::now();
     let mut placing = Vec::new();
@@ -814,11 +795,7 @@ async fn a_stuck_order_times_out(stack: &mut Stack, page: &Page, m: &Mall) -> Ch
         .await?;
     page.wait_text(&format!("product-reserved-{product}"), "0")
         .await?;
-    page.click_css(&format!(
-        "{} td:first-child",
-        css(&format!("order-row-{id}"))
-    ))
-    .await?;
+    page.open_timeline(id).await?;
     let timeline = css("timeline");
     // The late delivery is in the timeline, and its cancellation, which ends it.
     page.wait_for(&format!(
