@@ -61,6 +61,10 @@ pub struct StackOptions {
     pub instances: usize,
     /// `KAFKA_PARTITIONS` for the services (which create the topic); `None`: their default.
     pub partitions: Option<u32>,
+    /// The broker's `--storage-engine`; `None`: `sqlite://tansu.db` in the run directory,
+    /// which survives a broker restart (`memory://tansu/` does not: for measuring the
+    /// broker's share in a benchmark only).
+    pub broker_storage: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -69,12 +73,14 @@ impl Default for StackOptions {
             postgres: None,
             instances: 1,
             partitions: None,
+            broker_storage: None,
         }
     }
 }
 
 impl StackOptions {
-    /// Reads `--postgres URL`, `--instances N` and `--partitions P` from a command line.
+    /// Reads `--postgres URL`, `--instances N`, `--partitions P` and `--broker-storage URL`
+    /// from a command line.
     pub fn from_args(args: &[String]) -> Result<StackOptions, String> {
         let value = |name: &str| {
             args.iter()
@@ -84,6 +90,7 @@ impl StackOptions {
         };
         let mut o = StackOptions {
             postgres: value("--postgres")?.cloned(),
+            broker_storage: value("--broker-storage")?.cloned(),
             ..StackOptions::default()
         };
         if let Some(n) = value("--instances")? {
@@ -490,7 +497,12 @@ impl Stack {
             .arg("--advertised-listener-url")
             .arg(format!("tcp://{}", self.brokers))
             .arg("--storage-engine")
-            .arg("sqlite://tansu.db") // relative to the run directory
+            .arg(
+                self.options
+                    .broker_storage
+                    .as_deref()
+                    .unwrap_or("sqlite://tansu.db"), // relative to the run directory
+            )
             .current_dir(&self.dir)
             .stdout(out)
             .stderr(err)

@@ -2,10 +2,10 @@
 //! once, a bounded number wait their turn, and the rest are told at once to come back later.
 //!
 //! Why: a service's writes are serial (one writer per database), and its consumer's batches
-//! queue for the same turn as HTTP writes. Offered more orders than it can apply, a service
+//! queue for the same writer as HTTP writes. Offered more orders than it can apply, a service
 //! without a bound let every request wait: thousands queued ahead of the consumer, so sagas
 //! already accepted stopped moving, and memory grew with the queue. Bounded, the consumer gets
-//! its turn between a handful of requests, accepted sagas finish, and the surplus gets a quick
+//! its turn in the next commit, accepted sagas finish, and the surplus gets a quick
 //! `503` with `Retry-After` that a client can act on. Reads are not limited here.
 
 use crate::http::error_json;
@@ -17,8 +17,11 @@ use actix_web::web;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Semaphore;
 
-/// Writing requests that run at once. A few, so the consumer's turn comes soon.
-pub const RUNNING: usize = 4;
+/// Writing requests that run at once. Their writes queue for the writer thread, which commits
+/// everything queued in one transaction (the consumer's batch included), so more running
+/// means larger commits, not a later turn for the consumer. Measured at 1,000 orders/s offered
+/// (memory broker, two runs each): 4 → 267–371 sagas/s, 32 → 441–454.
+pub const RUNNING: usize = 32;
 /// Writing requests that may wait for a turn; beyond it they are refused with a 503. About a
 /// second of work at the rate a service sustains here, so a waiting request's answer still
 /// comes well within a client's patience.

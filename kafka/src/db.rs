@@ -87,14 +87,15 @@ const WRITE_LOCK: i64 = 0x6d61_6c6c; // "mall"
 /// The channel every PostgreSQL write notifies on commit, so live views on any instance wake
 /// for commits made by the others.
 const COMMITS_CHANNEL: &str = "mall_commits";
-/// Connections per service instance, and so blocking threads doing database work at once.
+/// Connections per service instance: one for the writer thread, the rest for reads (and so
+/// at most that many blocking threads doing database work at once).
 const POOL_SIZE: u32 = 8;
 
 /// Opens connections of the configured backend. diesel's own manager would try each backend
 /// in turn, and SQLite accepts any string as a file name: a PostgreSQL URL with the server
 /// down would silently become a new SQLite file.
 #[derive(Debug)]
-struct Manager(Backend);
+pub(crate) struct Manager(Backend);
 
 impl r2d2::ManageConnection for Manager {
     type Connection = DbConnection;
@@ -131,7 +132,7 @@ impl r2d2::ManageConnection for Manager {
 }
 
 /// A pool of connections to one service database.
-type Pool = r2d2::Pool<Manager>;
+pub(crate) type Pool = r2d2::Pool<Manager>;
 
 /// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite, `BEGIN` and the service's
 /// write lock on PostgreSQL (module docs).
@@ -184,9 +185,13 @@ pub enum DbError {
     /// Opening the database or migrating it failed.
     #[error("database set-up: {0}")]
     Setup(String),
-    /// The blocking task running the statement died.
+    /// The blocking task running the statement died, or the write panicked.
     #[error("database task: {0}")]
     Task(String),
+    /// The transaction this write shared with others (group commit) did not commit, for a
+    /// reason not of this write's making; nothing of it was kept.
+    #[error("database write not committed: {0}")]
+    Batch(String),
     /// This instance no longer holds the lease guarding the commit
     /// ([`crate::leases::fence`]): another instance took over.
     #[error("lease {0} is held by another instance")]
@@ -210,9 +215,11 @@ impl DbError {
                 _,
             )) => false,
             DbError::Task(_) => false,
-            DbError::Pool(_) | DbError::Query(_) | DbError::Setup(_) | DbError::NotHolder(_) => {
-                true
-            }
+            DbError::Pool(_)
+            | DbError::Query(_)
+            | DbError::Setup(_)
+            | DbError::NotHolder(_)
+            | DbError::Batch(_) => true,
         }
     }
 }
@@ -222,10 +229,14 @@ impl DbError {
 pub struct Database {
     backend: Backend,
     pool: Pool,
-    /// One per pooled connection: work waits here, as a future, before it takes a blocking
-    /// thread. Without it an overloaded service parks a thread per waiting request in the pool
-    /// (tokio allows 512; measured: 538 threads and 110 MiB RSS at 1,000 orders/s offered).
+    /// One per pooled connection left to reads: a read waits here, as a future, before it
+    /// takes a blocking thread. Without it an overloaded service parks a thread per waiting
+    /// request in the pool (tokio allows 512; measured: 538 threads and 110 MiB RSS at 1,000
+    /// orders/s offered).
     connections: Arc<Semaphore>,
+    /// The writer thread's queue ([`crate::group_commit`]): every write goes through it, and
+    /// the writes waiting together commit together. The thread ends with the last clone.
+    writes: crate::group_commit::Queue,
     outbox_committed: Arc<Notify>,
     /// Counts committed writes; live views (the dashboard's event stream) wait on it.
     commits: Arc<watch::Sender<u64>>,
@@ -266,10 +277,13 @@ impl Database {
                     .map_err(|e| DbError::Setup(format!("migrating {shown}: {e}")))
             })?;
         }
+        let writes = crate::group_commit::start("db-writer", pool.clone())
+            .map_err(|e| DbError::Setup(format!("cannot start the writer thread: {e}")))?;
         Ok(Database {
             backend,
             pool,
-            connections: Arc::new(Semaphore::new(POOL_SIZE as usize)),
+            writes,
+            connections: Arc::new(Semaphore::new(POOL_SIZE as usize - 1)),
             outbox_committed: Arc::new(Notify::new()),
             commits: Arc::new(watch::Sender::new(0)),
             listening: Arc::new(std::sync::Once::new()),
@@ -297,27 +311,31 @@ impl Database {
     /// Changes state and commits the events the change causes into the outbox, in one
     /// transaction; then wakes the relay. `f` returns its result and the events to publish.
     ///
-    /// The transaction takes the write lock up front ([`write_transaction`]) so two writers
-    /// never deadlock upgrading a read lock, and every instance sees one serial history.
+    /// The writer thread runs it in a savepoint of the transaction it shares with the writes
+    /// queued at the same moment ([`crate::group_commit`]), and answers after the commit. The
+    /// transaction takes the write lock up front ([`write_transaction`]) so writers never
+    /// deadlock upgrading a read lock, and every instance sees one serial history.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut DbConnection) -> Result<(T, Vec<Envelope>), E> + Send + 'static,
         T: Send + 'static,
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
-        let pool = self.pool.clone();
-        let permit = self.connection().await?;
-        let (value, published) = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let mut conn = pool.get().map_err(DbError::from)?;
-            write_transaction(&mut conn, |conn| {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = crate::group_commit::Job {
+            work: move |conn: &mut DbConnection| {
                 let (value, events) = f(conn)?;
                 outbox::enqueue(conn, &events)?;
                 Ok::<_, E>((value, !events.is_empty()))
-            })
-        })
-        .await
-        .map_err(|e| E::from(DbError::Task(e.to_string())))??;
+            },
+            reply,
+        };
+        self.writes
+            .send(Box::new(job))
+            .map_err(|_| DbError::Task("the writer thread is gone".into()))?;
+        let (value, published) = answer
+            .await
+            .map_err(|_| DbError::Task("the writer thread is gone".into()))??;
         if published {
             self.outbox_committed.notify_one();
         }

@@ -3,6 +3,8 @@
 //!
 //! - [`db`]: the SQLite or PostgreSQL pool and [`Database::write`], the only way to change
 //!   state: one writer per database, the caused events into the outbox in the same transaction.
+//! - [`group_commit`]: the writer thread; writes queued together commit together, each in its
+//!   own savepoint.
 //! - [`leases`]: which instance of a service consumes which partition and runs the relay,
 //!   decided in the service's database; the lease fences stale commits.
 //! - [`outbox`]: the outbox table and the [`OutboxRelay`] that publishes it in order.
@@ -24,6 +26,7 @@ pub mod admin;
 pub mod admission;
 pub mod consumer;
 pub mod db;
+pub mod group_commit;
 pub mod host;
 pub mod http;
 pub mod inbox;

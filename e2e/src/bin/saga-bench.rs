@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "\
 usage: saga-bench [--rate R --duration S] [--find-max] [--fetch-wait-table] [--preload N] [--keep]
                   [--fetch-wait MS] [--bin-dir DIR] [--tansu PATH]
-                  [--postgres URL [--instances N] [--partitions P]]
+                  [--postgres URL [--instances N] [--partitions P]] [--broker-storage URL]
 
 Starts its own broker and services (scripts/bench.sh builds them) and prints figures.
 With no mode flag: broker floor, open loop at 300/s for 30 s and at 1000/s for 60 s, and the
@@ -44,7 +44,9 @@ fetch-wait table.
   --postgres URL         the services on PostgreSQL (URL of a server's maintenance database;
                          fresh databases per run); the postgres processes' CPU is one line
   --instances N          N instances of each service (needs --postgres); orders go round-robin
-  --partitions P         KAFKA_PARTITIONS for the services (which create the topic)";
+  --partitions P         KAFKA_PARTITIONS for the services (which create the topic)
+  --broker-storage URL   tansu's --storage-engine (default sqlite://tansu.db; memory://tansu/
+                         keeps nothing across a broker restart: to measure the broker's share)";
 
 /// Stock of the bench product: enough that no saga is refused.
 const STOCK: i64 = 100_000_000;
@@ -96,8 +98,9 @@ fn absolute(path: PathBuf) -> Result<PathBuf, String> {
 
 /// Parses the command line; `Err("")` asks for the usage text alone.
 fn parse(args: &[String]) -> Result<Options, String> {
-    const VALUED: [&str; 9] = [
+    const VALUED: [&str; 10] = [
         "--postgres",
+        "--broker-storage",
         "--instances",
         "--partitions",
         "--rate",

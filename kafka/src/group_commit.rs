@@ -1,0 +1,282 @@
+//! Group commit: the writes waiting at one moment share one transaction, each in its own
+//! savepoint, on one writer thread.
+//!
+//! A service's writes are serialized anyway (see [`crate::db`]), so a write mostly waits for
+//! the ones before it; what it pays on its own is the transaction around it — taking the write
+//! lock, revalidating the connection's page cache after another connection's commit, and the
+//! commit writing every page it touched to the log. Under load a dozen POSTs and a consumer
+//! batch touch the same few pages: committed together, they write them once.
+//!
+//! Nothing is weakened: a write is answered only after the transaction holding it committed;
+//! a write that fails (or panics) rolls back to its savepoint alone, as if it had been its own
+//! transaction; a failed commit fails every write in it, and nothing of them is kept. The
+//! savepoint costs two short statements per write, also when a write is alone.
+
+use crate::db::{DbConnection, DbError, Pool, write_transaction};
+use diesel::Connection;
+use diesel::connection::TransactionManager;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc;
+
+/// Most writes in one transaction: enough to absorb a burst of POSTs with the consumer's
+/// batch, few enough that one commit stays short.
+const MOST_PER_COMMIT: usize = 64;
+
+/// One write waiting for the writer thread.
+pub(crate) trait Write: Send {
+    /// Runs the write in its own savepoint of the open transaction and returns how to answer
+    /// once the commit's outcome is known, or `Err` when the transaction itself can no longer
+    /// be used.
+    fn run(self: Box<Self>, conn: &mut DbConnection)
+    -> Result<Box<dyn Answer>, (Box<dyn Answer>, DbError)>;
+
+    /// Answers without running: the transaction could not even begin.
+    fn fail(self: Box<Self>, cause: DbError);
+}
+
+/// How a write that ran is answered.
+pub(crate) trait Answer: Send {
+    /// `committed`: `None` when the transaction committed, else why it did not.
+    fn answer(self: Box<Self>, committed: Option<&str>);
+}
+
+/// A write of [`crate::Database::write`]: the caller's closure and where to send its result.
+pub(crate) struct Job<F, T, E> {
+    pub(crate) work: F,
+    pub(crate) reply: tokio::sync::oneshot::Sender<Result<T, E>>,
+}
+
+struct Ran<T, E> {
+    outcome: Result<T, E>,
+    reply: tokio::sync::oneshot::Sender<Result<T, E>>,
+}
+
+impl<T: Send, E: From<DbError> + Send> Answer for Ran<T, E> {
+    fn answer(self: Box<Self>, committed: Option<&str>) {
+        let result = match committed {
+            None => self.outcome,
+            // Its own failure says more than the batch's.
+            Some(_) if self.outcome.is_err() => self.outcome,
+            Some(why) => Err(E::from(DbError::Batch(why.to_owned()))),
+        };
+        // The caller may have stopped waiting; the write's fate is decided all the same.
+        let _ = self.reply.send(result);
+    }
+}
+
+type Tm = <DbConnection as Connection>::TransactionManager;
+
+impl<F, T, E> Write for Job<F, T, E>
+where
+    F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+{
+    fn run(
+        self: Box<Self>,
+        conn: &mut DbConnection,
+    ) -> Result<Box<dyn Answer>, (Box<dyn Answer>, DbError)> {
+        let Job { work, reply } = *self;
+        if let Err(e) = Tm::begin_transaction(conn) {
+            let outcome = Err(E::from(DbError::Batch(e.to_string())));
+            return Err((Box::new(Ran { outcome, reply }), DbError::Query(e)));
+        }
+        let outcome = match catch_unwind(AssertUnwindSafe(|| work(&mut *conn))) {
+            Ok(outcome) => outcome,
+            Err(panic) => Err(E::from(DbError::Task(format!(
+                "panicked: {}",
+                panic_message(&*panic)
+            )))),
+        };
+        let closed = match &outcome {
+            Ok(_) => Tm::commit_transaction(conn),
+            Err(_) => Tm::rollback_transaction(conn),
+        };
+        let ran = Box::new(Ran { outcome, reply });
+        match closed {
+            Ok(()) => Ok(ran),
+            Err(e) => Err((ran, DbError::Query(e))),
+        }
+    }
+
+    fn fail(self: Box<Self>, cause: DbError) {
+        let _ = self.reply.send(Err(E::from(cause)));
+    }
+}
+
+/// The text of a panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// Where [`crate::Database::write`] queues its writes; the thread ends when every sender is
+/// gone.
+pub(crate) type Queue = mpsc::Sender<Box<dyn Write>>;
+
+/// Starts the writer thread, which takes a connection from `pool` for each transaction.
+pub(crate) fn start(name: &str, pool: Pool) -> std::io::Result<Queue> {
+    let (queue, writes) = mpsc::channel::<Box<dyn Write>>();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            while let Ok(first) = writes.recv() {
+                let mut batch = vec![first];
+                while batch.len() < MOST_PER_COMMIT
+                    && let Ok(next) = writes.try_recv()
+                {
+                    batch.push(next);
+                }
+                match pool.get() {
+                    Ok(mut conn) => commit(&mut conn, batch),
+                    Err(e) => {
+                        let why = e.to_string();
+                        for write in batch {
+                            write.fail(DbError::Batch(format!("no connection: {why}")));
+                        }
+                    }
+                }
+            }
+        })?;
+    Ok(queue)
+}
+
+/// Runs `batch` in one transaction and answers every write once its fate is known.
+fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>) {
+    let mut answers: Vec<Box<dyn Answer>> = Vec::with_capacity(batch.len());
+    let mut pending = batch.into_iter();
+    let committed = write_transaction(conn, |conn| {
+        for write in pending.by_ref() {
+            match write.run(conn) {
+                Ok(answer) => answers.push(answer),
+                Err((answer, e)) => {
+                    answers.push(answer);
+                    return Err(e);
+                }
+            }
+        }
+        Ok::<_, DbError>(())
+    });
+    let why = committed.err().map(|e| {
+        log::warn!("a group commit of {} write(s) failed: {e}", answers.len());
+        e.to_string()
+    });
+    for answer in answers {
+        answer.answer(why.as_deref());
+    }
+    // Writes never run because the transaction broke before them.
+    for write in pending {
+        write.fail(DbError::Batch(
+            why.clone().unwrap_or_else(|| "the transaction broke".to_owned()),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::db::{DbConnection, DbError, Database, PLUMBING_MIGRATIONS};
+    use diesel::connection::SimpleConnection;
+    use diesel::prelude::*;
+    use std::sync::mpsc;
+
+    fn insert(conn: &mut DbConnection, id: &str) -> Result<(), DbError> {
+        conn.batch_execute(&format!(
+            "INSERT INTO processed_events VALUES ('{id}', 'T', 'now')"
+        ))
+        .map_err(DbError::from)
+    }
+
+    fn ids(conn: &mut DbConnection) -> Result<Vec<String>, DbError> {
+        crate::inbox::processed_events::table
+            .select(crate::inbox::processed_events::event_id)
+            .order(crate::inbox::processed_events::event_id)
+            .load(conn)
+            .map_err(DbError::from)
+    }
+
+    /// Writes queued behind a busy writer run in one transaction, each in its own savepoint:
+    /// one that fails after changing something and one that panics roll back alone; the
+    /// others commit, and each caller gets its own answer.
+    #[tokio::test]
+    async fn writes_committed_together_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("g.db").to_str().unwrap(), PLUMBING_MIGRATIONS)
+            .unwrap();
+        // The first write holds the writer until the others are queued behind it.
+        let (release, hold) = mpsc::channel::<()>();
+        let first = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.write(move |conn| {
+                    hold.recv().unwrap();
+                    insert(conn, "a")?;
+                    Ok::<_, DbError>(((), Vec::new()))
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let ok = |id: &'static str| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.write(move |conn| {
+                    insert(conn, id)?;
+                    Ok::<_, DbError>((ids(conn)?, Vec::new()))
+                })
+                .await
+            })
+        };
+        let b = ok("b");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let failing = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.write(move |conn| {
+                    insert(conn, "c")?;
+                    Err::<((), Vec<events::Envelope>), _>(DbError::Task("refused".into()))
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let panicking = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.write(move |conn| {
+                    insert(conn, "d")?;
+                    if conn.batch_execute("SELECT 1").is_ok() {
+                        panic!("a bug in a handler");
+                    }
+                    Ok::<_, DbError>(((), Vec::new()))
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let e = ok("e");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        release.send(()).unwrap();
+
+        first.await.unwrap().unwrap();
+        // b sees only what committed before it and itself.
+        assert_eq!(b.await.unwrap().unwrap(), ["a", "b"]);
+        assert!(matches!(failing.await.unwrap(), Err(DbError::Task(m)) if m == "refused"));
+        let panicked = panicking.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&panicked, DbError::Task(m) if m.contains("a bug in a handler")),
+            "{panicked}"
+        );
+        // Queued while the writer was busy, b to e ran as one batch: e sees b, and not the
+        // rolled-back c and d.
+        assert_eq!(e.await.unwrap().unwrap(), ["a", "b", "e"]);
+        let kept = db.read(ids).await.unwrap();
+        assert_eq!(kept, ["a", "b", "e"]);
+        // The writer thread survived the panic.
+        db.write(|conn| Ok::<_, DbError>((insert(conn, "f")?, Vec::new())))
+            .await
+            .unwrap();
+    }
+}
