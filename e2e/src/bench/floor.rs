@@ -19,22 +19,63 @@ const WARM_UP: usize = 5;
 
 /// `n` sequential produce → consume round trips on [`FLOOR_TOPIC`], in milliseconds.
 pub async fn broker_floor(brokers: &str, fetch_wait_ms: u64, n: usize) -> Result<Spread, String> {
-    create_topic(brokers).await?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("acks", "all")
-        .set("linger.ms", "0")
-        .create()
-        .map_err(|e| format!("floor producer: {e}"))?;
-    let consumer = consumer_at_end(brokers, fetch_wait_ms).await?;
+    let probe = Probe::start(brokers, fetch_wait_ms).await?;
     let mut samples = Vec::with_capacity(n);
-    for i in 0..WARM_UP + n {
-        let took = round_trip(&producer, &consumer, &i.to_string()).await?;
-        if i >= WARM_UP {
-            samples.push(took.as_secs_f64() * 1000.0);
-        }
+    for _ in 0..n {
+        samples.push(probe.round_trip_ms().await?);
     }
     Ok(Spread::of(samples))
+}
+
+/// A producer and a consumer of [`FLOOR_TOPIC`], warmed up: measures the floor alone, or
+/// alongside a load (the broker's own latency as the load makes it).
+pub struct Probe {
+    producer: FutureProducer,
+    consumer: StreamConsumer,
+    sent: std::sync::atomic::AtomicUsize,
+}
+
+impl Probe {
+    /// Creates the topic if needed and runs the unmeasured round trips.
+    pub async fn start(brokers: &str, fetch_wait_ms: u64) -> Result<Probe, String> {
+        create_topic(brokers).await?;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .create()
+            .map_err(|e| format!("floor producer: {e}"))?;
+        let consumer = consumer_at_end(brokers, fetch_wait_ms).await?;
+        let probe = Probe {
+            producer,
+            consumer,
+            sent: Default::default(),
+        };
+        for _ in 0..WARM_UP {
+            probe.round_trip_ms().await?;
+        }
+        Ok(probe)
+    }
+
+    /// One produce → consume round trip, ms.
+    pub async fn round_trip_ms(&self) -> Result<f64, String> {
+        let marker = self
+            .sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string();
+        let took = round_trip(&self.producer, &self.consumer, &marker).await?;
+        Ok(took.as_secs_f64() * 1000.0)
+    }
+
+    /// Sequential round trips from `from` until `to`, ms.
+    pub async fn round_trips_between(&self, from: Instant, to: Instant) -> Result<Spread, String> {
+        tokio::time::sleep_until(from.into()).await;
+        let mut samples = Vec::new();
+        while Instant::now() < to {
+            samples.push(self.round_trip_ms().await?);
+        }
+        Ok(Spread::of(samples))
+    }
 }
 
 /// Creates the one-partition floor topic; one that exists already is fine.

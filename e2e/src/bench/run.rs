@@ -1,6 +1,7 @@
 //! One open-loop run against a running stack — load, topic reader and `/proc` samples side by
 //! side — and how its figures are printed.
 
+use super::floor::Probe;
 use super::load::{self, Load, Outcome};
 use super::procfs::{self, Memory};
 use super::stats::Spread;
@@ -74,10 +75,23 @@ pub struct Report {
     pub steady_sagas: usize,
     /// OrderPlaced → terminal, both stamped by orders, ms.
     pub saga: Spread,
+    /// OrderPlaced stamped → produced by orders' relay (the Kafka timestamp), ms.
+    pub to_relayed: Spread,
+    /// OrderPlaced produced → products' answer stamped: broker, fetch, products' work, ms.
+    pub relayed_to_stock: Spread,
+    /// OrderPlaced → products' answer (first hop, stamped by products), ms.
+    pub to_stock: Spread,
+    /// OrderPlaced → DeliveryStarted (first hop, stamped by delivery), ms.
+    pub to_delivery: Spread,
+    /// The later of those two → terminal (second hop, stamped by orders), ms.
+    pub to_terminal: Spread,
     /// POST sent (bench clock) → terminal stamped by orders, ms.
     pub post_to_terminal: Spread,
     /// Round trip of the 201 answers, ms.
     pub round_trip: Spread,
+    /// The broker floor's round trip measured during the steady window, alongside the load:
+    /// what the broker alone makes of a hop at this load, ms.
+    pub floor_under_load: Spread,
     /// CPU seconds per process over the steady window.
     pub cpu_secs: Vec<(String, f64)>,
     /// Memory per process at the end of the window.
@@ -115,9 +129,12 @@ pub async fn open_loop(rig: &Rig, plan: Plan) -> Result<Report, String> {
             .await
             .map_err(|e| e.to_string())??
     };
-    let (load, (cpu_secs, memory)) = tokio::join!(
+    let probe = Probe::start(&rig.brokers, rig.fetch_wait_ms).await?;
+    let started = Instant::now();
+    let (load, (cpu_secs, memory), floor_under_load) = tokio::join!(
         load::open_loop(&rig.target, plan.rate, plan.duration),
-        sample_steady_window(rig, plan)
+        sample_steady_window(rig, plan),
+        probe.round_trips_between(started + plan.warm_up(), started + plan.duration)
     );
     let ids: Vec<i64> = load.posts.iter().filter_map(created_id).collect();
     let drained_in = drain(&watcher, &ids, plan.drain).await;
@@ -128,9 +145,11 @@ pub async fn open_loop(rig: &Rig, plan: Plan) -> Result<Report, String> {
         .zip(database_before)
         .map(|(s, before)| (*s, before, database_bytes(rig, s)))
         .collect();
-    Ok(summarise(
+    let mut report = summarise(
         plan, load, &ids, &times, drained_in, cpu_secs, memory, database,
-    ))
+    );
+    report.floor_under_load = floor_under_load?;
+    Ok(report)
 }
 
 fn created_id(post: &load::Post) -> Option<i64> {
@@ -275,6 +294,37 @@ fn summarise(
                 .filter_map(|t| Some((t.terminal_ms? - t.placed_ms?) as f64))
                 .collect(),
         ),
+        to_relayed: Spread::of(
+            times
+                .iter()
+                .filter_map(|t| Some((t.placed_sent_ms? - t.placed_ms?) as f64))
+                .collect(),
+        ),
+        relayed_to_stock: Spread::of(
+            times
+                .iter()
+                .filter_map(|t| Some((t.stock_ms? - t.placed_sent_ms?) as f64))
+                .collect(),
+        ),
+        to_stock: Spread::of(
+            times
+                .iter()
+                .filter_map(|t| Some((t.stock_ms? - t.placed_ms?) as f64))
+                .collect(),
+        ),
+        to_delivery: Spread::of(
+            times
+                .iter()
+                .filter_map(|t| Some((t.delivery_ms? - t.placed_ms?) as f64))
+                .collect(),
+        ),
+        to_terminal: Spread::of(
+            times
+                .iter()
+                .filter(|t| !t.cancelled)
+                .filter_map(|t| Some((t.terminal_ms? - t.stock_ms?.max(t.delivery_ms?)) as f64))
+                .collect(),
+        ),
         post_to_terminal: Spread::of(
             ids.iter()
                 .zip(times)
@@ -288,6 +338,7 @@ fn summarise(
                 .map(|p| p.round_trip_ms)
                 .collect(),
         ),
+        floor_under_load: Spread::of(Vec::new()),
         cpu_secs,
         memory,
         database,
@@ -343,8 +394,14 @@ fn print_latency(r: &Report) {
     );
     for (name, s) in [
         ("OrderPlaced → terminal", r.saga),
+        ("  hop 1: → products' answer", r.to_stock),
+        ("    committed → produced", r.to_relayed),
+        ("    produced → answered", r.relayed_to_stock),
+        ("  hop 1: → DeliveryStarted", r.to_delivery),
+        ("  hop 2: later of both → end", r.to_terminal),
         ("POST sent → terminal", r.post_to_terminal),
         ("POST round trip (201)", r.round_trip),
+        ("broker floor, under this load", r.floor_under_load),
     ] {
         println!(
             "    {name:<28} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",

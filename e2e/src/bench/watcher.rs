@@ -1,5 +1,6 @@
 //! Reads the saga topic while the load runs and notes, per order, the timestamps orders gave
-//! OrderPlaced and the terminal event (OrderCompleted or OrderCancelled). Group-less: every
+//! OrderPlaced and the terminal event (OrderCompleted or OrderCancelled), and those of the
+//! two answers in between (products', delivery's), to split the saga into its hops. Group-less: every
 //! partition is assigned at the end offset taken before the load starts, so it sees exactly
 //! the run's events and no consumer group moves.
 
@@ -18,6 +19,14 @@ use std::time::{Duration, Instant};
 pub struct Times {
     /// `timestamp` of OrderPlaced.
     pub placed_ms: Option<i64>,
+    /// The Kafka timestamp of the OrderPlaced message: when orders' relay handed it to its
+    /// producer (librdkafka's CreateTime), so a hop splits into relay and transport.
+    pub placed_sent_ms: Option<i64>,
+    /// `timestamp` of products' answer (StockDecreased or ProductOutOfStock), stamped by
+    /// products: the first hop.
+    pub stock_ms: Option<i64>,
+    /// `timestamp` of DeliveryStarted, stamped by delivery: the first hop, run alongside.
+    pub delivery_ms: Option<i64>,
     /// `timestamp` of the first OrderCompleted or OrderCancelled.
     pub terminal_ms: Option<i64>,
     /// True when that terminal event was OrderCancelled.
@@ -135,18 +144,23 @@ fn read_until_stopped(consumer: &BaseConsumer, orders: &Orders, stop: &AtomicBoo
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100))
             && let Some(payload) = message.payload()
         {
-            note(orders, payload);
+            note(orders, payload, message.timestamp().to_millis());
         }
     }
 }
 
-/// Records OrderPlaced and the first terminal event of an order; ignores everything else.
-fn note(orders: &Orders, payload: &[u8]) {
+/// Records OrderPlaced, products' and delivery's answers to it and the first terminal event
+/// of an order; ignores everything else.
+fn note(orders: &Orders, payload: &[u8], sent_ms: Option<i64>) {
     let Ok(seen) = serde_json::from_slice::<Seen>(payload) else {
         return;
     };
     let terminal = matches!(seen.event_type, "OrderCompleted" | "OrderCancelled");
-    if !terminal && seen.event_type != "OrderPlaced" {
+    let hop = matches!(
+        seen.event_type,
+        "StockDecreased" | "ProductOutOfStock" | "DeliveryStarted"
+    );
+    if !terminal && !hop && seen.event_type != "OrderPlaced" {
         return;
     }
     let Some(id) = seen.correlation_id.and_then(|c| c.parse::<i64>().ok()) else {
@@ -158,8 +172,13 @@ fn note(orders: &Orders, payload: &[u8]) {
     let at = at.timestamp_millis();
     let mut orders = lock(orders);
     let times = orders.entry(id).or_default();
-    if !terminal {
+    if seen.event_type == "DeliveryStarted" {
+        times.delivery_ms.get_or_insert(at);
+    } else if hop {
+        times.stock_ms.get_or_insert(at);
+    } else if !terminal {
         times.placed_ms = Some(at);
+        times.placed_sent_ms = sent_ms;
     } else if times.terminal_ms.is_none() {
         times.terminal_ms = Some(at);
         times.cancelled = seen.event_type == "OrderCancelled";
