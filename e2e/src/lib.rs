@@ -543,6 +543,7 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
         service: settings(events::Service::Orders),
         saga_timeout: Duration::from_secs(30),
         order_history: Duration::from_secs(30 * 24 * 3600),
+        max_pending: orders::startup::MAX_PENDING_DEFAULT,
     })
     .await
     .map_err(|e| format!("orders: {e}"))?;

@@ -20,6 +20,9 @@ pub enum OrdersError {
     /// The order's state does not allow the change.
     #[error(transparent)]
     Conflict(#[from] crate::saga::CancelRefused),
+    /// Too many orders are still in progress to take another now.
+    #[error(transparent)]
+    Busy(#[from] crate::pending::TooManyPending),
     /// A bug or an unavailable database; details go to the log only.
     #[error("internal error, see the orders service log")]
     Internal(#[source] DbError),
@@ -45,6 +48,7 @@ impl ResponseError for OrdersError {
             }
             OrdersError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             OrdersError::Conflict(_) => StatusCode::CONFLICT,
+            OrdersError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             OrdersError::Internal(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             OrdersError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -54,6 +58,13 @@ impl ResponseError for OrdersError {
         if let OrdersError::Internal(cause) = self {
             log::error!("request failed: {cause}");
         }
-        kafka::http::error_json(self.status_code(), self)
+        let mut response = kafka::http::error_json(self.status_code(), self);
+        if let OrdersError::Busy(_) = self {
+            response.headers_mut().insert(
+                actix_web::http::header::RETRY_AFTER,
+                actix_web::http::header::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }

@@ -9,6 +9,7 @@
 pub mod dashboard;
 pub mod domain;
 pub mod error;
+pub mod pending;
 pub mod reactor;
 pub mod retention;
 pub mod routes;

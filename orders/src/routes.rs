@@ -3,6 +3,7 @@
 
 use crate::domain::OrderRequest;
 use crate::error::OrdersError;
+use crate::pending::PendingOrders;
 use crate::saga::{self, CustomerCancel, Order, OrderState};
 use crate::store::{self, HistoryRow, NewOrder, StoredOrder};
 use actix_web::{HttpResponse, web};
@@ -120,8 +121,10 @@ struct UpdateOrder {
 
 async fn place(
     db: web::Data<Database>,
+    pending: web::Data<PendingOrders>,
     body: web::Json<PlaceOrder>,
 ) -> Result<HttpResponse, OrdersError> {
+    pending.admit()?;
     let b = body.into_inner();
     let number =
         |field, value| kafka::http::whole_number(field, value).map_err(OrdersError::Invalid);

@@ -1,6 +1,7 @@
 //! Building the orders service from its settings.
 
 use crate::dashboard::{Dashboard, Links};
+use crate::pending::PendingOrders;
 use crate::reactor::OrderReactor;
 use crate::routes::routes;
 use crate::{retention, timeouts};
@@ -26,7 +27,16 @@ pub struct Settings {
     /// `ORDER_HISTORY_RETENTION_S` (default 30 days, at least `RETENTION_DEDUP_WINDOW_S`):
     /// a settled order and its history are deleted this long after their last change.
     pub order_history: Duration,
+    /// `ORDERS_MAX_PENDING` (default 500): new orders are refused (503) while this many are
+    /// still pending ([`crate::pending`]).
+    pub max_pending: i64,
 }
+
+/// The default of `ORDERS_MAX_PENDING`: about 1.5 s of the saga rate this machine sustains,
+/// so an accepted order's saga ends within about that long also under overload, and a
+/// minutes-long outage of products or delivery (orders pending until the saga timeout) is
+/// still far below it at the lab's rates.
+pub const MAX_PENDING_DEFAULT: i64 = 500;
 
 /// The default of `ORDER_HISTORY_RETENTION_S`: 30 days.
 const ORDER_HISTORY_DEFAULT_S: u64 = 30 * 24 * 3600;
@@ -41,6 +51,7 @@ pub fn settings_from_env() -> Result<Settings, kafka::ConfigError> {
         service,
         saga_timeout: Duration::from_secs(kafka::env_or("SAGA_TIMEOUT_S", 30)?),
         order_history,
+        max_pending: kafka::env_or("ORDERS_MAX_PENDING", MAX_PENDING_DEFAULT)?,
     })
 }
 
@@ -56,18 +67,24 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     let dashboard = Dashboard::new(db.clone(), Links::from_env()?);
     let pages = dashboard.clone();
     let reactor = Arc::new(OrderReactor::new());
+    let pending = PendingOrders::new(settings.max_pending);
+    let pending_data = actix_web::web::Data::from(pending.clone());
     let mut host = ServiceHost::start(
         &settings.service,
         db.clone(),
         reactor.clone(),
         retention::rules(order_history),
         move |cfg: &mut actix_web::web::ServiceConfig| {
+            cfg.app_data(pending_data.clone());
             routes(cfg);
             pages.configure(cfg);
         },
     )
     .await?;
     host.metrics().register(reactor.saga_durations())?;
+    host.metrics().register(pending.gauge())?;
+    let counted = db.clone();
+    host.spawn_task(move |stop| pending.run(counted, stop));
     let timeout = settings.saga_timeout;
     host.spawn_task(move |stop| timeouts::run(db, timeout, stop));
     host.spawn_stream_task(move |stop| dashboard.run(stop));

@@ -195,6 +195,15 @@ pub fn list_orders(
         .collect()
 }
 
+/// How many orders are still pending (their saga not ended); the partial index
+/// `orders_pending` holds exactly these.
+pub fn pending_count(conn: &mut DbConnection) -> QueryResult<i64> {
+    orders::table
+        .filter(orders::state.eq(OrderState::Placed.as_str()))
+        .count()
+        .get_result(conn)
+}
+
 /// Ids of orders still pending that were placed before `cutoff` (RFC 3339), oldest first.
 pub fn pending_before(conn: &mut DbConnection, cutoff: &str, limit: i64) -> QueryResult<Vec<i64>> {
     orders::table

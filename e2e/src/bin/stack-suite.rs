@@ -170,6 +170,81 @@ async fn graceful_stop(stack: &mut Stack) -> Check {
     m.wait_stock(product, (10, 10)).await
 }
 
+/// Backpressure from the saga: orders restarted with `ORDERS_MAX_PENDING=3`, products and
+/// delivery frozen. Three orders are accepted and stay pending; once orders has counted them
+/// (`mall_orders_pending 3` on /metrics) the next is refused with a 503 that names the bound,
+/// with `Retry-After`. Thawed, the three complete and orders takes new orders again.
+async fn pending_orders_are_bounded(stack: &mut Stack) -> Check {
+    let m = stack.mall();
+    let product = m.create_product("bounded", 10).await?;
+    stack.set_env("orders", "ORDERS_MAX_PENDING", "3");
+    let result = async {
+        stack.sigkill("orders")?;
+        stack.start_service("orders")?;
+        m.wait_healthy().await?;
+        stack.sigstop("products")?;
+        stack.sigstop("delivery")?;
+        let frozen = async {
+            let mut ids = Vec::new();
+            for _ in 0..3 {
+                ids.push(m.place_order(product, 1).await?);
+            }
+            pending_gauge_reads(&m, 3).await?;
+            let response = reqwest::Client::new()
+                .post(format!("{}/orders", m.orders))
+                .json(&serde_json::json!({"productId": product, "quantity": 1,
+                                          "customerId": "e2e@12st.mall"}))
+                .send()
+                .await
+                .map_err(|e| format!("POST /orders: {e}"))?;
+            let status = response.status().as_u16();
+            let retry_after = response.headers().get("retry-after").cloned();
+            let body = response.text().await.map_err(|e| e.to_string())?;
+            if status != 503 || retry_after.is_none() || !body.contains("at most 3") {
+                return Err(format!(
+                    "the fourth order: expected 503 with Retry-After naming the bound, got \
+                     {status} (Retry-After {retry_after:?}) {body}"
+                ));
+            }
+            println!("    fourth order refused: {body}");
+            Ok(ids)
+        }
+        .await;
+        stack.sigcont("products")?;
+        stack.sigcont("delivery")?;
+        for id in frozen? {
+            m.wait_order_state(id, "OrderCompleted").await?;
+        }
+        pending_gauge_reads(&m, 0).await?;
+        m.place_order(product, 1).await.map(|_| ())
+    }
+    .await;
+    stack.set_env(
+        "orders",
+        "ORDERS_MAX_PENDING",
+        &orders::startup::MAX_PENDING_DEFAULT.to_string(),
+    );
+    stack.sigkill("orders")?;
+    stack.start_service("orders")?;
+    m.wait_healthy().await?;
+    result
+}
+
+/// Waits until orders' /metrics shows `mall_orders_pending <n>`.
+async fn pending_gauge_reads(m: &e2e::Mall, n: i64) -> Check {
+    let want = format!("mall_orders_pending {n}\n");
+    eventually(&format!("mall_orders_pending {n}"), Duration::from_secs(10), || async {
+        let text = reqwest::get(format!("{}/metrics", m.orders))
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        if text.contains(&want) { Ok(()) } else { Err("not yet".into()) }
+    })
+    .await
+}
+
 /// The issue's reproduction: a confirmed order; the broker is killed; the courier completes
 /// (200) and the customer cancels (202: orders cannot have heard of the delivery); the broker
 /// comes back. The order stays completed with "cancel refused", nothing is restocked.
@@ -308,6 +383,13 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         "graceful stop (SIGTERM) of orders, then restart",
         graceful_stop(stack)
     );
+    if stack.instance_count() == 1 {
+        // It freezes products and delivery; other instances would carry the sagas on.
+        scenario!(
+            "too many pending orders: the next is refused (503), accepted again once they end",
+            pending_orders_are_bounded(stack)
+        );
+    }
     scenario!(
         "delivered order cancelled with the broker down: refused, not restocked",
         delivered_order_cancel_with_broker_down(stack)
