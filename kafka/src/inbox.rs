@@ -97,26 +97,26 @@ pub fn apply_in<R: Reactor + ?Sized>(
     reactor: &R,
     event: &Envelope,
 ) -> Result<(Applied, Vec<Envelope>), ReactError> {
-    let id = event.event_id.to_string();
-    if already_processed(conn, &id)? {
+    // The id goes in first, in one statement that is also the duplicate check; a reaction
+    // that fails rolls it back with everything else.
+    if !record_processed(conn, event)? {
         return Ok((Applied::Duplicate, Vec::new()));
     }
     let caused = reactor.react(conn, event)?;
-    diesel::insert_into(processed_events::table)
-        .values((
-            processed_events::event_id.eq(&id),
-            processed_events::event_type.eq(event.event_type()),
-            processed_events::processed_at.eq(chrono::Utc::now().to_rfc3339()),
-        ))
-        .execute(conn)?;
     Ok((Applied::Done(caused.len()), caused))
 }
 
-fn already_processed(conn: &mut DbConnection, id: &str) -> QueryResult<bool> {
-    diesel::select(diesel::dsl::exists(
-        processed_events::table.filter(processed_events::event_id.eq(id)),
-    ))
-    .get_result(conn)
+/// Records `event`'s id; false when it was already there.
+fn record_processed(conn: &mut DbConnection, event: &Envelope) -> QueryResult<bool> {
+    let statement = diesel::insert_into(processed_events::table)
+        .values((
+            processed_events::event_id.eq(event.event_id.to_string()),
+            processed_events::event_type.eq(event.event_type()),
+            processed_events::processed_at.eq(chrono::Utc::now().to_rfc3339()),
+        ))
+        .on_conflict_do_nothing();
+    let inserted = crate::on_backend!(conn, |c| statement.execute(c))?;
+    Ok(inserted == 1)
 }
 
 #[cfg(test)]
@@ -192,5 +192,44 @@ mod tests {
             "the duplicate moved the position"
         );
         assert_eq!(outbox_rows, 1, "one caused event");
+    }
+
+    /// Fails its first reaction, after its id was recorded; succeeds afterwards.
+    struct FailsFirst(AtomicUsize);
+
+    impl Reactor for FailsFirst {
+        fn wants(&self, _: &Envelope) -> bool {
+            true
+        }
+        fn react(&self, _: &mut DbConnection, _: &Envelope) -> Result<Vec<Envelope>, ReactError> {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(ReactError::Db(DbError::Batch("disk I/O error".into())));
+            }
+            Ok(Vec::new())
+        }
+    }
+
+    /// The id is recorded before the reaction runs: a reaction that fails must take it back
+    /// with it, or the redelivery would be dropped as a duplicate and the effect lost.
+    #[tokio::test]
+    async fn a_failed_reaction_leaves_no_id_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("f.db").to_str().unwrap(), NONE).unwrap();
+        let reactor = Arc::new(FailsFirst(AtomicUsize::new(0)));
+        let event = Envelope::new(
+            Service::Orders,
+            Event::OrderCompleted(OrderCompleted {
+                order_id: 1,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+            }),
+        );
+        let failed = apply_once(&db, reactor.clone(), event.clone()).await;
+        assert!(failed.unwrap_err().is_transient());
+        let again = apply_once(&db, reactor.clone(), event.clone()).await;
+        assert_eq!(again.unwrap(), Applied::Done(0), "applied on redelivery");
+        let duplicate = apply_once(&db, reactor.clone(), event).await;
+        assert_eq!(duplicate.unwrap(), Applied::Duplicate);
     }
 }
