@@ -238,8 +238,30 @@ pub struct Stack {
     started: Instant,
 }
 
-/// A free TCP port on 127.0.0.1 (free now; taken by whoever binds it first).
+/// A free TCP port on 127.0.0.1 for a process started later: free now, below the kernel's
+/// ephemeral range and never handed out twice by this process.
+///
+/// Why not port 0's pick: that comes from the ephemeral range, which outgoing connections
+/// (the services' own broker connections, say) draw from too; between the pick and the
+/// service's bind one of them can take it (seen: "Address already in use" for delivery in a
+/// bench). Below the range only an explicit bind takes a port.
 pub fn free_port() -> std::io::Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let from = ephemeral_from.saturating_sub(12_000).max(1024);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let random = std::collections::hash_map::RandomState::new();
+    for attempt in 0..500u32 {
+        let span = u64::from(ephemeral_from - from);
+        let port = from + (std::hash::BuildHasher::hash_one(&random, attempt) % span) as u16;
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
