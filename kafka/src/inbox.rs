@@ -143,12 +143,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_event_applies_once_and_its_position_moves_even_for_a_duplicate() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(dir.path().join("i.db").to_str().unwrap(), NONE).unwrap();
-        let reactor = Arc::new(Counting(AtomicUsize::new(0)));
-        let event = Envelope::new(
+    /// An event for the tests; each call has a new id.
+    fn completed() -> Envelope {
+        Envelope::new(
             Service::Orders,
             Event::OrderCompleted(OrderCompleted {
                 order_id: 1,
@@ -156,7 +153,15 @@ mod tests {
                 quantity: 1,
                 customer_id: "c".into(),
             }),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn an_event_applies_once_and_its_position_moves_even_for_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("i.db").to_str().unwrap(), NONE).unwrap();
+        let reactor = Arc::new(Counting(AtomicUsize::new(0)));
+        let event = completed();
         crate::leases::grant(&db, "t", 0, "me").await;
         let at = |next_offset, holder: &str| ConsumedAt {
             topic: "t".into(),
@@ -216,15 +221,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path().join("f.db").to_str().unwrap(), NONE).unwrap();
         let reactor = Arc::new(FailsFirst(AtomicUsize::new(0)));
-        let event = Envelope::new(
-            Service::Orders,
-            Event::OrderCompleted(OrderCompleted {
-                order_id: 1,
-                product_id: 1,
-                quantity: 1,
-                customer_id: "c".into(),
-            }),
-        );
+        let event = completed();
         let failed = apply_once(&db, reactor.clone(), event.clone()).await;
         assert!(failed.unwrap_err().is_transient());
         let again = apply_once(&db, reactor.clone(), event.clone()).await;
