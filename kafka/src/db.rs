@@ -330,12 +330,11 @@ impl Database {
             },
             reply,
         };
-        self.writes
-            .send(Box::new(job))
-            .map_err(|_| DbError::Task("the writer thread is gone".into()))?;
-        let (value, published) = answer
-            .await
-            .map_err(|_| DbError::Task("the writer thread is gone".into()))??;
+        // No answer (a panic in the writer, logged there): whether it committed is unknown.
+        // Transient, so a consumer retries rather than parks; the retry finds out by its id.
+        let unanswered = || DbError::Batch("the database writer dropped this write".into());
+        self.writes.send(Box::new(job)).map_err(|_| unanswered())?;
+        let (value, published) = answer.await.map_err(|_| unanswered())??;
         if published {
             self.outbox_committed.notify_one();
         }

@@ -27,8 +27,10 @@ pub(crate) trait Write: Send {
     /// Runs the write in its own savepoint of the open transaction and returns how to answer
     /// once the commit's outcome is known, or `Err` when the transaction itself can no longer
     /// be used.
-    fn run(self: Box<Self>, conn: &mut DbConnection)
-    -> Result<Box<dyn Answer>, (Box<dyn Answer>, DbError)>;
+    fn run(
+        self: Box<Self>,
+        conn: &mut DbConnection,
+    ) -> Result<Box<dyn Answer>, (Box<dyn Answer>, DbError)>;
 
     /// Answers without running: the transaction could not even begin.
     fn fail(self: Box<Self>, cause: DbError);
@@ -131,7 +133,17 @@ pub(crate) fn start(name: &str, pool: Pool) -> std::io::Result<Queue> {
                     batch.push(next);
                 }
                 match pool.get() {
-                    Ok(mut conn) => commit(&mut conn, batch),
+                    Ok(mut conn) => {
+                        // A write's own panic is caught around it; this catches one in the
+                        // transaction's own handling, so the thread lives on. The batch's
+                        // callers see their answers dropped (a transient error), and the
+                        // connection, left in a transaction, is discarded by the pool.
+                        let committing =
+                            catch_unwind(AssertUnwindSafe(|| commit(&mut conn, batch)));
+                        if let Err(panic) = committing {
+                            log::error!("the database writer panicked: {}", panic_message(&*panic));
+                        }
+                    }
                     Err(e) => {
                         let why = e.to_string();
                         for write in batch {
@@ -170,14 +182,15 @@ fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>) {
     // Writes never run because the transaction broke before them.
     for write in pending {
         write.fail(DbError::Batch(
-            why.clone().unwrap_or_else(|| "the transaction broke".to_owned()),
+            why.clone()
+                .unwrap_or_else(|| "the transaction broke".to_owned()),
         ));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::db::{DbConnection, DbError, Database, PLUMBING_MIGRATIONS};
+    use crate::db::{Database, DbConnection, DbError, PLUMBING_MIGRATIONS};
     use diesel::connection::SimpleConnection;
     use diesel::prelude::*;
     use std::sync::mpsc;
@@ -203,8 +216,11 @@ mod tests {
     #[tokio::test]
     async fn writes_committed_together_fail_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(dir.path().join("g.db").to_str().unwrap(), PLUMBING_MIGRATIONS)
-            .unwrap();
+        let db = Database::open(
+            dir.path().join("g.db").to_str().unwrap(),
+            PLUMBING_MIGRATIONS,
+        )
+        .unwrap();
         // The first write holds the writer until the others are queued behind it.
         let (release, hold) = mpsc::channel::<()>();
         let first = tokio::spawn({
