@@ -113,7 +113,11 @@ mod tests {
         pending.set(3);
         let refused = pending.admit().unwrap_err();
         assert_eq!(refused, TooManyPending { pending: 3, max: 3 });
-        assert!(refused.to_string().contains("3 orders are still in progress"));
+        assert!(
+            refused
+                .to_string()
+                .contains("3 orders are still in progress")
+        );
         assert_eq!(pending.gauge().get(), 3);
         pending.set(0);
         assert_eq!(pending.admit(), Ok(()));

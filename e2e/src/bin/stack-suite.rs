@@ -233,15 +233,23 @@ async fn pending_orders_are_bounded(stack: &mut Stack) -> Check {
 /// Waits until orders' /metrics shows `mall_orders_pending <n>`.
 async fn pending_gauge_reads(m: &e2e::Mall, n: i64) -> Check {
     let want = format!("mall_orders_pending {n}\n");
-    eventually(&format!("mall_orders_pending {n}"), Duration::from_secs(10), || async {
-        let text = reqwest::get(format!("{}/metrics", m.orders))
-            .await
-            .map_err(|e| e.to_string())?
-            .text()
-            .await
-            .map_err(|e| e.to_string())?;
-        if text.contains(&want) { Ok(()) } else { Err("not yet".into()) }
-    })
+    eventually(
+        &format!("mall_orders_pending {n}"),
+        Duration::from_secs(10),
+        || async {
+            let text = reqwest::get(format!("{}/metrics", m.orders))
+                .await
+                .map_err(|e| e.to_string())?
+                .text()
+                .await
+                .map_err(|e| e.to_string())?;
+            if text.contains(&want) {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    )
     .await
 }
 
