@@ -234,9 +234,10 @@ pub struct Database {
     /// request in the pool (tokio allows 512; measured: 538 threads and 110 MiB RSS at 1,000
     /// orders/s offered).
     connections: Arc<Semaphore>,
-    /// The writer thread's queue ([`crate::group_commit`]): every write goes through it, and
-    /// the writes waiting together commit together. The thread ends with the last clone.
-    writes: crate::group_commit::Queue,
+    /// The writer thread ([`crate::group_commit`]): every write goes through it, and the writes
+    /// waiting together commit together. Declared after `pool`: the last clone drops the pool
+    /// handle first, then stops the thread, which holds the other one.
+    writes: Arc<crate::group_commit::Writer>,
     outbox_committed: Arc<Notify>,
     /// Counts committed writes; live views (the dashboard's event stream) wait on it.
     commits: Arc<watch::Sender<u64>>,
@@ -278,6 +279,7 @@ impl Database {
             })?;
         }
         let writes = crate::group_commit::start("db-writer", pool.clone())
+            .map(Arc::new)
             .map_err(|e| DbError::Setup(format!("cannot start the writer thread: {e}")))?;
         Ok(Database {
             backend,

@@ -115,14 +115,39 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
-/// Where [`crate::Database::write`] queues its writes; the thread ends when every sender is
-/// gone.
-pub(crate) type Queue = mpsc::Sender<Box<dyn Write>>;
+/// The writer thread and where [`crate::Database::write`] queues its writes. Dropping it (with
+/// the last `Database` clone) closes the queue and waits for the thread to finish the batch it
+/// is on and drop its pool handle, so the database's connections are closed when the last
+/// `Database` is gone, as before the writer existed (a test reopening the file relies on it).
+pub(crate) struct Writer {
+    queue: Option<mpsc::Sender<Box<dyn Write>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Queues a write; `Err` when the thread is gone.
+    pub(crate) fn send(&self, write: Box<dyn Write>) -> Result<(), ()> {
+        let queue = self.queue.as_ref().ok_or(())?;
+        queue.send(write).map_err(|_| ())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take()
+            // The last handle may go inside a write, on the thread itself.
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// Starts the writer thread, which takes a connection from `pool` for each transaction.
-pub(crate) fn start(name: &str, pool: Pool) -> std::io::Result<Queue> {
+pub(crate) fn start(name: &str, pool: Pool) -> std::io::Result<Writer> {
     let (queue, writes) = mpsc::channel::<Box<dyn Write>>();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
             while let Ok(first) = writes.recv() {
@@ -153,7 +178,10 @@ pub(crate) fn start(name: &str, pool: Pool) -> std::io::Result<Queue> {
                 }
             }
         })?;
-    Ok(queue)
+    Ok(Writer {
+        queue: Some(queue),
+        thread: Some(thread),
+    })
 }
 
 /// Runs `batch` in one transaction and answers every write once its fate is known.
