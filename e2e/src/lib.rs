@@ -132,6 +132,27 @@ impl Mall {
         field_i64(&o, "id")
     }
 
+    /// [`Mall::place_order`] as a patient client does it: a 503 (orders busy: too many
+    /// requests or too many pending orders) is retried after its `Retry-After` second, for up
+    /// to two minutes. Returns the id and how many 503s it was answered first.
+    pub async fn place_order_retrying(&self, product_id: i64, quantity: i64) -> Check<(i64, u32)> {
+        let body = json!({ "productId": product_id, "quantity": quantity, "customerId": "e2e@12st.mall",
+                           "customerName": "E2E", "customerAddr": "Seoul" });
+        let url = format!("{}/orders", self.orders);
+        let mut refused = 0;
+        loop {
+            let (status, value) = self.call("POST", &url, Some(body.clone())).await?;
+            match status {
+                201 => return Ok((field_i64(&value, "id")?, refused)),
+                503 if refused < 120 => {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                _ => return Err(format!("POST {url}: expected 201, got {status} {value}")),
+            }
+        }
+    }
+
     /// An order as orders shows it.
     pub async fn order(&self, id: i64) -> Check<Value> {
         self.expect("GET", &format!("{}/orders/{id}", self.orders), None, 200)
