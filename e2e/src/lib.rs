@@ -124,8 +124,7 @@ impl Mall {
 
     /// Places an order; returns its id.
     pub async fn place_order(&self, product_id: i64, quantity: i64) -> Check<i64> {
-        let body = json!({ "productId": product_id, "quantity": quantity, "customerId": "e2e@12st.mall",
-                           "customerName": "E2E", "customerAddr": "Seoul" });
+        let body = order_body(product_id, quantity);
         let o = self
             .expect("POST", &format!("{}/orders", self.orders), Some(body), 201)
             .await?;
@@ -133,11 +132,10 @@ impl Mall {
     }
 
     /// [`Mall::place_order`] as a patient client does it: a 503 (orders busy: too many
-    /// requests or too many pending orders) is retried after its `Retry-After` second, for up
-    /// to two minutes. Returns the id and how many 503s it was answered first.
+    /// requests or too many pending orders) is retried a second later, as its `Retry-After: 1`
+    /// says, for up to two minutes. Returns the id and how many 503s it was answered first.
     pub async fn place_order_retrying(&self, product_id: i64, quantity: i64) -> Check<(i64, u32)> {
-        let body = json!({ "productId": product_id, "quantity": quantity, "customerId": "e2e@12st.mall",
-                           "customerName": "E2E", "customerAddr": "Seoul" });
+        let body = order_body(product_id, quantity);
         let url = format!("{}/orders", self.orders);
         let mut refused = 0;
         loop {
@@ -307,6 +305,12 @@ impl Mall {
         }
         Ok(())
     }
+}
+
+/// The body of the tests' `POST /orders`.
+fn order_body(product_id: i64, quantity: i64) -> Value {
+    json!({ "productId": product_id, "quantity": quantity, "customerId": "e2e@12st.mall",
+            "customerName": "E2E", "customerAddr": "Seoul" })
 }
 
 /// Reads a JSON integer field or says which is missing.

@@ -254,8 +254,8 @@ pub fn free_port() -> std::io::Result<u16> {
     let from = ephemeral_from.saturating_sub(12_000).max(1024);
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let random = std::collections::hash_map::RandomState::new();
+    let span = u64::from(ephemeral_from - from);
     for attempt in 0..500u32 {
-        let span = u64::from(ephemeral_from - from);
         let port = from + (std::hash::BuildHasher::hash_one(&random, attempt) % span) as u16;
         if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             handed_out.insert(port);

@@ -8,10 +8,10 @@
 //! its turn in the next commit, accepted sagas finish, and the surplus gets a quick
 //! `503` with `Retry-After` that a client can act on. Reads are not limited here.
 
-use crate::http::error_json;
+use crate::http::too_busy;
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::{Method, StatusCode, header};
+use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::web;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,16 +88,10 @@ pub async fn admit<B: MessageBody>(
             let queued = admission.waiting.fetch_add(1, Ordering::Relaxed);
             let _waiting = Waiting(&admission.waiting);
             if queued >= admission.max_waiting {
-                let mut refused = error_json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "too busy: {queued} requests are waiting to change state; \
-                         nothing was done, retry in a second"
-                    ),
-                );
-                refused
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                let refused = too_busy(format!(
+                    "too busy: {queued} requests are waiting to change state; \
+                     nothing was done, retry in a second"
+                ));
                 return Ok(req.into_response(refused).map_into_right_body());
             }
             admission
@@ -115,6 +109,7 @@ pub async fn admit<B: MessageBody>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use actix_web::http::{StatusCode, header};
     use actix_web::{App, HttpResponse, test as actix_test};
     use std::sync::Arc;
     use std::time::Duration;

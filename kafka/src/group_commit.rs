@@ -238,6 +238,17 @@ mod tests {
             .map_err(DbError::from)
     }
 
+    /// Runs `work` through [`Database::write`] on a task of its own.
+    fn spawn_write<T: Send + 'static>(
+        db: &Database,
+        work: impl FnOnce(&mut DbConnection) -> Result<(T, Vec<events::Envelope>), DbError>
+        + Send
+        + 'static,
+    ) -> tokio::task::JoinHandle<Result<T, DbError>> {
+        let db = db.clone();
+        tokio::spawn(async move { db.write(work).await })
+    }
+
     /// Writes queued behind a busy writer run in one transaction, each in its own savepoint:
     /// one that fails after changing something and one that panics roll back alone; the
     /// others commit, and each caller gets its own answer.
@@ -251,53 +262,31 @@ mod tests {
         .unwrap();
         // The first write holds the writer until the others are queued behind it.
         let (release, hold) = mpsc::channel::<()>();
-        let first = tokio::spawn({
-            let db = db.clone();
-            async move {
-                db.write(move |conn| {
-                    hold.recv().unwrap();
-                    insert(conn, "a")?;
-                    Ok::<_, DbError>(((), Vec::new()))
-                })
-                .await
-            }
+        let first = spawn_write(&db, move |conn| {
+            hold.recv().unwrap();
+            insert(conn, "a")?;
+            Ok(((), Vec::new()))
         });
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let ok = |id: &'static str| {
-            let db = db.clone();
-            tokio::spawn(async move {
-                db.write(move |conn| {
-                    insert(conn, id)?;
-                    Ok::<_, DbError>((ids(conn)?, Vec::new()))
-                })
-                .await
+            spawn_write(&db, move |conn| {
+                insert(conn, id)?;
+                Ok((ids(conn)?, Vec::new()))
             })
         };
         let b = ok("b");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let failing = tokio::spawn({
-            let db = db.clone();
-            async move {
-                db.write(move |conn| {
-                    insert(conn, "c")?;
-                    Err::<((), Vec<events::Envelope>), _>(DbError::Task("refused".into()))
-                })
-                .await
-            }
+        let failing = spawn_write(&db, |conn| {
+            insert(conn, "c")?;
+            Err::<((), _), _>(DbError::Task("refused".into()))
         });
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let panicking = tokio::spawn({
-            let db = db.clone();
-            async move {
-                db.write(move |conn| {
-                    insert(conn, "d")?;
-                    if conn.batch_execute("SELECT 1").is_ok() {
-                        panic!("a bug in a handler");
-                    }
-                    Ok::<_, DbError>(((), Vec::new()))
-                })
-                .await
+        let panicking = spawn_write(&db, |conn| {
+            insert(conn, "d")?;
+            if conn.batch_execute("SELECT 1").is_ok() {
+                panic!("a bug in a handler");
             }
+            Ok(((), Vec::new()))
         });
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         let e = ok("e");

@@ -18,6 +18,17 @@ pub fn error_json(status: StatusCode, message: impl Display) -> HttpResponse {
     HttpResponse::build(status).json(serde_json::json!({ "error": message.to_string() }))
 }
 
+/// A refusal to take more work now: 503, the error body, and `Retry-After: 1`, which a
+/// client can act on.
+pub fn too_busy(message: impl Display) -> HttpResponse {
+    let mut refused = error_json(StatusCode::SERVICE_UNAVAILABLE, message);
+    refused.headers_mut().insert(
+        actix_web::http::header::RETRY_AFTER,
+        actix_web::http::header::HeaderValue::from_static("1"),
+    );
+    refused
+}
+
 /// Registers the extractor settings, `/health`, `/metrics` and `/dead-letters`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(

@@ -58,13 +58,9 @@ impl ResponseError for OrdersError {
         if let OrdersError::Internal(cause) = self {
             log::error!("request failed: {cause}");
         }
-        let mut response = kafka::http::error_json(self.status_code(), self);
-        if let OrdersError::Busy(_) = self {
-            response.headers_mut().insert(
-                actix_web::http::header::RETRY_AFTER,
-                actix_web::http::header::HeaderValue::from_static("1"),
-            );
+        match self {
+            OrdersError::Busy(refused) => kafka::http::too_busy(refused),
+            _ => kafka::http::error_json(self.status_code(), self),
         }
-        response
     }
 }

@@ -14,7 +14,6 @@ use crate::store;
 use kafka::metrics::prometheus::IntGauge;
 use kafka::{Database, DbError};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -25,10 +24,9 @@ const REFRESH_EVERY: Duration = Duration::from_millis(200);
 /// The number of pending orders, as last counted, and the bound new orders are held to.
 #[derive(Debug)]
 pub struct PendingOrders {
-    counted: AtomicI64,
+    /// `mall_orders_pending`: the last count, for `/metrics` and for [`PendingOrders::admit`].
+    counted: IntGauge,
     max: i64,
-    /// `mall_orders_pending`, the same figure for `/metrics`.
-    gauge: IntGauge,
 }
 
 /// Why a new order is refused.
@@ -47,26 +45,22 @@ pub struct TooManyPending {
 impl PendingOrders {
     /// A bound of `max` pending orders; nothing counted yet (0).
     pub fn new(max: i64) -> Arc<Self> {
-        let gauge = IntGauge::new(
+        let counted = IntGauge::new(
             "mall_orders_pending",
             "Orders placed whose saga has not ended yet (counted every 200 ms)",
         )
         .expect("a fixed gauge definition is valid");
-        Arc::new(PendingOrders {
-            counted: AtomicI64::new(0),
-            max,
-            gauge,
-        })
+        Arc::new(PendingOrders { counted, max })
     }
 
     /// The gauge, to register with the service's metrics.
     pub fn gauge(&self) -> IntGauge {
-        self.gauge.clone()
+        self.counted.clone()
     }
 
     /// Ok when one more order may be placed.
     pub fn admit(&self) -> Result<(), TooManyPending> {
-        let pending = self.counted.load(Ordering::Relaxed);
+        let pending = self.counted.get();
         if pending >= self.max {
             return Err(TooManyPending {
                 pending,
@@ -78,8 +72,7 @@ impl PendingOrders {
 
     /// Records a count.
     pub fn set(&self, pending: i64) {
-        self.counted.store(pending, Ordering::Relaxed);
-        self.gauge.set(pending);
+        self.counted.set(pending);
     }
 
     /// Counts the pending orders every [`REFRESH_EVERY`] until `stop`.

@@ -145,11 +145,17 @@ pub async fn open_loop(rig: &Rig, plan: Plan) -> Result<Report, String> {
         .zip(database_before)
         .map(|(s, before)| (*s, before, database_bytes(rig, s)))
         .collect();
-    let mut report = summarise(
-        plan, load, &ids, &times, drained_in, cpu_secs, memory, database,
-    );
-    report.floor_under_load = floor_under_load?;
-    Ok(report)
+    Ok(summarise(
+        plan,
+        load,
+        &ids,
+        &times,
+        drained_in,
+        floor_under_load?,
+        cpu_secs,
+        memory,
+        database,
+    ))
 }
 
 fn created_id(post: &load::Post) -> Option<i64> {
@@ -249,10 +255,20 @@ fn summarise(
     ids: &[i64],
     times: &[Times],
     drained_in: Duration,
+    floor_under_load: Spread,
     cpu_secs: Vec<(String, f64)>,
     memory: Vec<(String, Memory)>,
     database: Vec<(&'static str, u64, u64)>,
 ) -> Report {
+    // One figure per saga that has both ends of the interval.
+    let between = |interval: fn(&Times) -> Option<i64>| {
+        Spread::of(
+            times
+                .iter()
+                .filter_map(|t| interval(t).map(|ms| ms as f64))
+                .collect(),
+        )
+    };
     let mut other_status = BTreeMap::new();
     for post in &load.posts {
         if let Outcome::Status(status) = post.outcome {
@@ -288,43 +304,16 @@ fn summarise(
             .filter_map(terminal_at)
             .filter(|ms| (steady_from..steady_to).contains(ms))
             .count(),
-        saga: Spread::of(
-            times
-                .iter()
-                .filter_map(|t| Some((t.terminal_ms? - t.placed_ms?) as f64))
-                .collect(),
-        ),
-        to_relayed: Spread::of(
-            times
-                .iter()
-                .filter_map(|t| Some((t.placed_sent_ms? - t.placed_ms?) as f64))
-                .collect(),
-        ),
-        relayed_to_stock: Spread::of(
-            times
-                .iter()
-                .filter_map(|t| Some((t.stock_ms? - t.placed_sent_ms?) as f64))
-                .collect(),
-        ),
-        to_stock: Spread::of(
-            times
-                .iter()
-                .filter_map(|t| Some((t.stock_ms? - t.placed_ms?) as f64))
-                .collect(),
-        ),
-        to_delivery: Spread::of(
-            times
-                .iter()
-                .filter_map(|t| Some((t.delivery_ms? - t.placed_ms?) as f64))
-                .collect(),
-        ),
-        to_terminal: Spread::of(
-            times
-                .iter()
-                .filter(|t| !t.cancelled)
-                .filter_map(|t| Some((t.terminal_ms? - t.stock_ms?.max(t.delivery_ms?)) as f64))
-                .collect(),
-        ),
+        saga: between(|t| Some(t.terminal_ms? - t.placed_ms?)),
+        to_relayed: between(|t| Some(t.placed_sent_ms? - t.placed_ms?)),
+        relayed_to_stock: between(|t| Some(t.stock_ms? - t.placed_sent_ms?)),
+        to_stock: between(|t| Some(t.stock_ms? - t.placed_ms?)),
+        to_delivery: between(|t| Some(t.delivery_ms? - t.placed_ms?)),
+        // Completed sagas only: a cancelled one may end before both answers.
+        to_terminal: between(|t| {
+            (!t.cancelled).then_some(())?;
+            Some(t.terminal_ms? - t.stock_ms?.max(t.delivery_ms?))
+        }),
         post_to_terminal: Spread::of(
             ids.iter()
                 .zip(times)
@@ -338,7 +327,7 @@ fn summarise(
                 .map(|p| p.round_trip_ms)
                 .collect(),
         ),
-        floor_under_load: Spread::of(Vec::new()),
+        floor_under_load,
         cpu_secs,
         memory,
         database,

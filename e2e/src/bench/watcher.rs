@@ -155,12 +155,16 @@ fn note(orders: &Orders, payload: &[u8], sent_ms: Option<i64>) {
     let Ok(seen) = serde_json::from_slice::<Seen>(payload) else {
         return;
     };
-    let terminal = matches!(seen.event_type, "OrderCompleted" | "OrderCancelled");
-    let hop = matches!(
+    let noted = matches!(
         seen.event_type,
-        "StockDecreased" | "ProductOutOfStock" | "DeliveryStarted"
+        "OrderPlaced"
+            | "StockDecreased"
+            | "ProductOutOfStock"
+            | "DeliveryStarted"
+            | "OrderCompleted"
+            | "OrderCancelled"
     );
-    if !terminal && !hop && seen.event_type != "OrderPlaced" {
+    if !noted {
         return;
     }
     let Some(id) = seen.correlation_id.and_then(|c| c.parse::<i64>().ok()) else {
@@ -172,15 +176,21 @@ fn note(orders: &Orders, payload: &[u8], sent_ms: Option<i64>) {
     let at = at.timestamp_millis();
     let mut orders = lock(orders);
     let times = orders.entry(id).or_default();
-    if seen.event_type == "DeliveryStarted" {
-        times.delivery_ms.get_or_insert(at);
-    } else if hop {
-        times.stock_ms.get_or_insert(at);
-    } else if !terminal {
-        times.placed_ms = Some(at);
-        times.placed_sent_ms = sent_ms;
-    } else if times.terminal_ms.is_none() {
-        times.terminal_ms = Some(at);
-        times.cancelled = seen.event_type == "OrderCancelled";
+    match seen.event_type {
+        "OrderPlaced" => {
+            times.placed_ms = Some(at);
+            times.placed_sent_ms = sent_ms;
+        }
+        "StockDecreased" | "ProductOutOfStock" => {
+            times.stock_ms.get_or_insert(at);
+        }
+        "DeliveryStarted" => {
+            times.delivery_ms.get_or_insert(at);
+        }
+        terminal if times.terminal_ms.is_none() => {
+            times.terminal_ms = Some(at);
+            times.cancelled = terminal == "OrderCancelled";
+        }
+        _ => {}
     }
 }

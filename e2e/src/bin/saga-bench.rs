@@ -334,14 +334,12 @@ fn print_floor(floor: &Spread, fetch_wait_ms: u64) {
 }
 
 fn print_ratio(report: &Report, floor: &Spread) {
+    let saga = report.saga.p50;
+    let ratio = |floor: f64| format!("{saga:.1} / (2 × {floor:.1}) = {:.2}", saga / (2.0 * floor));
     println!(
-        "  saga p50 / (2 × floor p50) = {:.1} / (2 × {:.1}) = {:.2}   (floor under this load: {:.1} / (2 × {:.1}) = {:.2})",
-        report.saga.p50,
-        floor.p50,
-        report.saga.p50 / (2.0 * floor.p50),
-        report.saga.p50,
-        report.floor_under_load.p50,
-        report.saga.p50 / (2.0 * report.floor_under_load.p50)
+        "  saga p50 / (2 × floor p50) = {}   (floor under this load: {})",
+        ratio(floor.p50),
+        ratio(report.floor_under_load.p50)
     );
 }
 
