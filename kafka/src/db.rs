@@ -243,6 +243,23 @@ pub struct Database {
     commits: Arc<watch::Sender<u64>>,
     /// Starts, once, the listener that counts other instances' commits (PostgreSQL).
     listening: Arc<std::sync::Once>,
+    /// What the service does with the events it writes ([`Database::with_write_hook`]).
+    hook: Option<Arc<dyn WriteHook>>,
+}
+
+/// Work to do once a write has committed (and never if it did not).
+pub type AfterCommit = Box<dyn FnOnce() + Send>;
+
+/// What a service does with every event it writes, so it need not read its own events back
+/// from the topic: orders keeps each order's history with the events that change it.
+pub trait WriteHook: Send + Sync + 'static {
+    /// Runs in the write's transaction just before `events` (never empty) enter the outbox;
+    /// an error rolls the write back. What it returns runs after the commit, once.
+    fn writing(
+        &self,
+        conn: &mut DbConnection,
+        events: &[Envelope],
+    ) -> diesel::QueryResult<Option<AfterCommit>>;
 }
 
 impl Database {
@@ -289,7 +306,15 @@ impl Database {
             outbox_committed: Arc::new(Notify::new()),
             commits: Arc::new(watch::Sender::new(0)),
             listening: Arc::new(std::sync::Once::new()),
+            hook: None,
         })
+    }
+
+    /// This database with `hook` run on the events of every write; set before the first
+    /// write (clones made earlier do not have it).
+    pub fn with_write_hook(mut self, hook: Arc<dyn WriteHook>) -> Self {
+        self.hook = Some(hook);
+        self
     }
 
     /// Runs a read on a blocking thread.
@@ -311,7 +336,8 @@ impl Database {
     }
 
     /// Changes state and commits the events the change causes into the outbox, in one
-    /// transaction; then wakes the relay. `f` returns its result and the events to publish.
+    /// transaction; then wakes the relay. `f` returns its result and the events to publish;
+    /// the service's [`WriteHook`], if any, sees those events in the same transaction.
     ///
     /// The writer thread runs it in a savepoint of the transaction it shares with the writes
     /// queued at the same moment ([`crate::group_commit`]), and answers after the commit. The
@@ -324,11 +350,19 @@ impl Database {
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
+        let hook = self.hook.clone();
         let job = crate::group_commit::Job {
             work: move |conn: &mut DbConnection| {
                 let (value, events) = f(conn)?;
+                if events.is_empty() {
+                    return Ok::<_, E>((value, false, None));
+                }
+                let after = match &hook {
+                    Some(hook) => hook.writing(conn, &events)?,
+                    None => None,
+                };
                 outbox::enqueue(conn, &events)?;
-                Ok::<_, E>((value, !events.is_empty()))
+                Ok((value, true, after))
             },
             reply,
         };
@@ -336,9 +370,12 @@ impl Database {
         // Transient, so a consumer retries rather than parks; the retry finds out by its id.
         let unanswered = || DbError::Batch("the database writer dropped this write".into());
         self.writes.send(Box::new(job)).map_err(|_| unanswered())?;
-        let (value, published) = answer.await.map_err(|_| unanswered())??;
+        let (value, published, after) = answer.await.map_err(|_| unanswered())??;
         if published {
             self.outbox_committed.notify_one();
+        }
+        if let Some(after) = after {
+            after();
         }
         self.commits.send_modify(|n| *n = n.wrapping_add(1));
         Ok(value)
@@ -512,6 +549,81 @@ mod tests {
         assert!(std::fs::metadata(&wal).unwrap().len() > 0);
         db.checkpoint().await.unwrap();
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0, "log emptied");
+    }
+
+    /// Records each written event's id in `processed_events` (in the transaction) and counts
+    /// after-commit calls.
+    struct Recording(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl WriteHook for Recording {
+        fn writing(
+            &self,
+            conn: &mut DbConnection,
+            events: &[Envelope],
+        ) -> diesel::QueryResult<Option<AfterCommit>> {
+            for e in events {
+                if e.event.order_id() == Some(666) {
+                    return Err(diesel::result::Error::RollbackTransaction);
+                }
+                conn.batch_execute(&format!(
+                    "INSERT INTO processed_events VALUES ('{}', 'seen', 'now')",
+                    e.event_id
+                ))?;
+            }
+            let committed = self.0.clone();
+            Ok(Some(Box::new(move || {
+                committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_write_hook_commits_with_the_write_and_its_sequel_runs_after_commits_only() {
+        use diesel::prelude::*;
+        use events::{Event, OrderCompleted, Service};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hook.db");
+        let after_commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let db = Database::open(path.to_str().unwrap(), PLUMBING_MIGRATIONS)
+            .unwrap()
+            .with_write_hook(Arc::new(Recording(after_commits.clone())));
+        let event = |order_id| {
+            let e = OrderCompleted {
+                order_id,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+            };
+            Envelope::new(Service::Orders, Event::OrderCompleted(e))
+        };
+        let write = |events: Vec<Envelope>| db.write(move |_| Ok::<_, DbError>(((), events)));
+        let counts = || {
+            db.read(|conn| {
+                let seen = crate::inbox::processed_events::table
+                    .count()
+                    .get_result::<i64>(conn)?;
+                let queued = outbox::pending_count(conn)?;
+                Ok::<_, DbError>((seen, queued))
+            })
+        };
+        let calls = || after_commits.load(std::sync::atomic::Ordering::SeqCst);
+
+        let first = event(1);
+        write(vec![first.clone()]).await.unwrap();
+        assert_eq!((counts().await.unwrap(), calls()), ((1, 1), 1));
+
+        // No events: the hook is not asked.
+        write(Vec::new()).await.unwrap();
+        assert_eq!(calls(), 1);
+
+        // The hook fails: the write rolls back, outbox included.
+        assert!(write(vec![event(2), event(666)]).await.is_err());
+        assert_eq!((counts().await.unwrap(), calls()), ((1, 1), 1));
+
+        // The hook ran, then the outbox refused the event (its id is already there): the
+        // hook's rows roll back with the write and its sequel never runs.
+        assert!(write(vec![event(3), first]).await.is_err());
+        assert_eq!((counts().await.unwrap(), calls()), ((1, 1), 1));
     }
 
     #[test]

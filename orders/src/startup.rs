@@ -1,6 +1,7 @@
 //! Building the orders service from its settings.
 
 use crate::dashboard::{Dashboard, Links};
+use crate::history::OrderHistory;
 use crate::pending::PendingOrders;
 use crate::reactor::OrderReactor;
 use crate::routes::routes;
@@ -63,16 +64,17 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
         .service
         .retention
         .check_window("ORDER_HISTORY_RETENTION_S", settings.order_history)?;
-    let db = Database::open(&settings.service.database_url, MIGRATIONS)?;
+    let history = Arc::new(OrderHistory::new());
+    let db = Database::open(&settings.service.database_url, MIGRATIONS)?
+        .with_write_hook(history.clone());
     let dashboard = Dashboard::new(db.clone(), Links::from_env()?);
     let pages = dashboard.clone();
-    let reactor = Arc::new(OrderReactor::new());
     let pending = PendingOrders::new(settings.max_pending);
     let pending_data = actix_web::web::Data::from(pending.clone());
     let mut host = ServiceHost::start(
         &settings.service,
         db.clone(),
-        reactor.clone(),
+        Arc::new(OrderReactor),
         retention::rules(order_history),
         move |cfg: &mut actix_web::web::ServiceConfig| {
             cfg.app_data(pending_data.clone());
@@ -81,7 +83,7 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
         },
     )
     .await?;
-    host.metrics().register(reactor.saga_durations())?;
+    host.metrics().register(history.saga_durations())?;
     host.metrics().register(pending.gauge())?;
     let counted = db.clone();
     host.spawn_task(move |stop| pending.run(counted, stop));

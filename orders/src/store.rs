@@ -226,6 +226,27 @@ pub fn order(conn: &mut DbConnection, id: i64) -> QueryResult<Option<StoredOrder
         .transpose()
 }
 
+/// When the order was placed (`created_at`), if it exists.
+pub fn placed_at(conn: &mut DbConnection, id: i64) -> QueryResult<Option<String>> {
+    orders::table
+        .find(id)
+        .select(orders::created_at)
+        .first(conn)
+        .optional()
+}
+
+/// Whether orders completed the order at some point (its OrderCompleted is in the history;
+/// a later cancel does not remove it).
+pub fn was_completed(conn: &mut DbConnection, id: i64) -> QueryResult<bool> {
+    diesel::select(diesel::dsl::exists(
+        order_events::table
+            .filter(order_events::order_id.eq(id))
+            .filter(order_events::event_type.eq("OrderCompleted"))
+            .filter(order_events::source.eq(events::Service::Orders.as_str())),
+    ))
+    .get_result(conn)
+}
+
 /// Writes the saga-owned fields of an order.
 pub fn save_order(conn: &mut DbConnection, o: &Order) -> QueryResult<()> {
     diesel::update(orders::table.find(o.id))
@@ -257,7 +278,8 @@ pub struct HistoryRow {
     pub payload: String,
 }
 
-/// Appends a consumed event to its order's history (in topic order; a repeat is ignored).
+/// Appends an event to its order's history: a consumed one as it is applied, one of orders'
+/// own as it is written ([`crate::history`]). A repeat is ignored.
 pub fn record_history(conn: &mut DbConnection, order_id: i64, e: &Envelope) -> QueryResult<()> {
     let mut payload = serde_json::to_value(&e.event).unwrap_or_default();
     if let Some(fields) = payload.as_object_mut() {
