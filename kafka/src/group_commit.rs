@@ -9,8 +9,9 @@
 //!
 //! Nothing is weakened: a write is answered only after the transaction holding it committed;
 //! a write that fails (or panics) rolls back to its savepoint alone, as if it had been its own
-//! transaction; a failed commit fails every write in it, and nothing of them is kept. The
-//! savepoint costs two short statements per write, also when a write is alone.
+//! transaction; a failed commit fails every write in it, and nothing of them is kept. A write
+//! alone in its transaction needs no savepoint (the transaction rolls back as well), and gets
+//! none: SQLite copies every page a savepoint touches to a sub-journal first.
 
 use crate::db::{DbConnection, DbError, Pool, write_transaction};
 use diesel::Connection;
@@ -31,6 +32,11 @@ pub(crate) trait Write: Send {
         self: Box<Self>,
         conn: &mut DbConnection,
     ) -> Result<Box<dyn Answer>, (Box<dyn Answer>, DbError)>;
+
+    /// Runs the write as the only one of the open transaction, without a savepoint: the
+    /// transaction is its rollback. Also returns whether the write succeeded (else the
+    /// caller rolls the transaction back).
+    fn run_alone(self: Box<Self>, conn: &mut DbConnection) -> (Box<dyn Answer>, bool);
 
     /// Answers without running: the transaction could not even begin.
     fn fail(self: Box<Self>, cause: DbError);
@@ -83,13 +89,7 @@ where
             let outcome = Err(E::from(DbError::Batch(e.to_string())));
             return Err((Box::new(Ran { outcome, reply }), DbError::Query(e)));
         }
-        let outcome = match catch_unwind(AssertUnwindSafe(|| work(&mut *conn))) {
-            Ok(outcome) => outcome,
-            Err(panic) => Err(E::from(DbError::Task(format!(
-                "panicked: {}",
-                panic_message(&*panic)
-            )))),
-        };
+        let outcome = run_caught(work, conn);
         let closed = match &outcome {
             Ok(_) => Tm::commit_transaction(conn),
             Err(_) => Tm::rollback_transaction(conn),
@@ -101,8 +101,30 @@ where
         }
     }
 
+    fn run_alone(self: Box<Self>, conn: &mut DbConnection) -> (Box<dyn Answer>, bool) {
+        let Job { work, reply } = *self;
+        let outcome = run_caught(work, conn);
+        let succeeded = outcome.is_ok();
+        (Box::new(Ran { outcome, reply }), succeeded)
+    }
+
     fn fail(self: Box<Self>, cause: DbError) {
         let _ = self.reply.send(Err(E::from(cause)));
+    }
+}
+
+/// Runs `work`; a panic in it becomes its error (`DbError::Task`, so a consumer parks the event).
+fn run_caught<F, T, E>(work: F, conn: &mut DbConnection) -> Result<T, E>
+where
+    F: FnOnce(&mut DbConnection) -> Result<T, E>,
+    E: From<DbError>,
+{
+    match catch_unwind(AssertUnwindSafe(|| work(conn))) {
+        Ok(outcome) => outcome,
+        Err(panic) => Err(E::from(DbError::Task(format!(
+            "panicked: {}",
+            panic_message(&*panic)
+        )))),
     }
 }
 
@@ -185,7 +207,12 @@ pub(crate) fn start(name: &str, pool: Pool) -> std::io::Result<Writer> {
 }
 
 /// Runs `batch` in one transaction and answers every write once its fate is known.
-fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>) {
+fn commit(conn: &mut DbConnection, mut batch: Vec<Box<dyn Write>>) {
+    if batch.len() == 1
+        && let Some(write) = batch.pop()
+    {
+        return commit_alone(conn, write);
+    }
     let mut answers: Vec<Box<dyn Answer>> = Vec::with_capacity(batch.len());
     let mut pending = batch.into_iter();
     let committed = write_transaction(conn, |conn| {
@@ -213,6 +240,40 @@ fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>) {
             why.clone()
                 .unwrap_or_else(|| "the transaction broke".to_owned()),
         ));
+    }
+}
+
+/// Runs a write that is alone in its transaction: its savepoint would only copy every page
+/// it touches to a sub-journal (measured: ~15 % of orders' writer thread at 300 sagas/s), and
+/// the transaction rolls back just as well.
+fn commit_alone(conn: &mut DbConnection, write: Box<dyn Write>) {
+    let mut waiting = Some(write);
+    let mut answer = None;
+    // Err(None): the write itself failed, and its answer says how.
+    let committed = write_transaction(conn, |conn| {
+        let Some(write) = waiting.take() else {
+            return Ok(());
+        };
+        let (ran, succeeded) = write.run_alone(conn);
+        answer = Some(ran);
+        if succeeded { Ok(()) } else { Err(None) }
+    });
+    let why = match committed {
+        Ok(()) => None,
+        Err(None) => Some("the write failed".to_owned()),
+        Err(Some(e)) => {
+            let e: diesel::result::Error = e;
+            log::warn!("a write failed to commit: {e}");
+            Some(e.to_string())
+        }
+    };
+    if let Some(answer) = answer {
+        answer.answer(why.as_deref());
+    }
+    // Never run: the transaction could not begin.
+    if let Some(write) = waiting {
+        let why = why.unwrap_or_else(|| "the transaction did not begin".to_owned());
+        write.fail(DbError::Batch(why));
     }
 }
 
@@ -311,5 +372,47 @@ mod tests {
         db.write(|conn| Ok::<_, DbError>((insert(conn, "f")?, Vec::new())))
             .await
             .unwrap();
+    }
+
+    /// A write alone in its transaction (no savepoint) fails or panics just as alone: its own
+    /// error, nothing of it kept, the writer alive.
+    #[tokio::test]
+    async fn a_write_alone_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(
+            dir.path().join("g.db").to_str().unwrap(),
+            PLUMBING_MIGRATIONS,
+        )
+        .unwrap();
+        let failed = db
+            .write(|conn| {
+                insert(conn, "a")?;
+                Err::<((), Vec<events::Envelope>), _>(DbError::Task("refused".into()))
+            })
+            .await;
+        assert!(matches!(failed, Err(DbError::Task(m)) if m == "refused"));
+        let panicked = db
+            .write(|conn| {
+                insert(conn, "b")?;
+                if conn.batch_execute("SELECT 1").is_ok() {
+                    panic!("a bug in a handler");
+                }
+                Ok(((), Vec::new()))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&panicked, DbError::Task(m) if m.contains("a bug in a handler")),
+            "{panicked}"
+        );
+        let kept = db
+            .write(|conn| {
+                insert(conn, "c")?;
+                Ok::<_, DbError>((ids(conn)?, Vec::new()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(kept, ["c"]);
+        assert_eq!(db.read(ids).await.unwrap(), ["c"]);
     }
 }
