@@ -116,7 +116,7 @@ pub fn enqueue_dead_letter(
     letter: &events::DeadLetter,
 ) -> QueryResult<()> {
     let row = NewOutboxRow {
-        event_id: uuid::Uuid::new_v4().to_string(),
+        event_id: uuid::Uuid::now_v7().to_string(), // time-ordered, as events' ids
         event_type: "DeadLetter".into(),
         message_key: letter.key.clone().unwrap_or_default(),
         payload: letter.to_json(),

@@ -11,9 +11,7 @@ use diesel::{Connection, SqliteConnection};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Orders per transaction (about 11 rows each in orders). Within a batch the event rows go in
-/// in event-id order, so the random-id indexes are filled page by page, not page after random
-/// page; their row order within a batch is not time order, which nothing reads.
+/// Orders per transaction (about 11 rows each in orders).
 const BATCH: u64 = 20_000;
 /// Milliseconds between two preloaded orders.
 const STEP_MS: i64 = 10;
@@ -178,12 +176,14 @@ fn delivery_batch(plan: &Plan) -> String {
 /// One of ten thousand customers.
 const CUSTOMER: &str = "('customer' || (i % 10000) || '@12st.mall')";
 
-/// The event id of `kind` for order `i`: UUID-shaped, unique per (order, kind), and scattered
-/// (the first group is an odd multiple mod 2³²) so its indexes fill like random UUIDs'.
+/// The event id of `kind` for order `i`, shaped as the services make them (UUIDv7): the
+/// event's millisecond timestamp in the first 48 bits, so ids grow with time as theirs do;
+/// unique per (order, kind).
 fn uuid_of(kind: u32) -> String {
+    let offset = kind * 8;
     format!(
-        "printf('%08x-%04x-4%03x-%04x-%012x', ((i * 8 + {kind}) * 2654435761) % 4294967296, \
-         {kind} * 4099, i % 4096, 32768 + (i / 4096) % 16384, i)"
+        "printf('%08x-%04x-7%03x-%04x-%012x', (t + {offset}) / 65536, (t + {offset}) % 65536, \
+         {kind}, 32768 + i % 16384, i)"
     )
 }
 
