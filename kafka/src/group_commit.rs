@@ -299,6 +299,14 @@ mod tests {
             .map_err(DbError::from)
     }
 
+    fn open(dir: &tempfile::TempDir) -> Database {
+        Database::open(
+            dir.path().join("g.db").to_str().unwrap(),
+            PLUMBING_MIGRATIONS,
+        )
+        .unwrap()
+    }
+
     /// Runs `work` through [`Database::write`] on a task of its own.
     fn spawn_write<T: Send + 'static>(
         db: &Database,
@@ -316,11 +324,7 @@ mod tests {
     #[tokio::test]
     async fn writes_committed_together_fail_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(
-            dir.path().join("g.db").to_str().unwrap(),
-            PLUMBING_MIGRATIONS,
-        )
-        .unwrap();
+        let db = open(&dir);
         // The first write holds the writer until the others are queued behind it.
         let (release, hold) = mpsc::channel::<()>();
         let first = spawn_write(&db, move |conn| {
@@ -379,11 +383,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_alone_fails_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(
-            dir.path().join("g.db").to_str().unwrap(),
-            PLUMBING_MIGRATIONS,
-        )
-        .unwrap();
+        let db = open(&dir);
         let failed = db
             .write(|conn| {
                 insert(conn, "a")?;
