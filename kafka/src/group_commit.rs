@@ -282,7 +282,10 @@ mod tests {
     use crate::db::{Database, DbConnection, DbError, PLUMBING_MIGRATIONS};
     use diesel::connection::SimpleConnection;
     use diesel::prelude::*;
+    use std::future::Future;
+    use std::pin::Pin;
     use std::sync::mpsc;
+    use std::task::{Context, Waker};
 
     fn insert(conn: &mut DbConnection, id: &str) -> Result<(), DbError> {
         conn.batch_execute(&format!(
@@ -318,58 +321,96 @@ mod tests {
         tokio::spawn(async move { db.write(work).await })
     }
 
+    /// Polls a write once: [`Database::write`] queues it on its first poll, so writes queued
+    /// this way reach the writer in this order, with no sleep to order them.
+    fn queued<T>(
+        db: &Database,
+        work: impl FnOnce(&mut DbConnection) -> Result<(T, Vec<events::Envelope>), DbError>
+        + Send
+        + 'static,
+    ) -> Pin<Box<dyn Future<Output = Result<T, DbError>> + Send>>
+    where
+        T: Send + 'static,
+    {
+        let db = db.clone();
+        let mut write: Pin<Box<dyn Future<Output = _> + Send>> =
+            Box::pin(async move { db.write(work).await });
+        assert!(unanswered(&mut write), "answered before it was run");
+        write
+    }
+
+    /// True while `write` has no answer (polled without waiting).
+    fn unanswered<T>(write: &mut Pin<Box<dyn Future<Output = T> + Send>>) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        write.as_mut().poll(&mut cx).is_pending()
+    }
+
     /// Writes queued behind a busy writer run in one transaction, each in its own savepoint:
-    /// one that fails after changing something and one that panics roll back alone; the
-    /// others commit, and each caller gets its own answer.
+    /// while the last of them runs, the earlier ones have run but nothing of them is
+    /// committed (another connection does not see them) nor answered — they share its
+    /// transaction. One that fails after changing something and one that panics roll back
+    /// alone; the others commit, and each caller gets its own answer.
     #[tokio::test]
-    async fn writes_committed_together_fail_alone() {
+    async fn writes_queued_together_share_one_transaction_and_fail_alone() {
         let dir = tempfile::tempdir().unwrap();
         let db = open(&dir);
         // The first write holds the writer until the others are queued behind it.
+        let (started, first_runs) = tokio::sync::oneshot::channel();
         let (release, hold) = mpsc::channel::<()>();
         let first = spawn_write(&db, move |conn| {
-            hold.recv().unwrap();
+            let _ = started.send(());
+            let _ = hold.recv();
             insert(conn, "a")?;
             Ok(((), Vec::new()))
         });
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        first_runs.await.unwrap();
         let ok = |id: &'static str| {
-            spawn_write(&db, move |conn| {
+            queued(&db, move |conn| {
                 insert(conn, id)?;
                 Ok((ids(conn)?, Vec::new()))
             })
         };
-        let b = ok("b");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let failing = spawn_write(&db, |conn| {
+        let mut b = ok("b");
+        let failing = queued(&db, |conn| {
             insert(conn, "c")?;
             Err::<((), _), _>(DbError::Task("refused".into()))
         });
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let panicking = spawn_write(&db, |conn| {
+        let panicking = queued(&db, |conn| {
             insert(conn, "d")?;
             if conn.batch_execute("SELECT 1").is_ok() {
                 panic!("a bug in a handler");
             }
             Ok(((), Vec::new()))
         });
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let e = ok("e");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // The last write holds its transaction open until told.
+        let (running, e_runs) = tokio::sync::oneshot::channel();
+        let (finish, e_holds) = mpsc::channel::<()>();
+        let e = queued(&db, move |conn| {
+            insert(conn, "e")?;
+            let seen = ids(conn)?;
+            let _ = running.send(());
+            let _ = e_holds.recv();
+            Ok((seen, Vec::new()))
+        });
         release.send(()).unwrap();
-
         first.await.unwrap().unwrap();
+        e_runs.await.unwrap();
+        // b ran before e (e saw it), yet it is neither committed nor answered: it waits for
+        // e's commit, which is its own.
+        assert_eq!(db.read(ids).await.unwrap(), ["a"], "b committed alone");
+        assert!(unanswered(&mut b), "b was answered before its commit");
+        finish.send(()).unwrap();
+
         // b sees only what committed before it and itself.
-        assert_eq!(b.await.unwrap().unwrap(), ["a", "b"]);
-        assert!(matches!(failing.await.unwrap(), Err(DbError::Task(m)) if m == "refused"));
-        let panicked = panicking.await.unwrap().unwrap_err();
+        assert_eq!(b.await.unwrap(), ["a", "b"]);
+        assert!(matches!(failing.await, Err(DbError::Task(m)) if m == "refused"));
+        let panicked = panicking.await.unwrap_err();
         assert!(
             matches!(&panicked, DbError::Task(m) if m.contains("a bug in a handler")),
             "{panicked}"
         );
-        // Queued while the writer was busy, b to e ran as one batch: e sees b, and not the
-        // rolled-back c and d.
-        assert_eq!(e.await.unwrap().unwrap(), ["a", "b", "e"]);
+        // e sees b, and not the rolled-back c and d.
+        assert_eq!(e.await.unwrap(), ["a", "b", "e"]);
         let kept = db.read(ids).await.unwrap();
         assert_eq!(kept, ["a", "b", "e"]);
         // The writer thread survived the panic.
