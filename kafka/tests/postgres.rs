@@ -1,6 +1,8 @@
 //! The plumbing on PostgreSQL, with two `Database` handles on one database standing for two
 //! instances of a service. Runs when `TEST_POSTGRES_URL` names a server's maintenance
-//! database (`scripts/test.sh` starts one); without it each test says it was skipped.
+//! database (`scripts/test.sh` starts one). Without it each test says it was skipped — or
+//! fails, when `REQUIRE_POSTGRES=1` says a server was meant to be there (`scripts/test.sh`
+//! sets it, so a missing server is a failure there, not a silent pass).
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -8,11 +10,18 @@ use kafka::db::{Database, DbError, PLUMBING_MIGRATIONS};
 use kafka::leases::{self, Membership};
 use std::time::Duration;
 
-/// A fresh database on the test server, or `None` (skipped) without `TEST_POSTGRES_URL`.
+/// A fresh database on the test server, or `None` (skipped) without `TEST_POSTGRES_URL`;
+/// panics without it when `REQUIRE_POSTGRES=1`.
 fn fresh_database(name: &str) -> Option<String> {
     let server = std::env::var("TEST_POSTGRES_URL")
         .ok()
-        .filter(|url| !url.is_empty())?;
+        .filter(|url| !url.is_empty());
+    let required = std::env::var("REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
+    let server = match server {
+        Some(server) => server,
+        None if required => panic!("REQUIRE_POSTGRES=1 but TEST_POSTGRES_URL is not set"),
+        None => return None,
+    };
     let name = format!("kafka_{name}_{}", std::process::id());
     let mut admin = diesel::PgConnection::establish(&server).expect("test server");
     // Two calls: several statements in one would run as one transaction, which DROP refuses.
@@ -31,7 +40,13 @@ macro_rules! database_or_skip {
         match fresh_database($name) {
             Some(url) => url,
             None => {
-                eprintln!("skipped: TEST_POSTGRES_URL is not set");
+                // Past the test harness's capture: a skip is seen, not counted as a pass.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{}: skipped, TEST_POSTGRES_URL is not set",
+                    $name
+                );
                 return;
             }
         }
@@ -124,21 +139,29 @@ async fn leases_split_partitions_and_fence_the_old_holder() {
     assert_eq!(balance("a").await.unwrap().holds.len(), 3);
     let b = balance("b").await.unwrap();
     assert_eq!(b.holds.len(), 3);
-    let stale = db
-        .write(|conn| {
-            let at = kafka::offsets::ConsumedAt {
-                topic: "t".into(),
-                partition: 5,
-                next_offset: 1,
-                holder: "a".into(),
-            };
-            Ok::<_, DbError>((kafka::offsets::store(conn, &at).is_err(), Vec::new()))
+    // The position of a partition goes only with its lease: the holder's commits, the old
+    // holder's fails with NotHolder naming the lease.
+    let store = |holder: &str, partition: i32| {
+        let at = kafka::offsets::ConsumedAt {
+            topic: "t".into(),
+            partition,
+            next_offset: 1,
+            holder: holder.into(),
+        };
+        db.write(move |conn| {
+            let stored = kafka::offsets::store(conn, &at);
+            Ok::<_, DbError>((stored, Vec::new()))
         })
+    };
+    let taken = *b.holds.iter().max().expect("b holds partitions");
+    store("b", taken)
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the holder stores its position");
+    let stale = store("a", taken).await.unwrap();
     assert!(
-        stale,
-        "a no longer holds partition 5: its position does not commit"
+        matches!(&stale, Err(DbError::NotHolder(lease)) if *lease == leases::partition_lease("t", taken)),
+        "a no longer holds partition {taken}: its position must not commit, got {stale:?}"
     );
     let _ = leases::RELAY;
 }
