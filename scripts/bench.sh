@@ -19,5 +19,5 @@ fi
 
 say "building the services and saga-bench (release)"
 cargo build --release --bin orders --bin products --bin delivery --bin saga-bench
-ensure_tansu
-exec target/release/saga-bench --bin-dir target/release --tansu "$TANSU" "$@"
+read -r -a broker < <(broker_args)
+exec target/release/saga-bench --bin-dir target/release "${broker[@]}" "$@"

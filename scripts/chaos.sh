@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The fault-injection run: builds the services and the `chaos` program (release), installs the
-# tansu broker if needed, then runs `chaos`, which starts its own broker and services on free
+# The fault-injection run: builds the services and the `chaos` program (release), fetches Apache
+# Kafka's jars if needed (BROKER=tansu: installs tansu), then runs `chaos`, which starts its own broker and services on free
 # ports with fresh databases in a temporary run directory, drives a mixed workload while it
 # kills, stops and restarts processes at moments drawn from a seeded RNG, and checks the
 # invariants. Ends with `N passed, N failed`; exits non-zero on any violation.
@@ -20,5 +20,5 @@ fi
 
 say "building the services and chaos (release)"
 cargo build --release --bin orders --bin products --bin delivery --bin chaos
-ensure_tansu
-exec target/release/chaos --bin-dir target/release --tansu "$TANSU" "$@"
+read -r -a broker < <(broker_args)
+exec target/release/chaos --bin-dir target/release "${broker[@]}" "$@"

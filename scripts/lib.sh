@@ -1,4 +1,5 @@
-# Shared by the scripts in this folder: paths, settings, the broker.
+# Shared by the scripts in this folder: paths, settings, the broker (Apache Kafka by default,
+# tansu with BROKER=tansu), PostgreSQL.
 # shellcheck shell=bash
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -6,6 +7,16 @@ DATA="$ROOT/data"
 TOOLS="$ROOT/.tools"
 TANSU="$TOOLS/bin/tansu"
 TANSU_VERSION="0.6.0"
+# Apache Kafka: its jars from Maven Central (scripts/kafka/pom.xml) in .tools/kafka-<version>/.
+KAFKA_VERSION="4.1.1"
+KAFKA_HOME="$TOOLS/kafka-$KAFKA_VERSION"
+KAFKA_LIBS="$KAFKA_HOME/libs"
+# The broker the scripts start and the suites run on: kafka (Apache Kafka) or tansu.
+BROKER="${BROKER:-kafka}"
+case "$BROKER" in
+  kafka|tansu) ;;
+  *) printf '\033[31merror:\033[0m BROKER=%s: kafka (Apache Kafka, the default) or tansu\n' "$BROKER" >&2; exit 1 ;;
+esac
 
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export KAFKA_TOPIC="${KAFKA_TOPIC:-eventTopic}"
@@ -186,42 +197,183 @@ ensure_chromium() {
     || die "chromium-driver installed, but /usr/bin/chromium or /usr/bin/chromedriver is missing"
 }
 
-# Starts tansu on KAFKA_BROKERS with SQLite storage under data/ unless a broker answers there.
+# The java to run Kafka with ($JAVA_HOME/bin/java, else the one on PATH), resolved to its real
+# path (what /proc/<pid>/exe shows, so pid files recognise the broker); dies when there is
+# none, or it is older than 17 (Kafka 4 needs 17), saying how to proceed.
+kafka_java() {
+  local java major
+  if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
+    java="$JAVA_HOME/bin/java"
+  else
+    java="$(command -v java 2>/dev/null)" \
+      || die "Apache Kafka needs Java 17 or newer and there is no java: apt-get install openjdk-17-jre-headless (or set JAVA_HOME), or run on the tansu broker without Java: BROKER=tansu $0"
+  fi
+  major="$("$java" -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n 1)"
+  [[ "$major" =~ ^[0-9]+$ ]] && (( major >= 17 )) \
+    || die "Apache Kafka $KAFKA_VERSION needs Java 17 or newer; $java is ${major:-of unknown version}: install openjdk-17-jre-headless (or set JAVA_HOME), or run on tansu: BROKER=tansu $0"
+  readlink -f "$java"
+}
+
+# Fetches Apache Kafka's jars from Maven Central into .tools/kafka-<version>/libs unless they
+# are there (Maven, once; about a minute).
+ensure_kafka() {
+  [[ -f "$KAFKA_HOME/.complete" ]] && return 0
+  kafka_java >/dev/null
+  command -v mvn >/dev/null 2>&1 \
+    || die "Maven fetches Apache Kafka's jars from Maven Central and there is no mvn: apt-get install maven, or run on tansu: BROKER=tansu $0"
+  say "fetching Apache Kafka $KAFKA_VERSION from Maven Central into .tools/kafka-$KAFKA_VERSION (once)"
+  rm -rf "$KAFKA_HOME"
+  mkdir -p "$KAFKA_LIBS"
+  mvn -q -B -f "$ROOT/scripts/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+    dependency:copy-dependencies -DoutputDirectory="$KAFKA_LIBS" \
+    || die "Maven could not fetch Apache Kafka $KAFKA_VERSION (see its output above)"
+  [[ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" && -f "$KAFKA_LIBS/kafka-tools-$KAFKA_VERSION.jar" ]] \
+    || die "Maven ran, but .tools/kafka-$KAFKA_VERSION/libs lacks Kafka's jars"
+  touch "$KAFKA_HOME/.complete"
+}
+
+# The broker option of the suites (stack-suite, chaos, browser-test, saga-bench): the jars of
+# Apache Kafka or tansu's binary, installed first if need be.
+broker_args() {
+  if [[ "$BROKER" == tansu ]]; then
+    ensure_tansu >&2
+    echo "--tansu $TANSU"
+  else
+    ensure_kafka >&2
+    echo "--kafka $KAFKA_LIBS"
+  fi
+}
+
+# True when a metadata request to KAFKA_BROKERS answers with a registered broker within $1
+# seconds (default 2): an open port is not a broker that is ready. Needs target/release/mall-topic.
+broker_ready() {
+  "$ROOT/target/release/mall-topic" ready --timeout "${1:-2}" >/dev/null 2>&1
+}
+
+# True when data/kafka.pid names a running broker of ours: its pid runs java with our
+# configuration file.
+kafka_alive() {
+  local java
+  java="$(kafka_java)"
+  pid_alive "$DATA/kafka.pid" "$java" || return 1
+  tr '\0' ' ' <"/proc/$PIDFILE_PID/cmdline" 2>/dev/null | grep -qF "$DATA/kafka/server.properties" \
+    || { PID_STALE="pid $PIDFILE_PID runs java, but not our broker"; return 1; }
+}
+
+# Starts a single-node Apache Kafka (broker and controller in one JVM, KRaft) on KAFKA_BROKERS
+# (127.0.0.1:9092; its controller on the next port), data in data/kafka/data, log
+# data/kafka.log; formats the storage on first start.
+start_kafka() {
+  local broker="$1" port controller pid java cluster
+  port="${broker##*:}"
+  controller=$((port + 1))
+  ensure_kafka
+  java="$(kafka_java)"
+  mkdir -p "$DATA/kafka/data"
+  port_open "127.0.0.1:$controller" && die "port $controller (the Kafka controller's, KAFKA_BROKERS' port + 1) is taken by another process"
+  cat >"$DATA/kafka/server.properties" <<EOT
+# written by scripts/lib.sh's start_kafka at each start: a single node, broker and controller
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$controller
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$DATA/kafka/data
+num.partitions=1
+default.replication.factor=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+unclean.leader.election.enable=false
+num.network.threads=2
+num.io.threads=2
+background.threads=2
+log.cleaner.threads=1
+EOT
+  local jvm=(${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m} -XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError
+    -Djava.awt.headless=true -Dmall.log="$DATA/kafka.log"
+    -Dlog4j2.configurationFile="$ROOT/scripts/kafka/broker-log4j2.properties" -cp "$KAFKA_LIBS/*")
+  if [[ ! -f "$DATA/kafka/data/meta.properties" ]]; then
+    cluster="$("$java" "${jvm[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null)" \
+      || die "Kafka's StorageTool could not make a cluster id"
+    "$java" "${jvm[@]}" kafka.tools.StorageTool format --ignore-formatted -t "$cluster" \
+      -c "$DATA/kafka/server.properties" >>"$DATA/kafka.log" 2>&1 \
+      || die "formatting Kafka's storage in data/kafka/data failed; see data/kafka.log"
+    say "formatted Kafka's storage in data/kafka/data (cluster id $cluster)"
+  fi
+  nohup "$java" "${jvm[@]}" kafka.Kafka "$DATA/kafka/server.properties" \
+    >>"$DATA/kafka.log" 2>&1 </dev/null &
+  pid=$!
+  record_pid "$DATA/kafka.pid" "$pid" "$java"
+  say "started Apache Kafka $KAFKA_VERSION at $broker, pid $pid (data data/kafka/data, log data/kafka.log)"
+}
+
+# Starts tansu on KAFKA_BROKERS with SQLite storage in data/tansu.db.
+start_tansu() {
+  local broker="$1" pid
+  ensure_tansu
+  mkdir -p "$DATA"
+  # tansu resolves a relative sqlite path against its working directory.
+  pushd "$DATA" >/dev/null
+  nohup "$TANSU" broker \
+    --listener-url "tcp://$broker" --advertised-listener-url "tcp://$broker" \
+    --storage-engine "sqlite://tansu.db" >>"$DATA/tansu.log" 2>&1 </dev/null &
+  pid=$!
+  record_pid "$DATA/tansu.pid" "$pid" "$TANSU"
+  popd >/dev/null
+  say "started tansu at $broker, pid $pid (storage data/tansu.db, log data/tansu.log)"
+}
+
+# Makes sure a broker answers at KAFKA_BROKERS: one that answers a metadata request is used
+# (whatever it is; nothing is installed); otherwise BROKER (kafka or tansu) is started here on
+# 127.0.0.1 unless ours already runs, and waited for (90 s at most: a cold JVM on two busy
+# cores). Needs target/release/mall-topic. Sets BROKER_LINE: what runs, for the banner.
 ensure_broker() {
-  local broker pid started=false pidfile="$DATA/tansu.pid"; broker="$(first_broker)"
-  if port_open "$broker"; then
-    say "broker answers at $broker; using it"
+  local broker started=false alive=false i
+  broker="$(first_broker)"
+  if [[ "$BROKER" == kafka ]]; then
+    BROKER_LINE="Apache Kafka $KAFKA_VERSION, data data/kafka/data, log data/kafka.log"
+  else
+    BROKER_LINE="tansu $TANSU_VERSION, storage data/tansu.db, log data/tansu.log"
+  fi
+  if broker_ready 3; then
+    kafka_alive || pid_alive "$DATA/tansu.pid" "$TANSU" || BROKER_LINE="a broker not started by these scripts"
+    say "a broker answers at $broker; using it"
     return 0
   fi
   case "$broker" in
     127.0.0.1:*|localhost:*) ;;
     *) die "no broker answers at $broker, and one is started only on this machine (127.0.0.1)" ;;
   esac
-  if pid_alive "$pidfile" "$TANSU"; then
-    say "tansu is running (pid $PIDFILE_PID) but does not answer at $broker yet; waiting"
+  if [[ "$BROKER" == kafka ]]; then kafka_alive && alive=true; else pid_alive "$DATA/tansu.pid" "$TANSU" && alive=true; fi
+  if $alive; then
+    say "$BROKER is running (pid $PIDFILE_PID) but does not answer at $broker yet; waiting"
   else
-    [[ -n "$PID_STALE" ]] && say "data/tansu.pid is stale ($PID_STALE); starting tansu"
-    ensure_tansu
-    mkdir -p "$DATA"
-    # tansu resolves a relative sqlite path against its working directory.
-    pushd "$DATA" >/dev/null
-    nohup "$TANSU" broker \
-      --listener-url "tcp://$broker" --advertised-listener-url "tcp://$broker" \
-      --storage-engine "sqlite://tansu.db" >>"$DATA/tansu.log" 2>&1 </dev/null &
-    pid=$!
-    record_pid "$pidfile" "$pid" "$TANSU"
-    popd >/dev/null
+    [[ -n "$PID_STALE" ]] && say "data/$BROKER.pid is stale ($PID_STALE); starting $BROKER"
+    port_open "$broker" && die "port ${broker##*:} is taken by a process that does not answer as a Kafka broker; free it or set KAFKA_BROKERS"
+    if [[ "$BROKER" == kafka ]]; then start_kafka "$broker"; else start_tansu "$broker"; fi
     started=true
-    say "started tansu at $broker, pid $pid (storage data/tansu.db, log data/tansu.log)"
   fi
-  for _ in $(seq 1 100); do
-    port_open "$broker" && return 0
-    pid_alive "$pidfile" "$TANSU" || die "tansu exited; last lines of data/tansu.log:
+  for i in $(seq 1 90); do
+    broker_ready 1 && return 0
+    if [[ "$BROKER" == kafka ]]; then
+      kafka_alive || die "Kafka exited; last lines of data/kafka.log:
+$(tail -n 15 "$DATA/kafka.log" 2>/dev/null)"
+    else
+      pid_alive "$DATA/tansu.pid" "$TANSU" || die "tansu exited; last lines of data/tansu.log:
 $(tail -n 15 "$DATA/tansu.log" 2>/dev/null)"
-    sleep 0.1
+    fi
   done
-  $started && die "tansu did not answer at $broker within 10 s; see data/tansu.log"
-  die "tansu (pid $PIDFILE_PID, data/tansu.pid) runs but does not answer at $broker; is KAFKA_BROKERS what it was started with? scripts/down.sh stops it"
+  $started && die "$BROKER did not answer at $broker within 90 s; see data/$BROKER.log"
+  die "$BROKER (pid $PIDFILE_PID, data/$BROKER.pid) runs but does not answer at $broker; is KAFKA_BROKERS what it was started with? scripts/down.sh stops it"
 }
 
 # --- PostgreSQL: scripts/up.sh --instances N and scripts/test.sh ------------------------------

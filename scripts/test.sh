@@ -54,13 +54,15 @@ if [[ "$cargo_status" != 0 && "$unit_failed" == 0 ]]; then
   unit_failed=1 # it did not even build
 fi
 
-say "2/7 real-broker suite"
-ensure_tansu
+say "2/7 real-broker suite on $BROKER"
+broker=()
+# In a subshell, like ensure_chromium: a failed install fails the broker's steps, not the run.
+if broker_line="$( broker_args )"; then read -r -a broker <<<"$broker_line"; fi
 suite_passed=0
 suite_failed=1
 if cargo build --bins 2>&1 | tail -n 3; then
   # The suite stops every process it started, also on Ctrl-C.
-  target/debug/stack-suite --bin-dir target/debug --tansu "$TANSU" | tee "$log"
+  target/debug/stack-suite --bin-dir target/debug "${broker[@]}" | tee "$log"
   read -r suite_passed suite_failed < <(suite_counts "$log")
 fi
 
@@ -68,7 +70,7 @@ say "3/7 short chaos run (seeded; replay a failure with scripts/chaos.sh --seed 
 chaos_passed=0
 chaos_failed=1
 if [[ -x target/debug/chaos ]]; then
-  target/debug/chaos --bin-dir target/debug --tansu "$TANSU" ${CHAOS_SEED:+--seed "$CHAOS_SEED"} | tee "$log"
+  target/debug/chaos --bin-dir target/debug "${broker[@]}" ${CHAOS_SEED:+--seed "$CHAOS_SEED"} | tee "$log"
   read -r chaos_passed chaos_failed < <(suite_counts "$log")
 fi
 
@@ -77,7 +79,7 @@ browser_passed=0
 browser_failed=1
 # In a subshell: a failed install counts as a failure here instead of ending the run.
 if ( ensure_chromium ) && [[ -x target/debug/browser-test ]]; then
-  target/debug/browser-test --bin-dir target/debug --tansu "$TANSU" | tee "$log"
+  target/debug/browser-test --bin-dir target/debug "${broker[@]}" | tee "$log"
   read -r browser_passed browser_failed < <(suite_counts "$log")
 fi
 
@@ -124,7 +126,7 @@ say "6/7 real-broker suite on PostgreSQL"
 pg_suite_passed=0
 pg_suite_failed=1
 if [[ -n "$pg_url" && -x target/debug/stack-suite ]]; then
-  target/debug/stack-suite --bin-dir target/debug --tansu "$TANSU" --postgres "$pg_url" | tee "$log"
+  target/debug/stack-suite --bin-dir target/debug "${broker[@]}" --postgres "$pg_url" | tee "$log"
   read -r pg_suite_passed pg_suite_failed < <(suite_counts "$log")
 fi
 
@@ -132,7 +134,7 @@ say "7/7 chaos run on PostgreSQL: three instances of each service, six partition
 pg_chaos_passed=0
 pg_chaos_failed=1
 if [[ -n "$pg_url" && -x target/debug/chaos ]]; then
-  target/debug/chaos --bin-dir target/debug --tansu "$TANSU" --postgres "$pg_url" \
+  target/debug/chaos --bin-dir target/debug "${broker[@]}" --postgres "$pg_url" \
     --instances 3 --partitions 6 ${CHAOS_SEED:+--seed "$CHAOS_SEED"} | tee "$log"
   read -r pg_chaos_passed pg_chaos_failed < <(suite_counts "$log")
 fi

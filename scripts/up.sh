@@ -80,18 +80,6 @@ $(tail -n 15 "$DATA/$name.log")"
   done
 }
 
-# The partitions of KAFKA_TOPIC, asked with tansu's client (which talks to any Kafka broker);
-# prints nothing when tansu is not installed or the broker does not answer.
-topic_partitions() {
-  [[ -x "$TANSU" ]] || return 0
-  timeout 20 "$TANSU" topic list --broker "tcp://$(first_broker)" 2>/dev/null \
-    | grep -oE '"name":"[^"]*"|"partition_index":[0-9]+' \
-    | awk -v topic="\"name\":\"$KAFKA_TOPIC\"" '
-        /^"name"/ { in_topic = ($0 == topic) }
-        in_topic && /^"partition_index"/ { n++ }
-        END { if (n) print n }' || true
-}
-
 # The mall runs in one mode at a time: both would want the same ports.
 mkdir -p "$DATA"
 shopt -s nullglob
@@ -120,7 +108,8 @@ if (( instances )); then
   # Read by mall-topic (and the services) only when the topic has to be created.
   export KAFKA_PARTITIONS="${KAFKA_PARTITIONS:-6}"
 fi
-target/release/mall-topic ensure
+topic_line="$(target/release/mall-topic ensure)" || die "cannot create the topics on $KAFKA_BROKERS"
+partitions="$(sed -n 's/.*(\([0-9]*\) partitions).*/\1/p' <<<"$topic_line")"
 
 if (( instances == 0 )); then
   for svc in "${SERVICES[@]}"; do
@@ -137,7 +126,12 @@ The 12st Mall is up:
   orders    http://127.0.0.1:8081   (GET /orders, /orders/{id}, /orders/{id}/events, /products)
   products  http://127.0.0.1:8085   (GET /products, /products/{id})
   delivery  http://127.0.0.1:8082   (GET /deliveries, /deliveries/{id})
-  broker    $KAFKA_BROKERS, topic $KAFKA_TOPIC
+  broker    $KAFKA_BROKERS, topic $KAFKA_TOPIC ($BROKER_LINE)
+
+Kafka's own tools, from scripts/kafka/bin (with or without .sh):
+  export PATH="\$PWD/scripts/kafka/bin:\$PATH"
+  kafka-console-consumer.sh --bootstrap-server http://localhost:9092 --topic eventTopic --from-beginning
+  kafka-consumer-groups.sh --bootstrap-server localhost:9092 --describe --all-groups   # each service's lag
 
 Try the seed lab (httpie; curl works too, see README.md):
   http :8085/products                                   # TV has stock 10
@@ -196,7 +190,6 @@ for svc in "${SERVICES[@]}"; do
 done
 shopt -u nullglob
 
-partitions="$(topic_partitions)"
 echo
 echo "The 12st Mall is up: $instances instance(s) of each service on PostgreSQL"
 echo "  dashboard  http://127.0.0.1:8081/   (on every orders instance)"
@@ -213,12 +206,12 @@ for svc in "${SERVICES[@]}"; do databases+=("$(pg_redact "$(pg_url_with_db "$ser
 echo "             databases: ${databases[*]}"
 echo "  broker     $KAFKA_BROKERS, topic $KAFKA_TOPIC, ${partitions:-?} partition(s)"
 if [[ -z "$partitions" ]]; then
-  echo "  note: the topic's partitions could not be counted (tansu's client is not installed);"
+  echo "  note: the topic's partitions could not be counted;"
   echo "        mall-topic creates a missing topic with KAFKA_PARTITIONS=$KAFKA_PARTITIONS but never grows one."
 elif (( partitions < KAFKA_PARTITIONS )); then
   echo "  note: the topic has $partitions partition(s), fewer than KAFKA_PARTITIONS=$KAFKA_PARTITIONS: it existed"
-  echo "        already, and mall-topic creates a missing topic but never adds partitions (tansu"
-  echo "        0.6.0 cannot: it has no CreatePartitions). Instances share $partitions partition(s), so at"
+  echo "        already, and mall-topic creates a missing topic but never adds partitions (adding"
+  echo "        some would move keys: an order's events would no longer be in order). Instances share $partitions partition(s), so at"
   echo "        most $partitions of each service consume; the others stand by. For $KAFKA_PARTITIONS, start over:"
   echo "        scripts/down.sh --wipe (deletes every database and event), then this again."
 fi

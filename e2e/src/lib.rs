@@ -4,6 +4,7 @@
 //! logs.
 
 pub mod bench;
+pub mod broker;
 pub mod chaos;
 pub mod pg;
 pub mod scenarios;
@@ -548,13 +549,10 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
         port: 0,
         database_url: databases[service.as_str()].clone(),
         kafka: kafka::KafkaSettings {
-            brokers: brokers.to_owned(),
-            topic: topic.to_owned(),
             partitions: 3,
-            group_id: service.as_str().to_owned(),
             session_timeout: Duration::from_secs(6),
             fetch_wait_max: Duration::from_millis(10),
-            instance: service.as_str().to_owned(),
+            ..kafka::KafkaSettings::new(brokers, topic, service.as_str())
         },
         retention: kafka::RetentionSettings::default(),
     };

@@ -1,5 +1,6 @@
-//! The mall as real processes: a fresh tansu broker and the three service binaries on free
-//! ports, with their databases, broker storage and logs in one run directory. Used by the
+//! The mall as real processes: a fresh broker (Apache Kafka, one node or a cluster, or tansu;
+//! see [`crate::broker`]) and the three service binaries on free ports, with their databases,
+//! broker storage and logs in one run directory. Used by the
 //! real-broker suite (`stack-suite`) and the fault-injection run (`chaos`).
 //!
 //! [`StackOptions`] may put the services on PostgreSQL (a fresh database per service per run,
@@ -15,6 +16,7 @@
 //! with the `kill` command, so no `unsafe` is needed.
 
 use crate::Mall;
+use crate::broker::{BrokerKind, BrokerNode};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::Write;
@@ -29,6 +31,8 @@ use std::time::{Duration, Instant};
 pub const TOPIC: &str = "eventTopic";
 /// The three services, by binary name.
 pub const SERVICES: [&str; 3] = ["orders", "products", "delivery"];
+/// How long a broker (a JVM on two busy cores) may take to answer after it was started.
+const BROKER_READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// `KAFKA_SESSION_TIMEOUT_MS` given to every service.
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 
@@ -61,9 +65,9 @@ pub struct StackOptions {
     pub instances: usize,
     /// `KAFKA_PARTITIONS` for the services (which create the topic); `None`: their default.
     pub partitions: Option<u32>,
-    /// The broker's `--storage-engine`; `None`: `sqlite://tansu.db` in the run directory,
+    /// tansu's `--storage-engine`; `None`: `sqlite://tansu.db` in the run directory,
     /// which survives a broker restart (`memory://tansu/` does not: for measuring the
-    /// broker's share in a benchmark only).
+    /// broker's share in a benchmark only). Not used with Apache Kafka.
     pub broker_storage: Option<String>,
 }
 
@@ -169,7 +173,7 @@ pub struct Process {
 }
 
 impl Process {
-    /// Its name (`tansu` or the service).
+    /// Its name (the broker node's or the service instance's).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -221,15 +225,19 @@ impl Drop for Process {
 pub struct Stack {
     dir: PathBuf,
     bin_dir: PathBuf,
-    tansu: PathBuf,
-    broker_port: u16,
+    broker_kind: BrokerKind,
+    /// The broker's nodes (one but for a Kafka cluster).
+    nodes: Vec<BrokerNode>,
+    /// The Kafka cluster id its storage is formatted with; a new one when wiped.
+    cluster_id: String,
     brokers: String,
     options: StackOptions,
     /// `DATABASE_URL` per service.
     databases: HashMap<&'static str, String>,
     /// HTTP port per instance.
     ports: HashMap<String, u16>,
-    broker: Option<Process>,
+    /// Running broker nodes, by node index (0-based).
+    broker: Vec<Option<Process>>,
     /// Running children per instance.
     services: HashMap<String, Process>,
     stopped: BTreeSet<String>,
@@ -305,11 +313,11 @@ pub async fn wait_port_async(port: u16, timeout: Duration) -> Result<(), String>
 }
 
 impl Stack {
-    /// Starts tansu on a free port (storage `sqlite://tansu.db` in `dir`, which is its working
-    /// directory) and the three services, each on its own free port with `<dir>/<svc>.db`.
-    /// Does not wait for the services' `/health`.
-    pub fn start(dir: &Path, bin_dir: &Path, tansu: &Path) -> Result<Stack, String> {
-        Self::start_with(dir, bin_dir, tansu, Vec::new())
+    /// Starts the broker on free ports (its storage in `dir`) and waits until it answers a
+    /// metadata request, then the three services, each on its own free port with
+    /// `<dir>/<svc>.db`. Does not wait for the services' `/health`.
+    pub fn start(dir: &Path, bin_dir: &Path, broker: &BrokerKind) -> Result<Stack, String> {
+        Self::start_with(dir, bin_dir, broker, Vec::new())
     }
 
     /// [`Stack::start`] with extra environment variables per service: `(service, name, value)`.
@@ -318,10 +326,10 @@ impl Stack {
     pub fn start_with(
         dir: &Path,
         bin_dir: &Path,
-        tansu: &Path,
+        broker: &BrokerKind,
         extra_env: Vec<(&'static str, String, String)>,
     ) -> Result<Stack, String> {
-        Self::start_with_options(dir, bin_dir, tansu, extra_env, StackOptions::default())
+        Self::start_with_options(dir, bin_dir, broker, extra_env, StackOptions::default())
     }
 
     /// [`Stack::start_with`] with [`StackOptions`]: PostgreSQL databases (created here, fresh),
@@ -329,7 +337,7 @@ impl Stack {
     pub fn start_with_options(
         dir: &Path,
         bin_dir: &Path,
-        tansu: &Path,
+        broker: &BrokerKind,
         extra_env: Vec<(&'static str, String, String)>,
         options: StackOptions,
     ) -> Result<Stack, String> {
@@ -348,17 +356,31 @@ impl Stack {
             };
             databases.insert(service, url);
         }
-        let port = free_port().map_err(|e| e.to_string())?;
+        let mut nodes = Vec::new();
+        for k in 1..=broker.nodes() {
+            nodes.push(BrokerNode {
+                id: k,
+                name: broker.node_name(k),
+                port: free_port().map_err(|e| e.to_string())?,
+                controller_port: free_port().map_err(|e| e.to_string())?,
+            });
+        }
+        let brokers = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut stack = Stack {
             dir: dir.to_owned(),
             bin_dir: bin_dir.to_owned(),
-            tansu: tansu.to_owned(),
-            broker_port: port,
-            brokers: format!("127.0.0.1:{port}"),
+            broker_kind: broker.clone(),
+            broker: nodes.iter().map(|_| None).collect(),
+            nodes,
+            cluster_id: crate::broker::new_cluster_id(),
+            brokers,
             options,
             databases,
             ports: HashMap::new(),
-            broker: None,
             services: HashMap::new(),
             stopped: BTreeSet::new(),
             live: Live::default(),
@@ -366,7 +388,7 @@ impl Stack {
             started: Instant::now(),
         };
         stack.spawn_broker()?;
-        wait_port(port, Duration::from_secs(30)).map_err(|e| format!("tansu: {e}"))?;
+        crate::broker::wait_ready(&stack.brokers, stack.nodes.len(), BROKER_READY_TIMEOUT)?;
         // Every port first: orders is told where products and delivery answer.
         let all = stack.all_instances();
         for instance in &all {
@@ -493,9 +515,25 @@ impl Stack {
             .is_ok_and(|(_, i)| self.services.contains_key(&i))
     }
 
-    /// True when the broker has a live child.
+    /// True when every broker node has a live child.
     pub fn broker_running(&self) -> bool {
-        self.broker.is_some()
+        self.broker.iter().all(Option::is_some)
+    }
+
+    /// The broker this stack runs.
+    pub fn broker_kind(&self) -> &BrokerKind {
+        &self.broker_kind
+    }
+
+    /// True when `name` is one of the broker's nodes (as [`Stack::reap_exited`] and
+    /// [`Stack::pids`] name them).
+    pub fn is_broker(&self, name: &str) -> bool {
+        self.nodes.iter().any(|n| n.name == name)
+    }
+
+    /// The broker's nodes.
+    pub fn broker_nodes(&self) -> &[BrokerNode] {
+        &self.nodes
     }
 
     /// Appends a marker line to a process's log, so restarts are easy to find.
@@ -509,29 +547,50 @@ impl Stack {
         }
     }
 
+    /// Starts every broker node that is not running.
     fn spawn_broker(&mut self) -> Result<(), String> {
-        self.mark_log("tansu", "starting");
-        let (out, err) = log_file(&self.dir, "tansu").map_err(|e| e.to_string())?;
-        let child = Command::new(&self.tansu)
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://{}", self.brokers))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://{}", self.brokers))
-            .arg("--storage-engine")
-            .arg(
-                self.options
-                    .broker_storage
-                    .as_deref()
-                    .unwrap_or("sqlite://tansu.db"), // relative to the run directory
-            )
-            .current_dir(&self.dir)
+        for i in 0..self.nodes.len() {
+            if self.broker[i].is_none() {
+                self.spawn_broker_node(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts broker node `i` (0-based) on its ports with its storage.
+    fn spawn_broker_node(&mut self, i: usize) -> Result<(), String> {
+        let node = self.nodes[i].clone();
+        self.mark_log(&node.name, "starting");
+        let (out, err) = log_file(&self.dir, &node.name).map_err(|e| e.to_string())?;
+        let mut command = match &self.broker_kind {
+            BrokerKind::Kafka { libs, .. } => {
+                node.kafka_command(libs, &self.dir, &self.cluster_id, &self.nodes)?
+            }
+            BrokerKind::Tansu { bin } => {
+                let mut c = Command::new(bin);
+                c.arg("broker")
+                    .arg("--listener-url")
+                    .arg(format!("tcp://{}", self.brokers))
+                    .arg("--advertised-listener-url")
+                    .arg(format!("tcp://{}", self.brokers))
+                    .arg("--storage-engine")
+                    .arg(
+                        self.options
+                            .broker_storage
+                            .as_deref()
+                            .unwrap_or("sqlite://tansu.db"), // relative to the run directory
+                    )
+                    .current_dir(&self.dir);
+                c
+            }
+        };
+        let child = command
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.tansu.display()))?;
-        self.broker = Some(Process {
-            name: "tansu".into(),
+            .map_err(|e| format!("cannot start {}: {e}", node.name))?;
+        self.broker[i] = Some(Process {
+            name: node.name,
             child,
         });
         Ok(())
@@ -564,6 +623,12 @@ impl Stack {
         }
         if let Some(p) = self.options.partitions {
             command.env("KAFKA_PARTITIONS", p.to_string());
+        }
+        if self.nodes.len() >= 3 {
+            // Acknowledged events survive the loss of any one broker.
+            command
+                .env("KAFKA_REPLICATION_FACTOR", "3")
+                .env("KAFKA_MIN_INSYNC_REPLICAS", "2");
         }
         if service == "orders" {
             // Where orders' dashboard (`/dashboard/config`) sends the page.
@@ -693,23 +758,75 @@ impl Stack {
         self.terminate(service, timeout).await
     }
 
-    /// `kill -9` the broker and reap it. Its storage stays in the run directory.
+    /// `kill -9` every broker node and reap it. Its storage stays in the run directory.
     pub fn kill_broker(&mut self) {
-        if let Some(p) = self.broker.take() {
-            p.sigkill();
+        for node in &mut self.broker {
+            if let Some(p) = node.take() {
+                p.sigkill();
+            }
         }
     }
 
-    /// Starts the broker again on the same port with the same storage and waits until its port
-    /// answers.
+    /// `kill -9` broker node `id` (1-based, Kafka's node id) and reap it.
+    pub fn kill_broker_node(&mut self, id: usize) -> Result<(), String> {
+        let p = self
+            .broker
+            .get_mut(id.wrapping_sub(1))
+            .and_then(Option::take)
+            .ok_or(format!("broker node {id} is not running"))?;
+        p.sigkill();
+        Ok(())
+    }
+
+    /// Starts every broker node that is not running again, on the same ports with the same
+    /// storage, and waits until the broker answers a metadata request with all its nodes.
     pub async fn restart_broker(&mut self) -> Result<(), String> {
-        if self.broker.is_some() {
+        if self.broker_running() {
             return Err("the broker is already running".into());
         }
         self.spawn_broker()?;
-        wait_port_async(self.broker_port, Duration::from_secs(30))
-            .await
-            .map_err(|e| format!("tansu: {e}"))
+        let (brokers, nodes) = (self.brokers.clone(), self.nodes.len());
+        tokio::task::spawn_blocking(move || {
+            crate::broker::wait_ready(&brokers, nodes, BROKER_READY_TIMEOUT)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{}: {e}", self.broker_kind.name()))
+    }
+
+    /// Starts broker node `id` (1-based) again and waits until all nodes answer.
+    pub async fn restart_broker_node(&mut self, id: usize) -> Result<(), String> {
+        let i = id.wrapping_sub(1);
+        match self.broker.get(i) {
+            None => return Err(format!("no broker node {id}")),
+            Some(Some(_)) => return Err(format!("broker node {id} is already running")),
+            Some(None) => {}
+        }
+        self.spawn_broker_node(i)?;
+        let (brokers, nodes) = (self.brokers.clone(), self.nodes.len());
+        tokio::task::spawn_blocking(move || {
+            crate::broker::wait_ready(&brokers, nodes, BROKER_READY_TIMEOUT)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Stops the broker, deletes its storage and starts a new one (a new Kafka cluster id) on
+    /// the same ports: what a user gets by wiping the broker's data but not the databases.
+    pub async fn wipe_broker(&mut self) -> Result<(), String> {
+        self.kill_broker();
+        for node in &self.nodes {
+            let home = node.kafka_home(&self.dir);
+            if home.exists() {
+                std::fs::remove_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
+            }
+        }
+        let tansu_db = self.dir.join("tansu.db");
+        if tansu_db.exists() {
+            std::fs::remove_file(&tansu_db).map_err(|e| e.to_string())?;
+        }
+        self.cluster_id = crate::broker::new_cluster_id();
+        self.restart_broker().await
     }
 
     /// Reaps every child that exited by itself (a crash): `(name, status)`. Such a service is
@@ -726,17 +843,23 @@ impl Stack {
             }
         }
         self.sync_live();
-        if let Some(status) = self.broker.as_mut().and_then(Process::try_exit) {
-            self.broker = None;
-            exited.push(("tansu".to_owned(), status));
+        for node in &mut self.broker {
+            if let Some(status) = node.as_mut().and_then(Process::try_exit) {
+                let name = node.take().map(|p| p.name.clone()).unwrap_or_default();
+                exited.push((name, status));
+            }
         }
         exited
     }
 
-    /// The process ids of the running children: the broker as `tansu` first, then the
+    /// The process ids of the running children: the broker's nodes first, then the
     /// instances in [`SERVICES`] order (one that is not running is left out).
     pub fn pids(&self) -> Vec<(String, u32)> {
-        let broker = self.broker.iter().map(|p| (p.name.clone(), p.pid()));
+        let broker = self
+            .broker
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone(), p.pid()));
         let services = self
             .all_instances()
             .into_iter()
@@ -774,7 +897,9 @@ impl Stack {
         self.services.clear();
         self.stopped.clear();
         self.sync_live();
-        self.broker = None;
+        for node in &mut self.broker {
+            *node = None;
+        }
     }
 }
 

@@ -29,10 +29,10 @@ use crate::settings::KafkaSettings;
 use events::{DeadLetter, Decoded, Envelope, ParkedFrom};
 use futures_util::FutureExt;
 use prometheus::{Histogram, IntCounter, IntGaugeVec};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -56,9 +56,10 @@ pub type SagaConsumer = StreamConsumer<LoggingContext>;
 
 /// A consumer that reads where it is told; it stores and commits nothing to the broker.
 pub fn create_consumer(settings: &KafkaSettings) -> KafkaResult<SagaConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
-        // Names the client to the broker; no group is joined (no subscribe, no commits).
+    let mut config = settings.client_config();
+    config
+        // No group is joined (no subscribe): the partitions are assigned from the leases. The
+        // group id names where the positions are committed for display (kafka-consumer-groups).
         .set("group.id", &settings.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -73,18 +74,26 @@ pub fn create_consumer(settings: &KafkaSettings) -> KafkaResult<SagaConsumer> {
             settings.fetch_wait_max.as_millis().to_string(),
         )
         .set("socket.nagle.disable", "true")
-        .create_with_context(LoggingContext {
-            group: settings.group_id.clone(),
-        })
+        .set("allow.auto.create.topics", "false");
+    for (name, value) in &settings.client_properties {
+        config.set(name, value);
+    }
+    config.create_with_context(LoggingContext {
+        group: settings.group_id.clone(),
+    })
 }
 
 /// A client without a group for metadata and watermarks (`/health`, the watchdog).
 pub fn create_probe(settings: &KafkaSettings) -> KafkaResult<BaseConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
+    let mut config = settings.client_config();
+    config
         .set("socket.nagle.disable", "true")
         .set("reconnect.backoff.max.ms", "1000")
-        .create()
+        .set("allow.auto.create.topics", "false");
+    for (name, value) in &settings.client_properties {
+        config.set(name, value);
+    }
+    config.create()
 }
 
 /// What the consumer is doing, for `/health`, `/metrics` and the watchdog.
@@ -484,6 +493,8 @@ struct Session {
     /// The partitions this instance holds and reads.
     holds: BTreeSet<i32>,
     balanced_at: Instant,
+    /// The positions last committed to the broker's group, for display.
+    shown: BTreeMap<i32, i64>,
 }
 
 /// Where a session stands, per partition.
@@ -657,6 +668,7 @@ impl EventConsumer {
             partitions,
             holds: balanced.holds,
             balanced_at: Instant::now(),
+            shown: BTreeMap::new(),
         })
     }
 
@@ -668,6 +680,7 @@ impl EventConsumer {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
                     self.save_positions(&mut session.read).await;
+                    self.show_positions(&mut session, CommitMode::Async);
                     if let Some(reason) = self.status.reopen_reason() {
                         return Exit::Reopen(reason);
                     }
@@ -719,7 +732,43 @@ impl EventConsumer {
             }
         }
         self.save_positions(&mut session.read).await;
+        // Async: a stop must not wait on a broker that is gone; the next session shows them.
+        self.show_positions(&mut session, CommitMode::Async);
         Exit::Stopped
+    }
+
+    /// Commits the positions of the partitions this instance holds to the broker, under the
+    /// service's group id, so `kafka-consumer-groups --describe` shows where the service stands
+    /// and its lag. For display only: the consumer never reads them back; the positions in the
+    /// database, fenced by the leases, stay the truth. Kafka accepts commits from a group with
+    /// no active members, which is what assigning (not subscribing) makes it.
+    fn show_positions(&self, session: &mut Session, mode: CommitMode) {
+        let held: BTreeMap<i32, i64> = session
+            .read
+            .positions
+            .iter()
+            .filter(|(p, _)| session.holds.contains(p))
+            .map(|(p, next)| (*p, *next))
+            .collect();
+        if held == session.shown {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for (partition, next) in &held {
+            if list
+                .add_partition_offset(&self.settings.topic, *partition, Offset::Offset(*next))
+                .is_err()
+            {
+                return;
+            }
+        }
+        match session.consumer.commit(&list, mode) {
+            Ok(()) => session.shown = held,
+            Err(e) => log::debug!(
+                "consumer {}: positions not shown to the broker: {e}",
+                self.group()
+            ),
+        }
     }
 
     /// Renews the leases; true when the partitions held changed (positions saved first).

@@ -11,7 +11,7 @@ use crate::metrics::{self, Metrics};
 use crate::outbox::OutboxRelay;
 use crate::producer::create_producer;
 use crate::retention::{PruneRule, Retention};
-use crate::settings::ServiceSettings;
+use crate::settings::{KafkaSettings, ServiceSettings};
 use crate::{admin, http};
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
@@ -39,6 +39,9 @@ pub enum StartError {
         /// What failed.
         reason: String,
     },
+    /// The broker is not the one the stored positions belong to ([`crate::identity`]).
+    #[error("{0}")]
+    Identity(String),
     /// A service's own metric could not be registered (its name is taken).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -50,6 +53,62 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// Refuses to start when the stored positions belong to another cluster, or point past the
+/// end of a partition ([`crate::identity`]). A broker that gives no cluster id (tansu) is
+/// checked by the positions alone.
+async fn check_broker_identity(kafka: &KafkaSettings, db: &Database) -> Result<(), StartError> {
+    let refused = |e: crate::identity::IdentityError| match e {
+        crate::identity::IdentityError::Db(e) => StartError::Db(e),
+        other => StartError::Identity(other.to_string()),
+    };
+    match admin::cluster_id(kafka, Duration::from_secs(10)).await {
+        Some(cluster) => {
+            let (topic, brokers) = (kafka.topic.clone(), kafka.brokers.clone());
+            let known = db
+                .write(move |conn| {
+                    let known = crate::identity::check_cluster(conn, &topic, &cluster, &brokers)?;
+                    Ok::<_, crate::identity::IdentityError>(((known, cluster), Vec::new()))
+                })
+                .await
+                .map_err(refused)?;
+            if known.0 == crate::identity::Known::Recorded {
+                log::info!(
+                    "positions of {} belong to Kafka cluster {}",
+                    kafka.topic,
+                    known.1
+                );
+            }
+        }
+        None => log::warn!(
+            "the broker at {} gives no cluster id; the stored positions are checked against \
+             the partitions' ends only",
+            kafka.brokers
+        ),
+    }
+    let topic = kafka.topic.clone();
+    let stored = db
+        .read(move |conn| crate::offsets::load(conn, &topic).map_err(crate::db::DbError::from))
+        .await?;
+    if stored.is_empty() {
+        return Ok(());
+    }
+    let settings = kafka.clone();
+    let ends = tokio::task::spawn_blocking(move || {
+        let probe = create_probe(&settings).map_err(|e| e.to_string())?;
+        let partitions = crate::consumer::partitions_of(&probe, &settings.topic)?;
+        crate::consumer::watermarks(&probe, &settings.topic, &partitions)
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+    .map_err(|reason| StartError::Broker {
+        brokers: kafka.brokers.clone(),
+        reason: format!("cannot read the partitions' ends: {reason}"),
+    })?;
+    let ends = ends.into_iter().map(|(p, (_, high))| (p, high)).collect();
+    crate::identity::check_positions(&kafka.topic, &kafka.brokers, &stored, &ends).map_err(refused)
 }
 
 /// How long the relay may keep publishing on the way out; with HTTP's and the consumer's
@@ -136,6 +195,7 @@ impl ServiceHost {
                  is a broker running? scripts/up.sh starts one"
             ))
         })?;
+        check_broker_identity(kafka, &db).await?;
         let metrics = web::Data::new(Metrics::new());
         let producer_settings = kafka.clone();
         let relay = OutboxRelay::new(

@@ -1,7 +1,6 @@
 //! The idempotent producer the outbox relay uses (saga events and dead letters alike).
 
 use crate::settings::KafkaSettings;
-use rdkafka::ClientConfig;
 use rdkafka::error::KafkaResult;
 use rdkafka::producer::FutureProducer;
 
@@ -12,8 +11,8 @@ use rdkafka::producer::FutureProducer;
 /// written; 2, 3 not) that a resend would fill out of order. The relay's own waits are
 /// cancellable, so a stop stays bounded.
 pub fn create_producer(settings: &KafkaSettings) -> KafkaResult<FutureProducer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
+    let mut config = settings.client_config();
+    config
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "1")
@@ -21,5 +20,11 @@ pub fn create_producer(settings: &KafkaSettings) -> KafkaResult<FutureProducer> 
         // Back within a second of a broker restart (the default backs off up to 10 s).
         .set("reconnect.backoff.max.ms", "1000")
         .set("socket.nagle.disable", "true")
-        .create()
+        // The topics exist with their settings (admin::ensure_topics); a typo must not
+        // create another one with the broker's defaults.
+        .set("allow.auto.create.topics", "false");
+    for (name, value) in &settings.client_properties {
+        config.set(name, value); // the operator's word is final
+    }
+    config.create()
 }

@@ -59,10 +59,121 @@ pub fn env_flag(name: &str, default: bool) -> Result<bool, ConfigError> {
     }
 }
 
-/// `KAFKA_FETCH_WAIT_MAX_MS` when unset, chosen from the fetch-wait table in the README: on
-/// tansu, 20 ms gives a saga p50 of ~70 ms for ~30% of a core of idle broker CPU (50 ms:
-/// ~180 ms for ~14%; 10 ms: ~40 ms for ~48%).
-pub const DEFAULT_FETCH_WAIT_MS: u64 = 20;
+/// `KAFKA_FETCH_WAIT_MAX_MS` when unset. Apache Kafka answers a fetch as soon as data arrives,
+/// so the wait bounds only how often an idle consumer asks again (each empty fetch costs broker
+/// CPU); tansu 0.6.0 holds every fetch for the whole wait, so there it is added to every hop
+/// (see docs/tansu.md).
+pub const DEFAULT_FETCH_WAIT_MS: u64 = 100;
+
+/// Kafka's default `retention.ms`: 7 days.
+const SEVEN_DAYS_MS: u64 = 7 * 24 * 3600 * 1000;
+/// `segment.ms` when unset: one day. Kafka deletes whole segments, so a record stays readable
+/// for up to `retention.ms + segment.ms`; Kafka's own default (7 days) would double that.
+const ONE_DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// How the saga topic is created when it is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// `KAFKA_REPLICATION_FACTOR` (default 1: a single broker). 3 on a three-broker cluster.
+    pub replication_factor: i32,
+    /// `KAFKA_MIN_INSYNC_REPLICAS` (default 1): replicas that must have a write before it is
+    /// acknowledged (the producer uses `acks=all`). 2 with a replication factor of 3, so one
+    /// broker may be lost without losing an acknowledged event.
+    pub min_insync_replicas: i32,
+    /// `KAFKA_RETENTION_MS` (default 7 days): how long the broker keeps events.
+    pub retention: Duration,
+    /// `KAFKA_SEGMENT_MS` (default 1 day): how often a new segment is rolled.
+    pub segment: Duration,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        TopicSettings {
+            replication_factor: 1,
+            min_insync_replicas: 1,
+            retention: Duration::from_millis(SEVEN_DAYS_MS),
+            segment: Duration::from_millis(ONE_DAY_MS),
+        }
+    }
+}
+
+impl TopicSettings {
+    /// Reads the `KAFKA_*` topic settings.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let d = TopicSettings::default();
+        let ms = |name: &str, default: Duration| -> Result<Duration, ConfigError> {
+            Ok(Duration::from_millis(env_or(
+                name,
+                default.as_millis() as u64,
+            )?))
+        };
+        let t = TopicSettings {
+            replication_factor: env_or("KAFKA_REPLICATION_FACTOR", d.replication_factor)?,
+            min_insync_replicas: env_or("KAFKA_MIN_INSYNC_REPLICAS", d.min_insync_replicas)?,
+            retention: ms("KAFKA_RETENTION_MS", d.retention)?,
+            segment: ms("KAFKA_SEGMENT_MS", d.segment)?,
+        };
+        if t.replication_factor < 1 {
+            return Err(invalid(
+                "KAFKA_REPLICATION_FACTOR",
+                t.replication_factor,
+                "must be at least 1",
+            ));
+        }
+        if t.min_insync_replicas < 1 || t.min_insync_replicas > t.replication_factor {
+            return Err(invalid(
+                "KAFKA_MIN_INSYNC_REPLICAS",
+                t.min_insync_replicas,
+                "must be from 1 to KAFKA_REPLICATION_FACTOR",
+            ));
+        }
+        Ok(t)
+    }
+
+    /// How long a record can still be read after it was written: Kafka deletes a segment only
+    /// once its newest record is older than `retention.ms`, and rolls one every `segment.ms`.
+    pub fn readable_for(&self) -> Duration {
+        self.retention + self.segment
+    }
+
+    /// The topic configs given to CreateTopics.
+    pub fn configs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("min.insync.replicas", self.min_insync_replicas.to_string()),
+            ("retention.ms", self.retention.as_millis().to_string()),
+            ("segment.ms", self.segment.as_millis().to_string()),
+            ("cleanup.policy", "delete".to_owned()),
+        ]
+    }
+}
+
+fn invalid(name: &str, value: impl ToString, reason: &str) -> ConfigError {
+    ConfigError {
+        name: name.to_owned(),
+        value: value.to_string(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// The prefix of environment variables passed to every Kafka client as librdkafka properties:
+/// `KAFKA_CLIENT_SECURITY_PROTOCOL=SASL_SSL` sets `security.protocol` (lower case, `_` → `.`).
+pub const CLIENT_PROPERTY_PREFIX: &str = "KAFKA_CLIENT_";
+
+/// librdkafka properties from `KAFKA_CLIENT_*` variables, in name order.
+pub fn client_properties_from<I>(vars: I) -> Vec<(String, String)>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let mut properties: Vec<(String, String)> = vars
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let property = name.strip_prefix(CLIENT_PROPERTY_PREFIX)?;
+            (!property.is_empty()).then(|| (property.to_ascii_lowercase().replace('_', "."), value))
+        })
+        .collect();
+    properties.sort();
+    properties
+}
 
 /// How a service reaches the broker and the saga topic.
 #[derive(Debug, Clone)]
@@ -87,6 +198,11 @@ pub struct KafkaSettings {
     /// the partition and relay leases it holds ([`crate::leases`]). Stable across restarts, so
     /// a restarted instance resumes its own leases at once. Default: `<service>@<machine name>:<port>`.
     pub instance: String,
+    /// How the topic is created when missing.
+    pub topic_config: TopicSettings,
+    /// Extra librdkafka properties for every client (`KAFKA_CLIENT_*`): security protocol,
+    /// SASL, TLS, to join a managed cluster. Never logged: they may hold secrets.
+    pub client_properties: Vec<(String, String)>,
 }
 
 impl KafkaSettings {
@@ -103,7 +219,37 @@ impl KafkaSettings {
                 DEFAULT_FETCH_WAIT_MS,
             )?),
             instance: env_or("INSTANCE_ID", group_id.to_owned())?,
+            topic_config: TopicSettings::from_env()?,
+            client_properties: client_properties_from(std::env::vars()),
         })
+    }
+
+    /// Settings for a broker at `brokers` and `topic` with every other setting at its
+    /// default (tests).
+    pub fn new(brokers: &str, topic: &str, group_id: &str) -> Self {
+        KafkaSettings {
+            brokers: brokers.to_owned(),
+            topic: topic.to_owned(),
+            partitions: 1,
+            group_id: group_id.to_owned(),
+            session_timeout: Duration::from_secs(10),
+            fetch_wait_max: Duration::from_millis(DEFAULT_FETCH_WAIT_MS),
+            instance: group_id.to_owned(),
+            topic_config: TopicSettings::default(),
+            client_properties: Vec::new(),
+        }
+    }
+
+    /// A client configuration for these brokers: `bootstrap.servers`, no topic auto-creation
+    /// (the topics are created with their settings by [`crate::admin::ensure_topics`]), and the
+    /// `KAFKA_CLIENT_*` properties, which override anything set here.
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (name, value) in &self.client_properties {
+            config.set(name, value);
+        }
+        config
     }
 
     /// The dead-letter topic where messages that cannot be handled are parked.
@@ -141,12 +287,14 @@ impl ServiceSettings {
             .filter(|name| !name.is_empty())
             .unwrap_or_else(|| host.clone());
         kafka.instance = env_or("INSTANCE_ID", format!("{service}@{machine}:{port}"))?;
+        let retention = RetentionSettings::from_env()?;
+        retention.check_covers(&kafka.topic_config)?;
         Ok(ServiceSettings {
             host,
             port,
             database_url: env_or("DATABASE_URL", format!("data/{service}.db"))?,
             kafka,
-            retention: RetentionSettings::from_env()?,
+            retention,
         })
     }
 }
@@ -155,9 +303,10 @@ impl ServiceSettings {
 /// (see [`crate::retention`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetentionSettings {
-    /// `RETENTION_DEDUP_WINDOW_S` (default 7 days, Kafka's default `retention.ms`): processed
-    /// event ids, published outbox rows and settled saga records older than this are deleted.
-    /// It must cover the longest redelivery possible, i.e. the topic's retention.
+    /// `RETENTION_DEDUP_WINDOW_S` (default 8 days: the topic's default `retention.ms` of 7 days
+    /// plus its `segment.ms` of 1 day): processed event ids, published outbox rows and settled
+    /// saga records older than this are deleted. It must cover the longest redelivery
+    /// possible, i.e. as long as the topic can still serve a record.
     pub dedup_window: Duration,
     /// `RETENTION_INTERVAL_S` (default 60): time between pruning rounds.
     pub interval: Duration,
@@ -175,13 +324,13 @@ fn positive_secs(name: &str, default: Duration) -> Result<Duration, ConfigError>
     }
 }
 
-/// Kafka's default `retention.ms`: 7 days.
-const SEVEN_DAYS_S: u64 = 7 * 24 * 3600;
+/// The default dedup window: what the default topic settings can still serve.
+const EIGHT_DAYS_S: u64 = 8 * 24 * 3600;
 
 impl Default for RetentionSettings {
     fn default() -> Self {
         RetentionSettings {
-            dedup_window: Duration::from_secs(SEVEN_DAYS_S),
+            dedup_window: Duration::from_secs(EIGHT_DAYS_S),
             interval: Duration::from_secs(60),
         }
     }
@@ -203,6 +352,25 @@ impl RetentionSettings {
     pub fn window_from_env(&self, name: &str, default_s: u64) -> Result<Duration, ConfigError> {
         let window = Duration::from_secs(env_or(name, default_s)?);
         self.check_window(name, window)
+    }
+
+    /// Fails, naming `RETENTION_DEDUP_WINDOW_S`, when the dedup window is shorter than the time
+    /// the topic can still serve a record (`retention.ms + segment.ms`): an event redelivered
+    /// after its id was pruned would be applied twice.
+    pub fn check_covers(&self, topic: &TopicSettings) -> Result<(), ConfigError> {
+        if self.dedup_window < topic.readable_for() {
+            return Err(invalid(
+                "RETENTION_DEDUP_WINDOW_S",
+                self.dedup_window.as_secs(),
+                &format!(
+                    "must be at least KAFKA_RETENTION_MS + KAFKA_SEGMENT_MS ({} s): the topic \
+                     can serve a record that long, and a redelivered event whose id was pruned \
+                     would be applied twice",
+                    topic.readable_for().as_secs()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// `window` (the value of `name`) if it covers the dedup window; otherwise an error
@@ -237,6 +405,38 @@ mod tests {
         );
         assert_eq!(parse_var::<u16>("PORT", Some("  ".into()), 7).unwrap(), 7);
         assert_eq!(parse_var::<u16>("PORT", None, 7).unwrap(), 7);
+    }
+
+    #[test]
+    fn the_dedup_window_must_cover_what_the_topic_can_still_serve() {
+        let topic = TopicSettings::default();
+        RetentionSettings::default()
+            .check_covers(&topic)
+            .expect("the defaults agree");
+        let short = RetentionSettings {
+            dedup_window: topic.retention, // retention alone is not enough: segments
+            ..RetentionSettings::default()
+        };
+        let err = short.check_covers(&topic).unwrap_err();
+        assert_eq!(err.name, "RETENTION_DEDUP_WINDOW_S", "{err}");
+    }
+
+    #[test]
+    fn client_properties_come_from_prefixed_variables() {
+        let vars = [
+            ("KAFKA_CLIENT_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("KAFKA_CLIENT_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_CLIENT_", "ignored"),
+            ("KAFKA_BROKERS", "not a property"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()));
+        assert_eq!(
+            client_properties_from(vars),
+            vec![
+                ("sasl.mechanism".to_owned(), "SCRAM-SHA-512".to_owned()),
+                ("security.protocol".to_owned(), "SASL_SSL".to_owned()),
+            ]
+        );
     }
 
     #[test]

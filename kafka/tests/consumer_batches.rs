@@ -107,13 +107,9 @@ async fn a_fetched_batch_commits_together_and_bad_messages_in_it_are_handled_one
     )
     .expect("database");
     let settings = KafkaSettings {
-        brokers: cluster.bootstrap_servers(),
-        topic: TOPIC.into(),
-        partitions: 1,
-        group_id: "test".into(),
-        session_timeout: Duration::from_secs(10),
         fetch_wait_max: Duration::from_millis(10),
         instance: "test-1".into(),
+        ..KafkaSettings::new(&cluster.bootstrap_servers(), TOPIC, "test")
     };
     let metrics = Metrics::new();
     let consumer = EventConsumer::new(

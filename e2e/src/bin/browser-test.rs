@@ -1,4 +1,4 @@
-//! The dashboard in a real browser (`scripts/test.sh` runs it): a fresh tansu broker and the
+//! The dashboard in a real browser (`scripts/test.sh` runs it): a fresh broker and the
 //! three service binaries on free ports (orders told where products and delivery are), then
 //! headless Chromium, driven through chromedriver, uses orders' page at `/` as a person would:
 //! places an order, watches it complete, cancels it (202, then OrderCancelled), opens its
@@ -10,15 +10,16 @@
 //! reads the page's DOM (`data-testid`s); the page polls nothing, so what changes on it
 //! arrived through the event stream. Screenshots the compensated order's timeline (into the
 //! run directory, or where `--screenshot` says: `docs/timeline.png` refreshes the README's).
-//! Stops everything it started; keeps the logs (services, tansu, chromedriver, a screenshot of
+//! Stops everything it started; keeps the logs (services, broker, chromedriver, a screenshot of
 //! the page) of a failed run. Prints `N passed, N failed` last.
 //!
-//! Usage: `browser-test --bin-dir target/debug --tansu .tools/bin/tansu
+//! Usage: `browser-test --bin-dir target/debug --kafka .tools/kafka-4.1.1/libs
 //!         [--chromium /usr/bin/chromium] [--chromedriver /usr/bin/chromedriver]
 //!         [--screenshot docs/timeline.png] [--load 1000] [--keep]`
 //! (`--load N`: how many orders the burst places, 0 skips it; `--keep`: keep the run
 //! directory, with a screenshot of the whole page, also when every check passed)
 
+use e2e::broker::BrokerKind;
 use e2e::stack::{Stack, argument, free_port, wait_port_async};
 use e2e::{Check, Mall, eventually};
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -968,13 +969,21 @@ async fn run(stack: &mut Stack, page: &Page, screenshot: &Path, load: usize) -> 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(bin_dir), Some(tansu)) = (argument(&args, "--bin-dir"), argument(&args, "--tansu"))
+    let usage = "usage: browser-test --bin-dir <dir with orders, products, delivery> \
+                 (--kafka <dir of Kafka's jars> | --tansu <tansu binary>) \
+                 [--chromium /usr/bin/chromium] [--chromedriver /usr/bin/chromedriver] \
+                 [--screenshot docs/timeline.png] [--load 1000] [--keep]";
+    let (Some(bin_dir), broker) = (argument(&args, "--bin-dir"), BrokerKind::from_args(&args))
     else {
-        eprintln!(
-            "usage: browser-test --bin-dir <dir with orders, products, delivery> --tansu <tansu binary> \
-             [--chromium /usr/bin/chromium] [--chromedriver /usr/bin/chromedriver] [--screenshot docs/timeline.png] [--load 1000] [--keep]"
-        );
+        eprintln!("{usage}");
         return ExitCode::from(2);
+    };
+    let broker = match broker {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("browser-test: {e}\n{usage}");
+            return ExitCode::from(2);
+        }
     };
     let chromium = argument(&args, "--chromium").unwrap_or_else(|| "/usr/bin/chromium".into());
     let chromedriver =
@@ -991,10 +1000,10 @@ async fn main() -> ExitCode {
         }
     };
     // The broker runs in the run directory, so relative paths would break.
-    let (bin_dir, tansu) = match (bin_dir.canonicalize(), tansu.canonicalize()) {
-        (Ok(b), Ok(t)) => (b, t),
-        (b, t) => {
-            eprintln!("--bin-dir {b:?} / --tansu {t:?}: both must exist");
+    let bin_dir = match bin_dir.canonicalize() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("--bin-dir {}: {e}", bin_dir.display());
             return ExitCode::from(2);
         }
     };
@@ -1022,7 +1031,7 @@ async fn main() -> ExitCode {
     let started = Instant::now();
     let screenshot = screenshot_arg.unwrap_or_else(|| dir.path().join("timeline.png"));
     let (passed, failed) = tokio::select! {
-        counts = start_and_run(dir.path(), &bin_dir, &tansu, &chromium, &chromedriver, &screenshot, load) => counts,
+        counts = start_and_run(dir.path(), &bin_dir, &broker, &chromium, &chromedriver, &screenshot, load) => counts,
         _ = kafka::shutdown_signal() => {
             println!("interrupted");
             (0, 1)
@@ -1045,7 +1054,7 @@ async fn main() -> ExitCode {
 async fn start_and_run(
     dir: &Path,
     bin_dir: &Path,
-    tansu: &Path,
+    broker: &BrokerKind,
     chromium: &Path,
     chromedriver: &Path,
     screenshot: &Path,
@@ -1053,7 +1062,7 @@ async fn start_and_run(
 ) -> (usize, usize) {
     // The burst must not meet the saga timeout on a busy machine: this test is about the page.
     let env = vec![("orders", "SAGA_TIMEOUT_S".to_owned(), "600".to_owned())];
-    let mut stack = match Stack::start_with(dir, bin_dir, tansu, env) {
+    let mut stack = match Stack::start_with(dir, bin_dir, broker, env) {
         Ok(stack) => stack,
         Err(e) => {
             println!("FAIL start-up: {e}");

@@ -1,4 +1,4 @@
-//! The fault-injection run (`scripts/chaos.sh`): starts its own tansu and the three services
+//! The fault-injection run (`scripts/chaos.sh`): starts its own broker and the three services
 //! (free ports, fresh databases in a run directory), drives a mixed workload — orders on a few
 //! limited-stock products, customer cancels, courier cancels and completions, poison messages —
 //! while it SIGKILLs services (also twice in a row and two at once), SIGKILLs and restarts the
@@ -13,10 +13,11 @@
 //! instances, and the state is read through a live one. `--partitions P` sets
 //! `KAFKA_PARTITIONS`.
 //!
-//! Usage: `chaos --bin-dir target/release --tansu .tools/bin/tansu [--orders 500] [--kills 5]
+//! Usage: `chaos --bin-dir target/release --kafka .tools/kafka-4.1.1/libs [--orders 500] [--kills 5]
 //! [--broker-restarts 1] [--stops 1] [--terms 1] [--rate 25] [--seed N] [--keep]
 //! [--postgres URL] [--instances N] [--partitions P]`
 
+use e2e::broker::BrokerKind;
 use e2e::chaos::check::{self, CheckResult, Violation, names};
 use e2e::chaos::client::Client;
 use e2e::chaos::collect::{self, Context};
@@ -32,7 +33,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const USAGE: &str =
-    "usage: chaos --bin-dir <dir with orders, products, delivery> --tansu <tansu binary>
+    "usage: chaos --bin-dir <dir with orders, products, delivery> (--kafka <dir of Kafka's jars> [--brokers N] | --tansu <tansu binary>)
              [--orders N=500] [--kills N=5] [--broker-restarts N=1] [--stops N=1] [--terms N=1]
              [--rate R=25] [--seed N] [--keep]
              [--postgres URL] [--instances N=1] [--partitions P]";
@@ -49,7 +50,7 @@ const PRODUCTS: usize = 5;
 #[derive(Debug, Clone)]
 struct Options {
     bin_dir: PathBuf,
-    tansu: PathBuf,
+    broker: BrokerKind,
     orders: u64,
     counts: Counts,
     rate: f64,
@@ -60,10 +61,9 @@ struct Options {
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut bin_dir = None;
-    let mut tansu = None;
     let mut o = Options {
         bin_dir: PathBuf::new(),
-        tansu: PathBuf::new(),
+        broker: BrokerKind::from_args(args)?,
         orders: 500,
         counts: Counts {
             kills: 5,
@@ -102,7 +102,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         };
         match flag {
             "--bin-dir" => bin_dir = Some(PathBuf::from(value)),
-            "--tansu" => tansu = Some(PathBuf::from(value)),
+            "--kafka" | "--tansu" | "--brokers" => {} // read by BrokerKind
             "--orders" => o.orders = number()?,
             "--kills" => o.counts.kills = small()?,
             "--broker-restarts" => o.counts.broker_restarts = small()?,
@@ -121,16 +121,13 @@ fn parse(args: &[String]) -> Result<Options, String> {
         }
         i += 2;
     }
-    let (Some(bin_dir), Some(tansu)) = (bin_dir, tansu) else {
-        return Err("--bin-dir and --tansu are required".into());
+    let Some(bin_dir) = bin_dir else {
+        return Err("--bin-dir is required".into());
     };
     // The broker runs in the run directory, so relative paths would break.
     o.bin_dir = bin_dir
         .canonicalize()
         .map_err(|e| format!("--bin-dir {}: {e}", bin_dir.display()))?;
-    o.tansu = tansu
-        .canonicalize()
-        .map_err(|e| format!("--tansu {}: {e}", tansu.display()))?;
     for service in SERVICES {
         if !o.bin_dir.join(service).is_file() {
             return Err(format!("no {service} binary in {}", o.bin_dir.display()));
@@ -170,7 +167,7 @@ async fn reap(stack: &mut Stack, crashes: &mut Vec<String>, t0: Instant) {
         );
         println!("  {line}");
         crashes.push(line);
-        let restarted = if name == "tansu" {
+        let restarted = if stack.is_broker(&name) {
             stack.restart_broker().await
         } else {
             stack.restart_service(&name)
@@ -597,7 +594,7 @@ async fn main() -> ExitCode {
     let mut stack = match Stack::start_with_options(
         dir.path(),
         &o.bin_dir,
-        &o.tansu,
+        &o.broker,
         extra_env,
         o.stack.clone(),
     ) {
@@ -626,7 +623,7 @@ async fn main() -> ExitCode {
     if failed > 0 || o.keep {
         let kept = dir.keep();
         println!(
-            "run directory kept: {} (logs: tansu.log and <service or instance>.log)",
+            "run directory kept: {} (logs: <broker node>.log and <service or instance>.log)",
             kept.display()
         );
     } else {

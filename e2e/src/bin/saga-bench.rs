@@ -1,5 +1,5 @@
 //! `saga-bench`: how fast the saga is and what it costs, printed as figures — never asserted.
-//! It starts its own stack (a fresh tansu broker and the three release binaries on free ports,
+//! It starts its own stack (a fresh broker (Apache Kafka or tansu) and the three release binaries on free ports,
 //! services logging at `warn`), like `chaos`, and measures:
 //!
 //! - the broker floor: sequential produce → consume round trips of one small message;
@@ -15,6 +15,7 @@ use e2e::bench::floor::broker_floor;
 use e2e::bench::run::{self, Plan, Report, Rig};
 use e2e::bench::stats::Spread;
 use e2e::bench::{load, preload, procfs};
+use e2e::broker::BrokerKind;
 use e2e::stack::{SERVICES, Stack, StackOptions, argument};
 use e2e::{Check, Mall, eventually};
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
 usage: saga-bench [--rate R --duration S] [--find-max] [--fetch-wait-table] [--preload N] [--keep]
-                  [--fetch-wait MS] [--bin-dir DIR] [--tansu PATH]
+                  [--fetch-wait MS] [--bin-dir DIR] (--kafka DIR | --tansu PATH)
                   [--postgres URL [--instances N] [--partitions P]] [--broker-storage URL]
 
 Starts its own broker and services (scripts/bench.sh builds them) and prints figures.
@@ -40,7 +41,8 @@ fetch-wait table.
                          (default: $KAFKA_FETCH_WAIT_MAX_MS, else the services' default, 20)
   --keep                 keep the run directories (databases, logs)
   --bin-dir DIR          where orders, products, delivery are (default target/release)
-  --tansu PATH           the broker binary (default .tools/bin/tansu)
+  --kafka DIR            Apache Kafka's jars (scripts/bench.sh: .tools/kafka-<version>/libs)
+  --tansu PATH           or the tansu broker's binary
   --postgres URL         the services on PostgreSQL (URL of a server's maintenance database;
                          fresh databases per run); the postgres processes' CPU is one line
   --instances N          N instances of each service (needs --postgres); orders go round-robin
@@ -62,7 +64,7 @@ const TABLE_FETCH_WAITS: [u64; 4] = [5, 10, 20, 50];
 
 struct Options {
     bin_dir: PathBuf,
-    tansu: PathBuf,
+    broker: BrokerKind,
     rate: Option<f64>,
     duration: Option<f64>,
     find_max: bool,
@@ -98,7 +100,7 @@ fn absolute(path: PathBuf) -> Result<PathBuf, String> {
 
 /// Parses the command line; `Err("")` asks for the usage text alone.
 fn parse(args: &[String]) -> Result<Options, String> {
-    const VALUED: [&str; 10] = [
+    const VALUED: [&str; 12] = [
         "--postgres",
         "--broker-storage",
         "--instances",
@@ -109,6 +111,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         "--fetch-wait",
         "--bin-dir",
         "--tansu",
+        "--kafka",
+        "--brokers",
     ];
     const FLAGS: [&str; 3] = ["--find-max", "--fetch-wait-table", "--keep"];
     let mut i = 0;
@@ -125,7 +129,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         .and_then(|v| v.parse().ok());
     let o = Options {
         bin_dir: absolute(argument(args, "--bin-dir").unwrap_or_else(|| "target/release".into()))?,
-        tansu: absolute(argument(args, "--tansu").unwrap_or_else(|| ".tools/bin/tansu".into()))?,
+        broker: BrokerKind::from_args(args)?,
         rate: number(args, "--rate")?,
         duration: number(args, "--duration")?,
         find_max: args.iter().any(|a| a == "--find-max"),
@@ -183,7 +187,7 @@ async fn start_session(o: &Options, fetch_wait_ms: u64) -> Result<Session, Strin
         let stack = Stack::start_with_options(
             dir.path(),
             &o.bin_dir,
-            &o.tansu,
+            &o.broker,
             service_env(fetch_wait_ms),
             o.stack.clone(),
         )
@@ -525,7 +529,7 @@ async fn fetch_wait_table(o: &Options) -> Result<(), String> {
         "saga p99 ms",
         "ratio",
         "unfinished",
-        "idle tansu",
+        "idle broker",
         "idle orders",
         "idle prod.",
         "idle deliv."

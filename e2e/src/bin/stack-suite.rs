@@ -1,15 +1,16 @@
-//! The real-broker end-to-end suite (`scripts/test.sh` runs it): a fresh tansu broker and fresh
+//! The real-broker end-to-end suite (`scripts/test.sh` runs it): a fresh broker and fresh
 //! databases on free ports, the three service binaries as separate processes, and the saga
 //! scenarios over HTTP — including 100 concurrent orders and a `kill -9` of products while
 //! orders are in flight. Every process it starts is stopped when it ends, even on failure.
 //! Prints one line per scenario and a closing `N passed, N failed`.
 //!
-//! Usage: `stack-suite --bin-dir target/debug --tansu .tools/bin/tansu [--postgres URL]
+//! Usage: `stack-suite --bin-dir target/debug --kafka .tools/kafka-4.1.1/libs [--postgres URL]
 //! [--instances N] [--partitions P]` — `--postgres` gives each service a fresh database on that
 //! server, `--instances` runs N processes per service on it (the scenarios talk to instance 1),
 //! `--partitions` sets `KAFKA_PARTITIONS`. With two or more instances, one more scenario sends
 //! the same conflicting cancel to two orders instances at once.
 
+use e2e::broker::BrokerKind;
 use e2e::stack::{Stack, StackOptions, argument};
 use e2e::{Check, eventually, read_topic, scenarios};
 use std::collections::HashMap;
@@ -416,26 +417,25 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(bin_dir), Some(tansu)) = (argument(&args, "--bin-dir"), argument(&args, "--tansu"))
-    else {
-        eprintln!(
-            "usage: stack-suite --bin-dir <dir with orders, products, delivery> --tansu <tansu binary> \
-             [--postgres URL] [--instances N] [--partitions P]"
-        );
+    let usage = "usage: stack-suite --bin-dir <dir with orders, products, delivery> \
+                 (--kafka <dir of Kafka's jars> | --tansu <tansu binary>) \
+                 [--postgres URL] [--instances N] [--partitions P]";
+    let Some(bin_dir) = argument(&args, "--bin-dir") else {
+        eprintln!("{usage}");
         return ExitCode::from(2);
     };
-    let options = match StackOptions::from_args(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("stack-suite: {e}");
+    let (options, broker) = match (StackOptions::from_args(&args), BrokerKind::from_args(&args)) {
+        (Ok(o), Ok(b)) => (o, b),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("stack-suite: {e}\n{usage}");
             return ExitCode::from(2);
         }
     };
     // The broker runs in the run directory, so relative paths would break.
-    let (bin_dir, tansu) = match (bin_dir.canonicalize(), tansu.canonicalize()) {
-        (Ok(b), Ok(t)) => (b, t),
-        (b, t) => {
-            eprintln!("--bin-dir {b:?} / --tansu {t:?}: both must exist");
+    let bin_dir = match bin_dir.canonicalize() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("--bin-dir {}: {e}", bin_dir.display());
             return ExitCode::from(2);
         }
     };
@@ -451,7 +451,7 @@ async fn main() -> ExitCode {
         dir.path().display()
     );
     let mut stack =
-        match Stack::start_with_options(dir.path(), &bin_dir, &tansu, Vec::new(), options) {
+        match Stack::start_with_options(dir.path(), &bin_dir, &broker, Vec::new(), options) {
             Ok(stack) => stack,
             Err(e) => {
                 println!("FAIL start-up: {e}");

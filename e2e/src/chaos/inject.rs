@@ -55,7 +55,7 @@ pub async fn wait_healthy(
                 problems.push(format!("{name} exited by itself ({status})"));
                 if restarts < 3 {
                     restarts += 1;
-                    let restarted = if name == "tansu" {
+                    let restarted = if stack.is_broker(&name) {
                         stack.restart_broker().await
                     } else {
                         stack.restart_service(&name)
@@ -140,12 +140,13 @@ pub async fn execute(
             }
         }
         Fault::BrokerRestart { down_for } => {
-            at("SIGKILL tansu");
+            let broker = stack.broker_kind().name();
+            at(&format!("SIGKILL {broker}"));
             stack.kill_broker();
             tokio::time::sleep(*down_for).await;
-            at("restarting tansu on the same port and storage");
+            at(&format!("restarting {broker} on the same port and storage"));
             if let Err(e) = stack.restart_broker().await {
-                problems.push(format!("restart tansu: {e}"));
+                problems.push(format!("restart {broker}: {e}"));
             }
         }
         Fault::Stop {

@@ -88,7 +88,7 @@ impl Fault {
             | Fault::Stop { service, .. }
             | Fault::Term { service } => service.clone(),
             Fault::KillTwo { services } => services.join("+"),
-            Fault::BrokerRestart { .. } => "tansu".into(),
+            Fault::BrokerRestart { .. } => "broker".into(),
         }
     }
 

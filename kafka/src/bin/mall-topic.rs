@@ -4,6 +4,8 @@
 //!   dead-letter topic) from the beginning and prints each message as one JSON line, like
 //!   `kafka-console-consumer --from-beginning`; `--order` keeps one order's events.
 //! - `mall-topic ensure`: creates the topic and its `.DLT` if missing.
+//! - `mall-topic ready [--timeout S]`: waits (5 s by default) until a metadata request answers
+//!   with a registered broker, the scripts' test that a broker is up (an open port is not).
 //!
 //! Reads `KAFKA_BROKERS`, `KAFKA_TOPIC` and `KAFKA_PARTITIONS` like the services.
 
@@ -15,7 +17,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: mall-topic watch [--order ID] [--dlt] [--from-now] | mall-topic ensure";
+const USAGE: &str = "usage: mall-topic watch [--order ID] [--dlt] [--from-now] | mall-topic ensure | mall-topic ready [--timeout S]";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -29,15 +31,22 @@ async fn main() -> ExitCode {
     };
     let result = match args.first().map(String::as_str) {
         Some("watch") => watch(&settings, &args[1..]).await,
-        Some("ensure") => kafka::admin::ensure_topics(&settings)
-            .await
-            .map(|()| {
+        Some("ensure") => match kafka::admin::ensure_topics(&settings).await {
+            Ok(()) => {
+                let partitions = kafka::consumer::create_probe(&settings)
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| kafka::consumer::partitions_of(&p, &settings.topic))
+                    .map(|p| p.len().to_string())
+                    .unwrap_or_else(|_| "?".into());
                 println!(
-                    "topics {0} and {0}.DLT exist on {1}",
+                    "topics {0} ({partitions} partitions) and {0}.DLT exist on {1}",
                     settings.topic, settings.brokers
-                )
-            })
-            .map_err(|e| format!("cannot ensure topics on {}: {e}", settings.brokers)),
+                );
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot ensure topics on {}: {e}", settings.brokers)),
+        },
+        Some("ready") => ready(&settings, &args[1..]),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -46,6 +55,45 @@ async fn main() -> ExitCode {
             eprintln!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Waits until the brokers answer a metadata request naming at least one broker.
+fn ready(settings: &KafkaSettings, args: &[String]) -> Result<(), String> {
+    let timeout = match args {
+        [] => Duration::from_secs(5),
+        [flag, secs] if flag == "--timeout" => secs
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| format!("--timeout: a number of seconds, not {secs:?}"))?,
+        _ => return Err(USAGE.to_string()),
+    };
+    let started = std::time::Instant::now();
+    let probe: rdkafka::consumer::BaseConsumer = settings
+        .client_config()
+        .set("log_level", "2")
+        .create()
+        .map_err(|e| e.to_string())?;
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        let last = match probe.fetch_metadata(None, left.max(Duration::from_millis(100))) {
+            Ok(m) if !m.brokers().is_empty() => {
+                println!(
+                    "{} broker(s) answer at {}",
+                    m.brokers().len(),
+                    settings.brokers
+                );
+                return Ok(());
+            }
+            Ok(_) => "no broker registered yet".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() >= timeout {
+            return Err(format!("no broker answers at {}: {last}", settings.brokers));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -1,0 +1,313 @@
+//! The broker of a test run: Apache Kafka (KRaft; one JVM per node, broker and controller in
+//! one process; its jars fetched from Maven Central into `.tools/` by `scripts/lib.sh`) or
+//! tansu 0.6.0 (`BROKER=tansu`). [`BrokerKind`] says which and how many nodes;
+//! [`BrokerNode`] writes a node's configuration, formats its storage on first start and builds
+//! the command that runs it. [`crate::stack::Stack`] owns the processes.
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Which broker a run starts.
+#[derive(Debug, Clone)]
+pub enum BrokerKind {
+    /// Apache Kafka: the directory of its jars (`.tools/kafka-<version>/libs`) and the number
+    /// of nodes (1, or 3 for the failover run: replication factor 3, `min.insync.replicas` 2).
+    Kafka {
+        /// The jars, put on the class path as `<libs>/*`.
+        libs: PathBuf,
+        /// Nodes in the cluster.
+        nodes: usize,
+    },
+    /// tansu: its binary.
+    Tansu {
+        /// `.tools/bin/tansu`.
+        bin: PathBuf,
+    },
+}
+
+impl BrokerKind {
+    /// Reads `--kafka LIBS_DIR [--brokers N]` or `--tansu BINARY` from a command line; the path
+    /// must exist (it is made absolute: brokers run in the run directory).
+    pub fn from_args(args: &[String]) -> Result<BrokerKind, String> {
+        let value = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .map(PathBuf::from)
+        };
+        let absolute = |flag: &str, path: PathBuf| {
+            path.canonicalize()
+                .map_err(|e| format!("{flag} {}: {e}", path.display()))
+        };
+        let nodes = match value("--brokers") {
+            None => 1,
+            Some(n) => n
+                .to_str()
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| (1..=5).contains(n))
+                .ok_or_else(|| format!("--brokers: a number from 1 to 5, not {}", n.display()))?,
+        };
+        match (value("--kafka"), value("--tansu")) {
+            (Some(libs), None) => Ok(BrokerKind::Kafka {
+                libs: absolute("--kafka", libs)?,
+                nodes,
+            }),
+            (None, Some(bin)) if nodes == 1 => Ok(BrokerKind::Tansu {
+                bin: absolute("--tansu", bin)?,
+            }),
+            (None, Some(_)) => Err("--brokers needs --kafka: tansu runs one node".into()),
+            _ => Err("give the broker: --kafka <dir of Kafka's jars> or --tansu <binary>".into()),
+        }
+    }
+
+    /// `kafka` or `tansu`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BrokerKind::Kafka { .. } => "kafka",
+            BrokerKind::Tansu { .. } => "tansu",
+        }
+    }
+
+    /// Nodes in the cluster.
+    pub fn nodes(&self) -> usize {
+        match self {
+            BrokerKind::Kafka { nodes, .. } => *nodes,
+            BrokerKind::Tansu { .. } => 1,
+        }
+    }
+
+    /// The process name of node `k` (1-based): `kafka` for a single node, `kafka-<k>` in a
+    /// cluster.
+    pub fn node_name(&self, k: usize) -> String {
+        if self.nodes() == 1 {
+            self.name().to_owned()
+        } else {
+            format!("{}-{k}", self.name())
+        }
+    }
+}
+
+/// One node of the run's broker: where it listens and keeps its data.
+#[derive(Debug, Clone)]
+pub struct BrokerNode {
+    /// 1-based; Kafka's `node.id`.
+    pub id: usize,
+    /// `kafka`, `kafka-2`, `tansu`: its log is `<name>.log` in the run directory.
+    pub name: String,
+    /// The client listener's port on 127.0.0.1.
+    pub port: u16,
+    /// The controller listener's port (Kafka only).
+    pub controller_port: u16,
+}
+
+/// A Kafka cluster id: 16 random bytes in URL-safe base64 without padding, as Kafka's
+/// `StorageTool random-uuid` prints them.
+pub fn new_cluster_id() -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes = *uuid::Uuid::new_v4().as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// The JVM options of a test broker: a heap sized for a 2-core machine and the serial
+/// collector (one broker on two cores gains nothing from a concurrent one); `KAFKA_HEAP_OPTS`
+/// replaces the heap settings.
+fn jvm_options() -> Vec<String> {
+    let heap = std::env::var("KAFKA_HEAP_OPTS").unwrap_or_else(|_| "-Xms256m -Xmx768m".into());
+    heap.split_whitespace()
+        .map(str::to_owned)
+        .chain(
+            [
+                "-XX:+UseSerialGC",
+                "-XX:+ExitOnOutOfMemoryError",
+                "-Djava.awt.headless=true",
+            ]
+            .map(str::to_owned),
+        )
+        .collect()
+}
+
+/// The log4j2 configuration of a node: everything at INFO into `<name>.log` (which also gets
+/// its stdout and stderr), the request logger and the state change logger quiet.
+fn log_config(log: &Path) -> String {
+    format!(
+        "status = error\n\
+         appender.file.type = File\n\
+         appender.file.name = file\n\
+         appender.file.fileName = {}\n\
+         appender.file.layout.type = PatternLayout\n\
+         appender.file.layout.pattern = [%d] %p %m (%c)%n\n\
+         rootLogger.level = INFO\n\
+         rootLogger.appenderRef.file.ref = file\n\
+         logger.request.name = kafka.request.logger\n\
+         logger.request.level = WARN\n\
+         logger.state.name = state.change.logger\n\
+         logger.state.level = WARN\n",
+        log.display()
+    )
+}
+
+impl BrokerNode {
+    /// Writes node `self`'s configuration into `<dir>/<name>/` and, when its storage is not
+    /// formatted yet, formats it for `cluster_id`; returns the command that runs it. `voters`
+    /// are every node of the cluster.
+    pub fn kafka_command(
+        &self,
+        libs: &Path,
+        dir: &Path,
+        cluster_id: &str,
+        voters: &[BrokerNode],
+    ) -> Result<Command, String> {
+        let home = dir.join(&self.name);
+        let data = home.join("data");
+        std::fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
+        let n = voters.len();
+        let quorum = voters
+            .iter()
+            .map(|v| format!("{}@127.0.0.1:{}", v.id, v.controller_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let replicas = n.min(3);
+        let min_isr = if replicas >= 3 { 2 } else { 1 };
+        let properties = format!(
+            "process.roles=broker,controller\n\
+             node.id={id}\n\
+             controller.quorum.voters={quorum}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             controller.listener.names=CONTROLLER\n\
+             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             log.dirs={data}\n\
+             num.partitions=1\n\
+             default.replication.factor={replicas}\n\
+             min.insync.replicas={min_isr}\n\
+             offsets.topic.replication.factor={replicas}\n\
+             offsets.topic.num.partitions=1\n\
+             transaction.state.log.replication.factor={replicas}\n\
+             transaction.state.log.min.isr={min_isr}\n\
+             share.coordinator.state.topic.replication.factor={replicas}\n\
+             share.coordinator.state.topic.min.isr={min_isr}\n\
+             group.initial.rebalance.delay.ms=0\n\
+             auto.create.topics.enable=false\n\
+             unclean.leader.election.enable=false\n\
+             num.network.threads=2\n\
+             num.io.threads=2\n\
+             background.threads=2\n\
+             log.cleaner.threads=1\n",
+            id = self.id,
+            port = self.port,
+            cport = self.controller_port,
+            data = data.display(),
+        );
+        let config = home.join("server.properties");
+        std::fs::write(&config, properties).map_err(|e| format!("{}: {e}", config.display()))?;
+        let log4j = home.join("log4j2.properties");
+        std::fs::write(&log4j, log_config(&dir.join(format!("{}.log", self.name))))
+            .map_err(|e| format!("{}: {e}", log4j.display()))?;
+        let java = |main: &str| {
+            let mut c = Command::new("java");
+            c.args(jvm_options())
+                .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
+                .arg("-cp")
+                .arg(libs.join("*"))
+                .arg(main);
+            c
+        };
+        if !data.join("meta.properties").exists() {
+            let out = java("kafka.tools.StorageTool")
+                .args(["format", "--ignore-formatted", "-t", cluster_id, "-c"])
+                .arg(&config)
+                .output()
+                .map_err(|e| format!("cannot run java (Kafka needs Java 17+): {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "formatting {}'s storage failed: {}{}",
+                    self.name,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+        let mut command = java("kafka.Kafka");
+        command.arg(&config).current_dir(&home);
+        Ok(command)
+    }
+
+    /// The data directory of a Kafka node (removed to wipe it).
+    pub fn kafka_home(&self, dir: &Path) -> PathBuf {
+        dir.join(&self.name)
+    }
+}
+
+/// Waits (blocking) until a metadata request to `brokers` answers with at least `nodes`
+/// registered brokers (a port that accepts connections is not a broker that answers).
+pub fn wait_ready(brokers: &str, nodes: usize, timeout: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("reconnect.backoff.max.ms", "500")
+        .set("log_level", "3")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let mut last = String::from("no answer");
+    while started.elapsed() < timeout {
+        match client.fetch_metadata(None, Duration::from_secs(2)) {
+            Ok(m) if m.brokers().len() >= nodes => return Ok(()),
+            Ok(m) => last = format!("{} of {nodes} broker(s) registered", m.brokers().len()),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!(
+        "the broker at {brokers} did not answer a metadata request within {timeout:?} ({last})"
+    ))
+}
+
+/// The node id of the leader of `topic`'s `partition`, from a metadata request.
+pub fn leader_of(brokers: &str, topic: &str, partition: i32) -> Result<usize, String> {
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("log_level", "3")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let m = client
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    m.topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
+        .and_then(|p| usize::try_from(p.leader()).ok())
+        .ok_or_else(|| format!("{topic}[{partition}] has no leader"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_ids_have_kafkas_shape() {
+        let id = new_cluster_id();
+        assert_eq!(id.len(), 22, "{id}");
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "{id}"
+        );
+        assert_ne!(id, new_cluster_id());
+    }
+}

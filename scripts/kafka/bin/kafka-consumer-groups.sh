@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Apache Kafka's kafka-consumer-groups, as in Kafka's own bin/ (see kafka-run-class.sh).
+exec "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/kafka-run-class.sh" org.apache.kafka.tools.consumer.group.ConsumerGroupCommand "$@"
