@@ -277,10 +277,139 @@ mod tests {
         assert!(events.is_empty());
     }
 
+    /// One event of every type of the contract, for order 4.
+    fn every_event() -> Vec<Envelope> {
+        use events::{DeliveryCompleted, ProductChanged, ProductOutOfStock, StockMoved};
+        let moved = StockMoved {
+            order_id: 4,
+            product_id: 1,
+            quantity: 1,
+            product_stock: 8,
+        };
+        let by = |source, event| Envelope::new(source, event);
+        let all = vec![
+            placed(),
+            completed(),
+            cancelled(Service::Orders),
+            cancelled(Service::Products),
+            cancelled(Service::Delivery),
+            by(
+                Service::Orders,
+                Event::OrderCancelRequested(OrderCancelRequested {
+                    order_id: 4,
+                    product_id: 1,
+                    quantity: 1,
+                    customer_id: "c".into(),
+                    state_message: "asked".into(),
+                }),
+            ),
+            by(
+                Service::Products,
+                Event::ProductChanged(ProductChanged {
+                    product_id: 1,
+                    product_name: "TV".into(),
+                    product_price: 10000,
+                    product_stock: 8,
+                }),
+            ),
+            by(Service::Products, Event::StockDecreased(moved.clone())),
+            by(Service::Products, Event::StockIncreased(moved)),
+            by(
+                Service::Products,
+                Event::ProductOutOfStock(ProductOutOfStock {
+                    order_id: 4,
+                    product_id: 1,
+                    quantity: 100,
+                    product_stock: Some(10),
+                    state_message: "short".into(),
+                }),
+            ),
+            by(
+                Service::Delivery,
+                Event::DeliveryStarted(DeliveryStarted {
+                    delivery_id: 12,
+                    order_id: 4,
+                    product_id: 1,
+                    quantity: 1,
+                    customer_id: "c".into(),
+                    customer_name: None,
+                    delivery_address: None,
+                    delivery_state: DeliveryState::Started,
+                }),
+            ),
+            // Its own events read back (another instance's, or a replay).
+            by(
+                Service::Delivery,
+                Event::DeliveryCompleted(DeliveryCompleted {
+                    delivery_id: 12,
+                    order_id: 4,
+                    delivery_state: DeliveryState::Completed,
+                }),
+            ),
+            by(
+                Service::Delivery,
+                Event::DeliveryCancelled(DeliveryCancelled {
+                    delivery_id: 12,
+                    order_id: 4,
+                    product_id: 1,
+                    quantity: 1,
+                    delivery_state: DeliveryState::Cancelled,
+                    state_message: "courier".into(),
+                }),
+            ),
+            by(
+                Service::Delivery,
+                Event::CancelRefused(CancelRefused {
+                    order_id: 4,
+                    delivery_id: Some(12),
+                    delivery_state: Some(DeliveryState::Completed),
+                    state_message: "delivered".into(),
+                }),
+            ),
+        ];
+        let types: std::collections::BTreeSet<&str> =
+            all.iter().map(Envelope::event_type).collect();
+        assert_eq!(
+            types,
+            Event::TYPES.into_iter().collect(),
+            "one of every type"
+        );
+        all
+    }
+
+    /// Only the courier completes a delivery: no event, in any state the order's delivery
+    /// can be in, completes it or publishes DeliveryCompleted.
     #[test]
     fn delivery_is_never_completed_on_its_own() {
-        let (_, events) = react(Unknown, &placed(), 1);
-        assert!(events.iter().all(|e| e.event_type() != "DeliveryCompleted"));
+        let mut states = vec![Unknown, Voided];
+        for state in [
+            DeliveryState::Started,
+            DeliveryState::Completed,
+            DeliveryState::Cancelled,
+        ] {
+            for confirmed in [false, true] {
+                states.push(Known(delivery(state, confirmed)));
+            }
+        }
+        let mut tried = 0;
+        for before in &states {
+            for incoming in every_event() {
+                let (after, events) = react(before.clone(), &incoming, 13);
+                let what = format!("{} on {before:?}", incoming.event_type());
+                assert!(
+                    events.iter().all(|e| e.event_type() != "DeliveryCompleted"),
+                    "{what} published DeliveryCompleted"
+                );
+                let completed = |d: &OrderDelivery| matches!(d, Known(d) if d.state == DeliveryState::Completed);
+                assert_eq!(
+                    completed(&after),
+                    completed(before),
+                    "{what} changed whether the delivery is completed: {after:?}"
+                );
+                tried += 1;
+            }
+        }
+        assert_eq!(tried, 8 * 14);
     }
 
     #[test]
