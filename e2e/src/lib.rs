@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod broker;
 pub mod chaos;
+pub mod kafka_tools;
 pub mod pg;
 pub mod scenarios;
 pub mod stack;

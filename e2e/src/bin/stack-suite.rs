@@ -11,6 +11,7 @@
 //! the same conflicting cancel to two orders instances at once.
 
 use e2e::broker::BrokerKind;
+use e2e::kafka_tools;
 use e2e::stack::{Stack, StackOptions, argument};
 use e2e::{Check, eventually, read_topic, scenarios};
 use std::collections::HashMap;
@@ -399,6 +400,18 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
             pending_orders_are_bounded(stack)
         );
     }
+    let on_kafka = matches!(stack.broker_kind(), BrokerKind::Kafka { .. });
+    let tools = kafka_tools::default_tools_dir();
+    if on_kafka {
+        scenario!(
+            "the seed's kafka-console-consumer.sh, kafka-topics and kafka-console-producer.sh work verbatim",
+            kafka_tools::seed_console_tools_work_verbatim(&m, &tools)
+        );
+        scenario!(
+            "kafka-consumer-groups.sh --describe --all-groups agrees with /health",
+            kafka_tools::consumer_groups_show_each_service(stack, &tools)
+        );
+    }
     scenario!(
         "delivered order cancelled with the broker down: refused, not restocked",
         delivered_order_cancel_with_broker_down(stack)
@@ -411,6 +424,13 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         "SIGTERM with the broker down stops each service within 15 s",
         stop_is_bounded_with_the_broker_down(stack)
     );
+    if on_kafka {
+        // Last: it leaves the stack on a new, empty broker.
+        scenario!(
+            "a wiped broker (another cluster): a service refuses its old positions, naming the fix",
+            kafka_tools::positions_of_another_cluster_are_refused(stack)
+        );
+    }
     (passed, failed)
 }
 
