@@ -1,27 +1,40 @@
 //! The consumer loop against rdkafka's in-process `MockCluster`: messages fetched together
 //! commit together, and a bad message among them still gets exactly what it would get alone
-//! (a duplicate ignored, undecodable or rejected ones parked, the rest applied once, in order).
+//! (a duplicate ignored, undecodable or rejected ones parked, the rest applied once, in order);
+//! a database that refuses writes for a while (read-only) is waited out, never parked; a
+//! handler that panics parks its event with the payload's SHA-256; a stop gives the
+//! partition leases up at once.
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use events::{Envelope, Event, OrderCompleted, Service};
 use kafka::consumer::{EventConsumer, create_probe};
-use kafka::db::DbConnection;
-use kafka::db::PLUMBING_MIGRATIONS;
+use kafka::db::{AfterCommit, DbConnection, PLUMBING_MIGRATIONS, WriteHook};
 use kafka::{Database, DbError, KafkaSettings, Metrics, ReactError, Reactor};
 use rdkafka::ClientConfig;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "t";
 /// The order id this reactor refuses.
 const REFUSED_ORDER: i64 = 13;
+/// The order id whose first writes meet a read-only database.
+const READ_ONLY_ORDER: i64 = 7;
+/// The order id whose handler panics.
+const PANICKING_ORDER: i64 = 9;
 
-/// Records each applied order id in a table, in the transaction it is given; refuses one.
-struct Recording;
+/// Records each applied order id in a table, in the transaction it is given, and causes one
+/// event for it; refuses one; panics on one; meets a read-only database on another the first
+/// `read_only` times.
+#[derive(Default)]
+struct Recording {
+    read_only: AtomicU32,
+    read_only_calls: AtomicU32,
+}
 
 impl Reactor for Recording {
     fn wants(&self, _: &Envelope) -> bool {
@@ -36,8 +49,28 @@ impl Reactor for Recording {
         let Event::OrderCompleted(done) = &event.event else {
             return Ok(Vec::new());
         };
-        if done.order_id == REFUSED_ORDER {
-            return Err(ReactError::Rejected("order 13 is refused".into()));
+        match done.order_id {
+            REFUSED_ORDER => return Err(ReactError::Rejected("order 13 is refused".into())),
+            PANICKING_ORDER => panic!("a bug in the handler of order 9"),
+            READ_ONLY_ORDER => {
+                self.read_only_calls.fetch_add(1, Ordering::SeqCst);
+                let left = self.read_only.load(Ordering::SeqCst);
+                if left > 0 {
+                    self.read_only.store(left - 1, Ordering::SeqCst);
+                    // A real SQLite error: the connection refuses writes, as a database
+                    // whose file or disk turned read-only does.
+                    conn.batch_execute("PRAGMA query_only = ON")
+                        .map_err(DbError::from)?;
+                    let refused =
+                        conn.batch_execute("INSERT INTO processed_events VALUES ('x', 'y', 'z')");
+                    conn.batch_execute("PRAGMA query_only = OFF")
+                        .map_err(DbError::from)?;
+                    let error = DbError::from(refused.expect_err("a read-only connection writes"));
+                    assert!(error.to_string().contains("readonly"), "{error}");
+                    return Err(error.into());
+                }
+            }
+            _ => {}
         }
         conn.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS seen (seq INTEGER PRIMARY KEY, order_id BIGINT); \
@@ -45,7 +78,26 @@ impl Reactor for Recording {
             done.order_id
         ))
         .map_err(DbError::from)?;
-        Ok(Vec::new())
+        Ok(vec![completed(done.order_id)])
+    }
+}
+
+/// Notes, after each commit, the orders whose caused events committed in it: one entry per
+/// committed write.
+#[derive(Default, Clone)]
+struct Commits(Arc<Mutex<Vec<Vec<i64>>>>);
+
+impl WriteHook for Commits {
+    fn writing(
+        &self,
+        _: &mut DbConnection,
+        events: &[Envelope],
+    ) -> diesel::QueryResult<Option<AfterCommit>> {
+        let orders: Vec<i64> = events.iter().filter_map(|e| e.event.order_id()).collect();
+        let commits = self.0.clone();
+        Ok(Some(Box::new(move || {
+            commits.lock().unwrap().push(orders);
+        })))
     }
 }
 
@@ -67,8 +119,27 @@ struct Seen {
     order_id: i64,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fetched_batch_commits_together_and_bad_messages_in_it_are_handled_one_by_one() {
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// A consumer run: the cluster, the database (with a [`Commits`] hook) and what it counted.
+struct Run {
+    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    _dir: tempfile::TempDir,
+    db: Database,
+    commits: Commits,
+    status: Arc<kafka::consumer::ConsumerStatus>,
+    metrics: Metrics,
+    /// Leases held by the consumer just before it was stopped.
+    held_while_running: i64,
+}
+
+/// Puts `payloads` on a one-partition topic, then consumes them with `reactor` until the
+/// stored position is past the last, and stops the consumer.
+async fn consume(payloads: &[Vec<u8>], reactor: Arc<Recording>) -> Run {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, 1, 1).expect("topic");
     cluster
@@ -78,19 +149,8 @@ async fn a_fetched_batch_commits_together_and_bad_messages_in_it_are_handled_one
         .set("bootstrap.servers", cluster.bootstrap_servers())
         .create()
         .expect("producer");
-    let first = completed(1);
-    let payloads: Vec<Vec<u8>> = vec![
-        first.to_json().into_bytes(),
-        completed(2).to_json().into_bytes(),
-        first.to_json().into_bytes(), // a redelivery
-        b"\0\0 not json".to_vec(),
-        completed(REFUSED_ORDER).to_json().into_bytes(),
-        completed(4).to_json().into_bytes(),
-        br#"{"eventType":"SomethingNew","eventId":"x"}"#.to_vec(),
-        completed(5).to_json().into_bytes(),
-    ];
     // Everything is on the topic before the consumer starts, so its first fetch brings all.
-    for payload in &payloads {
+    for payload in payloads {
         producer
             .send(
                 FutureRecord::<str, [u8]>::to(TOPIC).payload(payload),
@@ -101,11 +161,13 @@ async fn a_fetched_batch_commits_together_and_bad_messages_in_it_are_handled_one
     }
 
     let dir = tempfile::tempdir().expect("temp dir");
+    let commits = Commits::default();
     let db = Database::open(
         dir.path().join("c.db").to_str().expect("path"),
         PLUMBING_MIGRATIONS,
     )
-    .expect("database");
+    .expect("database")
+    .with_write_hook(Arc::new(commits.clone()));
     let settings = KafkaSettings {
         fetch_wait_max: Duration::from_millis(10),
         instance: "test-1".into(),
@@ -116,7 +178,7 @@ async fn a_fetched_batch_commits_together_and_bad_messages_in_it_are_handled_one
         &settings,
         Arc::new(create_probe(&settings).expect("probe")),
         db.clone(),
-        Arc::new(Recording),
+        reactor,
         &metrics,
     );
     let status = consumer.status();
@@ -139,39 +201,207 @@ async fn a_fetched_batch_commits_together_and_bad_messages_in_it_are_handled_one
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let held_while_running = leases_of(&db, "test-1").await;
     stop.cancel();
     running.await.expect("consumer task");
+    Run {
+        _cluster: cluster,
+        _dir: dir,
+        db,
+        commits,
+        status,
+        metrics,
+        held_while_running,
+    }
+}
 
-    let seen: Vec<i64> = db
-        .read(|conn| {
-            diesel::sql_query("SELECT order_id FROM seen ORDER BY seq")
-                .load::<Seen>(conn)
-                .map_err(DbError::from)
-        })
-        .await
-        .expect("seen")
-        .into_iter()
-        .map(|s| s.order_id)
-        .collect();
-    assert_eq!(seen, vec![1, 2, 4, 5], "each applied once, in topic order");
-    let parked = db
+/// How many partition leases of the topic `holder` holds.
+async fn leases_of(db: &Database, holder: &str) -> i64 {
+    let query = format!(
+        "SELECT COUNT(*) AS n FROM leases WHERE holder = '{holder}' AND name LIKE '{TOPIC}/%'"
+    );
+    db.read(move |conn| {
+        diesel::sql_query(query)
+            .get_result::<Count>(conn)
+            .map_err(DbError::from)
+    })
+    .await
+    .expect("leases")
+    .n
+}
+
+async fn seen(db: &Database) -> Vec<i64> {
+    db.read(|conn| {
+        diesel::sql_query("SELECT order_id FROM seen ORDER BY seq")
+            .load::<Seen>(conn)
+            .map_err(DbError::from)
+    })
+    .await
+    .expect("seen")
+    .into_iter()
+    .map(|s| s.order_id)
+    .collect()
+}
+
+/// The value of a sample of `metrics` (no labels).
+fn sample(metrics: &Metrics, name: &str) -> Option<f64> {
+    metrics.render().lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|n| n.parse().ok())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetched_batch_commits_together_and_bad_messages_in_it_are_handled_one_by_one() {
+    let first = completed(1);
+    let payloads: Vec<Vec<u8>> = vec![
+        first.to_json().into_bytes(),
+        completed(2).to_json().into_bytes(),
+        first.to_json().into_bytes(), // a redelivery
+        b"\0\0 not json".to_vec(),
+        completed(REFUSED_ORDER).to_json().into_bytes(),
+        completed(4).to_json().into_bytes(),
+        br#"{"eventType":"SomethingNew","eventId":"x"}"#.to_vec(),
+        completed(5).to_json().into_bytes(),
+    ];
+    let run = consume(&payloads, Arc::new(Recording::default())).await;
+
+    assert_eq!(
+        seen(&run.db).await,
+        vec![1, 2, 4, 5],
+        "each applied once, in topic order"
+    );
+    let parked = run
+        .db
         .read(|conn| kafka::parking::count(conn).map_err(DbError::from))
         .await
         .expect("parked");
     assert_eq!(parked, 2, "the undecodable and the refused message");
-    let health = status.snapshot();
+    let health = run.status.snapshot();
     assert_eq!(health["applied"], 4, "{health}");
     assert_eq!(health["duplicatesIgnored"], 1, "{health}");
     assert_eq!(health["parked"], 2, "{health}");
-    let fetches = metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix("mall_consumer_batch_messages_count "))
-        .and_then(|n| n.parse::<usize>().ok())
-        .expect("batch histogram");
+    // Each applied in a commit of its own events, once: nothing of the refused run
+    // committed, and nothing was applied twice.
+    let applied: Vec<i64> = run.commits.0.lock().unwrap().concat();
+    assert_eq!(applied, vec![1, 2, 4, 5]);
+}
+
+/// Messages fetched together commit together: one transaction per fetched batch, whatever
+/// the broker's split of the topic into fetches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fetched_batch_is_one_commit() {
+    let payloads: Vec<Vec<u8>> = (100..300)
+        .map(|order| completed(order).to_json().into_bytes())
+        .collect();
+    let run = consume(&payloads, Arc::new(Recording::default())).await;
+    assert_eq!(seen(&run.db).await, (100..300).collect::<Vec<_>>());
+    let batches = sample(&run.metrics, "mall_consumer_batch_messages_count").unwrap_or_default();
+    let commits = run.commits.0.lock().unwrap().clone();
+    assert_eq!(
+        commits.len() as f64,
+        batches,
+        "one commit per fetched batch: {commits:?}"
+    );
     assert!(
-        fetches < payloads.len(),
-        "{fetches} batches for {} messages: nothing was handled together",
+        commits.len() < payloads.len() / 2,
+        "{} commits for {} messages: nothing was applied together",
+        commits.len(),
         payloads.len()
     );
+}
+
+/// An event whose writes meet a read-only database is retried (with backoff) until the
+/// database takes it, then applied once — never parked, which would lose its effect; an
+/// event whose handler panics is parked as such, with its payload's size and SHA-256; the
+/// events behind both are applied in order. A stop then gives the partition leases up at
+/// once: another instance takes them on its next round, without waiting for them to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_waited_out_a_panic_is_parked_and_a_stop_frees_the_leases() {
+    use sha2::{Digest, Sha256};
+    let panicking = completed(PANICKING_ORDER).to_json().into_bytes();
+    let payloads: Vec<Vec<u8>> = vec![
+        completed(6).to_json().into_bytes(),
+        completed(READ_ONLY_ORDER).to_json().into_bytes(),
+        panicking.clone(),
+        completed(10).to_json().into_bytes(),
+    ];
+    let reactor = Arc::new(Recording {
+        read_only: AtomicU32::new(4),
+        ..Recording::default()
+    });
+    let run = consume(&payloads, reactor.clone()).await;
+
+    assert_eq!(seen(&run.db).await, vec![6, READ_ONLY_ORDER, 10]);
+    assert_eq!(
+        reactor.read_only_calls.load(Ordering::SeqCst),
+        5,
+        "four refusals, then applied"
+    );
+    let retries = sample(&run.metrics, "mall_event_retries_total").unwrap_or_default();
+    assert!(retries >= 3.0, "retried {retries} times");
+    let health = run.status.snapshot();
+    assert_eq!(health["applied"], 3, "{health}");
+    assert_eq!(health["parked"], 1, "{health}");
+    assert!(health["retrying"].is_null(), "{health}");
+
+    let parked = run
+        .db
+        .read(|conn| {
+            kafka::parking::list(
+                conn,
+                kafka::http::Page {
+                    after: 0,
+                    limit: 10,
+                },
+            )
+            .map_err(DbError::from)
+        })
+        .await
+        .expect("parked");
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    let letter = &parked[0];
+    assert_eq!(letter.kind, "HandlerPanicked");
+    assert!(
+        letter.reason.contains("a bug in the handler of order 9"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(letter.offset_, 2);
+    assert_eq!(letter.payload_bytes, panicking.len() as i64);
+    let sha: String = Sha256::digest(&panicking)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(letter.payload_sha256, sha);
+    // The dead letter queued for the DLT says the same.
+    let queued = run
+        .db
+        .read(|conn| kafka::outbox::pending(conn, 100).map_err(DbError::from))
+        .await
+        .expect("outbox");
+    let dead: Vec<_> = queued
+        .iter()
+        .filter(|r| r.topic.as_deref() == Some("t.DLT"))
+        .collect();
+    assert_eq!(dead.len(), 1);
+    let published = events::DeadLetter::decode(dead[0].payload.as_bytes()).expect("a dead letter");
+    assert_eq!(published.payload_sha256, sha);
+
+    assert!(
+        run.held_while_running > 0,
+        "the consumer held its partition"
+    );
+    assert_eq!(leases_of(&run.db, "test-1").await, 0, "given up on stop");
+    let other = kafka::leases::Membership {
+        me: "test-2".into(),
+        ttl: Duration::from_secs(10),
+    };
+    let taken = run
+        .db
+        .write(move |conn| Ok::<_, DbError>((other.balance(conn, TOPIC, &[0])?, Vec::new())))
+        .await
+        .expect("balance");
+    assert_eq!(taken.holds.len(), 1, "the other instance takes it at once");
 }
