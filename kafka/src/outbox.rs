@@ -684,3 +684,304 @@ mod tests {
         assert_eq!(backlog(db).await.pending, 0);
     }
 }
+
+/// The relay against rdkafka's in-process `MockCluster`, with the service's own producer.
+#[cfg(test)]
+mod relay_tests {
+    use super::*;
+    use crate::settings::KafkaSettings;
+    use events::{Event, OrderCompleted, Service};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    use std::collections::BTreeMap;
+
+    const TOPIC: &str = "t";
+
+    struct Setup {
+        cluster: MockCluster<'static, DefaultProducerContext>,
+        db: Database,
+        _dir: tempfile::TempDir,
+    }
+
+    fn setup() -> Setup {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 3, 1).unwrap();
+        cluster.create_topic("t.DLT", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(
+            dir.path().join("r.db").to_str().unwrap(),
+            crate::db::PLUMBING_MIGRATIONS,
+        )
+        .unwrap();
+        Setup {
+            cluster,
+            db,
+            _dir: dir,
+        }
+    }
+
+    /// A relay of `db` as instance `me` with lease time `ttl`, through the service's producer.
+    fn relay(s: &Setup, me: &str, ttl: Duration) -> OutboxRelay {
+        let settings = KafkaSettings::new(&s.cluster.bootstrap_servers(), TOPIC, "test");
+        OutboxRelay::new(
+            s.db.clone(),
+            Box::new(move || crate::producer::create_producer(&settings)),
+            TOPIC.into(),
+            Membership { me: me.into(), ttl },
+            &Metrics::new(),
+        )
+        .unwrap()
+    }
+
+    /// A running relay: its status, its stop, its task.
+    struct Running {
+        status: Arc<RelayStatus>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn start(relay: OutboxRelay) -> Running {
+        let (status, stop) = (relay.status(), CancellationToken::new());
+        let task = tokio::spawn(relay.run(stop.clone(), Duration::from_secs(2)));
+        Running { status, stop, task }
+    }
+
+    fn completed(order_id: i64, customer_id: String) -> Envelope {
+        Envelope::new(
+            Service::Orders,
+            Event::OrderCompleted(OrderCompleted {
+                order_id,
+                product_id: 1,
+                quantity: 1,
+                customer_id,
+            }),
+        )
+    }
+
+    /// Commits `events` in one write; returns their ids.
+    async fn commit(db: &Database, events: Vec<Envelope>) -> Vec<String> {
+        let ids = events.iter().map(|e| e.event_id.to_string()).collect();
+        db.write(move |_| Ok::<_, DbError>(((), events)))
+            .await
+            .unwrap();
+        ids
+    }
+
+    /// Waits until nothing is pending, for at most `within`.
+    async fn drained(db: &Database, within: Duration) -> Result<(), i64> {
+        let end = Instant::now() + within;
+        loop {
+            let left = db
+                .read(|conn| pending_count(conn).map_err(DbError::from))
+                .await
+                .unwrap();
+            if left == 0 {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                return Err(left);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every message of the topic as `(key, eventId)`, partition by partition, in order.
+    fn read_topic(cluster: &MockCluster<'static, DefaultProducerContext>) -> Vec<(String, String)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "reader")
+            .create()
+            .unwrap();
+        let mut messages = Vec::new();
+        for partition in 0..3 {
+            let (_, high) = consumer
+                .fetch_watermarks(TOPIC, partition, Duration::from_secs(5))
+                .unwrap();
+            if high == 0 {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(TOPIC, partition, Offset::Beginning)
+                .unwrap();
+            consumer.assign(&tpl).unwrap();
+            let end = Instant::now() + Duration::from_secs(10);
+            let mut next = 0;
+            while next < high {
+                assert!(
+                    Instant::now() < end,
+                    "partition {partition} not read to {high}"
+                );
+                let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let m = m.unwrap();
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                let value: serde_json::Value =
+                    serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+                messages.push((
+                    key,
+                    value["eventId"].as_str().unwrap_or_default().to_owned(),
+                ));
+                next = m.offset() + 1;
+            }
+        }
+        messages
+    }
+
+    /// The event ids of each key, in topic order.
+    fn by_key(messages: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
+        let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (key, id) in messages {
+            keys.entry(key.clone()).or_default().push(id.clone());
+        }
+        keys
+    }
+
+    /// Six orders' events committed interleaved, some several to a write: on the topic, each
+    /// order's events are in the order they were committed, each once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_orders_events_reach_the_topic_in_commit_order() {
+        let s = setup();
+        let mut committed: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for step in 0..8 {
+            for order in 1..=6i64 {
+                let n = if (order + step) % 3 == 0 { 2 } else { 1 };
+                let events = (0..n)
+                    .map(|i| completed(order, format!("step {step}.{i}")))
+                    .collect();
+                let ids = commit(&s.db, events).await;
+                committed.entry(order.to_string()).or_default().extend(ids);
+            }
+        }
+        let running = start(relay(&s, "a", Duration::from_secs(10)));
+        drained(&s.db, Duration::from_secs(20)).await.unwrap();
+        running.stop.cancel();
+        running.task.await.unwrap();
+        assert_eq!(by_key(&read_topic(&s.cluster)), committed);
+    }
+
+    /// A row the broker refuses for good (too large) is marked with the error and skipped; the
+    /// rows behind it are published, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_refused_for_good_is_marked_and_does_not_block_the_rows_behind_it() {
+        let s = setup();
+        let before = commit(&s.db, vec![completed(1, "c".into())]).await;
+        let huge = commit(&s.db, vec![completed(1, "x".repeat(2_000_000))]).await;
+        let after = commit(&s.db, vec![completed(1, "c".into())]).await;
+        let running = start(relay(&s, "a", Duration::from_secs(10)));
+        let left = drained(&s.db, Duration::from_secs(20)).await;
+        let health = running.status.snapshot();
+        running.stop.cancel();
+        running.task.await.unwrap();
+        assert_eq!(left, Ok(()), "rows still pending: {health}");
+        assert_eq!(
+            by_key(&read_topic(&s.cluster)),
+            BTreeMap::from([("1".to_owned(), [before, after].concat())])
+        );
+        let refused =
+            s.db.read(move |conn| {
+                outbox::table
+                    .filter(outbox::event_id.eq(&huge[0]))
+                    .select(OutboxRow::as_select())
+                    .first(conn)
+                    .map_err(DbError::from)
+            })
+            .await
+            .unwrap();
+        assert!(refused.published_at.is_some());
+        let error = refused.error.unwrap_or_default();
+        assert!(error.to_lowercase().contains("too large"), "{error}");
+        assert_eq!(health["refusedByBroker"], 1, "{health}");
+    }
+
+    /// Two instances' relays on one database: one publishes, the other stands by
+    /// (`"standby": true`). A graceful stop of the publisher hands over at once (well within
+    /// the 10 s lease); a crashed publisher's lease (1 s here) lapses and the other takes over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_relay_publishes_the_other_stands_by_and_takes_over() {
+        let s = setup();
+        let long = Duration::from_secs(10);
+        let a = start(relay(&s, "a", long));
+        commit(&s.db, vec![completed(1, "c".into())]).await;
+        drained(&s.db, Duration::from_secs(10)).await.unwrap();
+        let b = start(relay(&s, "b", long));
+        let standing_by = async {
+            while b.status.snapshot()["standby"] != true {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), standing_by)
+            .await
+            .expect("b stands by");
+        assert_eq!(a.status.snapshot()["standby"], false);
+        commit(&s.db, vec![completed(2, "c".into())]).await;
+        drained(&s.db, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(b.status.snapshot()["published"], 0, "only a publishes");
+
+        // A graceful stop gives the lease up: b publishes long before it would have lapsed.
+        a.stop.cancel();
+        a.task.await.unwrap();
+        let stopped = Instant::now();
+        commit(&s.db, vec![completed(3, "c".into())]).await;
+        drained(&s.db, Duration::from_secs(4)).await.unwrap();
+        assert!(stopped.elapsed() < Duration::from_secs(4));
+        assert_eq!(b.status.snapshot()["standby"], false);
+        assert_eq!(b.status.snapshot()["published"], 1);
+        b.stop.cancel();
+        b.task.await.unwrap();
+
+        // A crash (the task dropped, nothing released): the lease lapses, then c publishes.
+        let short = Duration::from_secs(1);
+        let d = start(relay(&s, "d", short));
+        commit(&s.db, vec![completed(4, "c".into())]).await;
+        drained(&s.db, Duration::from_secs(10)).await.unwrap();
+        let c = start(relay(&s, "c", short));
+        d.task.abort();
+        let _ = d.task.await;
+        commit(&s.db, vec![completed(5, "c".into())]).await;
+        drained(&s.db, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(c.status.snapshot()["published"], 1);
+        c.stop.cancel();
+        c.task.await.unwrap();
+        let keys = by_key(&read_topic(&s.cluster));
+        assert!(
+            keys.values().all(|ids| ids.len() == 1),
+            "each once: {keys:?}"
+        );
+        assert_eq!(keys.len(), 5);
+    }
+
+    /// The producer has no message timeout: an event committed while the broker is down waits
+    /// for it — the round neither fails nor gives the message up — and is published once it is
+    /// back, before the one committed after it. (Four seconds down, not the five minutes of
+    /// librdkafka's default timeout; any timeout up to four seconds fails this.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_waits_out_a_broker_outage_without_timing_out() {
+        let s = setup();
+        let running = start(relay(&s, "a", Duration::from_secs(10)));
+        let first = commit(&s.db, vec![completed(1, "c".into())]).await;
+        drained(&s.db, Duration::from_secs(10)).await.unwrap();
+        s.cluster.broker_down(1).unwrap();
+        let during = commit(&s.db, vec![completed(1, "c".into())]).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let waiting = running.status.snapshot();
+        let after = commit(&s.db, vec![completed(1, "c".into())]).await;
+        s.cluster.broker_up(1).unwrap();
+        drained(&s.db, Duration::from_secs(20)).await.unwrap();
+        let health = running.status.snapshot();
+        running.stop.cancel();
+        running.task.await.unwrap();
+        assert!(
+            waiting["waitingForSeconds"].as_u64() >= Some(3),
+            "the relay waited for the broker: {waiting}"
+        );
+        assert!(health["lastError"].is_null(), "a round failed: {health}");
+        assert_eq!(
+            by_key(&read_topic(&s.cluster)),
+            BTreeMap::from([("1".to_owned(), [first, during, after].concat())])
+        );
+    }
+}
