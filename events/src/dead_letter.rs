@@ -161,6 +161,21 @@ mod tests {
         assert_eq!(DeadLetter::decode(json.as_bytes()).unwrap(), letter);
     }
 
+    /// The hash is the whole payload's, not the preview's: known values (`sha256sum`).
+    #[test]
+    fn the_sha256_is_the_whole_payloads() {
+        let nul = DeadLetter::undecodable(from(), &[0u8; 200_000], "not JSON");
+        assert_eq!(
+            nul.payload_sha256,
+            "4cbbd9be0cba685835755f827758705db5a413c5494c34262cd25946a73e7582"
+        );
+        let abc = DeadLetter::rejected(from(), b"abc", "refused");
+        assert_eq!(
+            abc.payload_sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
     #[test]
     fn a_small_payload_is_copied_whole_and_each_kind_is_named() {
         let letter = DeadLetter::rejected(from(), b"{\"x\":1}", "order 9 does not exist");
