@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The one test command: `cargo test --workspace` (unit tests of every saga rule, the event
 # contract, and the in-process end-to-end tests on rdkafka's MockCluster), then the real-broker
-# suite: a fresh tansu broker and fresh databases on free ports, the three service binaries as
-# separate processes, every scenario over HTTP; then a short fault-injection run (`chaos`:
-# kills, a double kill, a broker kill and restart, a SIGSTOP, a graceful restart, during a
-# mixed workload, then every invariant checked); then the browser test: the dashboard in
-# headless Chromium (installed with apt-get when missing), driven through chromedriver.
-# Then the same on PostgreSQL (installed with apt-get when missing): a throwaway server in a
-# temporary directory on a free port (stopped and removed at exit, also on failure; with
-# POSTGRES_URL set, that server instead), and on it the in-process tests, the real-broker suite,
-# and a chaos run with three instances of each service sharing six partitions. Every suite
-# creates fresh databases of its own on the server.
+# suite: a fresh Apache Kafka (BROKER=tansu: tansu) and fresh databases on free ports, the three
+# service binaries as separate processes, every scenario over HTTP, Kafka's console tools
+# against the running mall; then a short fault-injection run (`chaos`: kills, a double kill, a
+# broker kill and restart, a SIGSTOP, a graceful restart, during a mixed workload, then every
+# invariant checked); then the browser test: the dashboard in headless Chromium (installed with
+# apt-get when missing), driven through chromedriver; then a chaos run on a three-node Kafka
+# cluster whose partition leader is SIGKILLed under load, three times.
+# Then on PostgreSQL (installed with apt-get when missing): a throwaway server in a temporary
+# directory on a free port (stopped and removed at exit, also on failure; with POSTGRES_URL set,
+# that server instead), and on it the in-process tests, the real-broker suite with two instances
+# of each service, and a chaos run with three instances of each service sharing six partitions.
+# Every suite creates fresh databases of its own on the server.
+# A suite that exits non-zero counts as failed even if its last line said otherwise.
 # Ends with one line: `N passed, N failed`.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -37,16 +40,22 @@ cargo_counts() {
        END { print p + 0, f + 0 }' "$1"
 }
 
-# suite_counts LOG: "passed failed" from the last `N passed, N failed` line of a suite's output;
-# one more failure when there is no such line (it did not finish).
+# suite_counts LOG STATUS: "passed failed" from the last `N passed, N failed` line of a suite's
+# output; one more failure when there is no such line (it did not finish), or when the program
+# exited with a non-zero STATUS although it reported no failure.
 suite_counts() {
   local p f
   read -r p f < <(awk '/^[0-9]+ passed, [0-9]+ failed$/ { p = $1; f = $3 } END { print p + 0, (NR ? f + 0 : 1) }' "$1")
-  grep -qE '^[0-9]+ passed, [0-9]+ failed$' "$1" || f=$((f + 1))
+  if ! grep -qE '^[0-9]+ passed, [0-9]+ failed$' "$1"; then
+    f=$((f + 1))
+  elif [[ "${2:-0}" != 0 && "$f" == 0 ]]; then
+    echo "the suite reported no failure but exited with status $2: counted as one" >&2
+    f=1
+  fi
   echo "$p $f"
 }
 
-say "1/7 cargo test --workspace"
+say "1/8 cargo test --workspace"
 cargo test --workspace 2>&1 | tee "$log"
 cargo_status="${PIPESTATUS[0]}"
 read -r unit_passed unit_failed < <(cargo_counts "$log")
@@ -54,7 +63,7 @@ if [[ "$cargo_status" != 0 && "$unit_failed" == 0 ]]; then
   unit_failed=1 # it did not even build
 fi
 
-say "2/7 real-broker suite on $BROKER"
+say "2/8 real-broker suite on $BROKER"
 broker=()
 # In a subshell, like ensure_chromium: a failed install fails the broker's steps, not the run.
 if broker_line="$( broker_args )"; then read -r -a broker <<<"$broker_line"; fi
@@ -63,24 +72,40 @@ suite_failed=1
 if cargo build --bins 2>&1 | tail -n 3; then
   # The suite stops every process it started, also on Ctrl-C.
   target/debug/stack-suite --bin-dir target/debug "${broker[@]}" | tee "$log"
-  read -r suite_passed suite_failed < <(suite_counts "$log")
+  status="${PIPESTATUS[0]}"
+  read -r suite_passed suite_failed < <(suite_counts "$log" "$status")
 fi
 
-say "3/7 short chaos run (seeded; replay a failure with scripts/chaos.sh --seed N)"
+say "3/8 short chaos run (seeded; replay a failure with scripts/chaos.sh --seed N)"
 chaos_passed=0
 chaos_failed=1
 if [[ -x target/debug/chaos ]]; then
   target/debug/chaos --bin-dir target/debug "${broker[@]}" ${CHAOS_SEED:+--seed "$CHAOS_SEED"} | tee "$log"
-  read -r chaos_passed chaos_failed < <(suite_counts "$log")
+  status="${PIPESTATUS[0]}"
+  read -r chaos_passed chaos_failed < <(suite_counts "$log" "$status")
 fi
 
-say "4/7 browser test (the dashboard in headless Chromium)"
+say "4/8 browser test (the dashboard in headless Chromium)"
 browser_passed=0
 browser_failed=1
 # In a subshell: a failed install counts as a failure here instead of ending the run.
 if ( ensure_chromium ) && [[ -x target/debug/browser-test ]]; then
   target/debug/browser-test --bin-dir target/debug "${broker[@]}" | tee "$log"
-  read -r browser_passed browser_failed < <(suite_counts "$log")
+  status="${PIPESTATUS[0]}"
+  read -r browser_passed browser_failed < <(suite_counts "$log" "$status")
+fi
+
+say "4b/8 chaos on a three-node Kafka cluster: the leader of the busy partition SIGKILLed under load, three times"
+cluster_passed=0
+cluster_failed=1
+if [[ "$BROKER" != kafka ]]; then
+  say "BROKER=$BROKER: the cluster run needs Apache Kafka; not run"
+  cluster_failed=0
+elif [[ -x target/debug/chaos ]]; then
+  target/debug/chaos --bin-dir target/debug "${broker[@]}" --brokers 3 --orders 300 --kills 1 \
+    --stops 0 --terms 0 ${CHAOS_SEED:+--seed "$CHAOS_SEED"} | tee "$log"
+  status="${PIPESTATUS[0]}"
+  read -r cluster_passed cluster_failed < <(suite_counts "$log" "$status")
 fi
 
 # PostgreSQL: POSTGRES_URL's server, or a throwaway one. In subshells, like ensure_chromium: a
@@ -110,11 +135,11 @@ elif ( ensure_postgres ); then
 fi
 [[ -n "$pg_url" ]] || say "no PostgreSQL server: its three steps count as failed"
 
-say "5/7 plumbing and in-process tests on PostgreSQL (kafka/tests/postgres.rs, e2e/tests/in_process.rs)"
+say "5/8 plumbing and in-process tests on PostgreSQL (kafka/tests/postgres.rs, e2e/tests/in_process.rs)"
 pg_unit_passed=0
 pg_unit_failed=1
 if [[ -n "$pg_url" ]]; then
-  TEST_POSTGRES_URL="$pg_url" cargo test --workspace --test postgres --test in_process 2>&1 | tee "$log"
+  TEST_POSTGRES_URL="$pg_url" REQUIRE_POSTGRES=1 cargo test --workspace --test postgres --test in_process 2>&1 | tee "$log"
   cargo_status="${PIPESTATUS[0]}"
   read -r pg_unit_passed pg_unit_failed < <(cargo_counts "$log")
   if [[ "$cargo_status" != 0 && "$pg_unit_failed" == 0 ]]; then
@@ -122,29 +147,32 @@ if [[ -n "$pg_url" ]]; then
   fi
 fi
 
-say "6/7 real-broker suite on PostgreSQL"
+say "6/8 real-broker suite on PostgreSQL: two instances of each service (the conflicting cancel on two instances runs)"
 pg_suite_passed=0
 pg_suite_failed=1
 if [[ -n "$pg_url" && -x target/debug/stack-suite ]]; then
-  target/debug/stack-suite --bin-dir target/debug "${broker[@]}" --postgres "$pg_url" | tee "$log"
-  read -r pg_suite_passed pg_suite_failed < <(suite_counts "$log")
+  target/debug/stack-suite --bin-dir target/debug "${broker[@]}" --postgres "$pg_url" \
+    --instances 2 --partitions 4 | tee "$log"
+  status="${PIPESTATUS[0]}"
+  read -r pg_suite_passed pg_suite_failed < <(suite_counts "$log" "$status")
 fi
 
-say "7/7 chaos run on PostgreSQL: three instances of each service, six partitions"
+say "7/8 chaos run on PostgreSQL: three instances of each service, six partitions"
 pg_chaos_passed=0
 pg_chaos_failed=1
 if [[ -n "$pg_url" && -x target/debug/chaos ]]; then
   target/debug/chaos --bin-dir target/debug "${broker[@]}" --postgres "$pg_url" \
     --instances 3 --partitions 6 ${CHAOS_SEED:+--seed "$CHAOS_SEED"} | tee "$log"
-  read -r pg_chaos_passed pg_chaos_failed < <(suite_counts "$log")
+  status="${PIPESTATUS[0]}"
+  read -r pg_chaos_passed pg_chaos_failed < <(suite_counts "$log" "$status")
 fi
 
 remove_postgres
 
 echo
-say "cargo test: $unit_passed passed, $unit_failed failed; real-broker suite: $suite_passed passed, $suite_failed failed; chaos: $chaos_passed passed, $chaos_failed failed; browser: $browser_passed passed, $browser_failed failed"
+say "on $BROKER: cargo test: $unit_passed passed, $unit_failed failed; real-broker suite: $suite_passed passed, $suite_failed failed; chaos: $chaos_passed passed, $chaos_failed failed; browser: $browser_passed passed, $browser_failed failed; chaos on three brokers: $cluster_passed passed, $cluster_failed failed"
 say "on PostgreSQL: in-process: $pg_unit_passed passed, $pg_unit_failed failed; real-broker suite: $pg_suite_passed passed, $pg_suite_failed failed; chaos (3 instances): $pg_chaos_passed passed, $pg_chaos_failed failed"
-passed=$((unit_passed + suite_passed + chaos_passed + browser_passed + pg_unit_passed + pg_suite_passed + pg_chaos_passed))
-failed=$((unit_failed + suite_failed + chaos_failed + browser_failed + pg_unit_failed + pg_suite_failed + pg_chaos_failed))
+passed=$((unit_passed + suite_passed + chaos_passed + browser_passed + cluster_passed + pg_unit_passed + pg_suite_passed + pg_chaos_passed))
+failed=$((unit_failed + suite_failed + chaos_failed + browser_failed + cluster_failed + pg_unit_failed + pg_suite_failed + pg_chaos_failed))
 echo "$passed passed, $failed failed"
 [[ "$failed" == 0 ]]

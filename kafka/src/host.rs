@@ -94,19 +94,33 @@ async fn check_broker_identity(kafka: &KafkaSettings, db: &Database) -> Result<(
     if stored.is_empty() {
         return Ok(());
     }
-    let settings = kafka.clone();
-    let ends = tokio::task::spawn_blocking(move || {
-        let probe = create_probe(&settings).map_err(|e| e.to_string())?;
-        let partitions = crate::consumer::partitions_of(&probe, &settings.topic)?;
-        crate::consumer::watermarks(&probe, &settings.topic, &partitions)
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r)
-    .map_err(|reason| StartError::Broker {
-        brokers: kafka.brokers.clone(),
-        reason: format!("cannot read the partitions' ends: {reason}"),
-    })?;
+    // Retried like the topics' creation: right after a leader moved, the ends can take a
+    // few seconds to be served.
+    let started = std::time::Instant::now();
+    let ends = loop {
+        let settings = kafka.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let probe = create_probe(&settings).map_err(|e| e.to_string())?;
+            let partitions = crate::consumer::partitions_of(&probe, &settings.topic)?;
+            crate::consumer::watermarks(&probe, &settings.topic, &partitions)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match read {
+            Ok(ends) => break ends,
+            Err(reason) if started.elapsed() > Duration::from_secs(30) => {
+                return Err(StartError::Broker {
+                    brokers: kafka.brokers.clone(),
+                    reason: format!("cannot read the partitions' ends within 30 s: {reason}"),
+                });
+            }
+            Err(reason) => {
+                log::info!("cannot read the partitions' ends yet ({reason}); retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
     let ends = ends.into_iter().map(|(p, (_, high))| (p, high)).collect();
     crate::identity::check_positions(&kafka.topic, &kafka.brokers, &stored, &ends).map_err(refused)
 }

@@ -13,7 +13,11 @@
 //! instances, and the state is read through a live one. `--partitions P` sets
 //! `KAFKA_PARTITIONS`.
 //!
-//! Usage: `chaos --bin-dir target/release --kafka .tools/kafka-4.1.1/libs [--orders 500] [--kills 5]
+//! With `--brokers 3` the broker is a three-node Kafka cluster (replication factor 3,
+//! `min.insync.replicas` 2, no unclean leader election) and each broker fault (3 by default)
+//! SIGKILLs the node leading the saga topic's partition 0 under load and restarts it.
+//!
+//! Usage: `chaos --bin-dir target/release --kafka .tools/kafka-4.1.1/libs [--brokers 3] [--orders 500] [--kills 5]
 //! [--broker-restarts 1] [--stops 1] [--terms 1] [--rate 25] [--seed N] [--keep]
 //! [--postgres URL] [--instances N] [--partitions P]`
 
@@ -124,6 +128,10 @@ fn parse(args: &[String]) -> Result<Options, String> {
     let Some(bin_dir) = bin_dir else {
         return Err("--bin-dir is required".into());
     };
+    if o.broker.nodes() > 1 && !args.iter().any(|a| a == "--broker-restarts") {
+        // A cluster's run is about losing leaders: several, each the leader of the moment.
+        o.counts.broker_restarts = 3;
+    }
     // The broker runs in the run directory, so relative paths would break.
     o.bin_dir = bin_dir
         .canonicalize()

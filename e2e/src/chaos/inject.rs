@@ -78,6 +78,49 @@ pub async fn wait_healthy(
     true
 }
 
+/// In a Kafka cluster: SIGKILLs the node leading the busiest partition of the saga topic
+/// (partition 0: every product's catalog events and most orders' land there with one
+/// partition; with more, it is as busy as any), keeps it down for `down_for`, and starts it
+/// again on the same storage. Its partitions' leadership moves to an in-sync replica
+/// (`unclean.leader.election.enable=false`), so no acknowledged event is lost.
+async fn kill_partition_leader(
+    stack: &mut Stack,
+    down_for: Duration,
+    at: &impl Fn(&str),
+    problems: &mut Vec<String>,
+) {
+    let brokers = stack.brokers().to_owned();
+    let leader = tokio::task::spawn_blocking(move || {
+        crate::broker::leader_of(&brokers, crate::stack::TOPIC, 0)
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    let leader = match leader {
+        Ok(id) => id,
+        Err(e) => {
+            problems.push(format!(
+                "finding the leader of {}[0]: {e}",
+                crate::stack::TOPIC
+            ));
+            return;
+        }
+    };
+    at(&format!(
+        "SIGKILL broker node {leader}, the leader of {}[0]",
+        crate::stack::TOPIC
+    ));
+    if let Err(e) = stack.kill_broker_node(leader) {
+        problems.push(e);
+        return;
+    }
+    tokio::time::sleep(down_for).await;
+    at(&format!("restarting broker node {leader} on its storage"));
+    if let Err(e) = stack.restart_broker_node(leader).await {
+        problems.push(format!("restart broker node {leader}: {e}"));
+    }
+}
+
 fn restart(stack: &mut Stack, service: &str, problems: &mut Vec<String>) {
     if let Err(e) = stack.restart_service(service) {
         problems.push(format!("restart {service}: {e}"));
@@ -140,13 +183,17 @@ pub async fn execute(
             }
         }
         Fault::BrokerRestart { down_for } => {
-            let broker = stack.broker_kind().name();
-            at(&format!("SIGKILL {broker}"));
-            stack.kill_broker();
-            tokio::time::sleep(*down_for).await;
-            at(&format!("restarting {broker} on the same port and storage"));
-            if let Err(e) = stack.restart_broker().await {
-                problems.push(format!("restart {broker}: {e}"));
+            if stack.broker_nodes().len() > 1 {
+                kill_partition_leader(stack, *down_for, &at, &mut problems).await;
+            } else {
+                let broker = stack.broker_kind().name();
+                at(&format!("SIGKILL {broker}"));
+                stack.kill_broker();
+                tokio::time::sleep(*down_for).await;
+                at(&format!("restarting {broker} on the same port and storage"));
+                if let Err(e) = stack.restart_broker().await {
+                    problems.push(format!("restart {broker}: {e}"));
+                }
             }
         }
         Fault::Stop {
