@@ -102,9 +102,9 @@ mod tests {
         let (states, pending) = db
             .read(move |conn| {
                 let mut state = |id| -> Result<OrderState, DbError> {
-                    Ok(store::order(conn, id)?
+                    store::order(conn, id)?
                         .map(|s| s.order.state)
-                        .unwrap_or(OrderState::Placed))
+                        .ok_or_else(|| DbError::Task(format!("order {id} is gone")))
                 };
                 let states = (state(ids.0)?, state(ids.1)?, state(ids.2)?);
                 Ok::<_, DbError>((states, kafka::outbox::pending(conn, 10)?))
