@@ -291,6 +291,24 @@ impl Mall {
         Ok(events)
     }
 
+    /// Waits until the mall is [`quiet`]: nothing in any outbox, the topic read to its end
+    /// by every service. Checks that something did not happen (twice) come after it.
+    pub async fn wait_quiet(&self) -> Check {
+        let services: [ServiceInstances; 3] = [
+            ("orders", vec![self.orders.clone()]),
+            ("products", vec![self.products.clone()]),
+            ("delivery", vec![self.delivery.clone()]),
+        ];
+        wait_quiet(
+            &self.http,
+            &self.brokers,
+            &self.topic,
+            &services,
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
     /// Waits until every service answers `/health` with 200.
     pub async fn wait_healthy(&self) -> Check {
         for base in [&self.orders, &self.products, &self.delivery] {
@@ -348,8 +366,9 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Check<Vec<TopicMessage>> 
     read_topic_within(brokers, topic, Duration::from_secs(20)).await
 }
 
-/// [`read_topic`] with a deadline for reaching the end; a topic that does not exist yet reads
-/// as empty.
+/// [`read_topic`] with a deadline for reaching the end. A topic whose metadata has an error
+/// (one that does not exist yet, say) is an error, never an empty list: an empty read would
+/// pass every "at most once" check.
 pub async fn read_topic_within(
     brokers: &str,
     topic: &str,
@@ -371,15 +390,7 @@ fn read_topic_blocking(brokers: &str, topic: &str, deadline: Duration) -> Check<
         .create()
         .map_err(|e| format!("reader: {e}"))?;
     let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("metadata: {e}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions = partitions_of(&consumer, topic, timeout)?;
     let mut assignment = TopicPartitionList::new();
     let mut remaining = std::collections::HashMap::new();
     for p in &partitions {
@@ -428,6 +439,147 @@ fn read_topic_blocking(brokers: &str, topic: &str, deadline: Duration) -> Check<
         }
     }
     Ok(messages)
+}
+
+/// The partitions of `topic`; an error when its metadata has one (it does not exist, say) or
+/// names no partition.
+fn partitions_of(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> Check<Vec<i32>> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| format!("metadata of {topic}: the topic is not listed"))?;
+    if let Some(e) = found.error() {
+        return Err(format!("metadata of {topic}: {e:?}"));
+    }
+    let partitions: Vec<i32> = found.partitions().iter().map(|p| p.id()).collect();
+    if partitions.is_empty() {
+        return Err(format!("metadata of {topic}: no partitions"));
+    }
+    Ok(partitions)
+}
+
+/// The high watermark (the next offset) of every partition of `topic`.
+pub async fn topic_ends(brokers: &str, topic: &str) -> Check<std::collections::BTreeMap<i32, i64>> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .map_err(|e| format!("reader: {e}"))?;
+        let timeout = Duration::from_secs(10);
+        let mut ends = std::collections::BTreeMap::new();
+        for p in partitions_of(&consumer, &topic, timeout)? {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, p, timeout)
+                .map_err(|e| format!("watermarks of {topic}/{p}: {e}"))?;
+            ends.insert(p, high);
+        }
+        Ok(ends)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// One service as [`quiet`] reads it: its name and the base URL of each of its instances.
+pub type ServiceInstances = (&'static str, Vec<String>);
+
+/// The value of the sample whose name and labels are exactly `series` in a Prometheus text.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+/// Whether the mall is quiet: `Ok` when no service has an event waiting in its outbox and,
+/// for every service, every partition of `topic` was read to its end by one of its instances
+/// (position ≥ high watermark, from `/health`) — between two reads of the topic's ends that
+/// agree, so nothing was published meanwhile. Otherwise what is still moving. Checks that
+/// count events, or that nothing (more) happened, judge only a quiet mall: before it, a copy
+/// or a late effect may still be on its way.
+pub async fn quiet(
+    http: &reqwest::Client,
+    brokers: &str,
+    topic: &str,
+    services: &[ServiceInstances],
+) -> Check {
+    let ends = topic_ends(brokers, topic).await?;
+    let get = |url: String| async move {
+        let response = http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        response.text().await.map_err(|e| format!("GET {url}: {e}"))
+    };
+    for (service, bases) in services {
+        // An instance that does not answer holds nothing here: its partitions show missing.
+        let mut positions = std::collections::BTreeMap::<i32, i64>::new();
+        for base in bases {
+            let Ok(text) = get(format!("{base}/health")).await else {
+                continue;
+            };
+            let health: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let held = health["consumer"]["partitions"].as_object().cloned();
+            for (partition, p) in held.unwrap_or_default() {
+                if let (Ok(partition), Some(at)) = (partition.parse(), p["position"].as_i64()) {
+                    let seen = positions.entry(partition).or_insert(at);
+                    *seen = (*seen).max(at);
+                }
+            }
+        }
+        for (partition, end) in &ends {
+            match positions.get(partition) {
+                Some(at) if at >= end => {}
+                Some(at) => {
+                    return Err(format!(
+                        "{service} has read {topic}/{partition} to {at} of {end}"
+                    ));
+                }
+                None => return Err(format!("no {service} instance reads {topic}/{partition}")),
+            }
+        }
+        // The outbox is the service's database's: any instance that answers tells.
+        let mut pending = None;
+        for base in bases {
+            if let Ok(text) = get(format!("{base}/metrics")).await {
+                pending = metric_sample(&text, "mall_outbox_pending_rows");
+                if pending.is_some() {
+                    break;
+                }
+            }
+        }
+        match pending {
+            Some(n) if n == 0.0 => {}
+            Some(n) => return Err(format!("{service} has {n} event(s) in its outbox")),
+            None => return Err(format!("no {service} instance shows its outbox")),
+        }
+    }
+    let again = topic_ends(brokers, topic).await?;
+    if again != ends {
+        return Err(format!("{topic} grew from {ends:?} to {again:?}"));
+    }
+    Ok(())
+}
+
+/// Waits until [`quiet`], for at most `within`.
+pub async fn wait_quiet(
+    http: &reqwest::Client,
+    brokers: &str,
+    topic: &str,
+    services: &[ServiceInstances],
+    within: Duration,
+) -> Check {
+    eventually(
+        "the mall is quiet (outboxes empty, topic read to its end)",
+        within,
+        || quiet(http, brokers, topic, services),
+    )
+    .await
 }
 
 /// Publishes a raw message to a topic (to inject malformed input).

@@ -64,6 +64,21 @@ async fn wait_topic(m: &Mall, order_id: i64, types_expected: &[&str]) -> Check<V
     .await
 }
 
+/// The order's events on the topic once the mall is quiet: every copy and every late effect
+/// is on the topic by then, so a count of them is final.
+async fn settled_events(m: &Mall, order_id: i64) -> Check<Vec<Value>> {
+    m.wait_quiet().await?;
+    m.topic_events_of(order_id).await
+}
+
+/// How many messages of `event_type` are in `events`, copies included.
+fn copies(events: &[Value], event_type: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e["eventType"] == event_type)
+        .count()
+}
+
 /// Waits until the order's timeline (`GET /orders/{id}/events`) has `n` entries.
 async fn wait_timeline(m: &Mall, order_id: i64, n: usize) -> Check<Vec<Value>> {
     eventually(
@@ -133,7 +148,7 @@ pub async fn happy_path(m: &Mall) -> Check {
         }
     }
 
-    let events = wait_topic(
+    wait_topic(
         m,
         order,
         &[
@@ -144,6 +159,7 @@ pub async fn happy_path(m: &Mall) -> Check {
         ],
     )
     .await?;
+    let events = settled_events(m, order).await?;
     let order_placed = single(&events, "OrderPlaced")?;
     let stock = single(&events, "StockDecreased")?;
     let delivery = single(&events, "DeliveryStarted")?;
@@ -191,12 +207,13 @@ pub async fn out_of_stock(m: &Mall) -> Check {
         return Err(format!("stateMessage should say why: {cancelled}"));
     }
     m.wait_delivery_state(order, "DeliveryCancelled").await?;
-    let events = wait_topic(
+    wait_topic(
         m,
         order,
         &["ProductOutOfStock", "OrderCancelled", "DeliveryCancelled"],
     )
     .await?;
+    let events = settled_events(m, order).await?;
     for t in ["ProductOutOfStock", "OrderCancelled", "DeliveryCancelled"] {
         expect_eq(
             &format!("{t}.initiator"),
@@ -257,7 +274,8 @@ pub async fn customer_cancel(m: &Mall) -> Check {
         "OrderCancelled",
         "StockIncreased",
     ];
-    let events = wait_topic(m, order, &chain).await?;
+    wait_topic(m, order, &chain).await?;
+    let events = settled_events(m, order).await?;
     for t in chain {
         expect_eq(
             &format!("{t}.initiator"),
@@ -270,7 +288,6 @@ pub async fn customer_cancel(m: &Mall) -> Check {
         &single(&events, "DeliveryCancelled")?["causationId"],
         &single(&events, "OrderCancelRequested")?["eventId"],
     )?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     expect_eq(
         "(stock, reserved) after the chain settled",
         m.stock(product).await?,
@@ -278,7 +295,7 @@ pub async fn customer_cancel(m: &Mall) -> Check {
     )?;
     expect_eq(
         "StockIncreased count",
-        distinct(&m.topic_events_of(order).await?, "StockIncreased"),
+        distinct(&events, "StockIncreased"),
         1,
     )
 }
@@ -366,8 +383,7 @@ pub async fn race_check(m: &Mall, race: &RaceOrder, status: u16) -> Check {
             return Err(format!("the order should say the cancel was refused: {o}"));
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let events = m.topic_events_of(order).await?;
+    let events = settled_events(m, order).await?;
     for t in ["OrderCancelled", "StockIncreased", "DeliveryCancelled"] {
         expect_eq(&format!("{t} events"), distinct(&events, t), 0)?;
     }
@@ -576,26 +592,9 @@ pub async fn every_event_twice(m: &Mall) -> Check {
     m.wait_order_state(refused, "OrderCancelled").await?;
     m.wait_delivery_state(refused, "DeliveryCancelled").await?;
 
-    // Prove the duplicates were really delivered before judging their effect.
-    let events = eventually(
-        "the topic carries every event of the order twice",
-        Duration::from_secs(30),
-        || async move {
-            let events = wait_topic(m, order, &["DeliveryCancelled"]).await?;
-            let copies = events
-                .iter()
-                .filter(|e| e["eventType"] == "OrderPlaced")
-                .count();
-            if copies >= 2 {
-                Ok(events)
-            } else {
-                Err(format!("OrderPlaced copies: {copies}"))
-            }
-        },
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    for t in [
+    // Prove every event was really delivered twice, and every copy read by every service,
+    // before judging their effect.
+    const CHAIN: [&str; 8] = [
         "OrderPlaced",
         "StockDecreased",
         "DeliveryStarted",
@@ -604,7 +603,36 @@ pub async fn every_event_twice(m: &Mall) -> Check {
         "OrderCancelled",
         "DeliveryCancelled",
         "StockIncreased",
-    ] {
+    ];
+    const REFUSED_CHAIN: [&str; 5] = [
+        "OrderPlaced",
+        "ProductOutOfStock",
+        "DeliveryStarted",
+        "OrderCancelled",
+        "DeliveryCancelled",
+    ];
+    for (id, chain) in [(order, &CHAIN[..]), (refused, &REFUSED_CHAIN[..])] {
+        eventually(
+            &format!("the topic carries every event of order {id} twice"),
+            Duration::from_secs(30),
+            || async move {
+                let events = m.topic_events_of(id).await?;
+                let once: Vec<&str> = chain
+                    .iter()
+                    .copied()
+                    .filter(|t| copies(&events, t) < 2)
+                    .collect();
+                if once.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("not twice: {once:?} in {}", types(&events)))
+                }
+            },
+        )
+        .await?;
+    }
+    let events = settled_events(m, order).await?;
+    for t in CHAIN {
         expect_eq(&format!("distinct {t} events"), distinct(&events, t), 1)?;
     }
     let timeline = m.timeline(order).await?;
@@ -612,6 +640,13 @@ pub async fn every_event_twice(m: &Mall) -> Check {
     expect_eq("timeline entries are unique", ids.len(), timeline.len())?;
     expect_eq("(stock, reserved)", m.stock(product).await?, (10, 0))?;
     let refused_events = m.topic_events_of(refused).await?;
+    for t in REFUSED_CHAIN {
+        expect_eq(
+            &format!("distinct {t} events of the refused order"),
+            distinct(&refused_events, t),
+            1,
+        )?;
+    }
     expect_eq(
         "OrderCancelled for the refused order",
         distinct(&refused_events, "OrderCancelled"),
@@ -805,17 +840,19 @@ pub async fn bad_input_gets_clear_errors(m: &Mall) -> Check {
 }
 
 /// Every service serves `GET /metrics` in the Prometheus text format and its figures move with
-/// a saga: after one completed order each service applied events and shows its consumer's
-/// position and lag per partition and its outbox backlog; orders counted the `POST /orders`
-/// that answered 201 (by route pattern, not path) and timed the saga, products the
-/// `POST /products`.
+/// a saga: after one completed order, once the mall is quiet, each service applied events,
+/// published some, its consumer's positions moved and its lag is 0, its outbox is empty;
+/// orders counted the `POST /orders` that answered 201 (by route pattern, not path) and timed
+/// the saga, products the `POST /products`.
 pub async fn metrics_are_exposed(m: &Mall) -> Check {
-    /// The value of the sample whose name and labels are exactly `series`.
-    fn sample(text: &str, series: &str) -> Option<f64> {
-        text.lines().find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
+    use crate::metric_sample as sample;
+    /// The sum of every series of `name` (all label values), and how many there are.
+    fn sum(text: &str, name: &str) -> (f64, usize) {
+        let prefix = format!("{name}{{");
+        text.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .fold((0.0, 0), |(total, n), v| (total + v, n + 1))
     }
     async fn scrape(http: &reqwest::Client, base: &str) -> Check<String> {
         let url = format!("{base}/metrics");
@@ -844,10 +881,15 @@ pub async fn metrics_are_exposed(m: &Mall) -> Check {
         Some(v) if v >= min => Ok(()),
         other => Err(format!("{series} should be ≥ {min}, is {other:?}")),
     };
+    let exactly = |text: &str, series: &str, want: f64| match sample(text, series) {
+        Some(v) if v == want => Ok(()),
+        other => Err(format!("{series} should be {want}, is {other:?}")),
+    };
 
     let product = m.create_product("metrics", 5).await?;
     let order = m.place_order(product, 1).await?;
     m.wait_order_state(order, "OrderCompleted").await?;
+    m.wait_quiet().await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
@@ -875,6 +917,8 @@ pub async fn metrics_are_exposed(m: &Mall) -> Check {
     if orders.contains(&format!("/orders/{order}\"")) {
         return Err(format!("an order id became a route label:\n{orders}"));
     }
+    // Scraped again, after the quiet mall: the figures below are final.
+    let orders = scrape(&http, &m.orders).await?;
     let products = scrape(&http, &m.products).await?;
     at_least(
         &products,
@@ -894,14 +938,23 @@ pub async fn metrics_are_exposed(m: &Mall) -> Check {
             1.0,
         )
         .map_err(named)?;
-        for series in [
-            r#"mall_consumer_lag{partition="0"}"#,
-            r#"mall_consumer_position{partition="0"}"#,
-            "mall_outbox_pending_rows",
-            "mall_relay_lag_seconds",
-            "mall_relay_published_total",
-        ] {
-            at_least(text, series, 0.0).map_err(named)?;
+        // Every service published events of the saga (products its catalog's too).
+        at_least(text, "mall_relay_published_total", 1.0).map_err(named)?;
+        exactly(text, "mall_outbox_pending_rows", 0.0).map_err(named)?;
+        exactly(text, "mall_relay_lag_seconds", 0.0).map_err(named)?;
+        // Per partition: read past the saga's events, nothing left behind.
+        let (read, partitions) = sum(text, "mall_consumer_position");
+        if partitions == 0 || read < 4.0 {
+            return Err(named(format!(
+                "mall_consumer_position: {read} events read on {partitions} partition(s); \
+                 the saga put at least 4 on the topic"
+            )));
+        }
+        let (lag, lagging) = sum(text, "mall_consumer_lag");
+        if lagging != partitions || lag != 0.0 {
+            return Err(named(format!(
+                "mall_consumer_lag: {lag} on {lagging} partition(s) of {partitions}"
+            )));
         }
         if service != "orders" && text.contains("mall_saga_duration_seconds") {
             return Err(format!("{service} shows orders' saga durations: {text}"));

@@ -72,3 +72,18 @@ async fn every_event_twice() {
         panic!("every_event_twice: {e}");
     }
 }
+
+/// A topic the broker does not have reads as an error, never as an empty list (which would
+/// pass every "at most once" check on no data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_missing_topic_fails() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 3, 1).expect("saga topic");
+    let brokers = cluster.bootstrap_servers();
+    let missing = e2e::read_topic(&brokers, "no-such-topic").await;
+    assert!(missing.is_err(), "{missing:?}");
+    assert_eq!(
+        e2e::read_topic(&brokers, TOPIC).await.map(|m| m.len()),
+        Ok(0)
+    );
+}
