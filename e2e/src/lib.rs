@@ -36,6 +36,9 @@ pub struct Mall {
     pub brokers: String,
     /// The saga topic.
     pub topic: String,
+    /// Every instance of each service, for [`Mall::wait_quiet`]; the three URLs above unless
+    /// told otherwise ([`Mall::with_instances`]).
+    instances: Vec<ServiceInstances>,
     http: reqwest::Client,
 }
 
@@ -60,6 +63,11 @@ impl Mall {
         topic: String,
     ) -> Self {
         Mall {
+            instances: vec![
+                ("orders", vec![orders.clone()]),
+                ("products", vec![products.clone()]),
+                ("delivery", vec![delivery.clone()]),
+            ],
             orders,
             products,
             delivery,
@@ -291,19 +299,21 @@ impl Mall {
         Ok(events)
     }
 
+    /// This mall, knowing every instance of each service (they share the partitions, so
+    /// [`Mall::wait_quiet`] asks them all).
+    pub fn with_instances(mut self, instances: Vec<ServiceInstances>) -> Self {
+        self.instances = instances;
+        self
+    }
+
     /// Waits until the mall is [`quiet`]: nothing in any outbox, the topic read to its end
     /// by every service. Checks that something did not happen (twice) come after it.
     pub async fn wait_quiet(&self) -> Check {
-        let services: [ServiceInstances; 3] = [
-            ("orders", vec![self.orders.clone()]),
-            ("products", vec![self.products.clone()]),
-            ("delivery", vec![self.delivery.clone()]),
-        ];
         wait_quiet(
             &self.http,
             &self.brokers,
             &self.topic,
-            &services,
+            &self.instances,
             Duration::from_secs(30),
         )
         .await

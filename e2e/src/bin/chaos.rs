@@ -317,10 +317,17 @@ async fn run(
         last_restart = Instant::now();
         faults.push(record);
     }
-    let _ = load.await;
+    // A workload that broke proves nothing: its panic is a failure of the run.
+    match load.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => crashes.push(format!("the workload panicked: {e}")),
+        Err(e) => crashes.push(format!("the workload task failed: {e}")),
+    }
     let workload_end = Instant::now();
     let workload_took = workload_end.duration_since(t0);
-    let (poison_keys, poison_errors) = poison.await.unwrap_or_default();
+    let (poison_keys, poison_errors) = poison
+        .await
+        .unwrap_or_else(|e| (Vec::new(), vec![format!("the poison task failed: {e}")]));
     ticker.abort();
     println!(
         "  +{:6.1} s  workload done: {}",
@@ -370,6 +377,9 @@ async fn run(
             accepted: accepted.clone(),
             poison_keys: poison_keys.clone(),
             topic_deadline,
+            planned_orders: o.orders,
+            offered: progress.offered.load(Ordering::Relaxed),
+            follow_ups_applied: progress.follow_ups_applied.load(Ordering::Relaxed),
         })
         .await;
         let results = check::check_all(&s);

@@ -28,6 +28,13 @@ pub mod names {
     pub const HEALTH: &str = "every service (instance) /health answers 200 at the end";
     /// The REST lists and topics could be read.
     pub const READABLE: &str = "state readable (REST lists, products, topics)";
+    /// Judged quiet: no outbox backlog, every partition read to its end by every service.
+    pub const QUIET: &str = "quiet when read (outboxes empty, consumers at the topic's end)";
+    /// The topic holds every accepted order's events, keyed and filled as the orders say.
+    pub const COMPLETE: &str =
+        "topic complete (OrderPlaced of every order, forward events; key, product, quantity)";
+    /// The workload did enough for the checks to mean something.
+    pub const WORKLOAD: &str = "workload ran (orders accepted, follow-ups applied)";
 }
 
 /// The event types whose effect must happen at most once per order.
@@ -285,6 +292,14 @@ pub struct Snapshot {
     pub sources: usize,
     /// Sources that could not be read, and why.
     pub read_errors: Vec<String>,
+    /// Why the mall was not quiet when it was read (`None`: it was, see [`crate::quiet`]).
+    pub not_quiet: Option<String>,
+    /// Orders the workload was to offer.
+    pub planned_orders: u64,
+    /// Orders it offered (POSTs sent).
+    pub offered: u64,
+    /// Follow-ups (cancels, completions) a service accepted.
+    pub follow_ups_applied: u64,
 }
 
 /// One broken invariant.
@@ -409,6 +424,9 @@ pub fn check_all(s: &Snapshot) -> Vec<CheckResult> {
     let ix = Index::new(s);
     vec![
         readable(s),
+        quiet(s),
+        workload(s),
+        complete(&ix),
         terminal(&ix),
         exactly_once(&ix),
         no_double_apply(&ix),
@@ -433,6 +451,139 @@ fn readable(s: &Snapshot) -> CheckResult {
                 events: Vec::new(),
             })
             .collect(),
+    }
+}
+
+/// The state was read from a quiet mall: a copy or an effect still on its way would otherwise
+/// be judged missing, or a duplicate still to come never seen.
+fn quiet(s: &Snapshot) -> CheckResult {
+    CheckResult {
+        name: names::QUIET,
+        items: 1,
+        violations: s
+            .not_quiet
+            .iter()
+            .map(|why| Violation {
+                order: None,
+                what: format!("not quiet: {why}"),
+                events: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+/// The checks mean something only on data: every planned order offered, at least 80 % of
+/// them accepted (kills lose a few), and follow-ups applied for at least a tenth of them.
+fn workload(s: &Snapshot) -> CheckResult {
+    let mut violations = Vec::new();
+    let mut fail = |what: String| {
+        violations.push(Violation {
+            order: None,
+            what,
+            events: Vec::new(),
+        })
+    };
+    if s.offered < s.planned_orders {
+        fail(format!(
+            "{} of {} orders offered",
+            s.offered, s.planned_orders
+        ));
+    }
+    let accepted = s.accepted.len() as u64;
+    let least = (s.planned_orders * 8 / 10).max(1);
+    if accepted < least {
+        fail(format!(
+            "{accepted} orders accepted of {}; at least {least} expected",
+            s.planned_orders
+        ));
+    }
+    let least = (accepted / 10).max(1);
+    if s.follow_ups_applied < least {
+        fail(format!(
+            "{} follow-ups applied for {accepted} orders; at least {least} expected",
+            s.follow_ups_applied
+        ));
+    }
+    CheckResult {
+        name: names::WORKLOAD,
+        items: usize::try_from(s.planned_orders).unwrap_or(usize::MAX),
+        violations,
+    }
+}
+
+/// The topic is complete and right: every order (accepted or listed) has its OrderPlaced; a
+/// completed one its StockDecreased, DeliveryStarted and OrderCompleted; a cancelled one its
+/// OrderCancelled. Every event of an order is keyed by the order id, and the product and
+/// quantity it names are the order's.
+fn complete(ix: &Index) -> CheckResult {
+    let ids: BTreeSet<i64> =
+        ix.s.accepted
+            .iter()
+            .chain(ix.orders.keys())
+            .copied()
+            .collect();
+    let mut violations = Vec::new();
+    for id in &ids {
+        let c = id.to_string();
+        let mut problems = Vec::new();
+        let mut needed = vec!["OrderPlaced"];
+        match ix.orders.get(id).map(|o| o.state.as_str()) {
+            Some("OrderCompleted") => {
+                needed.extend(["StockDecreased", "DeliveryStarted", "OrderCompleted"]);
+            }
+            Some("OrderCancelled") => needed.push("OrderCancelled"),
+            _ => {}
+        }
+        let missing: Vec<&str> = needed
+            .into_iter()
+            .filter(|t| ix.distinct(&c, t) == 0)
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!("no {} on the topic", missing.join(", ")));
+        }
+        for e in ix.events.get(&c).into_iter().flatten() {
+            if e.key.as_deref() != Some(c.as_str()) {
+                problems.push(format!(
+                    "{} is keyed {}",
+                    e.short(),
+                    e.key.as_deref().unwrap_or("(none)")
+                ));
+            }
+            let Some(o) = ix.orders.get(id) else {
+                continue;
+            };
+            if e.product_id.is_some_and(|p| p != o.product_id) {
+                problems.push(format!(
+                    "{} names product {:?}, the order {}",
+                    e.short(),
+                    e.product_id,
+                    o.product_id
+                ));
+            }
+            if e.quantity.is_some_and(|q| q != o.quantity) {
+                problems.push(format!(
+                    "{} names quantity {:?}, the order {}",
+                    e.short(),
+                    e.quantity,
+                    o.quantity
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            violations.push(ix.violation(*id, problems.join("; ")));
+        }
+    }
+    if ids.is_empty() {
+        violations.push(Violation {
+            order: None,
+            what: "no orders at all: nothing to check".into(),
+            events: Vec::new(),
+        });
+    }
+    CheckResult {
+        name: names::COMPLETE,
+        items: ids.len(),
+        violations,
     }
 }
 
@@ -838,7 +989,7 @@ mod tests {
             causation_id: cause.map(str::to_owned),
             key: Some(order.to_string()),
             product_id: Some(1),
-            quantity: Some(1),
+            quantity: None,
         }
     }
 
@@ -945,6 +1096,10 @@ mod tests {
                 .collect(),
             sources: 5,
             read_errors: Vec::new(),
+            not_quiet: None,
+            planned_orders: 4,
+            offered: 4,
+            follow_ups_applied: 1,
         }
     }
 
@@ -1012,6 +1167,7 @@ mod tests {
 
         let mut s = good();
         s.accepted.insert(99);
+        s.events.push(ev(99, "OrderPlaced", "orders", "p99", None));
         let v = only_fails(&s, names::TERMINAL);
         assert_eq!(v[0].order, Some(99));
         assert!(v[0].what.contains("not in GET /orders"));
@@ -1176,6 +1332,72 @@ mod tests {
         assert!(v[0].what.contains("products/health answered 503"));
         s.health[1].1 = Err("connection refused".into());
         assert!(!result(&s, names::HEALTH).passed());
+    }
+
+    #[test]
+    fn a_snapshot_of_a_moving_mall_fails() {
+        let mut s = good();
+        s.not_quiet = Some("products has 2 event(s) in its outbox".into());
+        let v = only_fails(&s, names::QUIET);
+        assert!(v[0].what.contains("outbox"));
+    }
+
+    #[test]
+    fn too_little_work_fails() {
+        let mut s = good();
+        s.planned_orders = 10;
+        let v = only_fails(&s, names::WORKLOAD);
+        assert!(v[0].what.contains("4 of 10 orders offered"), "{v:?}");
+        assert!(v[1].what.contains("at least 8 expected"), "{v:?}");
+
+        let mut s = good();
+        s.follow_ups_applied = 0;
+        let v = only_fails(&s, names::WORKLOAD);
+        assert!(v[0].what.contains("0 follow-ups applied"));
+    }
+
+    #[test]
+    fn a_missing_or_wrong_event_on_the_topic_fails() {
+        // No data at all is not a pass.
+        let mut s = good();
+        s.accepted.clear();
+        s.orders.clear();
+        s.reservations.clear();
+        s.deliveries.clear();
+        s.events.clear();
+        s.products[0] = ProductRow {
+            id: 1,
+            initial: 10,
+            stock: 10,
+            reserved: 0,
+            delivered: 0,
+        };
+        assert!(!result(&s, names::COMPLETE).passed());
+
+        // An accepted order's OrderPlaced lost.
+        let mut s = good();
+        s.events.retain(|e| e.event_id != "p2");
+        let v = result(&s, names::COMPLETE).violations;
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].order, Some(2));
+        assert!(v[0].what.contains("no OrderPlaced"), "{}", v[0].what);
+
+        // A completed order's DeliveryStarted lost.
+        let mut s = good();
+        s.events.retain(|e| e.event_id != "d1");
+        let v = only_fails(&s, names::COMPLETE);
+        assert!(v[0].what.contains("no DeliveryStarted"), "{}", v[0].what);
+
+        // Wrong key, product, quantity.
+        let mut s = good();
+        s.events[1].key = Some("2".into());
+        s.events[2].product_id = Some(7);
+        s.events[3].quantity = Some(5);
+        let v = only_fails(&s, names::COMPLETE);
+        assert_eq!(v[0].order, Some(1));
+        assert!(v[0].what.contains("is keyed 2"), "{}", v[0].what);
+        assert!(v[0].what.contains("names product Some(7)"), "{}", v[0].what);
+        assert!(v[0].what.contains("names quantity Some(5), the order 2"), "{}", v[0].what);
     }
 
     #[test]

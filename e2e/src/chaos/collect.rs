@@ -70,7 +70,8 @@ pub struct RawMessage {
 }
 
 /// Reads a whole topic from the beginning up to its current end within `deadline` (the long
-/// run's topic is large). A topic that does not exist yet reads as empty.
+/// run's topic is large). A topic whose metadata has an error (it does not exist) is an
+/// error, not an empty list.
 pub async fn read_topic(
     brokers: &str,
     topic: &str,
@@ -104,15 +105,41 @@ pub struct Context<'a> {
     pub poison_keys: Vec<String>,
     /// How long a topic read may take.
     pub topic_deadline: Duration,
+    /// Orders the workload was to offer.
+    pub planned_orders: u64,
+    /// Orders it offered.
+    pub offered: u64,
+    /// Follow-ups a service accepted.
+    pub follow_ups_applied: u64,
 }
 
-/// Reads everything the checks need. A source that cannot be read is named in `read_errors`
-/// (and its rows are missing).
+/// Reads everything the checks need, first whether the mall is quiet ([`crate::quiet`]): what
+/// is read after a quiet moment is final. A source that cannot be read is named in
+/// `read_errors` (and its rows are missing).
 pub async fn snapshot(cx: Context<'_>) -> Snapshot {
+    let services: Vec<crate::ServiceInstances> = [
+        ("orders", &cx.urls.orders),
+        ("products", &cx.urls.products),
+        ("delivery", &cx.urls.delivery),
+    ]
+    .into_iter()
+    .map(|(name, pool)| (name, pool.all().map(|(_, base)| base.to_owned()).collect()))
+    .collect();
+    let quiet_probe = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_default();
+    let not_quiet = crate::quiet(&quiet_probe, cx.brokers, cx.topic, &services)
+        .await
+        .err();
     let mut s = Snapshot {
         accepted: cx.accepted,
         poison_keys: cx.poison_keys,
         sources: 6,
+        not_quiet,
+        planned_orders: cx.planned_orders,
+        offered: cx.offered,
+        follow_ups_applied: cx.follow_ups_applied,
         ..Snapshot::default()
     };
     let orders = read_pages(

@@ -229,13 +229,14 @@ struct Job {
 }
 
 /// Runs the whole workload: offers every order at the rate, then waits for every follow-up.
+/// `Err` names the tasks of it that panicked: a run whose workload broke proves nothing.
 pub async fn run(
     client: Client,
     urls: Urls,
     products: Vec<Product>,
     settings: Settings,
     progress: Arc<Progress>,
-) {
+) -> Result<(), String> {
     let (jobs, queue) = mpsc::unbounded_channel::<Job>();
     let follow_ups = tokio::spawn(run_follow_ups(
         client.clone(),
@@ -248,13 +249,16 @@ pub async fn run(
     let start = tokio::time::Instant::now();
     let horizon = settings.horizon;
     let mut placing = JoinSet::new();
+    let mut broken = Vec::new();
     for index in 0..settings.orders {
         let due = start + Duration::from_secs_f64(index as f64 / settings.rate.max(0.001));
         tokio::time::sleep_until(due).await;
         let Ok(permit) = limit.clone().acquire_owned().await else {
             break;
         };
-        while placing.try_join_next().is_some() {}
+        while let Some(done) = placing.try_join_next() {
+            broken.extend(done.err().map(|e| format!("placing an order: {e}")));
+        }
         let plan = order_plan(settings.seed, index, products.len());
         let Some(product) = products.get(plan.product).copied() else {
             break;
@@ -268,8 +272,19 @@ pub async fn run(
         });
     }
     drop(jobs);
-    while placing.join_next().await.is_some() {}
-    let _ = follow_ups.await;
+    while let Some(done) = placing.join_next().await {
+        broken.extend(done.err().map(|e| format!("placing an order: {e}")));
+    }
+    match follow_ups.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => broken.push(e),
+        Err(e) => broken.push(format!("the follow-ups: {e}")),
+    }
+    if broken.is_empty() {
+        Ok(())
+    } else {
+        Err(broken.join("; "))
+    }
 }
 
 /// The start of the workload and the follow-up horizon.
@@ -335,11 +350,14 @@ async fn run_follow_ups(
     mut queue: mpsc::UnboundedReceiver<Job>,
     in_flight: usize,
     progress: Arc<Progress>,
-) {
+) -> Result<(), String> {
     let limit = Arc::new(Semaphore::new(in_flight));
     let mut running = JoinSet::new();
+    let mut broken = Vec::new();
     while let Some(job) = queue.recv().await {
-        while running.try_join_next().is_some() {}
+        while let Some(done) = running.try_join_next() {
+            broken.extend(done.err().map(|e| format!("a follow-up: {e}")));
+        }
         let (client, urls, limit, progress) = (
             client.clone(),
             urls.clone(),
@@ -360,7 +378,14 @@ async fn run_follow_ups(
             }
         });
     }
-    while running.join_next().await.is_some() {}
+    while let Some(done) = running.join_next().await {
+        broken.extend(done.err().map(|e| format!("a follow-up: {e}")));
+    }
+    if broken.is_empty() {
+        Ok(())
+    } else {
+        Err(broken.join("; "))
+    }
 }
 
 const ATTEMPTS: u32 = 4;
