@@ -209,18 +209,21 @@ pub async fn consumer_groups_show_each_service(stack: &Stack, tools: &Path) -> C
     let product = m.create_product("groups", 5).await?;
     let order = m.place_order(product, 1).await?;
     m.wait_order_state(order, "OrderCompleted").await?;
-    let services = [
-        ("orders", stack.url("orders")),
-        ("products", stack.url("products")),
-        ("delivery", stack.url("delivery")),
-    ];
+    // Each instance shows the partitions it reads; together they read them all.
+    let services: Vec<(&str, Vec<String>)> = ["orders", "products", "delivery"]
+        .into_iter()
+        .map(|s| (s, stack.instances(s).iter().map(|i| stack.url(i)).collect()))
+        .collect();
     eventually(
         "Kafka's groups agree with /health",
         Duration::from_secs(30),
         || async {
             let mut health = BTreeMap::new();
-            for (service, url) in &services {
-                let positions = health_positions(&m, url).await?;
+            for (service, urls) in &services {
+                let mut positions = BTreeMap::new();
+                for url in urls {
+                    positions.extend(health_positions(&m, url).await?);
+                }
                 if positions.values().any(|(_, lag)| *lag != 0) {
                     return Err(format!("{service} still has lag: {positions:?}"));
                 }
@@ -283,17 +286,21 @@ pub async fn consumer_groups_show_each_service(stack: &Stack, tools: &Path) -> C
 /// the new topic from positions that belong to the old one. Leaves the stack on the new
 /// broker with products stopped: run it last.
 pub async fn positions_of_another_cluster_are_refused(stack: &mut Stack) -> Check {
-    if stack.is_running("products") {
-        stack.sigkill("products")?;
+    let products = stack.instance_name("products", 1);
+    // Every instance stopped: a live sibling would be no different from a restarted one.
+    for instance in stack.instances("products") {
+        if stack.is_running(&instance) {
+            stack.sigkill(&instance)?;
+        }
     }
     stack.wipe_broker().await?;
-    stack.start_service("products")?;
+    stack.start_service(&products)?;
     let started = Instant::now();
     let status = loop {
         if let Some((_, status)) = stack
             .reap_exited()
             .into_iter()
-            .find(|(name, _)| name == "products")
+            .find(|(name, _)| *name == products)
         {
             break status;
         }
@@ -305,8 +312,8 @@ pub async fn positions_of_another_cluster_are_refused(stack: &mut Stack) -> Chec
     if status.success() {
         return Err("products exited with success on a wiped broker".into());
     }
-    let log =
-        std::fs::read_to_string(stack.dir().join("products.log")).map_err(|e| e.to_string())?;
+    let log = std::fs::read_to_string(stack.dir().join(format!("{products}.log")))
+        .map_err(|e| e.to_string())?;
     let said = log
         .lines()
         .rev()
