@@ -564,7 +564,7 @@ pub async fn quiet(
             }
         }
         match pending {
-            Some(n) if n == 0.0 => {}
+            Some(0.0) => {}
             Some(n) => return Err(format!("{service} has {n} event(s) in its outbox")),
             None => return Err(format!("no {service} instance shows its outbox")),
         }

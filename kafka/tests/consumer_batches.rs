@@ -96,7 +96,10 @@ impl WriteHook for Commits {
         let orders: Vec<i64> = events.iter().filter_map(|e| e.event.order_id()).collect();
         let commits = self.0.clone();
         Ok(Some(Box::new(move || {
-            commits.lock().unwrap().push(orders);
+            commits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(orders);
         })))
     }
 }
