@@ -75,7 +75,6 @@ async fn try_ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
             .iter()
             .fold(topic, |topic, (name, value)| topic.set(name, value))
     })
-    .into_iter()
     .filter(|t| !existing.iter().any(|name| name == t.name))
     .collect();
     if topics.is_empty() {
