@@ -34,11 +34,11 @@ fetch-wait table.
   --rate R --duration S  broker floor, then one open loop: R orders/s for S seconds (default 30)
   --find-max             broker floor, then rising rates from 50/s (20 s each) to the first not held
                          (p99 POST→terminal < 1 s, >= 97 % of the rate ended in steady state)
-  --fetch-wait-table     for KAFKA_FETCH_WAIT_MAX_MS 5, 10, 20, 50 (a fresh stack each): saga p50
+  --fetch-wait-table     for KAFKA_FETCH_WAIT_MAX_MS 10, 20, 50, 100, 500 (a fresh stack each): saga p50
                          at 50/s and idle CPU of the broker and the services
   --preload N            first fill the databases with N completed orders (not for the table)
   --fetch-wait MS        the services' KAFKA_FETCH_WAIT_MAX_MS for the floor and the open loops
-                         (default: $KAFKA_FETCH_WAIT_MAX_MS, else the services' default, 20)
+                         (default: $KAFKA_FETCH_WAIT_MAX_MS, else the services' default, 500)
   --keep                 keep the run directories (databases, logs)
   --bin-dir DIR          where orders, products, delivery are (default target/release)
   --kafka DIR            Apache Kafka's jars (scripts/bench.sh: .tools/kafka-<version>/libs)
@@ -60,7 +60,7 @@ const FIND_MAX_RATES: [f64; 14] = [
     4000.0, 5000.0,
 ];
 /// Fetch waits of the table, ms.
-const TABLE_FETCH_WAITS: [u64; 4] = [5, 10, 20, 50];
+const TABLE_FETCH_WAITS: [u64; 5] = [10, 20, 50, 100, 500];
 
 struct Options {
     bin_dir: PathBuf,
