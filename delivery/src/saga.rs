@@ -453,6 +453,27 @@ mod tests {
     }
 
     #[test]
+    fn a_cancel_with_a_reason_and_initiator_this_version_does_not_know_still_calls_off() {
+        // A newer producer's reason and initiator decode to fallbacks: handled, not parked.
+        let json = cancelled(Service::Orders)
+            .to_json()
+            .replace(r#""reason":"outOfStock""#, r#""reason":"admin""#)
+            .replace(r#""initiator":"orders""#, r#""initiator":"payments""#);
+        let Ok(events::Decoded::Known(incoming)) = events::decode(json.as_bytes()) else {
+            panic!("{json} is not a known event")
+        };
+        let (after, events) = react(
+            Known(delivery(DeliveryState::Started, true)),
+            &incoming,
+            1,
+        );
+        let Known(d) = after else { panic!() };
+        assert_eq!(d.state, DeliveryState::Cancelled);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event_type(), "DeliveryCancelled");
+    }
+
+    #[test]
     fn a_cancelled_or_completed_delivery_is_not_cancelled_again() {
         for state in [DeliveryState::Cancelled, DeliveryState::Completed] {
             let d = delivery(state, true);

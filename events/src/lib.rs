@@ -120,8 +120,9 @@ pub struct OrderCancelled {
     pub state_message: String,
     /// Why, typed: an event without a cause (`causationId` null) may come from a person or from
     /// orders' own timer, and readers (the dashboard's timeline) should not parse prose to tell.
-    /// Absent in events written before it existed.
-    #[serde(default)]
+    /// Absent in events written before it existed; a reason this version does not know
+    /// (a newer producer's) reads as absent, so the cancel is still handled.
+    #[serde(default, deserialize_with = "lenient::known")]
     pub reason: Option<CancelReason>,
 }
 
@@ -184,6 +185,7 @@ pub struct DeliveryStarted {
     pub customer_id: String,
     pub customer_name: Option<String>,
     pub delivery_address: Option<String>,
+    #[serde(deserialize_with = "lenient::started")]
     pub delivery_state: DeliveryState,
 }
 
@@ -193,6 +195,7 @@ pub struct DeliveryStarted {
 pub struct DeliveryCompleted {
     pub delivery_id: i64,
     pub order_id: i64,
+    #[serde(deserialize_with = "lenient::completed")]
     pub delivery_state: DeliveryState,
 }
 
@@ -204,6 +207,7 @@ pub struct DeliveryCancelled {
     pub order_id: i64,
     pub product_id: i64,
     pub quantity: i64,
+    #[serde(deserialize_with = "lenient::cancelled")]
     pub delivery_state: DeliveryState,
     pub state_message: String,
 }
@@ -229,7 +233,8 @@ pub struct CancelRefused {
     pub order_id: i64,
     /// The delivery, when there is one.
     pub delivery_id: Option<i64>,
-    /// Its state, when there is one.
+    /// Its state, when there is one (and this version knows it).
+    #[serde(default, deserialize_with = "lenient::known")]
     pub delivery_state: Option<DeliveryState>,
     pub state_message: String,
 }
@@ -335,6 +340,9 @@ pub struct Envelope {
     /// The `eventId` of the event that caused this one; null when an HTTP request did.
     pub causation_id: Option<Uuid>,
     /// The service whose decision started the compensation chain; null on the forward path.
+    /// A service this version does not know reads as null: it is none of us, which is all the
+    /// rules ask.
+    #[serde(default, deserialize_with = "lenient::known")]
     pub initiator: Option<Service>,
 }
 
@@ -442,6 +450,49 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             event_type,
             reason: e.to_string(),
         })
+}
+
+/// Decoding of the contract's closed enums that a newer producer may extend: an unknown value
+/// decodes to a stated fallback instead of making the whole event invalid, which would park
+/// it and leave its saga stuck (a rolling upgrade that adds a cancel reason). Known values
+/// keep their wire names; a value of the wrong JSON type is still an error.
+mod lenient {
+    use super::*;
+    use serde::Deserializer;
+    use serde::de::DeserializeOwned;
+
+    /// The value if this version knows it; `None` for null or an unknown name.
+    pub fn known<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: DeserializeOwned,
+    {
+        let name = Option::<String>::deserialize(d)?;
+        Ok(name.and_then(|name| serde_json::from_value(serde_json::Value::String(name)).ok()))
+    }
+
+    /// DeliveryStarted's state; an unknown one is what the event type says.
+    pub fn started<'de, D: Deserializer<'de>>(d: D) -> Result<DeliveryState, D::Error> {
+        or_by_type(d, DeliveryState::Started)
+    }
+
+    /// DeliveryCompleted's state; an unknown one is what the event type says.
+    pub fn completed<'de, D: Deserializer<'de>>(d: D) -> Result<DeliveryState, D::Error> {
+        or_by_type(d, DeliveryState::Completed)
+    }
+
+    /// DeliveryCancelled's state; an unknown one is what the event type says.
+    pub fn cancelled<'de, D: Deserializer<'de>>(d: D) -> Result<DeliveryState, D::Error> {
+        or_by_type(d, DeliveryState::Cancelled)
+    }
+
+    fn or_by_type<'de, D: Deserializer<'de>>(
+        d: D,
+        by_type: DeliveryState,
+    ) -> Result<DeliveryState, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok(DeliveryState::parse(&name).unwrap_or(by_type))
+    }
 }
 
 /// RFC 3339 timestamps with millisecond precision, always in UTC (`Z`).
@@ -615,8 +666,96 @@ mod tests {
             Some(CancelReason::OutOfStock)
         );
         assert_eq!(reason_of(&cancelled("")), None);
+        // A reason added by a newer producer is "not stated" here, not an invalid event.
+        assert_eq!(reason_of(&cancelled(r#""reason":"boredom","#)), None);
+    }
+
+    /// The wire JSON of `event` with every enum value replaced by one this version does not
+    /// know and a field it does not know added, as a newer producer could send it.
+    fn from_a_newer_producer(event: Event) -> Envelope {
+        let sent = Envelope::new(Service::Delivery, event).initiated_by(Service::Orders);
+        let mut value: serde_json::Value =
+            serde_json::from_str(&sent.to_json()).expect("an event is JSON");
+        let object = value.as_object_mut().expect("an event is an object");
+        object.insert("addedInVersion2".into(), serde_json::json!({"nested": [1, 2]}));
+        object.insert("initiator".into(), "payments".into());
+        if object.contains_key("reason") {
+            object.insert("reason".into(), "admin".into());
+        }
+        if object.contains_key("deliveryState") {
+            object.insert("deliveryState".into(), "DeliveryLost".into());
+        }
+        match decode(value.to_string().as_bytes()) {
+            Ok(Decoded::Known(got)) => *got,
+            other => panic!("{value} decoded to {other:?}: a consumer would park it"),
+        }
+    }
+
+    #[test]
+    fn unknown_enum_values_and_fields_decode_to_known_fallbacks() {
+        for event in every_event() {
+            let event_type = event.event_type();
+            let got = from_a_newer_producer(event.clone());
+            assert_eq!(got.initiator, None, "{event_type}: an unknown initiator is not us");
+            let expected = match event {
+                // Each delivery event says its state in its type; an unknown state falls back
+                // to what the type means.
+                Event::DeliveryStarted(mut e) => {
+                    e.delivery_state = DeliveryState::Started;
+                    Event::DeliveryStarted(e)
+                }
+                Event::DeliveryCompleted(mut e) => {
+                    e.delivery_state = DeliveryState::Completed;
+                    Event::DeliveryCompleted(e)
+                }
+                Event::DeliveryCancelled(mut e) => {
+                    e.delivery_state = DeliveryState::Cancelled;
+                    Event::DeliveryCancelled(e)
+                }
+                // A refusal's state is optional: unknown is "not stated".
+                Event::CancelRefused(mut e) => {
+                    e.delivery_state = None;
+                    Event::CancelRefused(e)
+                }
+                // So is a cancel's reason, as in events written before it existed.
+                Event::OrderCancelled(mut e) => {
+                    e.reason = None;
+                    Event::OrderCancelled(e)
+                }
+                other => other,
+            };
+            assert_eq!(got.event, expected, "{event_type}");
+        }
+    }
+
+    #[test]
+    fn known_enum_values_keep_their_wire_names() {
+        for event in every_event() {
+            let sent = Envelope::new(Service::Delivery, event).initiated_by(Service::Products);
+            let json = sent.to_json();
+            assert!(json.contains(r#""initiator":"products""#), "{json}");
+            match decode(json.as_bytes()) {
+                Ok(Decoded::Known(got)) => assert_eq!(*got, sent),
+                other => panic!("{json} decoded to {other:?}"),
+            }
+        }
+        let refused = CancelRefused {
+            order_id: 7,
+            delivery_id: None,
+            delivery_state: None,
+            state_message: "none".into(),
+        };
+        let json = Envelope::new(Service::Delivery, Event::CancelRefused(refused)).to_json();
+        assert!(json.contains(r#""deliveryState":null"#), "{json}");
+        let without_state = json.replace(r#""deliveryState":null,"#, "");
         assert!(matches!(
-            decode(cancelled(r#""reason":"boredom","#).as_bytes()),
+            decode(without_state.as_bytes()),
+            Ok(Decoded::Known(_))
+        ));
+        // A wrong type is still an invalid event, not a fallback.
+        let numeric = json.replace(r#""deliveryState":null"#, r#""deliveryState":3"#);
+        assert!(matches!(
+            decode(numeric.as_bytes()),
             Err(DecodeError::Invalid { .. })
         ));
     }

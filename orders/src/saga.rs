@@ -152,8 +152,13 @@ pub fn react(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
             }
         }
         // Rule 10: delivery said no (the goods left): the order stays completed, saying why.
+        // An order already cancelled (the courier's cancel crossed the request) keeps its
+        // first terminal reason: the refusal only closes the request.
         Event::CancelRefused(r) => {
             order.cancel_requested = false;
+            if order.state == OrderState::Cancelled {
+                return (order, Vec::new());
+            }
             if let Some(state) = r.delivery_state {
                 order.delivery_state = Some(state);
             }
@@ -677,6 +682,38 @@ mod tests {
         };
         let err = cancel_by_customer(o).unwrap_err();
         assert!(err.0.contains("already cancelled"));
+    }
+
+    /// The courier cancelled while the customer's request was on its way: delivery refuses
+    /// the request ("already DeliveryCancelled"), and the courier's reason must stay.
+    #[test]
+    fn a_refusal_never_overwrites_the_reason_of_an_order_the_courier_cancelled() {
+        let courier_message = |o: &Order| o.state_message.clone().unwrap_or_default();
+        let refusal = |request: &Envelope| {
+            let e = Refusal {
+                order_id: 5,
+                delivery_id: Some(3),
+                delivery_state: Some(DeliveryState::Cancelled),
+                state_message: "delivery 3 is already DeliveryCancelled".into(),
+            };
+            Envelope::new(Service::Delivery, Event::CancelRefused(e)).caused_by(request)
+        };
+        // the courier's cancel first, then the refusal (the order on the topic)
+        let (o, request) = requested();
+        let (cancelled, _) = react(o, &delivery_cancelled(Service::Delivery));
+        let (after, events) = react(cancelled.clone(), &refusal(&request));
+        assert_eq!(after.state, OrderState::Cancelled);
+        assert!(!after.cancel_requested);
+        assert_eq!(courier_message(&after), "cancelled by the courier");
+        assert_eq!(after, cancelled, "nothing else changes either");
+        assert!(events.is_empty());
+        // the refusal first, then the courier's cancel
+        let (o, request) = requested();
+        let (refused, _) = react(o, &refusal(&request));
+        let (after, events) = react(refused, &delivery_cancelled(Service::Delivery));
+        assert_eq!(after.state, OrderState::Cancelled);
+        assert_eq!(courier_message(&after), "cancelled by the courier");
+        assert_eq!(types(&events), ["OrderCancelled"]);
     }
 
     #[test]

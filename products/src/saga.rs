@@ -527,6 +527,22 @@ mod tests {
     }
 
     #[test]
+    fn a_cancel_with_a_reason_and_initiator_this_version_does_not_know_still_releases() {
+        // A rolling upgrade: a newer orders (or a new service) sends a reason products does
+        // not know. Decoded with fallbacks, it is handled, not parked with the units held.
+        let json = order_cancelled(Some(Service::Orders))
+            .to_json()
+            .replace(r#""reason":"customer""#, r#""reason":"admin""#)
+            .replace(r#""initiator":"orders""#, r#""initiator":"payments""#);
+        let Ok(events::Decoded::Known(incoming)) = events::decode(json.as_bytes()) else {
+            panic!("{json} is not a known event")
+        };
+        let (after, events) = react(reserved(3, 7), &incoming);
+        assert_eq!(after.reservation.unwrap().state, ReservationState::Released);
+        assert_eq!(types(&events), ["StockIncreased", "ProductChanged"]);
+    }
+
+    #[test]
     fn other_events_do_nothing() {
         let view = reserved(3, 7);
         let mut other = placed(1);
