@@ -10,6 +10,7 @@
 //! the next delivery id) need no per-row locking, and outbox ids grow in commit order.
 
 use crate::outbox;
+use crate::settings::PgLimits;
 use diesel::Connection;
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::pg::PgConnection;
@@ -82,7 +83,7 @@ impl Backend {
 
 /// The advisory lock every PostgreSQL write transaction takes first (one database per
 /// service, so one constant is enough).
-const WRITE_LOCK: i64 = 0x6d61_6c6c; // "mall"
+pub const WRITE_LOCK: i64 = 0x6d61_6c6c; // "mall"
 
 /// The channel every PostgreSQL write notifies on commit, so live views on any instance wake
 /// for commits made by the others.
@@ -95,7 +96,7 @@ const POOL_SIZE: u32 = 8;
 /// in turn, and SQLite accepts any string as a file name: a PostgreSQL URL with the server
 /// down would silently become a new SQLite file.
 #[derive(Debug)]
-pub(crate) struct Manager(Backend);
+pub(crate) struct Manager(Backend, PgLimits);
 
 impl r2d2::ManageConnection for Manager {
     type Connection = DbConnection;
@@ -118,9 +119,15 @@ impl r2d2::ManageConnection for Manager {
                 .map_err(Error::QueryError)?;
                 Ok(DbConnection::Sqlite(conn))
             }
-            Backend::Postgres(url) => PgConnection::establish(url)
-                .map(DbConnection::Postgres)
-                .map_err(Error::ConnectionError),
+            Backend::Postgres(url) => {
+                // Every wait bounded (see PgLimits): a stalled sibling holding the write lock
+                // costs a retry, not a hang.
+                let mut conn = PgConnection::establish(&self.1.with_keepalives(url))
+                    .map_err(Error::ConnectionError)?;
+                conn.batch_execute(&self.1.session_sql())
+                    .map_err(Error::QueryError)?;
+                Ok(DbConnection::Postgres(conn))
+            }
         }
     }
 
@@ -248,6 +255,8 @@ pub struct Database {
     listening: Arc<std::sync::Once>,
     /// What the service does with the events it writes ([`Database::with_write_hook`]).
     hook: Option<Arc<dyn WriteHook>>,
+    /// The bounds of every PostgreSQL connection (the commit listener's too).
+    limits: PgLimits,
 }
 
 /// Work to do once a write has committed (and never if it did not).
@@ -269,6 +278,18 @@ impl Database {
     /// Opens the database at `url` (a PostgreSQL URL, or an SQLite file created if needed)
     /// and runs the plumbing migrations and then the service's own.
     pub fn open(url: &str, migrations: Migrations) -> Result<Self, DbError> {
+        let limits = match Backend::from_url(url) {
+            Backend::Postgres(_) => {
+                PgLimits::from_env().map_err(|e| DbError::Setup(e.to_string()))?
+            }
+            Backend::Sqlite(_) => PgLimits::default(),
+        };
+        Self::open_with(url, migrations, limits)
+    }
+
+    /// [`Database::open`] with the PostgreSQL `limits` given rather than read from the
+    /// environment (ignored on SQLite).
+    pub fn open_with(url: &str, migrations: Migrations, limits: PgLimits) -> Result<Self, DbError> {
         let backend = Backend::from_url(url);
         if let Backend::Sqlite(path) = &backend
             && let Some(dir) = std::path::Path::new(path).parent()
@@ -282,7 +303,7 @@ impl Database {
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .connection_timeout(Duration::from_secs(10))
-            .build(Manager(backend.clone()))
+            .build(Manager(backend.clone(), limits))
             .map_err(|e| DbError::Setup(format!("cannot open {shown}: {e}")))?;
         let mut conn = pool.get()?;
         for set in [PLUMBING_MIGRATIONS, migrations] {
@@ -291,12 +312,19 @@ impl Database {
                 Backend::Postgres(_) => set.postgres,
             };
             // Two instances starting at once on one PostgreSQL database would both migrate:
-            // the write lock makes the second wait and then find nothing pending.
+            // the write lock makes the second wait and then find nothing pending. A migration
+            // may take long, and so may that wait: neither is bounded.
+            if let Backend::Postgres(_) = backend {
+                conn.batch_execute("SET lock_timeout = 0; SET statement_timeout = 0;")?;
+            }
             write_transaction(&mut conn, |conn| {
                 conn.run_pending_migrations(source)
                     .map(|_| ())
                     .map_err(|e| DbError::Setup(format!("migrating {shown}: {e}")))
             })?;
+        }
+        if let Backend::Postgres(_) = backend {
+            conn.batch_execute(&limits.session_sql())?;
         }
         let writes = crate::group_commit::start("db-writer", pool.clone())
             .map(Arc::new)
@@ -310,6 +338,7 @@ impl Database {
             commits: Arc::new(watch::Sender::new(0)),
             listening: Arc::new(std::sync::Once::new()),
             hook: None,
+            limits,
         })
     }
 
@@ -399,7 +428,7 @@ impl Database {
     /// polling its tables.
     pub fn commits(&self) -> watch::Receiver<u64> {
         if let Backend::Postgres(url) = &self.backend {
-            let (url, commits) = (url.clone(), self.commits.clone());
+            let (url, commits) = (self.limits.with_keepalives(url), self.commits.clone());
             self.listening.call_once(move || {
                 std::thread::Builder::new()
                     .name("commit-listener".into())

@@ -300,6 +300,95 @@ impl ServiceSettings {
     }
 }
 
+/// Bounds on every wait of a PostgreSQL connection, so one stalled instance (SIGSTOP, a VM
+/// pause, a cut network) cannot make its siblings wait for ever on the service's write lock:
+/// a wait past a bound fails, and the write is retried (see [`crate::db::DbError::is_transient`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgLimits {
+    /// `PG_LOCK_TIMEOUT_MS` (default 5,000): longest wait for a lock (the write lock included).
+    pub lock_timeout: Duration,
+    /// `PG_STATEMENT_TIMEOUT_MS` (default 30,000): longest statement, lock waits included.
+    pub statement_timeout: Duration,
+    /// `PG_IDLE_IN_TRANSACTION_TIMEOUT_MS` (default 3,000): a session idle that long inside a
+    /// transaction (its process stopped while holding the write lock) is ended by the server,
+    /// which rolls the transaction back and frees the lock.
+    pub idle_in_transaction: Duration,
+    /// `PG_KEEPALIVE_S` (default 10): TCP keepalive idle time and probe interval (3 probes), so
+    /// a connection to a vanished peer is noticed in about 40 s rather than hours.
+    pub keepalive: Duration,
+}
+
+impl Default for PgLimits {
+    fn default() -> Self {
+        PgLimits {
+            lock_timeout: Duration::from_millis(5_000),
+            statement_timeout: Duration::from_millis(30_000),
+            idle_in_transaction: Duration::from_millis(3_000),
+            keepalive: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Reads a positive number of milliseconds (0 would mean "no bound" to PostgreSQL).
+fn positive_ms(name: &str, default: Duration) -> Result<Duration, ConfigError> {
+    match env_or(name, default.as_millis() as u64)? {
+        0 => Err(invalid(
+            name,
+            0,
+            "must be at least 1 ms (0 would mean: wait for ever)",
+        )),
+        ms => Ok(Duration::from_millis(ms)),
+    }
+}
+
+impl PgLimits {
+    /// Reads `PG_LOCK_TIMEOUT_MS`, `PG_STATEMENT_TIMEOUT_MS`,
+    /// `PG_IDLE_IN_TRANSACTION_TIMEOUT_MS` and `PG_KEEPALIVE_S`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let d = PgLimits::default();
+        Ok(PgLimits {
+            lock_timeout: positive_ms("PG_LOCK_TIMEOUT_MS", d.lock_timeout)?,
+            statement_timeout: positive_ms("PG_STATEMENT_TIMEOUT_MS", d.statement_timeout)?,
+            idle_in_transaction: positive_ms(
+                "PG_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+                d.idle_in_transaction,
+            )?,
+            keepalive: positive_secs("PG_KEEPALIVE_S", d.keepalive)?,
+        })
+    }
+
+    /// The session settings every connection applies once connected.
+    pub fn session_sql(&self) -> String {
+        format!(
+            "SET lock_timeout = {}; SET statement_timeout = {}; \
+             SET idle_in_transaction_session_timeout = {};",
+            self.lock_timeout.as_millis(),
+            self.statement_timeout.as_millis(),
+            self.idle_in_transaction.as_millis()
+        )
+    }
+
+    /// `url` with libpq's TCP keepalive parameters added, unless the URL sets them itself.
+    pub fn with_keepalives(&self, url: &str) -> String {
+        let secs = self.keepalive.as_secs().max(1);
+        let mut url = url.to_owned();
+        for (key, value) in [
+            ("keepalives", 1),
+            ("keepalives_idle", secs),
+            ("keepalives_interval", secs),
+            ("keepalives_count", 3),
+        ] {
+            let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
+            if query.split('&').any(|p| p.split('=').next() == Some(key)) {
+                continue;
+            }
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&format!("{key}={value}"));
+        }
+        url
+    }
+}
+
 /// How long dedup state is kept and how often the retention task prunes it
 /// (see [`crate::retention`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,6 +484,23 @@ impl RetentionSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_limits_add_keepalives_once_and_keep_the_urls_own() {
+        let l = PgLimits::default();
+        assert_eq!(
+            l.with_keepalives("postgres://u@h:5432/db"),
+            "postgres://u@h:5432/db?keepalives=1&keepalives_idle=10&keepalives_interval=10\
+             &keepalives_count=3"
+        );
+        let own = l.with_keepalives("postgres://u@h/db?sslmode=require&keepalives_idle=60");
+        assert!(own.contains("keepalives_idle=60") && !own.contains("keepalives_idle=10"));
+        assert!(own.contains("sslmode=require&keepalives_idle=60&keepalives=1"));
+        assert!(
+            l.session_sql()
+                .contains("idle_in_transaction_session_timeout = 3000")
+        );
+    }
 
     #[test]
     fn errors_name_the_variable_and_blank_means_default() {

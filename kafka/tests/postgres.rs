@@ -165,3 +165,69 @@ async fn leases_split_partitions_and_fence_the_old_holder() {
     );
     let _ = leases::RELAY;
 }
+
+/// An instance stopped inside its write transaction (SIGSTOP, a VM pause) holds the service's
+/// write lock. Its siblings' writes must fail within `lock_timeout` (transient: retried, never
+/// parked) instead of waiting for ever, and once the server ends the stalled session
+/// (`idle_in_transaction_session_timeout`) the lock is free and writes go through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_holder_of_the_write_lock_costs_a_retry_not_a_hang() {
+    use kafka::settings::PgLimits;
+    let url = database_or_skip!("stalled");
+    let limits = PgLimits {
+        lock_timeout: Duration::from_millis(500),
+        idle_in_transaction: Duration::from_millis(2_000),
+        ..PgLimits::default()
+    };
+    let db = Database::open_with(&url, PLUMBING_MIGRATIONS, limits).unwrap();
+    let shown: String = db
+        .read(|conn| {
+            diesel::dsl::sql::<diesel::sql_types::Text>("SELECT current_setting('lock_timeout')")
+                .get_result(conn)
+                .map_err(DbError::from)
+        })
+        .await
+        .unwrap();
+    assert_eq!(shown, "500ms", "every pooled connection carries the bounds");
+    let write = || {
+        db.write(|conn| {
+            conn.batch_execute(
+                "INSERT INTO processed_events VALUES (gen_random_uuid()::text, 'T', 'now')",
+            )?;
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+    };
+    write().await.expect("a write before the stall");
+
+    // The stalled sibling: connected like an instance, then stopped inside its transaction.
+    let mut stalled = diesel::PgConnection::establish(&limits.with_keepalives(&url)).unwrap();
+    stalled.batch_execute(&limits.session_sql()).unwrap();
+    stalled
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({})",
+            kafka::db::WRITE_LOCK
+        ))
+        .unwrap();
+    let began = std::time::Instant::now();
+    let blocked = tokio::time::timeout(Duration::from_secs(10), write())
+        .await
+        .expect("a write behind a stalled lock holder must not hang");
+    let waited = began.elapsed();
+    let error = blocked.expect_err("the lock is held: the write cannot commit");
+    assert!(
+        error.is_transient(),
+        "a lock timeout is retried, not parked: {error}"
+    );
+    assert!(waited < Duration::from_secs(2), "failed after {waited:?}");
+
+    // The server ends the stalled session; the next write finds the lock free.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    tokio::time::timeout(Duration::from_secs(5), write())
+        .await
+        .expect("no hang")
+        .expect("the lock was freed with the stalled session");
+    assert!(
+        stalled.batch_execute("COMMIT").is_err(),
+        "the stalled session was ended and its transaction rolled back"
+    );
+}

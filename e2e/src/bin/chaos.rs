@@ -18,8 +18,11 @@
 //! SIGKILLs the node leading the saga topic's partition 0 under load and restarts it.
 //!
 //! Usage: `chaos --bin-dir target/release --kafka .tools/kafka-4.1.1/libs [--brokers 3] [--orders 500] [--kills 5]
-//! [--broker-restarts 1] [--stops 1] [--terms 1] [--rate 25] [--seed N] [--keep]
+//! [--broker-restarts 1] [--stops 1] [--terms 1] [--long-pauses 0] [--rate 25] [--seed N] [--keep]
 //! [--postgres URL] [--instances N] [--partitions P]`
+//!
+//! `--long-pauses N` adds N pauses of 30 s of an orders and a products instance at once (the
+//! second of each): they wake long after their leases moved, and must write nothing stale.
 
 use e2e::broker::BrokerKind;
 use e2e::chaos::check::{self, CheckResult, Violation, names};
@@ -39,7 +42,7 @@ use std::time::{Duration, Instant};
 const USAGE: &str =
     "usage: chaos --bin-dir <dir with orders, products, delivery> (--kafka <dir of Kafka's jars> [--brokers N] | --tansu <tansu binary>)
              [--orders N=500] [--kills N=5] [--broker-restarts N=1] [--stops N=1] [--terms N=1]
-             [--rate R=25] [--seed N] [--keep]
+             [--long-pauses N=0] [--rate R=25] [--seed N] [--keep]
              [--postgres URL] [--instances N=1] [--partitions P]";
 
 /// How long after the last restart every invariant must hold.
@@ -74,6 +77,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             broker_restarts: 1,
             stops: 1,
             terms: 1,
+            long_pauses: 0,
         },
         rate: 25.0,
         seed: fresh_seed(),
@@ -112,6 +116,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--broker-restarts" => o.counts.broker_restarts = small()?,
             "--stops" => o.counts.stops = small()?,
             "--terms" => o.counts.terms = small()?,
+            "--long-pauses" => o.counts.long_pauses = small()?,
             "--seed" => o.seed = number()?,
             "--postgres" | "--instances" | "--partitions" => {} // read by StackOptions
             "--rate" => {
@@ -592,8 +597,14 @@ async fn main() -> ExitCode {
         dir.path().display()
     );
     println!(
-        "plan: {} orders at {}/s, {} service kills, {} broker restarts, {} stops, {} graceful restarts",
-        o.orders, o.rate, o.counts.kills, o.counts.broker_restarts, o.counts.stops, o.counts.terms
+        "plan: {} orders at {}/s, {} service kills, {} broker restarts, {} stops, {} graceful restarts, {} long pauses",
+        o.orders,
+        o.rate,
+        o.counts.kills,
+        o.counts.broker_restarts,
+        o.counts.stops,
+        o.counts.terms,
+        o.counts.long_pauses
     );
     for (i, p) in plan.iter().enumerate() {
         println!("  {:>2}. at +{:>6}  {}", i + 1, secs(p.at), p.fault);

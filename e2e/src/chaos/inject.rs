@@ -213,6 +213,29 @@ pub async fn execute(
                 problems.push(e);
             }
         }
+        Fault::StopTwo {
+            services,
+            stopped_for,
+        } => {
+            at(&format!(
+                "SIGSTOP {} and {} for {:.1} s",
+                services[0],
+                services[1],
+                stopped_for.as_secs_f64()
+            ));
+            for s in services {
+                if let Err(e) = stack.sigstop(s) {
+                    problems.push(e);
+                }
+            }
+            tokio::time::sleep(*stopped_for).await;
+            at(&format!("SIGCONT {} and {}", services[0], services[1]));
+            for s in services {
+                if let Err(e) = stack.sigcont(s) {
+                    problems.push(e);
+                }
+            }
+        }
         Fault::Term { service } => {
             at(&format!("SIGTERM {service}"));
             match stack.sigterm_and_wait(service, TERM_TIMEOUT).await {

@@ -43,6 +43,14 @@ pub enum Fault {
         /// How long it stays frozen.
         stopped_for: Duration,
     },
+    /// SIGSTOP two services (instances) at once for `stopped_for` (long: a VM pause, a long
+    /// stall), then SIGCONT both: they wake after their leases moved.
+    StopTwo {
+        /// The services or instances.
+        services: [String; 2],
+        /// How long they stay frozen.
+        stopped_for: Duration,
+    },
     /// SIGTERM a service, wait for it to exit by itself, restart it.
     Term {
         /// The service or instance.
@@ -76,6 +84,12 @@ impl Fault {
             Fault::Stop { stopped_for, .. } => {
                 format!("SIGSTOP {:.1} s, SIGCONT", stopped_for.as_secs_f64())
             }
+            Fault::StopTwo { stopped_for, .. } => {
+                format!(
+                    "SIGSTOP two at once {:.1} s, SIGCONT",
+                    stopped_for.as_secs_f64()
+                )
+            }
             Fault::Term { .. } => "SIGTERM, wait, restart".into(),
         }
     }
@@ -87,7 +101,7 @@ impl Fault {
             | Fault::DoubleKill { service, .. }
             | Fault::Stop { service, .. }
             | Fault::Term { service } => service.clone(),
-            Fault::KillTwo { services } => services.join("+"),
+            Fault::KillTwo { services } | Fault::StopTwo { services, .. } => services.join("+"),
             Fault::BrokerRestart { .. } => "broker".into(),
         }
     }
@@ -100,7 +114,7 @@ impl Fault {
             | Fault::DoubleKill { service, .. }
             | Fault::Stop { service, .. }
             | Fault::Term { service } => vec![service.clone()],
-            Fault::KillTwo { services } => services.to_vec(),
+            Fault::KillTwo { services } | Fault::StopTwo { services, .. } => services.to_vec(),
             Fault::BrokerRestart { .. } => Vec::new(),
         }
     }
@@ -112,7 +126,9 @@ impl Fault {
             Fault::DoubleKill { again_after, .. } => 6.0 + again_after.as_secs_f64(),
             Fault::KillTwo { .. } => 4.0,
             Fault::BrokerRestart { down_for } => 7.0 + down_for.as_secs_f64(),
-            Fault::Stop { stopped_for, .. } => 3.0 + stopped_for.as_secs_f64(),
+            Fault::Stop { stopped_for, .. } | Fault::StopTwo { stopped_for, .. } => {
+                3.0 + stopped_for.as_secs_f64()
+            }
             Fault::Term { .. } => 5.0,
         };
         Duration::from_secs_f64(secs)
@@ -136,7 +152,14 @@ pub struct Counts {
     pub stops: u32,
     /// Graceful SIGTERM restarts.
     pub terms: u32,
+    /// Long pauses ([`LONG_PAUSE`]) of an orders and a products instance at once (the second
+    /// instance of each when there are several).
+    pub long_pauses: u32,
 }
+
+/// How long a long pause lasts: three lease times, so the instances wake long after their
+/// partitions and the relay moved to the others.
+pub const LONG_PAUSE: Duration = Duration::from_secs(30);
 
 /// A fault and when (from the start of the workload) it should begin.
 #[derive(Debug, Clone, PartialEq)]
@@ -238,6 +261,16 @@ pub fn plan_for(
             service: service(rng, instances),
         });
     }
+    let k = instances.min(2);
+    for _ in 0..counts.long_pauses {
+        faults.push(Fault::StopTwo {
+            services: [
+                instance_name("orders", k, instances),
+                instance_name("products", k, instances),
+            ],
+            stopped_for: LONG_PAUSE,
+        });
+    }
     rng.shuffle(&mut faults);
 
     // The first fault not before 5 % of the window (orders must be flowing), the last one's
@@ -271,6 +304,7 @@ mod tests {
             broker_restarts: 1,
             stops: 1,
             terms: 1,
+            long_pauses: 0,
         }
     }
 
