@@ -5,7 +5,7 @@ use crate::saga::{self, DeliveryState};
 use crate::store;
 use actix_web::{HttpResponse, web};
 use kafka::Database;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Registers the delivery endpoints.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -31,7 +31,7 @@ struct ListQuery {
 }
 
 /// `PATCH /deliveries/{id}` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CourierUpdate {
     delivery_state: String,
@@ -68,6 +68,7 @@ async fn update(
     body: web::Json<CourierUpdate>,
 ) -> Result<HttpResponse, DeliveryError> {
     let id = id.into_inner();
+    kafka::http::refuse_nul(&*body).map_err(DeliveryError::Invalid)?;
     let target = match DeliveryState::parse(&body.delivery_state) {
         Some(state @ (DeliveryState::Completed | DeliveryState::Cancelled)) => state,
         _ => {

@@ -94,12 +94,13 @@ impl DeadLetter {
         DeadLetter {
             kind,
             // A reason quoting the payload (a serde error) is bounded too.
-            reason: truncate(&reason, PREVIEW_BYTES),
-            consumer_group: from.consumer_group,
-            topic: from.topic,
+            // Stored as text (PostgreSQL holds no NUL), so a NUL shows as `\u0000`.
+            reason: visible_nul(&truncate(&reason, PREVIEW_BYTES)),
+            consumer_group: visible_nul(&from.consumer_group),
+            topic: visible_nul(&from.topic),
             partition: from.partition,
             offset: from.offset,
-            key: from.key.map(|k| truncate(&k, 256)),
+            key: from.key.map(|k| visible_nul(&truncate(&k, 256))),
             payload_bytes: payload.len(),
             payload_sha256: hex(&Sha256::digest(payload)),
             payload_preview: String::from_utf8_lossy(preview).into_owned(),
@@ -117,6 +118,11 @@ impl DeadLetter {
     pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
+}
+
+/// `text` with each NUL written as the six characters `\u0000`.
+fn visible_nul(text: &str) -> String {
+    text.replace('\0', "\\u0000")
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -427,6 +427,43 @@ pub enum DecodeError {
         /// What is wrong with it, as serde reports it.
         reason: String,
     },
+    /// A text field holds a NUL character, which PostgreSQL text cannot store: applying it
+    /// would fail the same way on every attempt, so it is parked like any invalid event.
+    #[error("invalid {event_type} event: field {field} contains a NUL character (\\u0000)")]
+    Nul {
+        /// The message's `eventType`.
+        event_type: String,
+        /// Where the NUL is, as a JSON path (`customerName`, `payload.note`).
+        field: String,
+    },
+}
+
+/// The path of the first string (or object key) in `value` holding a NUL character, if any:
+/// `customerName`, `items[2].note`. PostgreSQL text cannot hold one, so the services refuse
+/// NULs at their edges (HTTP: 422; topic: parked) rather than fail inside a write.
+pub fn find_nul(value: &serde_json::Value) -> Option<String> {
+    fn walk(value: &serde_json::Value, path: &str) -> Option<String> {
+        match value {
+            serde_json::Value::String(s) if s.contains('\0') => Some(path.to_owned()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, &format!("{path}[{i}]"))),
+            serde_json::Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+                let here = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                if k.contains('\0') {
+                    return Some(here.replace('\0', "\\u0000"));
+                }
+                walk(v, &here)
+            }),
+            _ => None,
+        }
+    }
+    walk(value, "")
 }
 
 /// Reads one message from the topic. Never panics, whatever the bytes.
@@ -443,6 +480,9 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         .to_owned();
     if !Event::TYPES.contains(&event_type.as_str()) {
         return Ok(Decoded::Unknown { event_type });
+    }
+    if let Some(field) = find_nul(&value) {
+        return Err(DecodeError::Nul { event_type, field });
     }
     serde_json::from_value::<Envelope>(value)
         .map(|e| Decoded::Known(Box::new(e)))
@@ -530,6 +570,55 @@ mod tests {
             customer_name: Some("Kim".into()),
             customer_addr: Some("Seoul".into()),
         })
+    }
+
+    /// A NUL in any text field of any event (or of the envelope) is an invalid event naming
+    /// the field, so a consumer parks it instead of failing its write on PostgreSQL for ever.
+    #[test]
+    fn a_nul_in_any_text_field_is_an_invalid_event_naming_the_field() {
+        for event in every_event() {
+            let clean = serde_json::to_value(Envelope::new(Service::Orders, event)).unwrap();
+            assert!(find_nul(&clean).is_none());
+            let mut texts = Vec::new();
+            collect_text_paths(&clean, &mut Vec::new(), &mut texts);
+            assert!(!texts.is_empty());
+            for path in texts {
+                let mut poisoned = clean.clone();
+                let mut at = &mut poisoned;
+                for key in &path {
+                    at = &mut at[key.as_str()];
+                }
+                if path.last().map(String::as_str) == Some("eventType") {
+                    continue; // an unknown type then: skipped, never written
+                }
+                *at = serde_json::Value::String(format!("a\0{}", at.as_str().unwrap()));
+                let bytes = serde_json::to_vec(&poisoned).unwrap();
+                match decode(&bytes) {
+                    Err(DecodeError::Nul { field, .. }) => assert_eq!(field, path.join(".")),
+                    other => panic!("{path:?}: {other:?}"),
+                }
+            }
+        }
+        let key = br#"{"eventType":"OrderPlaced","a\u0000b":1}"#;
+        assert!(matches!(decode(key), Err(DecodeError::Nul { .. })));
+    }
+
+    fn collect_text_paths(
+        value: &serde_json::Value,
+        path: &mut Vec<String>,
+        out: &mut Vec<Vec<String>>,
+    ) {
+        match value {
+            serde_json::Value::String(_) => out.push(path.clone()),
+            serde_json::Value::Object(fields) => {
+                for (k, v) in fields {
+                    path.push(k.clone());
+                    collect_text_paths(v, path, out);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
     }
 
     fn every_event() -> Vec<Event> {
@@ -677,7 +766,10 @@ mod tests {
         let mut value: serde_json::Value =
             serde_json::from_str(&sent.to_json()).expect("an event is JSON");
         let object = value.as_object_mut().expect("an event is an object");
-        object.insert("addedInVersion2".into(), serde_json::json!({"nested": [1, 2]}));
+        object.insert(
+            "addedInVersion2".into(),
+            serde_json::json!({"nested": [1, 2]}),
+        );
         object.insert("initiator".into(), "payments".into());
         if object.contains_key("reason") {
             object.insert("reason".into(), "admin".into());
@@ -696,7 +788,10 @@ mod tests {
         for event in every_event() {
             let event_type = event.event_type();
             let got = from_a_newer_producer(event.clone());
-            assert_eq!(got.initiator, None, "{event_type}: an unknown initiator is not us");
+            assert_eq!(
+                got.initiator, None,
+                "{event_type}: an unknown initiator is not us"
+            );
             let expected = match event {
                 // Each delivery event says its state in its type; an unknown state falls back
                 // to what the type means.

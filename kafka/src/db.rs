@@ -221,9 +221,16 @@ impl DbError {
                 Kind::UniqueViolation
                 | Kind::ForeignKeyViolation
                 | Kind::NotNullViolation
-                | Kind::CheckViolation,
+                | Kind::CheckViolation
+                | Kind::RestrictViolation
+                | Kind::ExclusionViolation,
                 _,
             )) => false,
+            DbError::Query(Error::DatabaseError(Kind::Unknown, info))
+                if is_data_exception(info.message()) =>
+            {
+                false
+            }
             DbError::Task(_) => false,
             DbError::Pool(_)
             | DbError::Query(_)
@@ -232,6 +239,27 @@ impl DbError {
             | DbError::Batch(_) => true,
         }
     }
+}
+
+/// Whether a PostgreSQL error message is one of SQLSTATE class 22 (data exception: the value
+/// itself is wrong, so every retry fails alike). diesel does not expose the SQLSTATE of the
+/// errors it does not classify, so the server's (English) primary messages of that class
+/// are matched instead; the services refuse NULs before writing, so this is the backstop.
+/// Lock and statement timeouts (55P03, 57014), serialization failures (40001) and lost
+/// connections do not match: they are retried.
+fn is_data_exception(message: &str) -> bool {
+    const CLASS_22: [&str; 9] = [
+        "invalid byte sequence for encoding",
+        "character with byte sequence",
+        "unsupported Unicode escape sequence",
+        "invalid input syntax",
+        "out of range",
+        "value too long for type",
+        "division by zero",
+        "invalid input value",
+        "null character not permitted",
+    ];
+    CLASS_22.iter().any(|m| message.contains(m))
 }
 
 /// A service's database plus the signal that tells its outbox relay a new event was committed.
@@ -547,14 +575,34 @@ mod tests {
             "disk I/O error",
             "attempt to write a readonly database",
             "unable to open database file",
+            // PostgreSQL: timeouts (55P03, 57014, 25P03), serialization (40001), lost server.
+            "canceling statement due to lock timeout",
+            "canceling statement due to statement timeout",
+            "terminating connection due to idle-in-transaction timeout",
+            "could not serialize access due to concurrent update",
+            "server closed the connection unexpectedly",
         ] {
             assert!(query(Kind::Unknown, message).is_transient(), "{message}");
+        }
+        for kind in [Kind::ClosedConnection, Kind::SerializationFailure] {
+            assert!(query(kind, "lost").is_transient(), "{kind:?}");
+        }
+        // PostgreSQL class 22: the value is wrong, every retry fails alike.
+        for message in [
+            "invalid byte sequence for encoding \"UTF8\": 0x00",
+            "invalid input syntax for type bigint: \"x\"",
+            "value \"99999999999\" is out of range for type integer",
+            "value too long for type character varying(5)",
+        ] {
+            assert!(!query(Kind::Unknown, message).is_transient(), "{message}");
         }
         for kind in [
             Kind::UniqueViolation,
             Kind::CheckViolation,
             Kind::NotNullViolation,
             Kind::ForeignKeyViolation,
+            Kind::RestrictViolation,
+            Kind::ExclusionViolation,
         ] {
             assert!(!query(kind, "constraint failed").is_transient(), "{kind:?}");
         }

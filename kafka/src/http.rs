@@ -206,6 +206,19 @@ pub async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     )
 }
 
+/// Refuses a request (body or query) with a NUL character in any text field, naming the
+/// field: PostgreSQL text cannot hold one, and SQLite refuses it too so both backends answer
+/// alike (a 422, never a 503 from a failed write).
+pub fn refuse_nul<T: serde::Serialize>(request: &T) -> Result<(), String> {
+    let value = serde_json::to_value(request).map_err(|e| e.to_string())?;
+    match events::find_nul(&value) {
+        Some(field) => Err(format!(
+            "{field} must not contain a NUL character (\\u0000)"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Reads a whole number from a JSON number or a string holding one (`"1"`): httpie's
 /// `key=value` sends strings, and the seed lab's Java services accepted them. The error names
 /// the field: `quantity must be a whole number, got "abc"`.

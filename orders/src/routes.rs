@@ -91,7 +91,7 @@ impl From<HistoryRow> for HistoryEntry {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PlaceOrder {
     /// A number or a string holding one (the seed lab's httpie `productId=1`).
@@ -105,7 +105,7 @@ struct PlaceOrder {
     customer_addr: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ListQuery {
     customer_id: Option<String>,
@@ -113,7 +113,7 @@ struct ListQuery {
     limit: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct UpdateOrder {
     state: String,
@@ -124,6 +124,7 @@ async fn place(
     pending: web::Data<PendingOrders>,
     body: web::Json<PlaceOrder>,
 ) -> Result<HttpResponse, OrdersError> {
+    kafka::http::refuse_nul(&*body).map_err(OrdersError::Invalid)?;
     pending.admit()?;
     let b = body.into_inner();
     let number =
@@ -169,6 +170,7 @@ async fn list(
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, OrdersError> {
     let query = query.into_inner();
+    kafka::http::refuse_nul(&query).map_err(OrdersError::Invalid)?;
     let page = kafka::http::Page::parse(query.after, query.limit).map_err(OrdersError::Invalid)?;
     let customer = query.customer_id;
     let orders = db
@@ -193,6 +195,7 @@ async fn update(
     body: web::Json<UpdateOrder>,
 ) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
+    kafka::http::refuse_nul(&*body).map_err(OrdersError::Invalid)?;
     if OrderState::parse(&body.state) != Some(OrderState::Cancelled) {
         return Err(OrdersError::Invalid(format!(
             "only {{\"state\": \"OrderCancelled\"}} can be requested, got {:?}",

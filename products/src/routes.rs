@@ -65,7 +65,7 @@ struct PageQuery {
 }
 
 /// `POST /products` body; `productName` is accepted as in the seed lab.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct CreateProduct {
     #[serde(alias = "productName")]
@@ -79,7 +79,7 @@ struct CreateProduct {
 /// `PATCH /products/{id}` body: any of the fields. `stockDelta` adjusts the stock relative to
 /// what it is at the moment of the write, so reservations made since the client's GET are
 /// kept; `stock` sets it outright.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct UpdateProduct {
     #[serde(default, alias = "productName")]
@@ -136,6 +136,7 @@ async fn create(
     body: web::Json<CreateProduct>,
 ) -> Result<HttpResponse, ProductsError> {
     let body = body.into_inner();
+    kafka::http::refuse_nul(&body).map_err(ProductsError::Invalid)?;
     let name = ProductName::parse(&body.name)?;
     let number =
         |field, value| kafka::http::whole_number(field, value).map_err(ProductsError::Invalid);
@@ -165,6 +166,7 @@ async fn update(
 ) -> Result<HttpResponse, ProductsError> {
     let id = id.into_inner();
     let body = body.into_inner();
+    kafka::http::refuse_nul(&body).map_err(ProductsError::Invalid)?;
     let number = |field, value: &Option<serde_json::Value>| {
         kafka::http::optional_whole_number(field, value.as_ref()).map_err(ProductsError::Invalid)
     };
