@@ -462,11 +462,7 @@ mod tests {
         let Ok(events::Decoded::Known(incoming)) = events::decode(json.as_bytes()) else {
             panic!("{json} is not a known event")
         };
-        let (after, events) = react(
-            Known(delivery(DeliveryState::Started, true)),
-            &incoming,
-            1,
-        );
+        let (after, events) = react(Known(delivery(DeliveryState::Started, true)), &incoming, 1);
         let Known(d) = after else { panic!() };
         assert_eq!(d.state, DeliveryState::Cancelled);
         assert_eq!(events.len(), 1);
