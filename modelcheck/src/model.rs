@@ -564,10 +564,9 @@ impl Model {
                 };
                 let (after, caused) = (self.rules.products_react)(before.clone(), &incoming);
                 if let Some(product) = after.product.filter(|p| Some(p) != before.product.as_ref())
+                    && let Some(p) = self.product_index(product.id)
                 {
-                    if let Some(p) = self.product_index(product.id) {
-                        world.catalog[p].product = Some(self.products.id(product));
-                    }
+                    world.catalog[p].product = Some(self.products.id(product));
                 }
                 if let Some(r) = after
                     .reservation
