@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::offsets::{self, ConsumedAt};
 use crate::parking;
 use crate::settings::KafkaSettings;
+use chrono::{DateTime, Utc};
 use events::{DeadLetter, Decoded, Envelope, ParkedFrom};
 use futures_util::FutureExt;
 use prometheus::{Histogram, IntCounter, IntGaugeVec};
@@ -33,7 +34,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Str
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -53,6 +54,58 @@ impl ConsumerContext for LoggingContext {}
 
 /// The consumer type every service uses.
 pub type SagaConsumer = StreamConsumer<LoggingContext>;
+
+/// Commits the positions to the broker under the service's group id, for display only
+/// (`kafka-consumer-groups --describe`). A client of its own, apart from the one that reads,
+/// which is reopened at will: closing a client waits for its unanswered commits, and with the
+/// coordinator unreachable that wait would hold up a reopen or a stop. This one lives as long
+/// as the consumer loop and is not closed at its end ([`PositionDisplay::abandon`]).
+struct PositionDisplay {
+    client: BaseConsumer<LoggingContext>,
+}
+
+impl PositionDisplay {
+    fn new(settings: &KafkaSettings) -> KafkaResult<Self> {
+        let mut config = settings.client_config();
+        config
+            .set("group.id", &settings.group_id)
+            .set("enable.auto.commit", "false")
+            .set("socket.nagle.disable", "true")
+            .set("reconnect.backoff.max.ms", "1000")
+            .set("allow.auto.create.topics", "false");
+        for (name, value) in &settings.client_properties {
+            config.set(name, value);
+        }
+        Ok(PositionDisplay {
+            client: config.create_with_context(LoggingContext {
+                group: settings.group_id.clone(),
+            })?,
+        })
+    }
+
+    /// Sends `positions` without waiting for the answer; true when sent.
+    fn commit(&self, positions: &TopicPartitionList) -> bool {
+        // Serves the client's events (errors); no partition is assigned, so no message comes.
+        let _ = self.client.poll(Duration::ZERO);
+        match self.client.commit(positions, CommitMode::Async) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!(
+                    "consumer {}: positions not shown to the broker: {e}",
+                    self.client.context().group
+                );
+                false
+            }
+        }
+    }
+
+    /// Leaves the client to the process's exit instead of closing it: a close would wait for
+    /// commits a broker that is away never answers, and they are for display only — the
+    /// positions that count are in the database already.
+    fn abandon(self) {
+        std::mem::forget(self.client);
+    }
+}
 
 /// A consumer that reads where it is told; it stores and commits nothing to the broker.
 pub fn create_consumer(settings: &KafkaSettings) -> KafkaResult<SagaConsumer> {
@@ -155,7 +208,15 @@ struct ConsumerState {
     retrying: Option<Retrying>,
     last_reopen: Option<(Instant, String)>,
     last_error: Option<String>,
+    /// The topic's ends (high watermark per partition) as the monitor saw them, oldest first:
+    /// what [`ConsumerStatus::read_through`] compares positions with.
+    ends_seen: VecDeque<(DateTime<Utc>, BTreeMap<i32, i64>)>,
 }
+
+/// Samples of the topic's ends kept for [`ConsumerStatus::read_through`]: 1,000 at one per
+/// two seconds is half an hour of a consumer falling behind before the oldest is dropped
+/// (which only makes the answer later, never earlier).
+const ENDS_KEPT: usize = 1000;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Progress {
@@ -199,6 +260,7 @@ impl ConsumerStatus {
                 retrying: None,
                 last_reopen: None,
                 last_error: None,
+                ends_seen: VecDeque::new(),
             }),
             metrics: ConsumerMetrics::new(metrics),
         }
@@ -275,8 +337,27 @@ impl ConsumerStatus {
     }
 
     fn observed(&self, partitions: usize, watermarks: &BTreeMap<i32, (i64, i64)>) {
+        self.observed_at(Utc::now(), partitions, watermarks);
+    }
+
+    fn observed_at(
+        &self,
+        at: DateTime<Utc>,
+        partitions: usize,
+        watermarks: &BTreeMap<i32, (i64, i64)>,
+    ) {
         let mut s = self.state();
         let now = Instant::now();
+        if watermarks.len() == partitions {
+            if s.ends_seen.len() == ENDS_KEPT {
+                s.ends_seen.pop_front();
+            }
+            let ends = watermarks
+                .iter()
+                .map(|(p, (_, high))| (*p, *high))
+                .collect();
+            s.ends_seen.push_back((at, ends));
+        }
         s.topic_partitions = Some(partitions);
         s.last_probe_ok = Some(now);
         for (partition, (low, high)) in watermarks {
@@ -295,6 +376,23 @@ impl ConsumerStatus {
 
     fn error(&self, error: String) {
         self.state().last_error = Some(error);
+    }
+
+    /// The latest moment by which the service has read everything that was on the topic:
+    /// the newest sample of the topic's ends (taken every two seconds, on every partition)
+    /// that `positions` — the next offset to read per partition, as stored with the effects —
+    /// have all reached. `None` until one is reached. Orders' saga timeout uses it: an order
+    /// may time out only once every answer that reached the topic before its deadline has been
+    /// applied, however late the consumer runs (a restart, a backlog).
+    pub fn read_through(&self, positions: &BTreeMap<i32, i64>) -> Option<DateTime<Utc>> {
+        let mut s = self.state();
+        let reached = s.ends_seen.iter().rposition(|(_, ends)| {
+            ends.iter()
+                .all(|(p, high)| positions.get(p).copied().unwrap_or(0) >= *high)
+        })?;
+        // Older samples can no longer be the answer: positions only move forward.
+        s.ends_seen.drain(..reached);
+        s.ends_seen.front().map(|(at, _)| *at)
     }
 
     /// Events waiting while nothing moved for `stuck_after`: `(partitions, events, seconds)`.
@@ -559,6 +657,14 @@ impl EventConsumer {
             self.settings.topic.clone(),
             self.status.clone(),
         ));
+        let display = PositionDisplay::new(&self.settings)
+            .inspect_err(|e| {
+                log::warn!(
+                    "consumer {}: positions not shown to the broker: {e}",
+                    self.group()
+                )
+            })
+            .ok();
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             let session = match self.open().await {
@@ -575,7 +681,7 @@ impl EventConsumer {
                 }
             };
             failures = 0;
-            match self.consume(session, &shutdown).await {
+            match self.consume(session, display.as_ref(), &shutdown).await {
                 Exit::Stopped => break,
                 Exit::Rebalanced => {}
                 Exit::Reopen(reason) => {
@@ -585,6 +691,9 @@ impl EventConsumer {
             }
         }
         monitor.abort();
+        if let Some(display) = display {
+            display.abandon();
+        }
         let (membership, topic) = (self.membership.clone(), self.settings.topic.clone());
         let left = self
             .db
@@ -672,7 +781,12 @@ impl EventConsumer {
         })
     }
 
-    async fn consume(&self, mut session: Session, shutdown: &CancellationToken) -> Exit {
+    async fn consume(
+        &self,
+        mut session: Session,
+        display: Option<&PositionDisplay>,
+        shutdown: &CancellationToken,
+    ) -> Exit {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let first = tokio::select! {
@@ -680,7 +794,7 @@ impl EventConsumer {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
                     self.save_positions(&mut session.read).await;
-                    self.show_positions(&mut session, CommitMode::Async);
+                    self.show_positions(&mut session, display);
                     if let Some(reason) = self.status.reopen_reason() {
                         return Exit::Reopen(reason);
                     }
@@ -732,8 +846,7 @@ impl EventConsumer {
             }
         }
         self.save_positions(&mut session.read).await;
-        // Async: a stop must not wait on a broker that is gone; the next session shows them.
-        self.show_positions(&mut session, CommitMode::Async);
+        self.show_positions(&mut session, display);
         Exit::Stopped
     }
 
@@ -742,7 +855,10 @@ impl EventConsumer {
     /// and its lag. For display only: the consumer never reads them back; the positions in the
     /// database, fenced by the leases, stay the truth. Kafka accepts commits from a group with
     /// no active members, which is what assigning (not subscribing) makes it.
-    fn show_positions(&self, session: &mut Session, mode: CommitMode) {
+    fn show_positions(&self, session: &mut Session, display: Option<&PositionDisplay>) {
+        let Some(display) = display else {
+            return;
+        };
         let held: BTreeMap<i32, i64> = session
             .read
             .positions
@@ -762,12 +878,8 @@ impl EventConsumer {
                 return;
             }
         }
-        match session.consumer.commit(&list, mode) {
-            Ok(()) => session.shown = held,
-            Err(e) => log::debug!(
-                "consumer {}: positions not shown to the broker: {e}",
-                self.group()
-            ),
+        if display.commit(&list) {
+            session.shown = held;
         }
     }
 
@@ -1226,6 +1338,32 @@ fn describe(at: &ConsumedAt) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_through_is_the_newest_end_every_partition_has_reached() {
+        let s = status();
+        let t = |secs| DateTime::<Utc>::from_timestamp(secs, 0).expect("time");
+        let positions = |a, b| BTreeMap::from([(0, a), (1, b)]);
+        assert_eq!(s.read_through(&positions(0, 0)), None, "nothing seen yet");
+        s.observed_at(t(10), 2, &BTreeMap::from([(0, (0, 5)), (1, (0, 3))]));
+        s.observed_at(t(12), 2, &BTreeMap::from([(0, (0, 9)), (1, (0, 3))]));
+        // A sample missing a partition says nothing about it: not kept.
+        s.observed_at(t(13), 2, &BTreeMap::from([(0, (0, 9))]));
+        assert_eq!(
+            s.read_through(&positions(4, 3)),
+            None,
+            "behind on partition 0"
+        );
+        assert_eq!(
+            s.read_through(&positions(5, 2)),
+            None,
+            "behind on partition 1"
+        );
+        assert_eq!(s.read_through(&positions(5, 3)), Some(t(10)));
+        assert_eq!(s.read_through(&positions(9, 3)), Some(t(12)));
+        // Positions never go back, so the older sample is gone for good.
+        assert_eq!(s.read_through(&positions(5, 3)), None);
+    }
 
     fn status() -> ConsumerStatus {
         ConsumerStatus::new("products", Duration::from_millis(50), &Metrics::new())

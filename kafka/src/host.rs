@@ -3,7 +3,7 @@
 //! [`Metrics`] they all count into (served at `/metrics`).
 
 use crate::admission::{self, Admission};
-use crate::consumer::{EventConsumer, create_probe};
+use crate::consumer::{ConsumerStatus, EventConsumer, create_probe};
 use crate::db::Database;
 use crate::http::Health;
 use crate::inbox::Reactor;
@@ -154,6 +154,8 @@ pub struct ServiceHost {
     stop_consumer: CancellationToken,
     /// The consumer task.
     consumer: JoinHandle<()>,
+    /// What the consumer has read, for the service's own tasks (orders' saga timeout).
+    consumer_status: Arc<ConsumerStatus>,
     /// The retention task, the WAL checkpoints and the service's own tasks (see
     /// [`ServiceHost::spawn_task`]); stopped with the consumer.
     tasks: Vec<JoinHandle<()>>,
@@ -227,6 +229,7 @@ impl ServiceHost {
         let checkpoints = db.clone();
         let probe = Arc::new(create_probe(kafka).map_err(|e| broker(e.to_string()))?);
         let consumer = EventConsumer::new(kafka, probe.clone(), db.clone(), reactor, &metrics);
+        let consumer_status = consumer.status();
         let health = web::Data::new(Health {
             db: db.clone(),
             probe,
@@ -280,6 +283,7 @@ impl ServiceHost {
             stop_streams: CancellationToken::new(),
             stop_consumer,
             consumer,
+            consumer_status,
             tasks: vec![retention, checkpoints],
             stop_relay,
             relay,
@@ -312,6 +316,11 @@ impl ServiceHost {
     /// durations) to what `/metrics` serves.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// What the consumer has read ([`ConsumerStatus::read_through`]).
+    pub fn consumer_status(&self) -> Arc<ConsumerStatus> {
+        self.consumer_status.clone()
     }
 
     /// The port the HTTP server listens on.

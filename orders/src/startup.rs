@@ -88,7 +88,8 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     let counted = db.clone();
     host.spawn_task(move |stop| pending.run(counted, stop));
     let timeout = settings.saga_timeout;
-    host.spawn_task(move |stop| timeouts::run(db, timeout, stop));
+    let (consumer, topic) = (host.consumer_status(), settings.service.kafka.topic.clone());
+    host.spawn_task(move |stop| timeouts::run(db, timeout, consumer, topic, stop));
     host.spawn_stream_task(move |stop| dashboard.run(stop));
     Ok(host)
 }

@@ -1,30 +1,73 @@
 //! The saga timeout's I/O shell: every second, orders still pending after `SAGA_TIMEOUT_S` are
 //! cancelled by [`crate::saga::time_out`], each in its own transaction with its OrderCancelled.
+//!
+//! The clock alone is not the judge: an answer that reached the topic before an order's
+//! deadline must win over the timer, even when orders reads it late (it was down, or behind).
+//! So an order times out only once orders has read the topic past its deadline: its deadline
+//! must lie before both now and the moment through which every partition has been read
+//! ([`kafka::consumer::ConsumerStatus::read_through`], from the positions stored with the
+//! effects).
 
 use crate::{saga, store};
+use chrono::{DateTime, Utc};
+use kafka::consumer::ConsumerStatus;
 use kafka::{Database, DbError};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Orders cancelled per pass at most; the next pass takes the rest.
 const BATCH: i64 = 200;
 
-/// Cancels pending orders older than `timeout` until `stop`.
-pub async fn run(db: Database, timeout: Duration, stop: CancellationToken) {
+/// What has been read of the topic: the moment through which every partition was read.
+pub trait ReadThrough: Send + Sync {
+    /// `None` while nothing is known to have been read through.
+    fn read_through(&self, positions: &BTreeMap<i32, i64>) -> Option<DateTime<Utc>>;
+}
+
+impl ReadThrough for ConsumerStatus {
+    fn read_through(&self, positions: &BTreeMap<i32, i64>) -> Option<DateTime<Utc>> {
+        ConsumerStatus::read_through(self, positions)
+    }
+}
+
+/// Cancels pending orders older than `timeout` until `stop`, once `consumer` has read `topic`
+/// past their deadline.
+pub async fn run(
+    db: Database,
+    timeout: Duration,
+    consumer: Arc<dyn ReadThrough>,
+    topic: String,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.cancelled() => return,
         }
-        if let Err(e) = pass(&db, timeout).await {
+        if let Err(e) = pass(&db, timeout, consumer.as_ref(), &topic).await {
             log::warn!("saga timeout: {e}; trying again in a second");
         }
     }
 }
 
 /// One pass; returns how many orders it cancelled.
-pub async fn pass(db: &Database, timeout: Duration) -> Result<usize, DbError> {
-    let cutoff = cutoff(timeout);
+pub async fn pass(
+    db: &Database,
+    timeout: Duration,
+    consumer: &dyn ReadThrough,
+    topic: &str,
+) -> Result<usize, DbError> {
+    let positions = {
+        let topic = topic.to_owned();
+        db.read(move |conn| kafka::offsets::load(conn, &topic).map_err(DbError::from))
+            .await?
+    };
+    let Some(read_through) = consumer.read_through(&positions) else {
+        return Ok(0); // nothing known read yet: no answer may be missed
+    };
+    let cutoff = cutoff(timeout, read_through.min(Utc::now()));
     let due = {
         let cutoff = cutoff.clone();
         db.read(move |conn| store::pending_before(conn, &cutoff, BATCH).map_err(DbError::from))
@@ -62,9 +105,10 @@ pub async fn pass(db: &Database, timeout: Duration) -> Result<usize, DbError> {
     Ok(cancelled)
 }
 
-fn cutoff(timeout: Duration) -> String {
+/// Orders created before this are past their deadline as of `read_through`.
+fn cutoff(timeout: Duration, read_through: DateTime<Utc>) -> String {
     let age = chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
-    (chrono::Utc::now() - age).to_rfc3339()
+    (read_through - age).to_rfc3339()
 }
 
 #[cfg(test)]
@@ -77,6 +121,45 @@ mod tests {
 
     fn new_order(created_at: String) -> NewOrder {
         NewOrder::fixture(OrderState::Placed.as_str(), created_at)
+    }
+
+    /// A consumer that has read the topic through a fixed moment (or nothing).
+    struct ReadUntil(Option<DateTime<Utc>>);
+
+    impl ReadThrough for ReadUntil {
+        fn read_through(&self, _: &BTreeMap<i32, i64>) -> Option<DateTime<Utc>> {
+            self.0
+        }
+    }
+
+    const TOPIC: &str = "eventTopic";
+
+    #[tokio::test]
+    async fn an_order_times_out_only_once_the_topic_is_read_past_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("o.db").to_str().unwrap(), MIGRATIONS).unwrap();
+        let created = Utc::now() - chrono::Duration::seconds(60);
+        let at = created.to_rfc3339();
+        db.write(move |conn| {
+            store::insert_order(conn, &new_order(at))?;
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+        .await
+        .unwrap();
+        let timeout = Duration::from_secs(30);
+        // 60 s old by the clock, but orders has read nothing, or only up to 29 s after the
+        // order was placed: an answer may be waiting on the topic.
+        assert_eq!(
+            pass(&db, timeout, &ReadUntil(None), TOPIC).await.unwrap(),
+            0
+        );
+        let before_deadline = ReadUntil(Some(created + chrono::Duration::seconds(29)));
+        assert_eq!(
+            pass(&db, timeout, &before_deadline, TOPIC).await.unwrap(),
+            0
+        );
+        let past_deadline = ReadUntil(Some(created + chrono::Duration::seconds(31)));
+        assert_eq!(pass(&db, timeout, &past_deadline, TOPIC).await.unwrap(), 1);
     }
 
     #[tokio::test]
@@ -97,8 +180,14 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(pass(&db, Duration::from_secs(30)).await.unwrap(), 1);
-        assert_eq!(pass(&db, Duration::from_secs(30)).await.unwrap(), 0, "once");
+        let read_now = ReadUntil(Some(Utc::now()));
+        let timeout = Duration::from_secs(30);
+        assert_eq!(pass(&db, timeout, &read_now, TOPIC).await.unwrap(), 1);
+        assert_eq!(
+            pass(&db, timeout, &read_now, TOPIC).await.unwrap(),
+            0,
+            "once"
+        );
         let (states, pending) = db
             .read(move |conn| {
                 let mut state = |id| -> Result<OrderState, DbError> {

@@ -231,6 +231,106 @@ async fn pending_orders_are_bounded(stack: &mut Stack) -> Check {
     result
 }
 
+/// The answers to four orders reach the topic while orders is down, and orders comes back
+/// after the orders' deadlines by the clock (`SAGA_TIMEOUT_S=5`, restarted 8 s after): the
+/// answers win, every order completes and no OrderCancelled is published (the timeout waits
+/// until orders has read the topic past the deadline, `orders/src/timeouts.rs`).
+async fn late_answers_win_over_the_timer(stack: &mut Stack) -> Check {
+    let m = mall(stack);
+    let product = m.create_product("late answers", 10).await?;
+    stack.set_env("orders", "SAGA_TIMEOUT_S", "5");
+    let result = async {
+        stack.sigkill("orders")?;
+        stack.start_service("orders")?;
+        m.wait_healthy().await?;
+        stack.sigstop("products")?;
+        let mut ids = Vec::new();
+        let placed = async {
+            for _ in 0..4 {
+                ids.push(m.place_order(product, 1).await?);
+            }
+            Ok::<_, String>(())
+        }
+        .await;
+        let published = async {
+            placed?;
+            // Orders' relay publishes after the commit: wait for it before killing orders.
+            eventually(
+                "every OrderPlaced is on the topic",
+                Duration::from_secs(30),
+                || async {
+                    let messages = read_topic(&m.brokers, &m.topic).await?;
+                    match ids.iter().find(|id| {
+                        !messages.iter().any(|msg| {
+                            msg.value["eventType"] == "OrderPlaced" && msg.value["orderId"] == **id
+                        })
+                    }) {
+                        Some(id) => Err(format!("no OrderPlaced of order {id} yet")),
+                        None => Ok(()),
+                    }
+                },
+            )
+            .await
+        }
+        .await;
+        stack.sigkill("orders")?;
+        stack.sigcont("products")?;
+        published?;
+        let placed_at = Instant::now();
+        eventually(
+            "products and delivery answer every order on the topic",
+            Duration::from_secs(30),
+            || async {
+                let messages = read_topic(&m.brokers, &m.topic).await?;
+                for id in &ids {
+                    for answer in ["StockDecreased", "DeliveryStarted"] {
+                        if !messages.iter().any(|msg| {
+                            msg.value["eventType"] == answer && msg.value["orderId"] == *id
+                        }) {
+                            return Err(format!("no {answer} of order {id} yet"));
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(8).saturating_sub(placed_at.elapsed())).await;
+        stack.start_service("orders")?;
+        m.wait_healthy().await?;
+        for id in &ids {
+            let order = m.wait_order_state(*id, "OrderCompleted").await?;
+            if order["state"] != "OrderCompleted" {
+                return Err(format!("order {id}: {order}"));
+            }
+        }
+        let cancelled: Vec<i64> = read_topic(&m.brokers, &m.topic)
+            .await?
+            .iter()
+            .filter(|msg| msg.value["eventType"] == "OrderCancelled")
+            .filter_map(|msg| msg.value["orderId"].as_i64())
+            .filter(|id| ids.contains(id))
+            .collect();
+        if !cancelled.is_empty() {
+            return Err(format!(
+                "the timer cancelled orders {cancelled:?} whose answers were on the topic"
+            ));
+        }
+        Ok(())
+    }
+    .await;
+    stack.set_env("orders", "SAGA_TIMEOUT_S", "30");
+    if stack.is_running("orders") {
+        stack.sigkill("orders")?;
+    }
+    if !stack.is_live("products") {
+        let _ = stack.sigcont("products");
+    }
+    stack.start_service("orders")?;
+    m.wait_healthy().await?;
+    result
+}
+
 /// Waits until orders' /metrics shows `mall_orders_pending <n>`.
 async fn pending_gauge_reads(m: &e2e::Mall, n: i64) -> Check {
     let want = format!("mall_orders_pending {n}\n");
@@ -397,6 +497,13 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         scenario!(
             "too many pending orders: the next is refused (503), accepted again once they end",
             pending_orders_are_bounded(stack)
+        );
+    }
+    if stack.instance_count() == 1 {
+        // It freezes products and restarts orders; other instances would carry the sagas on.
+        scenario!(
+            "answers on the topic before the deadline win over the saga timeout (orders down meanwhile)",
+            late_answers_win_over_the_timer(stack)
         );
     }
     let on_kafka = matches!(stack.broker_kind(), BrokerKind::Kafka { .. });
