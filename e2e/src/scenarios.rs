@@ -521,6 +521,24 @@ pub async fn malformed_message_is_parked(m: &Mall) -> Check {
         r#"{"eventType":"PaymentApproved","orderId":1}"#,
     )
     .await?;
+    // A well-formed event whose text holds a NUL: PostgreSQL cannot store it, so it is parked
+    // as invalid at once instead of failing its write for ever (the partition would stop).
+    let nul_text_key = format!("nul-text-{}", std::process::id());
+    let nul_text = events::Envelope::new(
+        events::Service::Orders,
+        events::Event::OrderPlaced(events::OrderPlaced {
+            order_id: 990_000 + i64::from(std::process::id() % 10_000),
+            product_id: 1,
+            product_name: Some("TV".into()),
+            quantity: 1,
+            price: Some(1),
+            customer_id: "c".into(),
+            customer_name: Some("a\u{0}b".into()),
+            customer_addr: None,
+        }),
+    );
+    let nul_text = serde_json::to_string(&nul_text).map_err(|e| e.to_string())?;
+    publish_raw(&m.brokers, &m.topic, &nul_text_key, &nul_text).await?;
     happy_path(m).await?;
     let dlt = format!("{}.DLT", m.topic);
     eventually(
@@ -530,6 +548,7 @@ pub async fn malformed_message_is_parked(m: &Mall) -> Check {
             let dlt = dlt.clone();
             let garbage = garbage.clone();
             let nul_key = nul_key.clone();
+            let nul_text_key = nul_text_key.clone();
             async move {
                 let letters = read_topic(&m.brokers, &dlt).await?;
                 let groups: HashSet<String> = letters
@@ -554,6 +573,21 @@ pub async fn malformed_message_is_parked(m: &Mall) -> Check {
                 if nul_groups.len() < 3 {
                     return Err(format!(
                         "the 200 KB NUL message was parked by {nul_groups:?}"
+                    ));
+                }
+                let nul_text_groups: HashSet<String> = letters
+                    .iter()
+                    .filter(|l| {
+                        let reason = l.value["reason"].as_str().unwrap_or_default();
+                        l.value["key"] == nul_text_key.as_str()
+                            && reason.contains("customerName")
+                            && reason.contains("NUL")
+                    })
+                    .filter_map(|l| l.value["consumerGroup"].as_str().map(str::to_owned))
+                    .collect();
+                if nul_text_groups.len() < 3 {
+                    return Err(format!(
+                        "the event with a NUL in customerName was parked by {nul_text_groups:?}"
                     ));
                 }
                 let unknown_parked = letters.iter().any(|l| l.raw.contains("PaymentApproved"));

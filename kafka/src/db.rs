@@ -377,6 +377,29 @@ impl Database {
         self
     }
 
+    /// Runs a read whose statements all see one snapshot: a read-only REPEATABLE READ
+    /// transaction on PostgreSQL (under READ COMMITTED each statement would see the commits
+    /// made between them), a read transaction on SQLite (WAL: one snapshot until it ends). A
+    /// view assembled from several tables (stock and its reservations) then never mixes two
+    /// moments.
+    pub async fn read_snapshot<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+    {
+        self.read(move |conn| {
+            conn.transaction(|conn| {
+                if let DbConnection::Postgres(c) = conn {
+                    // First statement of the transaction: the snapshot is taken at the next.
+                    c.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
+                }
+                f(conn)
+            })
+        })
+        .await
+    }
+
     /// Runs a read on a blocking thread.
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where

@@ -5,7 +5,6 @@ use crate::error::ProductsError;
 use crate::saga::Product;
 use crate::store::{self, NewProduct};
 use actix_web::{HttpResponse, web};
-use diesel::Connection;
 use events::{Envelope, Service};
 use kafka::Database;
 use serde::{Deserialize, Serialize};
@@ -93,22 +92,20 @@ struct UpdateProduct {
 }
 
 async fn list(db: web::Data<Database>) -> Result<HttpResponse, ProductsError> {
-    // One read transaction: stock and reservations from the same snapshot.
+    // Stock and reservations from the same snapshot (REPEATABLE READ on PostgreSQL).
     let products = db
-        .read(|conn| {
-            conn.transaction(|conn| {
-                let committed = store::committed_by_product(conn)?;
-                let products = store::all_products(conn)?;
-                Ok::<_, ProductsError>(
-                    products
-                        .into_iter()
-                        .map(|p| {
-                            let held = committed.get(&p.id).copied().unwrap_or_default();
-                            ProductJson::new(p, held)
-                        })
-                        .collect::<Vec<_>>(),
-                )
-            })
+        .read_snapshot(|conn| {
+            let committed = store::committed_by_product(conn)?;
+            let products = store::all_products(conn)?;
+            Ok::<_, ProductsError>(
+                products
+                    .into_iter()
+                    .map(|p| {
+                        let held = committed.get(&p.id).copied().unwrap_or_default();
+                        ProductJson::new(p, held)
+                    })
+                    .collect::<Vec<_>>(),
+            )
         })
         .await?;
     Ok(HttpResponse::Ok().json(products))
@@ -120,12 +117,10 @@ async fn get_one(
 ) -> Result<HttpResponse, ProductsError> {
     let id = id.into_inner();
     let product = db
-        .read(move |conn| {
-            conn.transaction(|conn| {
-                let p = store::product(conn, id)?.ok_or(ProductsError::NotFound(id))?;
-                let committed = store::committed_units(conn, id)?;
-                Ok::<_, ProductsError>(ProductJson::new(p, committed))
-            })
+        .read_snapshot(move |conn| {
+            let p = store::product(conn, id)?.ok_or(ProductsError::NotFound(id))?;
+            let committed = store::committed_units(conn, id)?;
+            Ok::<_, ProductsError>(ProductJson::new(p, committed))
         })
         .await?;
     Ok(HttpResponse::Ok().json(product))
