@@ -139,6 +139,33 @@ pub fn pending(conn: &mut DbConnection, limit: i64) -> QueryResult<Vec<OutboxRow
         .load(conn)
 }
 
+use crate::leases::leases as lease_rows;
+diesel::allow_tables_to_appear_in_same_query!(outbox, lease_rows);
+
+/// Marks rows as acknowledged by the broker, or refused for good (`error`), in one statement
+/// that holds only while `holder` holds the `relay` lease — the fence of the relay: a holder
+/// that paused past its lease and woke mid-batch marks nothing (0 rows), and the new holder
+/// publishes and marks those rows itself. One statement, so no write lock is needed for it
+/// to be atomic with the lease check.
+pub fn mark_as_holder(
+    conn: &mut DbConnection,
+    holder: &str,
+    ids: &[i64],
+    error: Option<&str>,
+) -> QueryResult<usize> {
+    let holds = diesel::dsl::exists(
+        lease_rows::table
+            .filter(lease_rows::name.eq(leases::RELAY))
+            .filter(lease_rows::holder.eq(holder)),
+    );
+    diesel::update(outbox::table.filter(outbox::id.eq_any(ids)).filter(holds))
+        .set((
+            outbox::published_at.eq(chrono::Utc::now().to_rfc3339()),
+            outbox::error.eq(error),
+        ))
+        .execute(conn)
+}
+
 /// Marks rows as acknowledged by the broker.
 pub fn mark_published(conn: &mut DbConnection, ids: &[i64]) -> QueryResult<usize> {
     diesel::update(outbox::table.filter(outbox::id.eq_any(ids)))
@@ -549,15 +576,28 @@ impl OutboxRelay {
             for _ in &refused {
                 self.status.refused();
             }
-            self.db
+            let me = self.membership.me.clone();
+            let expected = count + refused.len();
+            let marked = self
+                .db
                 .read(move |conn| {
-                    mark_published(conn, &acknowledged)?;
+                    let mut marked = mark_as_holder(conn, &me, &acknowledged, None)?;
                     for (id, error) in &refused {
-                        mark_refused(conn, *id, error)?;
+                        marked += mark_as_holder(conn, &me, &[*id], Some(error))?;
                     }
-                    Ok::<_, DbError>(())
+                    Ok::<_, DbError>(marked)
                 })
                 .await?;
+            if marked < expected {
+                // The lease moved while this batch was out (a pause past the lease): the new
+                // holder owns these rows; the copies just sent are absorbed by event id.
+                log::warn!(
+                    "outbox relay: lease lost mid-batch; {} row(s) left to the new holder",
+                    expected - marked
+                );
+                self.held_until = None;
+                self.status.standby(true);
+            }
         }
         match failure {
             Some(RelayError::Interrupted) => Err(RelayError::Interrupted),
@@ -640,6 +680,37 @@ mod tests {
             created_at: (chrono::Utc::now() - chrono::Duration::seconds(age_seconds)).to_rfc3339(),
             topic: None,
         }
+    }
+
+    /// The relay's fence: a relay that lost its lease (paused past it, woken mid-batch)
+    /// marks nothing; only the holder's marks land.
+    #[tokio::test]
+    async fn only_the_relay_lease_holder_marks_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("o.db").to_str().unwrap(), PLUMBING).unwrap();
+        let b = Membership {
+            me: "b".into(),
+            ttl: Duration::from_secs(60),
+        };
+        let marked = db
+            .write(move |conn| {
+                let rows = [row(1, 0), row(2, 0)];
+                let statement = diesel::insert_into(outbox::table).values(&rows[..]);
+                crate::on_backend!(conn, |c| statement.execute(c))?;
+                let ids: Vec<i64> = outbox::table.select(outbox::id).load(conn)?;
+                b.hold(conn, leases::RELAY)?;
+                let stale = mark_as_holder(conn, "a", &ids, None)?;
+                let stale_refusal = mark_as_holder(conn, "a", &ids[..1], Some("too large"))?;
+                let holder = mark_as_holder(conn, "b", &ids, None)?;
+                Ok::<_, DbError>(((stale, stale_refusal, holder), Vec::new()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            marked,
+            (0, 0, 2),
+            "the stale relay marks nothing, the holder both"
+        );
     }
 
     #[tokio::test]
