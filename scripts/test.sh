@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: `cargo test --workspace` (unit tests of every saga rule, the event
-# contract, and the in-process end-to-end tests on rdkafka's MockCluster), then the real-broker
+# contract, the model check's quick bounds, and the in-process end-to-end tests on rdkafka's
+# MockCluster), then the model check's deeper bound, then the real-broker
 # suite: a fresh Apache Kafka (BROKER=tansu: tansu) and fresh databases on free ports, the three
 # service binaries as separate processes, every scenario over HTTP, Kafka's console tools
 # against the running mall; then a short fault-injection run (`chaos`: kills, a double kill, a
@@ -61,6 +62,14 @@ cargo_status="${PIPESTATUS[0]}"
 read -r unit_passed unit_failed < <(cargo_counts "$log")
 if [[ "$cargo_status" != 0 && "$unit_failed" == 0 ]]; then
   unit_failed=1 # it did not even build
+fi
+
+say "1b/8 model check of the saga rules, the deeper bound (modelcheck/; cargo test runs the quick one)"
+cargo test -p modelcheck --test saga_model -- --ignored --nocapture 2>&1 | tee "$log"
+cargo_status="${PIPESTATUS[0]}"
+read -r model_passed model_failed < <(cargo_counts "$log")
+if [[ "$cargo_status" != 0 && "$model_failed" == 0 ]]; then
+  model_failed=1
 fi
 
 say "2/8 real-broker suite on $BROKER"
@@ -170,9 +179,9 @@ fi
 remove_postgres
 
 echo
-say "on $BROKER: cargo test: $unit_passed passed, $unit_failed failed; real-broker suite: $suite_passed passed, $suite_failed failed; chaos: $chaos_passed passed, $chaos_failed failed; browser: $browser_passed passed, $browser_failed failed; chaos on three brokers: $cluster_passed passed, $cluster_failed failed"
+say "on $BROKER: cargo test: $unit_passed passed, $unit_failed failed; model check (deeper): $model_passed passed, $model_failed failed; real-broker suite: $suite_passed passed, $suite_failed failed; chaos: $chaos_passed passed, $chaos_failed failed; browser: $browser_passed passed, $browser_failed failed; chaos on three brokers: $cluster_passed passed, $cluster_failed failed"
 say "on PostgreSQL: in-process: $pg_unit_passed passed, $pg_unit_failed failed; real-broker suite: $pg_suite_passed passed, $pg_suite_failed failed; chaos (3 instances): $pg_chaos_passed passed, $pg_chaos_failed failed"
-passed=$((unit_passed + suite_passed + chaos_passed + browser_passed + cluster_passed + pg_unit_passed + pg_suite_passed + pg_chaos_passed))
-failed=$((unit_failed + suite_failed + chaos_failed + browser_failed + cluster_failed + pg_unit_failed + pg_suite_failed + pg_chaos_failed))
+passed=$((unit_passed + model_passed + suite_passed + chaos_passed + browser_passed + cluster_passed + pg_unit_passed + pg_suite_passed + pg_chaos_passed))
+failed=$((unit_failed + model_failed + suite_failed + chaos_failed + browser_failed + cluster_failed + pg_unit_failed + pg_suite_failed + pg_chaos_failed))
 echo "$passed passed, $failed failed"
 [[ "$failed" == 0 ]]
