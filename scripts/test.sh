@@ -12,7 +12,8 @@
 # Then on PostgreSQL (installed with apt-get when missing): a throwaway server in a temporary
 # directory on a free port (stopped and removed at exit, also on failure; with POSTGRES_URL set,
 # that server instead), and on it the in-process tests, the real-broker suite with two instances
-# of each service, and a chaos run with three instances of each service sharing six partitions.
+# of each service, a chaos run with three instances of each service sharing six partitions, and
+# one that pauses an orders and a products instance for 30 s together, twice, under load.
 # Every suite creates fresh databases of its own on the server.
 # A suite that exits non-zero counts as failed even if its last line said otherwise.
 # Ends with one line: `N passed, N failed`.
@@ -57,7 +58,7 @@ suite_counts() {
 }
 
 say "1/8 cargo test --workspace"
-cargo test --workspace 2>&1 | tee "$log"
+timeout 2400 cargo test --workspace 2>&1 | tee "$log" # bounded, as below
 cargo_status="${PIPESTATUS[0]}"
 read -r unit_passed unit_failed < <(cargo_counts "$log")
 if [[ "$cargo_status" != 0 && "$unit_failed" == 0 ]]; then
@@ -148,7 +149,8 @@ say "5/8 plumbing and in-process tests on PostgreSQL (kafka/tests/postgres.rs, e
 pg_unit_passed=0
 pg_unit_failed=1
 if [[ -n "$pg_url" ]]; then
-  TEST_POSTGRES_URL="$pg_url" REQUIRE_POSTGRES=1 cargo test --workspace --test postgres --test in_process 2>&1 | tee "$log"
+  # Bounded: a hung test fails this step instead of the whole run's time.
+  TEST_POSTGRES_URL="$pg_url" REQUIRE_POSTGRES=1 timeout 1200 cargo test --workspace --test postgres --test in_process 2>&1 | tee "$log"
   cargo_status="${PIPESTATUS[0]}"
   read -r pg_unit_passed pg_unit_failed < <(cargo_counts "$log")
   if [[ "$cargo_status" != 0 && "$pg_unit_failed" == 0 ]]; then
@@ -176,12 +178,23 @@ if [[ -n "$pg_url" && -x target/debug/chaos ]]; then
   read -r pg_chaos_passed pg_chaos_failed < <(suite_counts "$log" "$status")
 fi
 
+say "7b/8 on PostgreSQL: an orders and a products instance paused 30 s together, twice, under load (the live instances keep answering, nothing lost or doubled)"
+pg_pause_passed=0
+pg_pause_failed=1
+if [[ -n "$pg_url" && -x target/debug/chaos ]]; then
+  target/debug/chaos --bin-dir target/debug "${broker[@]}" --postgres "$pg_url" \
+    --instances 3 --partitions 6 --kills 0 --broker-restarts 0 --stops 0 --terms 0 \
+    --long-pauses 2 --orders 4000 --rate 50 ${CHAOS_SEED:+--seed "$CHAOS_SEED"} | tee "$log"
+  status="${PIPESTATUS[0]}"
+  read -r pg_pause_passed pg_pause_failed < <(suite_counts "$log" "$status")
+fi
+
 remove_postgres
 
 echo
 say "on $BROKER: cargo test: $unit_passed passed, $unit_failed failed; model check (deeper): $model_passed passed, $model_failed failed; real-broker suite: $suite_passed passed, $suite_failed failed; chaos: $chaos_passed passed, $chaos_failed failed; browser: $browser_passed passed, $browser_failed failed; chaos on three brokers: $cluster_passed passed, $cluster_failed failed"
-say "on PostgreSQL: in-process: $pg_unit_passed passed, $pg_unit_failed failed; real-broker suite: $pg_suite_passed passed, $pg_suite_failed failed; chaos (3 instances): $pg_chaos_passed passed, $pg_chaos_failed failed"
-passed=$((unit_passed + model_passed + suite_passed + chaos_passed + browser_passed + cluster_passed + pg_unit_passed + pg_suite_passed + pg_chaos_passed))
-failed=$((unit_failed + model_failed + suite_failed + chaos_failed + browser_failed + cluster_failed + pg_unit_failed + pg_suite_failed + pg_chaos_failed))
+say "on PostgreSQL: in-process: $pg_unit_passed passed, $pg_unit_failed failed; real-broker suite: $pg_suite_passed passed, $pg_suite_failed failed; chaos (3 instances): $pg_chaos_passed passed, $pg_chaos_failed failed; two instances paused: $pg_pause_passed passed, $pg_pause_failed failed"
+passed=$((unit_passed + model_passed + suite_passed + chaos_passed + browser_passed + cluster_passed + pg_unit_passed + pg_suite_passed + pg_chaos_passed + pg_pause_passed))
+failed=$((unit_failed + model_failed + suite_failed + chaos_failed + browser_failed + cluster_failed + pg_unit_failed + pg_suite_failed + pg_chaos_failed + pg_pause_failed))
 echo "$passed passed, $failed failed"
 [[ "$failed" == 0 ]]
