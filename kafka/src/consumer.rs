@@ -59,27 +59,18 @@ pub type SagaConsumer = StreamConsumer<LoggingContext>;
 /// (`kafka-consumer-groups --describe`). A client of its own, apart from the one that reads,
 /// which is reopened at will: closing a client waits for its unanswered commits, and with the
 /// coordinator unreachable that wait would hold up a reopen or a stop. This one lives as long
-/// as the consumer loop and is not closed at its end ([`PositionDisplay::abandon`]).
+/// as the consumer loop and is never closed, not even when the loop is dropped mid-way (a
+/// runtime shutting down): it is left to the process's exit. Its commits are for display
+/// only — the positions that count are in the database already.
 struct PositionDisplay {
-    client: BaseConsumer<LoggingContext>,
+    /// Never dropped: a close would wait for commits a broker that is away never answers.
+    client: std::mem::ManuallyDrop<BaseConsumer<LoggingContext>>,
 }
 
 impl PositionDisplay {
     fn new(settings: &KafkaSettings) -> KafkaResult<Self> {
-        let mut config = settings.client_config();
-        config
-            .set("group.id", &settings.group_id)
-            .set("enable.auto.commit", "false")
-            .set("socket.nagle.disable", "true")
-            .set("reconnect.backoff.max.ms", "1000")
-            .set("allow.auto.create.topics", "false");
-        for (name, value) in &settings.client_properties {
-            config.set(name, value);
-        }
         Ok(PositionDisplay {
-            client: config.create_with_context(LoggingContext {
-                group: settings.group_id.clone(),
-            })?,
+            client: std::mem::ManuallyDrop::new(group_client(settings, &[])?),
         })
     }
 
@@ -98,36 +89,43 @@ impl PositionDisplay {
             }
         }
     }
-
-    /// Leaves the client to the process's exit instead of closing it: a close would wait for
-    /// commits a broker that is away never answers, and they are for display only — the
-    /// positions that count are in the database already.
-    fn abandon(self) {
-        std::mem::forget(self.client);
-    }
 }
 
 /// A consumer that reads where it is told; it stores and commits nothing to the broker.
 pub fn create_consumer(settings: &KafkaSettings) -> KafkaResult<SagaConsumer> {
+    let fetch_wait = settings.fetch_wait_max.as_millis().to_string();
+    group_client(
+        settings,
+        &[
+            ("enable.auto.offset.store", "false"),
+            // A stored position the broker no longer has (deleted by retention) starts at the
+            // earliest it has; another cluster's positions are refused at start (identity).
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "false"),
+            ("fetch.wait.max.ms", &fetch_wait),
+        ],
+    )
+}
+
+/// A client of the service's group (no group is joined: partitions are assigned from the
+/// leases; the group id names where positions are shown, see [`PositionDisplay`]) that
+/// commits nothing by itself, creates no topic, and is back within a second of a broker
+/// restart (the default backs off up to 10 s); then `extra`, then the operator's
+/// `KAFKA_CLIENT_*` properties, which win.
+fn group_client<C>(settings: &KafkaSettings, extra: &[(&str, &str)]) -> KafkaResult<C>
+where
+    C: rdkafka::config::FromClientConfigAndContext<LoggingContext>,
+{
     let mut config = settings.client_config();
     config
-        // No group is joined (no subscribe): the partitions are assigned from the leases. The
-        // group id names where the positions are committed for display (kafka-consumer-groups).
         .set("group.id", &settings.group_id)
         .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        // A stored position the broker no longer has (its storage was wiped) replays from
-        // the start; the inbox absorbs what was already applied.
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        // Back within a second of a broker restart (the default backs off up to 10 s).
         .set("reconnect.backoff.max.ms", "1000")
-        .set(
-            "fetch.wait.max.ms",
-            settings.fetch_wait_max.as_millis().to_string(),
-        )
         .set("socket.nagle.disable", "true")
         .set("allow.auto.create.topics", "false");
+    for (name, value) in extra {
+        config.set(*name, *value);
+    }
     for (name, value) in &settings.client_properties {
         config.set(name, value);
     }
@@ -691,9 +689,6 @@ impl EventConsumer {
             }
         }
         monitor.abort();
-        if let Some(display) = display {
-            display.abandon();
-        }
         let (membership, topic) = (self.membership.clone(), self.settings.topic.clone());
         let left = self
             .db
