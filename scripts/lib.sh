@@ -345,7 +345,9 @@ ensure_broker() {
     BROKER_LINE="tansu $TANSU_VERSION, storage data/tansu.db, log data/tansu.log"
   fi
   if broker_ready 3; then
-    kafka_alive || pid_alive "$DATA/tansu.pid" "$TANSU" || BROKER_LINE="a broker not started by these scripts"
+    # In a subshell: kafka_alive dies without Java, and a broker of someone else needs none.
+    ( kafka_alive ) >/dev/null 2>&1 || pid_alive "$DATA/tansu.pid" "$TANSU" \
+      || BROKER_LINE="a broker not started by these scripts"
     say "a broker answers at $broker; using it"
     return 0
   fi
