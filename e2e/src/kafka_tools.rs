@@ -12,13 +12,9 @@ use std::time::{Duration, Instant};
 
 /// Runs `tool` (a script of `scripts/kafka/bin`) with `args`, `stdin` fed to it; its stdout,
 /// or an error with its stderr when it fails.
-async fn run_tool(
-    tools: &Path,
-    tool: &str,
-    args: Vec<String>,
-    stdin: Option<String>,
-) -> Check<String> {
+async fn run_tool(tools: &Path, tool: &str, args: &[&str], stdin: Option<String>) -> Check<String> {
     let program = tools.join(tool);
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     tokio::task::spawn_blocking(move || {
         let mut child = Command::new(&program)
             .args(&args)
@@ -68,7 +64,7 @@ pub async fn seed_console_tools_work_verbatim(m: &Mall, tools: &Path) -> Check {
     let printed = run_tool(
         tools,
         "kafka-console-consumer.sh",
-        [
+        &[
             "--bootstrap-server",
             &seed_bootstrap(m),
             "--topic",
@@ -78,9 +74,7 @@ pub async fn seed_console_tools_work_verbatim(m: &Mall, tools: &Path) -> Check {
             &on_topic.to_string(),
             "--timeout-ms",
             "60000",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
+        ],
         None,
     )
     .await?;
@@ -115,9 +109,7 @@ pub async fn seed_console_tools_work_verbatim(m: &Mall, tools: &Path) -> Check {
     let listed = run_tool(
         tools,
         "kafka-topics",
-        ["--bootstrap-server", &seed_bootstrap(m), "--list"]
-            .map(str::to_owned)
-            .to_vec(),
+        &["--bootstrap-server", &seed_bootstrap(m), "--list"],
         None,
     )
     .await?;
@@ -128,15 +120,13 @@ pub async fn seed_console_tools_work_verbatim(m: &Mall, tools: &Path) -> Check {
     let described = run_tool(
         tools,
         "kafka-topics.sh",
-        [
+        &[
             "--bootstrap-server",
             &m.brokers,
             "--describe",
             "--topic",
             "eventTopic",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
+        ],
         None,
     )
     .await?;
@@ -155,14 +145,12 @@ pub async fn seed_console_tools_work_verbatim(m: &Mall, tools: &Path) -> Check {
     run_tool(
         tools,
         "kafka-console-producer.sh",
-        [
+        &[
             "--bootstrap-server",
             &seed_bootstrap(m),
             "--topic",
             "eventTopic",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
+        ],
         Some(format!("{marker}\n")),
     )
     .await?;
@@ -232,14 +220,12 @@ pub async fn consumer_groups_show_each_service(stack: &Stack, tools: &Path) -> C
             let described = run_tool(
                 tools,
                 "kafka-consumer-groups.sh",
-                [
+                &[
                     "--bootstrap-server",
                     &m.brokers,
                     "--describe",
                     "--all-groups",
-                ]
-                .map(str::to_owned)
-                .to_vec(),
+                ],
                 None,
             )
             .await?;

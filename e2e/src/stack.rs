@@ -785,6 +785,11 @@ impl Stack {
             return Err("the broker is already running".into());
         }
         self.spawn_broker()?;
+        self.wait_broker_ready().await
+    }
+
+    /// Waits (off the runtime's threads) until a metadata request names every node.
+    async fn wait_broker_ready(&self) -> Result<(), String> {
         let (brokers, nodes) = (self.brokers.clone(), self.nodes.len());
         tokio::task::spawn_blocking(move || {
             crate::broker::wait_ready(&brokers, nodes, BROKER_READY_TIMEOUT)
@@ -803,12 +808,7 @@ impl Stack {
             Some(None) => {}
         }
         self.spawn_broker_node(i)?;
-        let (brokers, nodes) = (self.brokers.clone(), self.nodes.len());
-        tokio::task::spawn_blocking(move || {
-            crate::broker::wait_ready(&brokers, nodes, BROKER_READY_TIMEOUT)
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        self.wait_broker_ready().await
     }
 
     /// Stops the broker, deletes its storage and starts a new one (a new Kafka cluster id) on

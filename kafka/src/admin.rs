@@ -1,5 +1,5 @@
 //! Topic administration: the saga topic and its dead-letter topic exist, with their settings,
-//! before anyone uses them; and the broker a service reads is the one its positions belong to.
+//! before anyone uses them.
 
 use crate::settings::KafkaSettings;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -102,17 +102,4 @@ async fn try_ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
         }
     }
     Ok(())
-}
-
-/// The id of the cluster at `settings.brokers` (Kafka's `cluster.id`), or `None` when the
-/// broker does not say (tansu, or no answer within `timeout`).
-pub async fn cluster_id(settings: &KafkaSettings, timeout: Duration) -> Option<String> {
-    let settings = settings.clone();
-    tokio::task::spawn_blocking(move || {
-        let probe: BaseConsumer = settings.client_config().create().ok()?;
-        probe.client().fetch_cluster_id(timeout)
-    })
-    .await
-    .ok()
-    .flatten()
 }

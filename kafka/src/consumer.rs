@@ -116,35 +116,30 @@ fn group_client<C>(settings: &KafkaSettings, extra: &[(&str, &str)]) -> KafkaRes
 where
     C: rdkafka::config::FromClientConfigAndContext<LoggingContext>,
 {
-    let mut config = settings.client_config();
-    config
-        .set("group.id", &settings.group_id)
-        .set("enable.auto.commit", "false")
-        .set("reconnect.backoff.max.ms", "1000")
-        .set("socket.nagle.disable", "true")
-        .set("allow.auto.create.topics", "false");
-    for (name, value) in extra {
-        config.set(*name, *value);
-    }
-    for (name, value) in &settings.client_properties {
-        config.set(name, value);
-    }
-    config.create_with_context(LoggingContext {
-        group: settings.group_id.clone(),
-    })
+    let group: [(&str, &str); 5] = [
+        ("group.id", &settings.group_id),
+        ("enable.auto.commit", "false"),
+        ("reconnect.backoff.max.ms", "1000"),
+        ("socket.nagle.disable", "true"),
+        ("allow.auto.create.topics", "false"),
+    ];
+    let ours: Vec<(&str, &str)> = group.iter().chain(extra).copied().collect();
+    settings
+        .client_config_with(&ours)
+        .create_with_context(LoggingContext {
+            group: settings.group_id.clone(),
+        })
 }
 
 /// A client without a group for metadata and watermarks (`/health`, the watchdog).
 pub fn create_probe(settings: &KafkaSettings) -> KafkaResult<BaseConsumer> {
-    let mut config = settings.client_config();
-    config
-        .set("socket.nagle.disable", "true")
-        .set("reconnect.backoff.max.ms", "1000")
-        .set("allow.auto.create.topics", "false");
-    for (name, value) in &settings.client_properties {
-        config.set(name, value);
-    }
-    config.create()
+    settings
+        .client_config_with(&[
+            ("socket.nagle.disable", "true"),
+            ("reconnect.backoff.max.ms", "1000"),
+            ("allow.auto.create.topics", "false"),
+        ])
+        .create()
 }
 
 /// What the consumer is doing, for `/health`, `/metrics` and the watchdog.

@@ -15,6 +15,7 @@ use crate::settings::{KafkaSettings, ServiceSettings};
 use crate::{admin, http};
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -57,29 +58,35 @@ pub enum StartError {
 
 /// Refuses to start when the stored positions belong to another cluster, or point past the
 /// end of a partition ([`crate::identity`]). A broker that gives no cluster id (tansu) is
-/// checked by the positions alone.
-async fn check_broker_identity(kafka: &KafkaSettings, db: &Database) -> Result<(), StartError> {
-    let refused = |e: crate::identity::IdentityError| match e {
-        crate::identity::IdentityError::Db(e) => StartError::Db(e),
+/// checked by the positions alone. Asks through the service's own `probe`.
+async fn check_broker_identity(
+    kafka: &KafkaSettings,
+    db: &Database,
+    probe: &Arc<BaseConsumer>,
+) -> Result<(), StartError> {
+    use crate::identity::{self, IdentityError, Known};
+    let refused = |e: IdentityError| match e {
+        IdentityError::Db(e) => StartError::Db(e),
         other => StartError::Identity(other.to_string()),
     };
-    match admin::cluster_id(kafka, Duration::from_secs(10)).await {
+    let asking = probe.clone();
+    let cluster = tokio::task::spawn_blocking(move || {
+        asking.client().fetch_cluster_id(Duration::from_secs(10))
+    })
+    .await
+    .ok()
+    .flatten();
+    match cluster {
         Some(cluster) => {
             let (topic, brokers) = (kafka.topic.clone(), kafka.brokers.clone());
-            let known = db
-                .write(move |conn| {
-                    let known = crate::identity::check_cluster(conn, &topic, &cluster, &brokers)?;
-                    Ok::<_, crate::identity::IdentityError>(((known, cluster), Vec::new()))
-                })
-                .await
-                .map_err(refused)?;
-            if known.0 == crate::identity::Known::Recorded {
-                log::info!(
-                    "positions of {} belong to Kafka cluster {}",
-                    kafka.topic,
-                    known.1
-                );
-            }
+            db.write(move |conn| {
+                if identity::check_cluster(conn, &topic, &cluster, &brokers)? == Known::Recorded {
+                    log::info!("positions of {topic} belong to Kafka cluster {cluster}");
+                }
+                Ok::<_, IdentityError>(((), Vec::new()))
+            })
+            .await
+            .map_err(refused)?;
         }
         None => log::warn!(
             "the broker at {} gives no cluster id; the stored positions are checked against \
@@ -98,11 +105,10 @@ async fn check_broker_identity(kafka: &KafkaSettings, db: &Database) -> Result<(
     // few seconds to be served.
     let started = std::time::Instant::now();
     let ends = loop {
-        let settings = kafka.clone();
+        let (asking, topic) = (probe.clone(), kafka.topic.clone());
         let read = tokio::task::spawn_blocking(move || {
-            let probe = create_probe(&settings).map_err(|e| e.to_string())?;
-            let partitions = crate::consumer::partitions_of(&probe, &settings.topic)?;
-            crate::consumer::watermarks(&probe, &settings.topic, &partitions)
+            let partitions = crate::consumer::partitions_of(&asking, &topic)?;
+            crate::consumer::watermarks(&asking, &topic, &partitions)
         })
         .await
         .map_err(|e| e.to_string())
@@ -122,7 +128,7 @@ async fn check_broker_identity(kafka: &KafkaSettings, db: &Database) -> Result<(
         }
     };
     let ends = ends.into_iter().map(|(p, (_, high))| (p, high)).collect();
-    crate::identity::check_positions(&kafka.topic, &kafka.brokers, &stored, &ends).map_err(refused)
+    identity::check_positions(&kafka.topic, &kafka.brokers, &stored, &ends).map_err(refused)
 }
 
 /// How long the relay may keep publishing on the way out; with HTTP's and the consumer's
@@ -211,7 +217,8 @@ impl ServiceHost {
                  is a broker running? scripts/up.sh starts one"
             ))
         })?;
-        check_broker_identity(kafka, &db).await?;
+        let probe = Arc::new(create_probe(kafka).map_err(|e| broker(e.to_string()))?);
+        check_broker_identity(kafka, &db, &probe).await?;
         let metrics = web::Data::new(Metrics::new());
         let producer_settings = kafka.clone();
         let relay = OutboxRelay::new(
@@ -227,7 +234,6 @@ impl ServiceHost {
         .map_err(|e| broker(e.to_string()))?;
         let retention = Retention::new(db.clone(), &settings.retention, prune, &metrics);
         let checkpoints = db.clone();
-        let probe = Arc::new(create_probe(kafka).map_err(|e| broker(e.to_string()))?);
         let consumer = EventConsumer::new(kafka, probe.clone(), db.clone(), reactor, &metrics);
         let consumer_status = consumer.status();
         let health = web::Data::new(Health {

@@ -11,20 +11,18 @@ use rdkafka::producer::FutureProducer;
 /// written; 2, 3 not) that a resend would fill out of order. The relay's own waits are
 /// cancellable, so a stop stays bounded.
 pub fn create_producer(settings: &KafkaSettings) -> KafkaResult<FutureProducer> {
-    let mut config = settings.client_config();
-    config
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .set("message.timeout.ms", "0")
-        // Back within a second of a broker restart (the default backs off up to 10 s).
-        .set("reconnect.backoff.max.ms", "1000")
-        .set("socket.nagle.disable", "true")
-        // The topics exist with their settings (admin::ensure_topics); a typo must not
-        // create another one with the broker's defaults.
-        .set("allow.auto.create.topics", "false");
-    for (name, value) in &settings.client_properties {
-        config.set(name, value); // the operator's word is final
-    }
-    config.create()
+    settings
+        .client_config_with(&[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "1"),
+            ("message.timeout.ms", "0"),
+            // Back within a second of a broker restart (the default backs off up to 10 s).
+            ("reconnect.backoff.max.ms", "1000"),
+            ("socket.nagle.disable", "true"),
+            // The topics exist with their settings (admin::ensure_topics); a typo must not
+            // create another one with the broker's defaults.
+            ("allow.auto.create.topics", "false"),
+        ])
+        .create()
 }

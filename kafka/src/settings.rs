@@ -241,12 +241,20 @@ impl KafkaSettings {
         }
     }
 
-    /// A client configuration for these brokers: `bootstrap.servers`, no topic auto-creation
-    /// (the topics are created with their settings by [`crate::admin::ensure_topics`]), and the
-    /// `KAFKA_CLIENT_*` properties, which override anything set here.
+    /// A client configuration for these brokers: `bootstrap.servers`, then the `KAFKA_CLIENT_*`
+    /// properties (security protocol, SASL, TLS).
     pub fn client_config(&self) -> rdkafka::ClientConfig {
+        self.client_config_with(&[])
+    }
+
+    /// [`KafkaSettings::client_config`] with the mall's own settings for one kind of client;
+    /// the operator's `KAFKA_CLIENT_*` properties still override them.
+    pub fn client_config_with(&self, ours: &[(&str, &str)]) -> rdkafka::ClientConfig {
         let mut config = rdkafka::ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
+        for (name, value) in ours {
+            config.set(*name, *value);
+        }
         for (name, value) in &self.client_properties {
             config.set(name, value);
         }

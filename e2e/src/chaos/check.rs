@@ -353,6 +353,16 @@ struct Index<'a> {
 }
 
 impl<'a> Index<'a> {
+    /// Every order the checks judge: those the workload saw accepted and those orders lists.
+    fn order_ids(&self) -> BTreeSet<i64> {
+        self.s
+            .accepted
+            .iter()
+            .chain(self.orders.keys())
+            .copied()
+            .collect()
+    }
+
     fn new(s: &'a Snapshot) -> Self {
         let mut events: BTreeMap<String, Vec<&TopicEvent>> = BTreeMap::new();
         for e in &s.events {
@@ -515,12 +525,7 @@ fn workload(s: &Snapshot) -> CheckResult {
 /// OrderCancelled. Every event of an order is keyed by the order id, and the product and
 /// quantity it names are the order's.
 fn complete(ix: &Index) -> CheckResult {
-    let ids: BTreeSet<i64> =
-        ix.s.accepted
-            .iter()
-            .chain(ix.orders.keys())
-            .copied()
-            .collect();
+    let ids = ix.order_ids();
     let mut violations = Vec::new();
     for id in &ids {
         let c = id.to_string();
@@ -589,12 +594,7 @@ fn complete(ix: &Index) -> CheckResult {
 /// Invariant 1: Every accepted order (and every order orders lists) is OrderCompleted or OrderCancelled,
 /// with no cancel pending.
 fn terminal(ix: &Index) -> CheckResult {
-    let ids: BTreeSet<i64> =
-        ix.s.accepted
-            .iter()
-            .chain(ix.orders.keys())
-            .copied()
-            .collect();
+    let ids = ix.order_ids();
     let mut violations = Vec::new();
     for id in &ids {
         let note = if ix.s.accepted.contains(id) {
