@@ -1055,4 +1055,40 @@ mod relay_tests {
             BTreeMap::from([("1".to_owned(), [first, during, after].concat())])
         );
     }
+
+    /// The broker answers the first produce request with a sequence desynchronisation, which
+    /// makes the idempotent producer fail for good (a fatal error): the relay makes a new
+    /// producer, the status `/health` shows says so, and every row reaches the topic in commit
+    /// order. (Without the recreation every later round fails and nothing drains.) Rows the old
+    /// producer had sent but not seen acknowledged are sent again: copies the consumers absorb
+    /// by event id, so the check is on first copies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fatal_producer_error_recreates_the_producer_and_shows_in_health() {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let s = setup();
+        s.cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+        );
+        let mut committed: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for order in 1..=3i64 {
+            let ids = commit(&s.db, vec![completed(order, "c".into())]).await;
+            committed.insert(order.to_string(), ids);
+        }
+        let running = start(relay(&s, "a", Duration::from_secs(10)));
+        let left = drained(&s.db, Duration::from_secs(20)).await;
+        let health = running.status.snapshot();
+        running.stop.cancel();
+        running.task.await.unwrap();
+        assert_eq!(left, Ok(()), "rows still pending: {health}");
+        assert_eq!(health["producersRecreated"], 1, "{health}");
+        let fatal = health["lastFatalError"].as_str().unwrap_or_default();
+        assert!(fatal.contains("OutOfOrderSequence"), "{health}");
+        let mut first_copies = by_key(&read_topic(&s.cluster));
+        for ids in first_copies.values_mut() {
+            let mut seen = std::collections::HashSet::new();
+            ids.retain(|id| seen.insert(id.clone()));
+        }
+        assert_eq!(first_copies, committed);
+    }
 }
