@@ -308,6 +308,45 @@ impl ServiceSettings {
     }
 }
 
+/// When an SQLite commit is on disk: `SQLITE_SYNCHRONOUS`, `FULL` (default) or `NORMAL`.
+///
+/// With `FULL` a commit returns only after its WAL frames are fsynced, so what the API
+/// acknowledged and what the relay published survives a power cut. `NORMAL` skips that fsync
+/// (a crash of the process still loses nothing; a power cut may lose the last commits while
+/// their events are already on the topic): for throwaway runs only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SqliteSync {
+    #[default]
+    Full,
+    Normal,
+}
+
+impl FromStr for SqliteSync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "FULL" => Ok(SqliteSync::Full),
+            "NORMAL" => Ok(SqliteSync::Normal),
+            _ => Err("must be FULL or NORMAL".into()),
+        }
+    }
+}
+
+impl SqliteSync {
+    /// Reads `SQLITE_SYNCHRONOUS`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        env_or("SQLITE_SYNCHRONOUS", SqliteSync::Full)
+    }
+
+    /// The value of SQLite's `synchronous` pragma.
+    pub fn pragma(self) -> &'static str {
+        match self {
+            SqliteSync::Full => "FULL",
+            SqliteSync::Normal => "NORMAL",
+        }
+    }
+}
+
 /// Bounds on every wait of a PostgreSQL connection, so one stalled instance (SIGSTOP, a VM
 /// pause, a cut network) cannot make its siblings wait for ever on the service's write lock:
 /// a wait past a bound fails, and the write is retried (see [`crate::db::DbError::is_transient`]).

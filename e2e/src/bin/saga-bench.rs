@@ -7,7 +7,8 @@
 //!   on the topic; steady-state throughput, latency percentiles, CPU per 1,000 sagas, memory
 //!   and database growth;
 //! - `--find-max`: rising rates until one is no longer held;
-//! - `--fetch-wait-table`: saga latency and idle CPU for several `KAFKA_FETCH_WAIT_MAX_MS`.
+//! - `--fetch-wait-table`: saga latency and idle CPU for several `KAFKA_FETCH_WAIT_MAX_MS`;
+//! - `--sync-table`: what fsyncing every SQLite commit costs (`SQLITE_SYNCHRONOUS` NORMAL vs FULL).
 //!
 //! Exits non-zero only when the stack cannot start or a measurement breaks.
 
@@ -23,7 +24,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
-usage: saga-bench [--rate R --duration S] [--find-max] [--fetch-wait-table] [--preload N] [--keep]
+usage: saga-bench [--rate R --duration S] [--find-max] [--fetch-wait-table] [--sync-table]
+                  [--preload N] [--keep]
                   [--fetch-wait MS] [--bin-dir DIR] (--kafka DIR | --tansu PATH)
                   [--postgres URL [--instances N] [--partitions P]] [--broker-storage URL]
 
@@ -36,6 +38,8 @@ fetch-wait table.
                          (p99 POST→terminal < 1 s, >= 97 % of the rate ended in steady state)
   --fetch-wait-table     for KAFKA_FETCH_WAIT_MAX_MS 10, 20, 50, 100, 500 (a fresh stack each): saga p50
                          at 50/s and idle CPU of the broker and the services
+  --sync-table           for SQLITE_SYNCHRONOUS NORMAL and FULL (a fresh stack each): 300, 1000 and
+                         1500 orders/s for 20 s each; sagas ended per second, p50, p99, CPU per saga
   --preload N            first fill the databases with N completed orders (not for the table)
   --fetch-wait MS        the services' KAFKA_FETCH_WAIT_MAX_MS for the floor and the open loops
                          (default: $KAFKA_FETCH_WAIT_MAX_MS, else the services' default, 500)
@@ -69,6 +73,7 @@ struct Options {
     duration: Option<f64>,
     find_max: bool,
     fetch_wait_table: bool,
+    sync_table: bool,
     preload: u64,
     fetch_wait_ms: u64,
     keep: bool,
@@ -78,7 +83,7 @@ struct Options {
 impl Options {
     /// No mode flag: everything, with the default rates.
     fn is_default(&self) -> bool {
-        self.rate.is_none() && !self.find_max && !self.fetch_wait_table
+        self.rate.is_none() && !self.find_max && !self.fetch_wait_table && !self.sync_table
     }
 }
 
@@ -114,7 +119,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         "--kafka",
         "--brokers",
     ];
-    const FLAGS: [&str; 3] = ["--find-max", "--fetch-wait-table", "--keep"];
+    const FLAGS: [&str; 4] = ["--find-max", "--fetch-wait-table", "--sync-table", "--keep"];
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -134,6 +139,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         duration: number(args, "--duration")?,
         find_max: args.iter().any(|a| a == "--find-max"),
         fetch_wait_table: args.iter().any(|a| a == "--fetch-wait-table"),
+        sync_table: args.iter().any(|a| a == "--sync-table"),
         preload: number(args, "--preload")?.unwrap_or(0),
         fetch_wait_ms: number(args, "--fetch-wait")?
             .or(env_wait)
@@ -179,19 +185,29 @@ fn service_env(fetch_wait_ms: u64) -> Vec<(&'static str, String, String)> {
 }
 
 async fn start_session(o: &Options, fetch_wait_ms: u64) -> Result<Session, String> {
+    start_session_with(o, fetch_wait_ms, Vec::new()).await
+}
+
+/// [`start_session`] with more variables for every service.
+async fn start_session_with(
+    o: &Options,
+    fetch_wait_ms: u64,
+    extra_env: Vec<(&'static str, String)>,
+) -> Result<Session, String> {
+    let mut env = service_env(fetch_wait_ms);
+    for service in SERVICES {
+        for (name, value) in &extra_env {
+            env.push((service, (*name).to_owned(), value.clone()));
+        }
+    }
     let dir = tempfile::Builder::new()
         .prefix("mall-bench-")
         .tempdir()
         .map_err(|e| format!("cannot create a run directory: {e}"))?;
     let started = async {
-        let stack = Stack::start_with_options(
-            dir.path(),
-            &o.bin_dir,
-            &o.broker,
-            service_env(fetch_wait_ms),
-            o.stack.clone(),
-        )
-        .map_err(|e| format!("start-up: {e}"))?;
+        let stack =
+            Stack::start_with_options(dir.path(), &o.bin_dir, &o.broker, env, o.stack.clone())
+                .map_err(|e| format!("start-up: {e}"))?;
         let mall = stack.mall();
         mall.wait_healthy().await?;
         let product = bench_product(&mall).await?;
@@ -555,6 +571,84 @@ async fn fetch_wait_table(o: &Options) -> Result<(), String> {
     Ok(())
 }
 
+/// Offered rates of `--sync-table`, orders/s: light, the held 1,000/s, past saturation.
+const SYNC_TABLE_RATES: [f64; 3] = [300.0, 1000.0, 1500.0];
+
+/// What fsyncing every commit costs: the same open loops on a fresh stack with SQLite's
+/// `synchronous` NORMAL and then FULL.
+async fn sync_table(o: &Options) -> Result<(), String> {
+    println!();
+    println!(
+        "sync table: a fresh stack per SQLITE_SYNCHRONOUS; {} orders/s for 20 s each",
+        SYNC_TABLE_RATES.map(|r| r.to_string()).join(", ")
+    );
+    println!(
+        "  {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>14}",
+        "synchronous", "offered/s", "ended/s", "p50 ms", "p99 ms", "unfinished", "CPU ms/saga"
+    );
+    let mut ended: Vec<(&str, f64, f64)> = Vec::new();
+    for sync in ["NORMAL", "FULL"] {
+        let mut session = start_session_with(
+            o,
+            o.fetch_wait_ms,
+            vec![("SQLITE_SYNCHRONOUS", sync.to_owned())],
+        )
+        .await?;
+        let rows = async {
+            tokio::time::sleep(Duration::from_secs(3)).await; // start-up work settles
+            let mut rows = Vec::new();
+            for rate in SYNC_TABLE_RATES {
+                let plan = Plan {
+                    rate,
+                    duration: Duration::from_secs(20),
+                    drain: Duration::from_secs(20),
+                };
+                let first = procfs::cpu_sample(&session.rig.processes);
+                let r = run::open_loop(&session.rig, plan).await?;
+                let last = procfs::cpu_sample(&session.rig.processes);
+                check_alive(&mut session.stack)?;
+                let cpu: f64 = run::cpu_seconds(&session.rig, &first, &last)
+                    .into_iter()
+                    .filter(|(name, _)| name != "saga-bench")
+                    .map(|(_, secs)| secs)
+                    .sum();
+                let sagas = (r.completed + r.cancelled).max(1) as f64;
+                rows.push((
+                    rate,
+                    r.throughput(),
+                    r.saga.p50,
+                    r.saga.p99,
+                    r.unfinished,
+                    1000.0 * cpu / sagas,
+                ));
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Ok::<_, String>(rows)
+        }
+        .await;
+        finish(session, o.keep || rows.is_err());
+        for (rate, per_s, p50, p99, unfinished, cpu) in rows? {
+            println!(
+                "  {sync:>11} {rate:>9.0} {per_s:>9.1} {p50:>9.1} {p99:>9.1} {unfinished:>10} {cpu:>14.2}"
+            );
+            ended.push((sync, rate, per_s));
+        }
+    }
+    for rate in SYNC_TABLE_RATES {
+        let of = |sync: &str| {
+            ended
+                .iter()
+                .find(|(s, r, _)| *s == sync && *r == rate)
+                .map_or(0.0, |(_, _, per_s)| *per_s)
+        };
+        println!(
+            "  at {rate:.0}/s offered: FULL ends {:.1} % of NORMAL's sagas per second",
+            100.0 * of("FULL") / of("NORMAL").max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(())
+}
+
 fn print_header(o: &Options) {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
@@ -571,6 +665,9 @@ async fn bench(o: &Options) -> Result<(), String> {
     }
     if o.is_default() || o.fetch_wait_table {
         fetch_wait_table(o).await?;
+    }
+    if o.sync_table {
+        sync_table(o).await?;
     }
     Ok(())
 }
