@@ -10,6 +10,7 @@ pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod history;
+pub mod ids;
 pub mod pending;
 pub mod reactor;
 pub mod retention;

@@ -5,7 +5,7 @@ use crate::history::OrderHistory;
 use crate::pending::PendingOrders;
 use crate::reactor::OrderReactor;
 use crate::routes::routes;
-use crate::{retention, timeouts};
+use crate::{ids, retention, timeouts};
 use diesel_migrations::embed_migrations;
 use events::Service;
 use kafka::{Database, ServiceHost, ServiceSettings, StartError};
@@ -71,6 +71,21 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     let pages = dashboard.clone();
     let pending = PendingOrders::new(settings.max_pending);
     let pending_data = actix_web::web::Data::from(pending.clone());
+    // Before any request is served: the topic must not hold ids this database would issue.
+    let kafka = &settings.service.kafka;
+    let broker = |reason: String| StartError::Broker {
+        brokers: kafka.brokers.clone(),
+        reason,
+    };
+    tokio::time::timeout(Duration::from_secs(30), kafka::admin::ensure_topics(kafka))
+        .await
+        .map_err(|_| broker("not reachable within 30 s".into()))?
+        .map_err(|e| {
+            broker(format!(
+                "not reachable or refused to create the topics ({e})"
+            ))
+        })?;
+    ids::move_past_the_topic(&db, kafka).await?;
     let mut host = ServiceHost::start(
         &settings.service,
         db.clone(),
