@@ -196,6 +196,74 @@ pub async fn happy_path(m: &Mall) -> Check {
     Ok(())
 }
 
+/// A stock write based on an old read is refused: GET shows 10, an order reserves one
+/// (9 + 1 reserved), and a `stock: 10` with `expectedStock: 10` — the blind write that would
+/// leave 11 units in existence — is a 409 that changes nothing; with the stock read again
+/// it is taken. `stockDelta` takes `expectedStock` too.
+pub async fn a_stock_write_based_on_an_old_read_is_refused(m: &Mall) -> Check {
+    let product = m.create_product("expected stock", 10).await?;
+    let url = format!("{}/products/{product}", m.products);
+    let read = m.expect("GET", &url, None, 200).await?;
+    expect_eq("stock read", read["stock"].as_i64(), Some(10))?;
+    let order = m.place_order(product, 1).await?;
+    m.wait_order_state(order, "OrderCompleted").await?;
+    m.wait_stock(product, (9, 1)).await?;
+    let refused = m
+        .expect(
+            "PATCH",
+            &url,
+            Some(json!({ "stock": 10, "expectedStock": 10 })),
+            409,
+        )
+        .await?;
+    let error = refused["error"].as_str().unwrap_or_default();
+    if !error.contains("expectedStock") || !error.contains('9') {
+        return Err(format!(
+            "the 409 should name expectedStock and the stock now: {refused}"
+        ));
+    }
+    m.expect(
+        "PATCH",
+        &url,
+        Some(json!({ "stockDelta": 1, "expectedStock": 10 })),
+        409,
+    )
+    .await?;
+    expect_eq(
+        "unchanged after the refusals",
+        m.stock(product).await?,
+        (9, 1),
+    )?;
+    let bad = m
+        .expect(
+            "PATCH",
+            &url,
+            Some(json!({ "stock": 10, "expectedStock": "nine" })),
+            422,
+        )
+        .await?;
+    if !bad["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("expectedStock")
+    {
+        return Err(format!("the 422 should name expectedStock: {bad}"));
+    }
+    let taken = m
+        .expect(
+            "PATCH",
+            &url,
+            Some(json!({ "stock": 12, "expectedStock": 9 })),
+            200,
+        )
+        .await?;
+    expect_eq(
+        "(stock, reserved) after the write",
+        (taken["stock"].as_i64(), taken["reserved"].as_i64()),
+        (Some(12), Some(1)),
+    )
+}
+
 /// Out of stock: ProductOutOfStock → OrderCancelled → DeliveryCancelled, all initiated by
 /// products; stock untouched and never "restored".
 pub async fn out_of_stock(m: &Mall) -> Check {

@@ -54,6 +54,10 @@ scenario!(
     scenarios::bad_input_gets_clear_errors
 );
 scenario!(metrics_are_exposed, scenarios::metrics_are_exposed);
+scenario!(
+    a_stock_write_based_on_an_old_read_is_refused,
+    scenarios::a_stock_write_based_on_an_old_read_is_refused
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_twice() {

@@ -14,6 +14,9 @@ pub enum ProductsError {
     /// Products has decided nothing for this order (yet).
     #[error("no reservation for order {0}")]
     NoReservation(i64),
+    /// The product changed since the client read it (`expectedStock`).
+    #[error("{0}")]
+    Conflict(String),
     /// The request is well-formed JSON but its values are not acceptable.
     #[error("{0}")]
     Invalid(String),
@@ -38,6 +41,7 @@ impl ResponseError for ProductsError {
     fn status_code(&self) -> StatusCode {
         match self {
             ProductsError::NotFound(_) | ProductsError::NoReservation(_) => StatusCode::NOT_FOUND,
+            ProductsError::Conflict(_) => StatusCode::CONFLICT,
             ProductsError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ProductsError::Internal(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             ProductsError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

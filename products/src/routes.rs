@@ -77,7 +77,9 @@ struct CreateProduct {
 
 /// `PATCH /products/{id}` body: any of the fields. `stockDelta` adjusts the stock relative to
 /// what it is at the moment of the write, so reservations made since the client's GET are
-/// kept; `stock` sets it outright.
+/// kept; `stock` sets it outright. `expectedStock` makes the change conditional: the stock
+/// the client read; if it moved since (a reservation, another change) the answer is a 409 and
+/// nothing changes, so a `stock` based on an old GET cannot create or destroy units.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct UpdateProduct {
@@ -89,6 +91,8 @@ struct UpdateProduct {
     stock: Option<serde_json::Value>,
     #[serde(default)]
     stock_delta: Option<serde_json::Value>,
+    #[serde(default)]
+    expected_stock: Option<serde_json::Value>,
 }
 
 async fn list(db: web::Data<Database>) -> Result<HttpResponse, ProductsError> {
@@ -165,10 +169,11 @@ async fn update(
     let number = |field, value: &Option<serde_json::Value>| {
         kafka::http::optional_whole_number(field, value.as_ref()).map_err(ProductsError::Invalid)
     };
-    let (price_in, stock_in, delta_in) = (
+    let (price_in, stock_in, delta_in, expected) = (
         number("price", &body.price)?,
         number("stock", &body.stock)?,
         number("stockDelta", &body.stock_delta)?,
+        number("expectedStock", &body.expected_stock)?,
     );
     if body.name.is_none()
         && body.price.is_none()
@@ -195,6 +200,13 @@ async fn update(
     let product = db
         .write(move |conn| {
             let mut p = store::product(conn, id)?.ok_or(ProductsError::NotFound(id))?;
+            if let Some(expected) = expected.filter(|e| *e != p.stock) {
+                return Err(ProductsError::Conflict(format!(
+                    "expectedStock is {expected} but the stock is {} now (reservations or \
+                     another change since it was read): read it again, or adjust with stockDelta",
+                    p.stock
+                )));
+            }
             if let Some(name) = name {
                 p.name = name.as_str().to_owned();
             }

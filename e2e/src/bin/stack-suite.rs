@@ -552,6 +552,10 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         scenarios::bad_input_gets_clear_errors(&m)
     );
     scenario!(
+        "a stock write based on an old read is refused (expectedStock)",
+        scenarios::a_stock_write_based_on_an_old_read_is_refused(&m)
+    );
+    scenario!(
         "malformed message parked on the DLT",
         scenarios::malformed_message_is_parked(&m)
     );
