@@ -318,6 +318,8 @@ impl Model {
                     name: format!("product {}", spec.id),
                     price: 100,
                     stock,
+                    reserved: 0,
+                    delivered: 0,
                 });
                 let last_changed = product.as_ref().map(|p| {
                     self.events

@@ -2,7 +2,6 @@
 
 use crate::domain::{MAX_PRICE, MAX_STOCK, ProductName, amount};
 use crate::error::ProductsError;
-use crate::saga::Product;
 use crate::store::{self, NewProduct};
 use actix_web::{HttpResponse, web};
 use events::{Envelope, Service};
@@ -33,27 +32,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(reservation))
             .default_service(web::to(kafka::http::method_not_allowed)),
     );
-}
-
-/// A product as the API shows it, with `reserved` (units held for orders not yet delivered)
-/// and `delivered` (units gone with completed deliveries): stock + reserved + delivered only
-/// changes when someone changes the stock.
-#[derive(Debug, Serialize)]
-pub struct ProductJson {
-    #[serde(flatten)]
-    product: Product,
-    reserved: i64,
-    delivered: i64,
-}
-
-impl ProductJson {
-    fn new(product: Product, committed: store::Committed) -> Self {
-        ProductJson {
-            product,
-            reserved: committed.reserved,
-            delivered: committed.delivered,
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,22 +73,16 @@ struct UpdateProduct {
     expected_stock: Option<serde_json::Value>,
 }
 
-async fn list(db: web::Data<Database>) -> Result<HttpResponse, ProductsError> {
-    // Stock and reservations from the same snapshot (REPEATABLE READ on PostgreSQL).
+/// `GET /products?after=&limit=`: one page of the catalog by id (100 by default, at most
+/// 1,000), each with its stock, reserved and delivered units from its own row.
+async fn list(
+    db: web::Data<Database>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ProductsError> {
+    let q = query.into_inner();
+    let page = kafka::http::Page::parse(q.after, q.limit).map_err(ProductsError::Invalid)?;
     let products = db
-        .read_snapshot(|conn| {
-            let committed = store::committed_by_product(conn)?;
-            let products = store::all_products(conn)?;
-            Ok::<_, ProductsError>(
-                products
-                    .into_iter()
-                    .map(|p| {
-                        let held = committed.get(&p.id).copied().unwrap_or_default();
-                        ProductJson::new(p, held)
-                    })
-                    .collect::<Vec<_>>(),
-            )
-        })
+        .read(move |conn| store::products_page(conn, page).map_err(ProductsError::from))
         .await?;
     Ok(HttpResponse::Ok().json(products))
 }
@@ -121,11 +93,7 @@ async fn get_one(
 ) -> Result<HttpResponse, ProductsError> {
     let id = id.into_inner();
     let product = db
-        .read_snapshot(move |conn| {
-            let p = store::product(conn, id)?.ok_or(ProductsError::NotFound(id))?;
-            let committed = store::committed_units(conn, id)?;
-            Ok::<_, ProductsError>(ProductJson::new(p, committed))
-        })
+        .read(move |conn| store::product(conn, id)?.ok_or(ProductsError::NotFound(id)))
         .await?;
     Ok(HttpResponse::Ok().json(product))
 }
@@ -155,7 +123,7 @@ async fn create(
         .await?;
     Ok(HttpResponse::Created()
         .insert_header(("Location", format!("/products/{}", product.id)))
-        .json(ProductJson::new(product, store::Committed::default())))
+        .json(product))
 }
 
 async fn update(
@@ -224,9 +192,8 @@ async fn update(
                 })?;
             }
             store::save_product(conn, &p)?;
-            let committed = store::committed_units(conn, id)?;
             let event = Envelope::new(Service::Products, p.changed());
-            Ok::<_, ProductsError>((ProductJson::new(p, committed), vec![event]))
+            Ok::<_, ProductsError>((p, vec![event]))
         })
         .await?;
     Ok(HttpResponse::Ok().json(product))

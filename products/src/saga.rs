@@ -16,6 +16,11 @@ pub struct Product {
     pub price: i64,
     /// Units on hand, not counting reserved ones.
     pub stock: i64,
+    /// Units held for orders in flight (reservations `Reserved`).
+    pub reserved: i64,
+    /// Units gone with completed deliveries. The saga moves units between `stock`,
+    /// `reserved` and `delivered` and never creates or destroys one: only a stock write does.
+    pub delivered: i64,
 }
 
 impl Product {
@@ -165,6 +170,7 @@ fn reserve(
         return (StockView::default(), Vec::new()); // unreachable: refused above
     };
     product.stock -= order.quantity;
+    product.reserved += order.quantity;
     let events = stock_moved(&product, order.order_id, order.quantity, incoming, true);
     let view = StockView {
         product: Some(product),
@@ -206,6 +212,7 @@ fn release(view: StockView, incoming: &Envelope) -> (StockView, Vec<Envelope>) {
         return (view, Vec::new()); // released already, or nothing was reserved
     }
     product.stock += reservation.quantity;
+    product.reserved -= reservation.quantity;
     reservation.state = ReservationState::Released;
     let events = stock_moved(
         &product,
@@ -221,15 +228,21 @@ fn release(view: StockView, incoming: &Envelope) -> (StockView, Vec<Envelope>) {
     (view, events)
 }
 
-/// Settles a reservation whose delivery completed.
+/// Settles a reservation whose delivery completed: its units move from reserved to
+/// delivered.
 fn settle(view: StockView) -> (StockView, Vec<Envelope>) {
     match view.reservation {
         Some(mut r) if r.state == ReservationState::Reserved => {
             r.state = ReservationState::Delivered;
+            let product = view.product.map(|mut p| {
+                p.reserved -= r.quantity;
+                p.delivered += r.quantity;
+                p
+            });
             (
                 StockView {
+                    product,
                     reservation: Some(r),
-                    ..view
                 },
                 Vec::new(),
             )
@@ -275,6 +288,8 @@ mod tests {
             name: "TV".into(),
             price: 10000,
             stock,
+            reserved: 0,
+            delivered: 0,
         }
     }
 
@@ -326,9 +341,13 @@ mod tests {
         e
     }
 
+    /// Order 9's reservation of `quantity`, with `stock` left on hand.
     fn reserved(quantity: i64, stock: i64) -> StockView {
         StockView {
-            product: Some(tv(stock)),
+            product: Some(Product {
+                reserved: quantity,
+                ..tv(stock)
+            }),
             reservation: Some(StockReservation {
                 order_id: 9,
                 product_id: 1,
@@ -540,6 +559,43 @@ mod tests {
         let (after, events) = react(reserved(3, 7), &incoming);
         assert_eq!(after.reservation.unwrap().state, ReservationState::Released);
         assert_eq!(types(&events), ["StockIncreased", "ProductChanged"]);
+    }
+
+    /// stock + reserved + delivered of a product, and its (stock, reserved, delivered).
+    fn units(view: &StockView) -> (i64, (i64, i64, i64)) {
+        let p = view.product.as_ref().expect("a product");
+        (
+            p.stock + p.reserved + p.delivered,
+            (p.stock, p.reserved, p.delivered),
+        )
+    }
+
+    /// Every path of an order's reservation keeps stock + reserved + delivered, and the
+    /// counters say where the units are: reserve, then release or deliver (and anything
+    /// after that), or a refusal.
+    #[test]
+    fn the_saga_moves_units_between_stock_reserved_and_delivered_and_never_makes_one() {
+        let fresh = StockView {
+            product: Some(tv(10)),
+            reservation: None,
+        };
+        let (held, _) = react(fresh.clone(), &placed(3));
+        assert_eq!(units(&held), (10, (7, 3, 0)));
+        let (released, _) = react(held.clone(), &order_cancelled(Some(Service::Orders)));
+        assert_eq!(units(&released), (10, (10, 0, 0)));
+        let (delivered, _) = react(held, &delivery_completed());
+        assert_eq!(units(&delivered), (10, (7, 0, 3)));
+        for later in [
+            order_cancelled(Some(Service::Orders)),
+            delivery_cancelled(Some(Service::Delivery)),
+            delivery_completed(),
+            placed(3),
+        ] {
+            assert_eq!(units(&react(delivered.clone(), &later).0), (10, (7, 0, 3)));
+            assert_eq!(units(&react(released.clone(), &later).0), (10, (10, 0, 0)));
+        }
+        let (refused, _) = react(fresh, &placed(11));
+        assert_eq!(units(&refused), (10, (10, 0, 0)));
     }
 
     #[test]

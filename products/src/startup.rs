@@ -48,7 +48,8 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
 /// stock i×10, written only into an empty catalog and announced like any other change.
 async fn seed_catalog(db: &Database) -> Result<(), DbError> {
     db.write(|conn| {
-        if !store::all_products(conn)?.is_empty() {
+        let first = kafka::http::Page { after: 0, limit: 1 };
+        if !store::products_page(conn, first)?.is_empty() {
             return Ok((0, Vec::new()));
         }
         let mut events = Vec::new();

@@ -12,7 +12,8 @@ pub mod schema {
             name -> Text,
             price -> BigInt,
             stock -> BigInt,
-            delivered_archived -> BigInt,
+            reserved -> BigInt,
+            delivered -> BigInt,
         }
     }
 
@@ -41,6 +42,10 @@ pub struct ProductRow {
     pub price: i64,
     /// See [`Product`].
     pub stock: i64,
+    /// See [`Product`].
+    pub reserved: i64,
+    /// See [`Product`].
+    pub delivered: i64,
 }
 
 /// The insert form of [`ProductRow`].
@@ -78,6 +83,8 @@ impl From<ProductRow> for Product {
             name: r.name,
             price: r.price,
             stock: r.stock,
+            reserved: r.reserved,
+            delivered: r.delivered,
         }
     }
 }
@@ -97,10 +104,15 @@ impl TryFrom<ReservationRow> for StockReservation {
     }
 }
 
-/// Every product, by id.
-pub fn all_products(conn: &mut DbConnection) -> QueryResult<Vec<Product>> {
+/// One page of products by id.
+pub fn products_page(
+    conn: &mut DbConnection,
+    page: kafka::http::Page,
+) -> QueryResult<Vec<Product>> {
     products::table
+        .filter(products::id.gt(page.after))
         .order(products::id)
+        .limit(page.limit)
         .select(ProductRow::as_select())
         .load(conn)
         .map(|rows| rows.into_iter().map(Product::from).collect())
@@ -126,13 +138,15 @@ pub fn insert_product(conn: &mut DbConnection, new: &NewProduct<'_>) -> QueryRes
     .map(Product::from)
 }
 
-/// Writes a product's name, price and stock.
+/// Writes a product's name, price, stock and unit counters.
 pub fn save_product(conn: &mut DbConnection, p: &Product) -> QueryResult<()> {
     diesel::update(products::table.find(p.id))
         .set((
             products::name.eq(&p.name),
             products::price.eq(p.price),
             products::stock.eq(p.stock),
+            products::reserved.eq(p.reserved),
+            products::delivered.eq(p.delivered),
         ))
         .execute(conn)
         .map(|_| ())
@@ -170,74 +184,6 @@ pub fn save_reservation(conn: &mut DbConnection, r: &StockReservation) -> QueryR
     kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
 }
 
-/// Units a product has out of stock: held for orders in flight, and delivered.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Committed {
-    /// Reserved for orders not yet delivered (or cancelled).
-    pub reserved: i64,
-    /// Gone with completed deliveries.
-    pub delivered: i64,
-}
-
-/// [`Committed`] units for every product that has any, in two queries.
-pub fn committed_by_product(
-    conn: &mut DbConnection,
-) -> QueryResult<std::collections::HashMap<i64, Committed>> {
-    let archived: Vec<(i64, i64)> = products::table
-        .filter(products::delivered_archived.gt(0))
-        .select((products::id, products::delivered_archived))
-        .load(conn)?;
-    let held: Vec<(i64, String, i64)> = stock_reservations::table
-        .filter(stock_reservations::state.eq_any(["Reserved", "Delivered"]))
-        .select((
-            stock_reservations::product_id,
-            stock_reservations::state,
-            stock_reservations::quantity,
-        ))
-        .load(conn)?;
-    let mut totals = std::collections::HashMap::<i64, Committed>::new();
-    for (product_id, units) in archived {
-        totals.entry(product_id).or_default().delivered += units;
-    }
-    for (product_id, state, quantity) in held {
-        let t = totals.entry(product_id).or_default();
-        if state == "Reserved" {
-            t.reserved += quantity;
-        } else {
-            t.delivered += quantity;
-        }
-    }
-    Ok(totals)
-}
-
-/// [`Committed`] units of one product: stock + reserved + delivered stays constant under the
-/// saga, whatever orders do (delivered counts the pruned reservations too).
-pub fn committed_units(conn: &mut DbConnection, product_id: i64) -> QueryResult<Committed> {
-    let archived: i64 = products::table
-        .find(product_id)
-        .select(products::delivered_archived)
-        .first(conn)
-        .optional()?
-        .unwrap_or(0);
-    let held: Vec<(String, i64)> = stock_reservations::table
-        .filter(stock_reservations::product_id.eq(product_id))
-        .filter(stock_reservations::state.eq_any(["Reserved", "Delivered"]))
-        .select((stock_reservations::state, stock_reservations::quantity))
-        .load(conn)?;
-    let mut t = Committed {
-        delivered: archived,
-        ..Committed::default()
-    };
-    for (state, quantity) in held {
-        if state == "Reserved" {
-            t.reserved += quantity;
-        } else {
-            t.delivered += quantity;
-        }
-    }
-    Ok(t)
-}
-
 /// One page of reservations by order id.
 pub fn reservations(
     conn: &mut DbConnection,
@@ -255,4 +201,59 @@ pub fn reservations(
                 .map_err(|e| diesel::result::Error::DeserializationError(e.into()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::connection::SimpleConnection;
+    use diesel::migration::MigrationSource;
+    use diesel::prelude::*;
+    use diesel_migrations::MigrationHarness;
+
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Units {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        reserved: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        delivered: i64,
+    }
+
+    /// A database made before the counters gets them from its reservations (and from the
+    /// units its retention archived), so an upgrade shows the same figures as before.
+    #[test]
+    fn the_counters_migration_counts_the_reservations_already_there() {
+        let sqlite = || crate::startup::MIGRATIONS.sqlite;
+        let mut conn = SqliteConnection::establish(":memory:").unwrap();
+        let all = MigrationSource::<diesel::sqlite::Sqlite>::migrations(&sqlite()).unwrap();
+        for _ in 0..all.len() - 1 {
+            conn.run_next_migration(sqlite()).unwrap();
+        }
+        conn.batch_execute(
+            "INSERT INTO products (id, name, price, stock, delivered_archived) \
+             VALUES (1, 'TV', 1, 5, 2), (2, 'MASK', 1, 9, 0); \
+             INSERT INTO stock_reservations (order_id, product_id, quantity, state, updated_at) \
+             VALUES (1, 1, 3, 'Reserved', 't'), (2, 1, 4, 'Delivered', 't'), \
+                    (3, 1, 1, 'Released', 't'), (4, 1, 7, 'Rejected', 't'), \
+                    (5, 1, 2, 'Reserved', 't');",
+        )
+        .unwrap();
+        conn.run_pending_migrations(sqlite()).unwrap();
+        let units: Vec<Units> =
+            diesel::sql_query("SELECT reserved, delivered FROM products ORDER BY id")
+                .load(&mut conn)
+                .unwrap();
+        assert_eq!(
+            units,
+            [
+                Units {
+                    reserved: 5,
+                    delivered: 6
+                },
+                Units {
+                    reserved: 0,
+                    delivered: 0
+                }
+            ]
+        );
+    }
 }
