@@ -237,9 +237,9 @@ fn rig_of(stack: &Stack, fetch_wait_ms: u64, product: i64) -> Rig {
         .filter_map(|s| Some((*s, stack.database_url(s)?.to_owned())))
         .filter(|(_, url)| url.starts_with("postgres"))
         .collect();
-    if !databases.is_empty() {
+    if let Some(url) = databases.values().next() {
         processes.extend(
-            procfs::postgres_pids()
+            procfs::postgres_server_pids(url)
                 .into_iter()
                 .map(|pid| ("postgres".to_owned(), pid)),
         );
