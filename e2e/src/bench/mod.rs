@@ -4,6 +4,7 @@
 //! the databases a history.
 //! The binary puts them together and prints figures; nothing here asserts.
 
+pub mod delay;
 pub mod floor;
 pub mod load;
 pub mod preload;
