@@ -350,7 +350,7 @@ impl kafka::Reactor for CountingReactor {
         event: &events::Envelope,
     ) -> Result<Vec<events::Envelope>, kafka::ReactError> {
         let order = event.event.order_id().unwrap_or_default();
-        *self.0.lock().unwrap().entry(order).or_default() += 1;
+        *self.0.lock().expect("counts").entry(order).or_default() += 1;
         Ok(Vec::new())
     }
 }
