@@ -92,6 +92,22 @@ async fn one_way(
     tokio::join!(reading, writing);
 }
 
+/// Round trips of `SELECT 1` on a connection to `url`, ms each: what one statement costs the
+/// services through the proxy (on a busy machine, more than twice the delay: every hop waits
+/// for the proxy's turn on a core).
+pub fn statement_round_trips(url: &str, count: usize) -> Result<Vec<f64>, String> {
+    use diesel::Connection;
+    use diesel::connection::SimpleConnection;
+    let mut conn = diesel::PgConnection::establish(url).map_err(|e| e.to_string())?;
+    (0..count)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            conn.batch_execute("SELECT 1").map_err(|e| e.to_string())?;
+            Ok(started.elapsed().as_secs_f64() * 1000.0)
+        })
+        .collect()
+}
+
 /// `url` (`postgres://user@host:port/db…`) with its host and port replaced by `to`'s.
 pub fn through(url: &str, to: SocketAddr) -> Result<String, String> {
     let start = url.find("://").ok_or("not a URL")? + 3;

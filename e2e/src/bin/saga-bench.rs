@@ -220,7 +220,20 @@ async fn start_session_with(
             let proxy = DelayProxy::start(delay::address_of(url)?, delay)
                 .await
                 .map_err(|e| format!("the delaying proxy: {e}"))?;
-            stack_options.postgres = Some(delay::through(url, proxy.local)?);
+            let through = delay::through(url, proxy.local)?;
+            let probe = through.clone();
+            let trips = tokio::task::spawn_blocking(move || delay::statement_round_trips(&probe, 200))
+                .await
+                .map_err(|e| e.to_string())??;
+            let trips = Spread::of(trips);
+            println!(
+                "PostgreSQL through the delaying proxy ({:.1} ms each way): a statement's round trip p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms",
+                delay.as_secs_f64() * 1000.0,
+                trips.p50,
+                trips.p90,
+                trips.p99
+            );
+            stack_options.postgres = Some(through);
             Some(proxy)
         }
         _ => None,
