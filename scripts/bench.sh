@@ -9,7 +9,11 @@
 #   scripts/bench.sh --find-max               # rising rates until one is not held
 #   scripts/bench.sh --fetch-wait-table       # saga p50 and idle CPU per KAFKA_FETCH_WAIT_MAX_MS
 #   scripts/bench.sh --preload 1000000 --rate 300   # with a million orders of history
+#   scripts/bench.sh --postgres local --rate 300    # on a throwaway PostgreSQL server (removed at exit)
+#   scripts/bench.sh --postgres local --compare-instances 3 --partitions 6 --pg-delay 1 --rate 10
 #
+# --postgres local starts a PostgreSQL server of its own (scripts/lib.sh's start_postgres, which
+# preloads pg_stat_statements: the bench prints statements per saga); --postgres URL uses yours.
 # --broker kafka|tansu|both (default: BROKER, else kafka); other flags are forwarded;
 # scripts/bench.sh --help lists them all.
 set -euo pipefail
@@ -19,8 +23,27 @@ check_prerequisites
 
 brokers=("$BROKER")
 args=()
+pg_dir="" # the throwaway PostgreSQL server's data directory, if any
+trap '[[ -n "$pg_dir" ]] && { stop_postgres "$pg_dir"; rm -rf "$pg_dir"; }' EXIT
 while (( $# )); do
   case "$1" in
+    --postgres)
+      (( $# >= 2 )) || die "--postgres wants a server URL, or local"
+      if [[ "$2" == local ]]; then
+        ensure_postgres
+        pg_dir="$(mktemp -d)"
+        pg_port=""
+        for _ in $(seq 1 50); do
+          candidate=$((20000 + RANDOM % 12000))
+          port_open "127.0.0.1:$candidate" || { pg_port="$candidate"; break; }
+        done
+        [[ -n "$pg_port" ]] || die "no free port for PostgreSQL"
+        start_postgres "$pg_dir" "$pg_port"
+        args+=(--postgres "postgres://postgres@127.0.0.1:$pg_port/postgres")
+      else
+        args+=(--postgres "$2")
+      fi
+      shift 2 ;;
     --broker)
       (( $# >= 2 )) || die "--broker wants kafka, tansu or both"
       case "$2" in

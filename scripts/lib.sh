@@ -530,6 +530,7 @@ $out"
       "port = $port" "listen_addresses = '127.0.0.1'" \
       "unix_socket_directories = '${socket_dir//\'/\'\'}'" \
       "max_connections = 500   # 8 pooled connections per service instance" \
+      "shared_preload_libraries = 'pg_stat_statements'   # statements per saga (saga-bench)" \
       >"$dir/mall.conf"
     (( EUID == 0 )) && chown postgres: "$dir/mall.conf" "$dir/pg_hba.conf"
     if [[ -f "$dir/postmaster.pid" ]]; then

@@ -53,6 +53,16 @@ pub enum OrderDelivery {
 #[error("{0}")]
 pub struct IllegalTransition(pub String);
 
+/// Whether [`react`] starts a new delivery for `incoming` (and so uses its `next_id`): an
+/// OrderPlaced for an order delivery knows nothing of. The shell reads the next id only
+/// then, not for every event.
+pub fn starts_a_delivery(current: &OrderDelivery, incoming: &Envelope) -> bool {
+    matches!(
+        (&incoming.event, current),
+        (Event::OrderPlaced(_), OrderDelivery::Unknown)
+    )
+}
+
 /// Applies one saga event to the order's delivery. `next_id` is the id a new delivery gets.
 pub fn react(
     current: OrderDelivery,
@@ -254,6 +264,39 @@ mod tests {
         d.state = state;
         d.order_confirmed = order_confirmed;
         d
+    }
+
+    /// The shell reads a new id only when [`starts_a_delivery`] says so: whenever a rule
+    /// creates a delivery, it said so.
+    #[test]
+    fn a_new_delivery_id_is_used_exactly_when_starts_a_delivery_says_so() {
+        let states = [
+            Unknown,
+            Voided,
+            Known(delivery(DeliveryState::Started, false)),
+            Known(delivery(DeliveryState::Completed, true)),
+        ];
+        let completed = Envelope::new(
+            Service::Orders,
+            Event::OrderCompleted(OrderCompleted {
+                order_id: 4,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+            }),
+        );
+        for state in states {
+            for event in [placed(), completed.clone(), cancelled(Service::Orders)] {
+                let (after, _) = react(state.clone(), &event, 999);
+                let uses_it = matches!(&after, Known(d) if d.id == 999);
+                assert_eq!(
+                    starts_a_delivery(&state, &event),
+                    uses_it,
+                    "{state:?} {}",
+                    event.event_type()
+                );
+            }
+        }
     }
 
     #[test]

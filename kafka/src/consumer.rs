@@ -989,10 +989,11 @@ impl EventConsumer {
         let result = self
             .db
             .write(move |conn| {
-                let mut outcomes = Vec::with_capacity(wanted.len());
+                let (events, whats): (Vec<Envelope>, Vec<String>) = wanted.into_iter().unzip();
+                let mut outcomes = Vec::with_capacity(events.len());
                 let mut caused = Vec::new();
-                for (event, what) in wanted {
-                    let (applied, events) = inbox::apply_in(conn, &*reactor, &event)?;
+                let applied = inbox::apply_all_in(conn, &*reactor, &events)?;
+                for ((applied, events), what) in applied.into_iter().zip(whats) {
                     outcomes.push((applied, what));
                     caused.extend(events);
                 }

@@ -336,3 +336,81 @@ async fn a_snapshot_read_never_mixes_two_moments() {
     }
     assert_eq!(seen, [100].into(), "every read saw one moment");
 }
+
+/// Counts the reactions to each order and causes nothing.
+struct CountingReactor(std::sync::Mutex<std::collections::HashMap<i64, usize>>);
+
+impl kafka::Reactor for CountingReactor {
+    fn wants(&self, _: &events::Envelope) -> bool {
+        true
+    }
+    fn react(
+        &self,
+        _: &mut kafka::db::DbConnection,
+        event: &events::Envelope,
+    ) -> Result<Vec<events::Envelope>, kafka::ReactError> {
+        let order = event.event.order_id().unwrap_or_default();
+        *self.0.lock().expect("counts").entry(order).or_default() += 1;
+        Ok(Vec::new())
+    }
+}
+
+/// A consumed batch records its event ids with one statement, not one per event (a round
+/// trip each to a server on another host), and still applies every event once: an id
+/// repeated inside the batch, and the whole batch delivered again, are duplicates.
+#[tokio::test]
+async fn a_batch_records_its_event_ids_in_one_statement_and_applies_each_once() {
+    use events::{Envelope, Event, OrderCompleted, Service};
+    use kafka::Applied;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let url = database_or_skip!("inbox_batch");
+    let db = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    let event = |order_id| {
+        Envelope::new(
+            Service::Products,
+            Event::OrderCompleted(OrderCompleted {
+                order_id,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+            }),
+        )
+    };
+    let mut batch: Vec<Envelope> = (1..=20).map(event).collect();
+    batch.insert(10, batch[3].clone()); // a republished event inside the batch
+    let reactor = Arc::new(CountingReactor(Mutex::new(Default::default())));
+    let inserts = Arc::new(AtomicUsize::new(0));
+    let apply = |batch: Vec<Envelope>| {
+        let (reactor, inserts) = (reactor.clone(), inserts.clone());
+        db.write(move |conn| {
+            let counter = inserts.clone();
+            conn.set_instrumentation(move |e: diesel::connection::InstrumentationEvent<'_>| {
+                if let diesel::connection::InstrumentationEvent::StartQuery { query, .. } = e
+                    && query
+                        .to_string()
+                        .contains("INSERT INTO \"processed_events\"")
+                {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            let applied = kafka::inbox::apply_all_in(conn, &*reactor, &batch);
+            conn.set_instrumentation(None::<Box<dyn diesel::connection::Instrumentation>>);
+            Ok::<_, kafka::ReactError>((applied?, Vec::new()))
+        })
+    };
+    let first = apply(batch.clone()).await.unwrap();
+    let outcomes: Vec<Applied> = first.iter().map(|(a, _)| *a).collect();
+    let mut expected = vec![Applied::Done(0); 21];
+    expected[10] = Applied::Duplicate;
+    assert_eq!(outcomes, expected);
+    assert_eq!(inserts.load(Ordering::SeqCst), 1, "one INSERT for 21 ids");
+    let again = apply(batch).await.unwrap();
+    assert!(again.iter().all(|(a, _)| *a == Applied::Duplicate));
+    let counts = reactor.0.lock().unwrap().clone();
+    assert_eq!(counts.len(), 20);
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "each event once: {counts:?}"
+    );
+}

@@ -58,26 +58,51 @@ impl WriteHook for OrderHistory {
         conn: &mut DbConnection,
         events: &[Envelope],
     ) -> diesel::QueryResult<Option<AfterCommit>> {
-        let mut ended = Vec::new();
+        // Which events end a saga, decided as if they were recorded one by one: a cancel of
+        // an order completed before (in the database, or earlier in this write) is no end.
+        let mut completed_here = std::collections::HashSet::new();
+        let mut ends = Vec::new();
+        let mut rows = Vec::with_capacity(events.len());
         for event in events {
             let Some(order_id) = event.event.order_id() else {
                 continue;
             };
             let outcome = match &event.event {
-                Event::OrderCompleted(_) => Some("completed"),
-                // Asked before this event is recorded: a cancel after completion is not an end.
-                Event::OrderCancelled(_) if !store::was_completed(conn, order_id)? => {
+                Event::OrderCompleted(_) => {
+                    completed_here.insert(order_id);
+                    Some("completed")
+                }
+                Event::OrderCancelled(_)
+                    if !completed_here.contains(&order_id)
+                        && !store::was_completed(conn, order_id)? =>
+                {
                     Some("cancelled")
                 }
                 _ => None,
             };
-            store::record_history(conn, order_id, event)?;
-            if let Some(outcome) = outcome
-                && let Some(seconds) = saga_seconds(conn, order_id, event)?
-            {
-                ended.push((outcome, seconds));
+            rows.push((order_id, event));
+            if let Some(outcome) = outcome {
+                ends.push((outcome, order_id, event));
             }
         }
+        // One statement each for the whole write (a consumer's batch completes many orders):
+        // on PostgreSQL every statement is a round trip.
+        store::record_histories(conn, &rows)?;
+        let placed = if ends.is_empty() {
+            Default::default()
+        } else {
+            let ids: Vec<i64> = ends.iter().map(|(_, id, _)| *id).collect();
+            store::placed_at_each(conn, &ids)?
+        };
+        let ended: Vec<(&str, f64)> = ends
+            .into_iter()
+            .filter_map(|(outcome, order_id, end)| {
+                Some((
+                    outcome,
+                    saga_seconds(order_id, placed.get(&order_id)?, end)?,
+                ))
+            })
+            .collect();
         if ended.is_empty() {
             return Ok(None);
         }
@@ -90,24 +115,18 @@ impl WriteHook for OrderHistory {
     }
 }
 
-/// Seconds from the order's placement to `end`; None (logged) if its `created_at` is unusable.
-fn saga_seconds(
-    conn: &mut DbConnection,
-    order_id: i64,
-    end: &Envelope,
-) -> diesel::QueryResult<Option<f64>> {
-    let Some(created_at) = store::placed_at(conn, order_id)? else {
-        return Ok(None);
-    };
-    let Ok(placed) = chrono::DateTime::parse_from_rfc3339(&created_at) else {
+/// Seconds from the order's placement (`created_at`) to `end`; None (logged) if `created_at`
+/// is unusable.
+fn saga_seconds(order_id: i64, created_at: &str, end: &Envelope) -> Option<f64> {
+    let Ok(placed) = chrono::DateTime::parse_from_rfc3339(created_at) else {
         log::warn!("order {order_id}: created_at {created_at:?} is not RFC 3339; not timed");
-        return Ok(None);
+        return None;
     };
-    Ok(Some(
+    Some(
         (end.timestamp - placed.to_utc())
             .to_std()
             .map_or(0.0, |d| d.as_secs_f64()),
-    ))
+    )
 }
 
 #[cfg(test)]
@@ -298,6 +317,61 @@ mod tests {
             (mall.timed("completed").0, mall.timed("cancelled").0),
             (1, 0)
         );
+    }
+
+    /// A write that completes several orders (a consumer's batch) records their history and
+    /// reads their placement times with one statement each, not one per order: each is a
+    /// round trip on PostgreSQL. Every order is still recorded and timed.
+    #[tokio::test]
+    async fn a_batch_of_ends_is_recorded_and_timed_with_one_statement_each() {
+        use diesel::Connection;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let mall = open();
+        let mut orders = Vec::new();
+        for _ in 0..5 {
+            orders.push(mall.place(1).await);
+        }
+        let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let counted = counts.clone();
+        let completions: Vec<Envelope> = orders
+            .iter()
+            .map(|id| {
+                let completed = events::OrderCompleted {
+                    order_id: *id,
+                    product_id: 1,
+                    quantity: 1,
+                    customer_id: "c".into(),
+                };
+                Envelope::new(Service::Orders, Event::OrderCompleted(completed))
+            })
+            .collect();
+        mall.db
+            .write(move |conn| {
+                conn.set_instrumentation(move |e: diesel::connection::InstrumentationEvent<'_>| {
+                    if let diesel::connection::InstrumentationEvent::StartQuery { query, .. } = e {
+                        let sql = query.to_string();
+                        if sql.starts_with("INSERT INTO `order_events`") {
+                            counted[0].fetch_add(1, Ordering::SeqCst);
+                        } else if sql.starts_with("SELECT") && sql.contains("created_at") {
+                            counted[1].fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+                Ok::<_, DbError>(((), completions))
+            })
+            .await
+            .unwrap();
+        let statements = [0, 1].map(|i| counts[i].load(Ordering::SeqCst));
+        assert_eq!(statements, [1, 1], "history inserts, placement reads");
+        for id in orders {
+            assert_eq!(
+                mall.history(id).await,
+                pairs(&[("OrderPlaced", "orders"), ("OrderCompleted", "orders")])
+            );
+        }
+        let (count, sum) = mall.timed("completed");
+        assert_eq!(count, 5);
+        assert!((4.5..10.0).contains(&sum), "{sum}");
     }
 
     #[test]

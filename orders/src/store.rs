@@ -226,13 +226,17 @@ pub fn order(conn: &mut DbConnection, id: i64) -> QueryResult<Option<StoredOrder
         .transpose()
 }
 
-/// When the order was placed (`created_at`), if it exists.
-pub fn placed_at(conn: &mut DbConnection, id: i64) -> QueryResult<Option<String>> {
-    orders::table
-        .find(id)
-        .select(orders::created_at)
-        .first(conn)
-        .optional()
+/// When each of the orders that exist was placed (`created_at`), in one statement.
+pub fn placed_at_each(
+    conn: &mut DbConnection,
+    ids: &[i64],
+) -> QueryResult<std::collections::HashMap<i64, String>> {
+    Ok(orders::table
+        .filter(orders::id.eq_any(ids))
+        .select((orders::id, orders::created_at))
+        .load::<(i64, String)>(conn)?
+        .into_iter()
+        .collect())
 }
 
 /// Whether orders completed the order at some point (its OrderCompleted is in the history;
@@ -281,23 +285,37 @@ pub struct HistoryRow {
 /// Appends an event to its order's history: a consumed one as it is applied, one of orders'
 /// own as it is written ([`crate::history`]). A repeat is ignored.
 pub fn record_history(conn: &mut DbConnection, order_id: i64, e: &Envelope) -> QueryResult<()> {
-    let mut payload = serde_json::to_value(&e.event).unwrap_or_default();
-    if let Some(fields) = payload.as_object_mut() {
-        fields.remove("eventType");
+    record_histories(conn, &[(order_id, e)])
+}
+
+/// Appends events to their orders' histories, in the given order, with one statement.
+pub fn record_histories(conn: &mut DbConnection, events: &[(i64, &Envelope)]) -> QueryResult<()> {
+    if events.is_empty() {
+        return Ok(());
     }
+    let rows: Vec<_> = events
+        .iter()
+        .map(|(order_id, e)| {
+            let mut payload = serde_json::to_value(&e.event).unwrap_or_default();
+            if let Some(fields) = payload.as_object_mut() {
+                fields.remove("eventType");
+            }
+            (
+                order_events::order_id.eq(*order_id),
+                order_events::event_id.eq(e.event_id.to_string()),
+                order_events::event_type.eq(e.event_type()),
+                order_events::source.eq(e.source.as_str()),
+                order_events::causation_id.eq(e.causation_id.map(|id| id.to_string())),
+                order_events::initiator.eq(e.initiator.map(|s| s.as_str())),
+                order_events::timestamp.eq(e
+                    .timestamp
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+                order_events::payload.eq(payload.to_string()),
+            )
+        })
+        .collect();
     let statement = diesel::insert_into(order_events::table)
-        .values((
-            order_events::order_id.eq(order_id),
-            order_events::event_id.eq(e.event_id.to_string()),
-            order_events::event_type.eq(e.event_type()),
-            order_events::source.eq(e.source.as_str()),
-            order_events::causation_id.eq(e.causation_id.map(|id| id.to_string())),
-            order_events::initiator.eq(e.initiator.map(|s| s.as_str())),
-            order_events::timestamp.eq(e
-                .timestamp
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-            order_events::payload.eq(payload.to_string()),
-        ))
+        .values(rows)
         .on_conflict_do_nothing();
     kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
 }

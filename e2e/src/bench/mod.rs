@@ -1,13 +1,16 @@
 //! The pieces of `saga-bench`: an open-loop load generator, a reader of the saga topic that
 //! times every order from its own events, the broker's floor (one produce + consume round
-//! trip), CPU and memory from `/proc`, and a filler that gives the databases a history.
+//! trip), CPU and memory from `/proc`, PostgreSQL's statement counts, and a filler that gives
+//! the databases a history.
 //! The binary puts them together and prints figures; nothing here asserts.
 
+pub mod delay;
 pub mod floor;
 pub mod load;
 pub mod preload;
 pub mod procfs;
 pub mod run;
+pub mod statements;
 pub mod stats;
 pub mod watcher;
 

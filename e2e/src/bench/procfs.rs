@@ -72,6 +72,42 @@ pub fn postgres_pids() -> Vec<u32> {
         .collect()
 }
 
+/// Pids of the PostgreSQL server `url` points at — its postmaster and every process it
+/// forked (backends, workers) — read from the `postmaster.pid` of its data directory, so other
+/// servers on the machine are not counted; every `postgres` process when that cannot be read
+/// (a server elsewhere, or its directory closed to this user).
+pub fn postgres_server_pids(url: &str) -> Vec<u32> {
+    server_pids(url).unwrap_or_else(postgres_pids)
+}
+
+fn server_pids(url: &str) -> Option<Vec<u32>> {
+    use diesel::{Connection, RunQueryDsl};
+    let mut conn = diesel::PgConnection::establish(url).ok()?;
+    let dir: String = diesel::dsl::sql::<diesel::sql_types::Text>(
+        "SELECT setting FROM pg_settings WHERE name = 'data_directory'",
+    )
+    .get_result(&mut conn)
+    .ok()?;
+    let pid_file = std::fs::read_to_string(Path::new(&dir).join("postmaster.pid")).ok()?;
+    let postmaster: u32 = pid_file.lines().next()?.trim().parse().ok()?;
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let mut pids = vec![postmaster];
+    pids.extend(
+        postgres_pids()
+            .into_iter()
+            .filter(|pid| parent(*pid) == Some(postmaster)),
+    );
+    Some(pids)
+}
+
 /// Bytes of a service's database: `pg_database_size` for a PostgreSQL URL (0 if unreachable),
 /// else the SQLite file in `dir` and its write-ahead log.
 pub fn database_size(dir: &Path, service: &str, url: Option<&str>) -> u64 {

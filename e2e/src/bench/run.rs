@@ -4,6 +4,7 @@
 use super::floor::Probe;
 use super::load::{self, Load, Outcome};
 use super::procfs::{self, Memory};
+use super::statements::{self, Statement};
 use super::stats::Spread;
 use super::watcher::{Times, Watcher};
 use crate::stack::{SERVICES, TOPIC};
@@ -98,6 +99,9 @@ pub struct Report {
     pub memory: Vec<(String, Memory)>,
     /// Database bytes (file + WAL) per service before and after.
     pub database: Vec<(&'static str, u64, u64)>,
+    /// PostgreSQL: the statements the services' databases ran in the steady window, or why
+    /// they could not be counted; `None` on SQLite.
+    pub statements: Option<Result<Vec<Statement>, String>>,
 }
 
 impl Report {
@@ -131,7 +135,7 @@ pub async fn open_loop(rig: &Rig, plan: Plan) -> Result<Report, String> {
     };
     let probe = Probe::start(&rig.brokers, rig.fetch_wait_ms).await?;
     let started = Instant::now();
-    let (load, (cpu_secs, memory), floor_under_load) = tokio::join!(
+    let (load, (cpu_secs, memory, statements), floor_under_load) = tokio::join!(
         load::open_loop(&rig.target, plan.rate, plan.duration),
         sample_steady_window(rig, plan),
         probe.round_trips_between(started + plan.warm_up(), started + plan.duration)
@@ -155,6 +159,7 @@ pub async fn open_loop(rig: &Rig, plan: Plan) -> Result<Report, String> {
         cpu_secs,
         memory,
         database,
+        statements,
     ))
 }
 
@@ -190,17 +195,42 @@ fn merged<T: Clone>(entries: Vec<(String, T)>, add: impl Fn(&T, &T) -> T) -> Vec
     out
 }
 
+/// What the steady window measures.
+type Window = (
+    Vec<(String, f64)>,
+    Vec<(String, Memory)>,
+    Option<Result<Vec<Statement>, String>>,
+);
+
 /// CPU ticks at the start and the end of the steady window → seconds per process; memory at
-/// the end.
-async fn sample_steady_window(
-    rig: &Rig,
-    plan: Plan,
-) -> (Vec<(String, f64)>, Vec<(String, Memory)>) {
+/// the end; on PostgreSQL the statements counted in between.
+async fn sample_steady_window(rig: &Rig, plan: Plan) -> Window {
     let start = tokio::time::Instant::now();
     tokio::time::sleep_until(start + plan.warm_up()).await;
+    let server = rig.databases.values().next().cloned();
+    let names: Vec<String> = rig
+        .databases
+        .values()
+        .map(|url| statements::database_name(url))
+        .collect();
+    let counting = match &server {
+        Some(url) => Some(
+            blocking({
+                let url = url.clone();
+                move || statements::reset(&url)
+            })
+            .await,
+        ),
+        None => None,
+    };
     let first = procfs::cpu_sample(&rig.processes);
     tokio::time::sleep_until(start + plan.duration).await;
     let last = procfs::cpu_sample(&rig.processes);
+    let statements = match (counting, server) {
+        (Some(Ok(())), Some(url)) => Some(blocking(move || statements::read(&url, &names)).await),
+        (Some(Err(e)), _) => Some(Err(e)),
+        _ => None,
+    };
     let memory = rig
         .processes
         .iter()
@@ -209,7 +239,20 @@ async fn sample_steady_window(
     let larger = |a: &Memory, b: &Memory| {
         if b.rss_kb > a.rss_kb { *b } else { *a }
     };
-    (cpu_seconds(rig, &first, &last), merged(memory, larger))
+    (
+        cpu_seconds(rig, &first, &last),
+        merged(memory, larger),
+        statements,
+    )
+}
+
+/// Runs blocking database work off the runtime's threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 /// CPU seconds per process between two samples (NaN for a process that went away).
@@ -259,6 +302,7 @@ fn summarise(
     cpu_secs: Vec<(String, f64)>,
     memory: Vec<(String, Memory)>,
     database: Vec<(&'static str, u64, u64)>,
+    statements: Option<Result<Vec<Statement>, String>>,
 ) -> Report {
     // One figure per saga that has both ends of the interval.
     let between = |interval: fn(&Times) -> Option<i64>| {
@@ -331,6 +375,7 @@ fn summarise(
         cpu_secs,
         memory,
         database,
+        statements,
         load,
     }
 }
@@ -374,6 +419,55 @@ pub fn print_report(r: &Report) {
     );
     print_latency(r);
     print_resources(r);
+    print_statements(r);
+}
+
+/// How many of the top statements are listed.
+const TOP_STATEMENTS: usize = 15;
+
+fn print_statements(r: &Report) {
+    let sagas = r.steady_sagas.max(1) as f64;
+    let listed = match &r.statements {
+        None => return,
+        Some(Err(e)) => {
+            println!("  statements per saga: not counted: {e}");
+            return;
+        }
+        Some(Ok(listed)) => listed,
+    };
+    let calls: i64 = listed.iter().map(|s| s.calls).sum();
+    let mut per_database: BTreeMap<&str, i64> = BTreeMap::new();
+    for s in listed {
+        *per_database.entry(s.database.as_str()).or_default() += s.calls;
+    }
+    let postgres_cpu = r
+        .cpu_secs
+        .iter()
+        .find(|(name, _)| name == "postgres")
+        .map_or(f64::NAN, |(_, secs)| secs * 1000.0 / sagas);
+    println!(
+        "  PostgreSQL  {:.1} statements per saga ({calls} in the steady window: {}); {postgres_cpu:.2} ms of server CPU per saga",
+        calls as f64 / sagas,
+        per_database
+            .iter()
+            .map(|(db, n)| format!("{db} {:.1}", *n as f64 / sagas))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "    {:>9} {:>9}  {:<18} statement (top {TOP_STATEMENTS} by calls)",
+        "per saga", "exec ms", "database"
+    );
+    for s in listed.iter().take(TOP_STATEMENTS) {
+        let text: String = s.query.split_whitespace().collect::<Vec<_>>().join(" ");
+        let text: String = text.chars().take(110).collect();
+        println!(
+            "    {:>9.2} {:>9.0}  {:<18} {text}",
+            s.calls as f64 / sagas,
+            s.exec_ms,
+            s.database
+        );
+    }
 }
 
 fn print_latency(r: &Report) {

@@ -8,10 +8,13 @@
 //!   and database growth;
 //! - `--find-max`: rising rates until one is no longer held;
 //! - `--fetch-wait-table`: saga latency and idle CPU for several `KAFKA_FETCH_WAIT_MAX_MS`;
-//! - `--sync-table`: what fsyncing every SQLite commit costs (`SQLITE_SYNCHRONOUS` NORMAL vs FULL).
+//! - `--sync-table`: what fsyncing every SQLite commit costs (`SQLITE_SYNCHRONOUS` NORMAL vs FULL);
+//! - `--compare-instances N` (PostgreSQL): the open loop on one instance per service, then on
+//!   N, each on a fresh stack, optionally behind a delaying proxy (`--pg-delay MS`).
 //!
 //! Exits non-zero only when the stack cannot start or a measurement breaks.
 
+use e2e::bench::delay::{self, DelayProxy};
 use e2e::bench::floor::broker_floor;
 use e2e::bench::run::{self, Plan, Report, Rig};
 use e2e::bench::stats::Spread;
@@ -27,7 +30,8 @@ const USAGE: &str = "\
 usage: saga-bench [--rate R --duration S] [--find-max] [--fetch-wait-table] [--sync-table]
                   [--preload N] [--keep]
                   [--fetch-wait MS] [--bin-dir DIR] (--kafka DIR | --tansu PATH)
-                  [--postgres URL [--instances N] [--partitions P]] [--broker-storage URL]
+                  [--postgres URL [--instances N | --compare-instances N] [--partitions P]
+                   [--pg-delay MS]] [--broker-storage URL]
 
 Starts its own broker and services (scripts/bench.sh builds them) and prints figures.
 With no mode flag: broker floor, open loop at 300/s for 30 s and at 1000/s for 60 s, and the
@@ -51,6 +55,10 @@ fetch-wait table.
                          fresh databases per run); the postgres processes' CPU is one line
   --instances N          N instances of each service (needs --postgres); orders go round-robin
   --partitions P         KAFKA_PARTITIONS for the services (which create the topic)
+  --compare-instances N  with --rate: the open loop with 1 instance per service, then with N (a fresh
+                         stack each), and both side by side (sagas/s, p99, CPU and statements per saga)
+  --pg-delay MS          the services reach PostgreSQL through a proxy of the bench's that delays each
+                         direction by MS ms (PostgreSQL on another host, without tc netem)
   --broker-storage URL   tansu's --storage-engine (default sqlite://tansu.db; memory://tansu/
                          keeps nothing across a broker restart: to measure the broker's share)";
 
@@ -78,6 +86,10 @@ struct Options {
     fetch_wait_ms: u64,
     keep: bool,
     stack: StackOptions,
+    /// `--compare-instances N`: one instance per service, then N.
+    compare_instances: Option<usize>,
+    /// `--pg-delay MS`: each direction between the services and PostgreSQL delayed this long.
+    pg_delay: Option<Duration>,
 }
 
 impl Options {
@@ -105,7 +117,9 @@ fn absolute(path: PathBuf) -> Result<PathBuf, String> {
 
 /// Parses the command line; `Err("")` asks for the usage text alone.
 fn parse(args: &[String]) -> Result<Options, String> {
-    const VALUED: [&str; 12] = [
+    const VALUED: [&str; 14] = [
+        "--compare-instances",
+        "--pg-delay",
         "--postgres",
         "--broker-storage",
         "--instances",
@@ -146,7 +160,15 @@ fn parse(args: &[String]) -> Result<Options, String> {
             .unwrap_or(kafka::settings::DEFAULT_FETCH_WAIT_MS),
         keep: args.iter().any(|a| a == "--keep"),
         stack: StackOptions::from_args(args)?,
+        compare_instances: number(args, "--compare-instances")?,
+        pg_delay: number::<f64>(args, "--pg-delay")?.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
     };
+    if (o.compare_instances.is_some() || o.pg_delay.is_some()) && o.stack.postgres.is_none() {
+        return Err("--compare-instances and --pg-delay need --postgres".into());
+    }
+    if o.compare_instances.is_some() && o.rate.is_none() {
+        return Err("--compare-instances goes with --rate".into());
+    }
     if o.preload > 0 && o.stack.postgres.is_some() {
         return Err("--preload writes SQLite files; it does not go with --postgres".into());
     }
@@ -165,6 +187,8 @@ struct Session {
     rig: Rig,
     product: i64,
     dir: tempfile::TempDir,
+    /// The delaying proxy to PostgreSQL (`--pg-delay`), for as long as the stack runs.
+    _proxy: Option<DelayProxy>,
 }
 
 /// Every service logs at `warn` (logging must not dominate) with this fetch wait.
@@ -185,13 +209,14 @@ fn service_env(fetch_wait_ms: u64) -> Vec<(&'static str, String, String)> {
 }
 
 async fn start_session(o: &Options, fetch_wait_ms: u64) -> Result<Session, String> {
-    start_session_with(o, fetch_wait_ms, Vec::new()).await
+    start_session_with(o, fetch_wait_ms, o.stack.clone(), Vec::new()).await
 }
 
-/// [`start_session`] with more variables for every service.
+/// [`start_session`] with other stack options and more variables for every service.
 async fn start_session_with(
     o: &Options,
     fetch_wait_ms: u64,
+    mut stack_options: StackOptions,
     extra_env: Vec<(&'static str, String)>,
 ) -> Result<Session, String> {
     let mut env = service_env(fetch_wait_ms);
@@ -204,9 +229,33 @@ async fn start_session_with(
         .prefix("mall-bench-")
         .tempdir()
         .map_err(|e| format!("cannot create a run directory: {e}"))?;
+    let proxy = match (&stack_options.postgres, o.pg_delay) {
+        (Some(url), Some(delay)) => {
+            let proxy = DelayProxy::start(delay::address_of(url)?, delay)
+                .await
+                .map_err(|e| format!("the delaying proxy: {e}"))?;
+            let through = delay::through(url, proxy.local)?;
+            let probe = through.clone();
+            let trips =
+                tokio::task::spawn_blocking(move || delay::statement_round_trips(&probe, 200))
+                    .await
+                    .map_err(|e| e.to_string())??;
+            let trips = Spread::of(trips);
+            println!(
+                "PostgreSQL through the delaying proxy ({:.1} ms each way): a statement's round trip p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms",
+                delay.as_secs_f64() * 1000.0,
+                trips.p50,
+                trips.p90,
+                trips.p99
+            );
+            stack_options.postgres = Some(through);
+            Some(proxy)
+        }
+        _ => None,
+    };
     let started = async {
         let stack =
-            Stack::start_with_options(dir.path(), &o.bin_dir, &o.broker, env, o.stack.clone())
+            Stack::start_with_options(dir.path(), &o.bin_dir, &o.broker, env, stack_options)
                 .map_err(|e| format!("start-up: {e}"))?;
         let mall = stack.mall();
         mall.wait_healthy().await?;
@@ -220,6 +269,7 @@ async fn start_session_with(
             stack,
             product,
             dir,
+            _proxy: proxy,
         }),
         // The logs say why.
         Err(e) => Err(format!(
@@ -253,9 +303,9 @@ fn rig_of(stack: &Stack, fetch_wait_ms: u64, product: i64) -> Rig {
         .filter_map(|s| Some((*s, stack.database_url(s)?.to_owned())))
         .filter(|(_, url)| url.starts_with("postgres"))
         .collect();
-    if !databases.is_empty() {
+    if let Some(url) = databases.values().next() {
         processes.extend(
-            procfs::postgres_pids()
+            procfs::postgres_server_pids(url)
                 .into_iter()
                 .map(|pid| ("postgres".to_owned(), pid)),
         );
@@ -591,6 +641,7 @@ async fn sync_table(o: &Options) -> Result<(), String> {
         let mut session = start_session_with(
             o,
             o.fetch_wait_ms,
+            o.stack.clone(),
             vec![("SQLITE_SYNCHRONOUS", sync.to_owned())],
         )
         .await?;
@@ -658,8 +709,63 @@ fn print_header(o: &Options) {
     );
 }
 
+/// `--compare-instances N`: the open loop on one instance per service, then on N, each on a
+/// fresh stack, and the two side by side.
+async fn compare_instances(o: &Options, n: usize) -> Result<(), String> {
+    let mut rows = Vec::new();
+    for instances in [1, n] {
+        println!();
+        println!(
+            "=== {instances} instance(s) per service{} ===",
+            o.pg_delay.map_or(String::new(), |d| format!(
+                ", PostgreSQL behind {:.1} ms each way",
+                d.as_secs_f64() * 1000.0
+            ))
+        );
+        let stack_options = StackOptions {
+            instances,
+            ..o.stack.clone()
+        };
+        let session = start_session_with(o, o.fetch_wait_ms, stack_options, Vec::new()).await?;
+        let mut reports = Vec::new();
+        let outcome = async {
+            for plan in plans(o) {
+                let report = run::open_loop(&session.rig, plan).await?;
+                run::print_report(&report);
+                reports.push(report);
+            }
+            Ok::<_, String>(())
+        }
+        .await;
+        finish(session, o.keep || outcome.is_err());
+        outcome?;
+        rows.extend(reports.into_iter().map(|r| (instances, r)));
+    }
+    println!();
+    println!("instances compared (same offered rate, same partitions):");
+    println!(
+        "  {:>9} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "instances", "offered/s", "ended/s", "p50 ms", "p99 ms", "× one's"
+    );
+    let one = rows.first().map_or(1.0, |(_, r)| r.throughput());
+    for (instances, r) in &rows {
+        println!(
+            "  {instances:>9} {:>10.0} {:>10.1} {:>12.0} {:>12.0} {:>12.2}",
+            r.plan.rate,
+            r.throughput(),
+            r.post_to_terminal.p50,
+            r.post_to_terminal.p99,
+            r.throughput() / one
+        );
+    }
+    Ok(())
+}
+
 async fn bench(o: &Options) -> Result<(), String> {
     print_header(o);
+    if let Some(n) = o.compare_instances {
+        return compare_instances(o, n).await;
+    }
     if o.is_default() || o.rate.is_some() || o.find_max {
         main_stack(o).await?;
     }
