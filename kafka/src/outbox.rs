@@ -365,6 +365,10 @@ pub struct OutboxRelay {
     membership: Membership,
     /// Until when (ms since the epoch) this instance holds the lease, as it last wrote it.
     held_until: Option<i64>,
+    /// Rows the broker acknowledged (or refused for good, with the reason) whose marking
+    /// failed: marked first in the next round and never sent again. Dropped with the lease
+    /// (the new holder decides about them).
+    unmarked: Vec<(i64, Option<String>)>,
 }
 
 impl OutboxRelay {
@@ -386,6 +390,7 @@ impl OutboxRelay {
             status: Arc::new(RelayStatus::new(metrics)),
             membership,
             held_until: None,
+            unmarked: Vec::new(),
         })
     }
 
@@ -420,7 +425,58 @@ impl OutboxRelay {
             _ => {}
         }
         self.status.standby(self.held_until.is_none());
+        if self.held_until.is_none() {
+            self.unmarked.clear();
+        }
         self.held_until.is_some()
+    }
+
+    /// [`OutboxRelay::mark_unmarked`], a failure shown in the status.
+    async fn mark_or_report(&mut self) -> Result<(), RelayError> {
+        let marked = self.mark_unmarked().await;
+        if let Err(e) = &marked {
+            self.status.failed(&e.to_string());
+        }
+        marked
+    }
+
+    /// Marks [`OutboxRelay::unmarked`] through the writer, fenced by the lease: one
+    /// transaction with the service's other writes, not a statement racing them.
+    async fn mark_unmarked(&mut self) -> Result<(), RelayError> {
+        if self.unmarked.is_empty() {
+            return Ok(());
+        }
+        let (me, rows) = (self.membership.me.clone(), self.unmarked.clone());
+        let expected = rows.len();
+        let marked = self
+            .db
+            .write(move |conn| {
+                let acknowledged: Vec<i64> = rows
+                    .iter()
+                    .filter(|(_, error)| error.is_none())
+                    .map(|(id, _)| *id)
+                    .collect();
+                let mut marked = mark_as_holder(conn, &me, &acknowledged, None)?;
+                for (id, error) in &rows {
+                    if let Some(error) = error {
+                        marked += mark_as_holder(conn, &me, &[*id], Some(error))?;
+                    }
+                }
+                Ok::<_, DbError>((marked, Vec::new()))
+            })
+            .await?;
+        self.unmarked.clear();
+        if marked < expected {
+            // The lease moved while this batch was out (a pause past the lease): the new
+            // holder owns these rows; the copies just sent are absorbed by event id.
+            log::warn!(
+                "outbox relay: lease lost mid-batch; {} row(s) left to the new holder",
+                expected - marked
+            );
+            self.held_until = None;
+            self.status.standby(true);
+        }
+        Ok(())
     }
 
     /// The status `/health` reads.
@@ -504,6 +560,8 @@ impl OutboxRelay {
     /// were published. Sends are pipelined; the idempotent producer keeps them in order and,
     /// with no message timeout, never leaves a gap that a resend could fill out of order.
     pub async fn publish_pending(&mut self, stop: &CancellationToken) -> Result<usize, RelayError> {
+        // What the last round sent but could not mark is marked, not sent again.
+        self.mark_or_report().await?;
         let rows = self
             .db
             .read(|conn| pending(conn, BATCH).map_err(DbError::from))
@@ -576,28 +634,12 @@ impl OutboxRelay {
             for _ in &refused {
                 self.status.refused();
             }
-            let me = self.membership.me.clone();
-            let expected = count + refused.len();
-            let marked = self
-                .db
-                .read(move |conn| {
-                    let mut marked = mark_as_holder(conn, &me, &acknowledged, None)?;
-                    for (id, error) in &refused {
-                        marked += mark_as_holder(conn, &me, &[*id], Some(error))?;
-                    }
-                    Ok::<_, DbError>(marked)
-                })
-                .await?;
-            if marked < expected {
-                // The lease moved while this batch was out (a pause past the lease): the new
-                // holder owns these rows; the copies just sent are absorbed by event id.
-                log::warn!(
-                    "outbox relay: lease lost mid-batch; {} row(s) left to the new holder",
-                    expected - marked
-                );
-                self.held_until = None;
-                self.status.standby(true);
-            }
+            self.unmarked = acknowledged
+                .into_iter()
+                .map(|id| (id, None))
+                .chain(refused.into_iter().map(|(id, error)| (id, Some(error))))
+                .collect();
+            self.mark_or_report().await?;
         }
         match failure {
             Some(RelayError::Interrupted) => Err(RelayError::Interrupted),
@@ -761,6 +803,7 @@ mod tests {
 mod relay_tests {
     use super::*;
     use crate::settings::KafkaSettings;
+    use diesel::connection::SimpleConnection;
     use events::{Event, OrderCompleted, Service};
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
@@ -1090,5 +1133,59 @@ mod relay_tests {
             ids.retain(|id| seen.insert(id.clone()));
         }
         assert_eq!(first_copies, committed);
+    }
+
+    /// Marking fails once after the broker acknowledged a batch (the database refuses the
+    /// update): the next round marks those rows and sends nothing again, so each event is on
+    /// the topic once. (Before, a failed mark left the rows pending and the whole batch was
+    /// sent again.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_mark_is_retried_without_sending_the_batch_again() {
+        let s = setup();
+        s.db.write(|conn| {
+            conn.batch_execute(
+                "CREATE TABLE refuse_marks (x INTEGER); INSERT INTO refuse_marks VALUES (1); \
+                 CREATE TRIGGER refuse_mark BEFORE UPDATE OF published_at ON outbox \
+                 WHEN EXISTS (SELECT 1 FROM refuse_marks) \
+                 BEGIN SELECT RAISE(ABORT, 'marking refused by the test'); END;",
+            )?;
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+        .await
+        .unwrap();
+        let mut committed: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for order in 1..=3i64 {
+            let ids = commit(&s.db, vec![completed(order, "c".into())]).await;
+            committed.insert(order.to_string(), ids);
+        }
+        let running = start(relay(&s, "a", Duration::from_secs(10)));
+        let refused = async {
+            while !running.status.snapshot()["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("marking refused"))
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), refused)
+            .await
+            .expect("the mark failed");
+        // Several rounds go by while marking is refused.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.db.write(|conn| {
+            conn.batch_execute("DELETE FROM refuse_marks")?;
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+        .await
+        .unwrap();
+        let left = drained(&s.db, Duration::from_secs(10)).await;
+        running.stop.cancel();
+        running.task.await.unwrap();
+        assert_eq!(left, Ok(()));
+        assert_eq!(
+            by_key(&read_topic(&s.cluster)),
+            committed,
+            "each event once"
+        );
     }
 }
