@@ -610,6 +610,18 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
             late_answers_win_over_the_timer(stack)
         );
     }
+    if stack.instance_count() == 1
+        && !stack
+            .database_url("orders")
+            .is_some_and(|url| url.starts_with("postgres"))
+    {
+        // After the other sagas: the new orders database parks the old orders' events it
+        // cannot know. Before the scenarios that stop the broker and the services.
+        scenario!(
+            "orders' database lost, the topic kept: no order id is issued twice",
+            a_new_orders_database_issues_no_id_the_topic_holds(stack)
+        );
+    }
     let on_kafka = matches!(stack.broker_kind(), BrokerKind::Kafka { .. });
     let tools = kafka_tools::default_tools_dir();
     if on_kafka {
@@ -634,17 +646,6 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         "SIGTERM with the broker down stops each service within 15 s",
         stop_is_bounded_with_the_broker_down(stack)
     );
-    if stack.instance_count() == 1
-        && !stack
-            .database_url("orders")
-            .is_some_and(|url| url.starts_with("postgres"))
-    {
-        // Late: the new orders database parks the old orders' events it cannot know.
-        scenario!(
-            "orders' database lost, the topic kept: no order id is issued twice",
-            a_new_orders_database_issues_no_id_the_topic_holds(stack)
-        );
-    }
     if on_kafka {
         // Last: it leaves the stack on a new, empty broker.
         scenario!(
