@@ -247,24 +247,23 @@ impl ServiceHost {
         let db = web::Data::new(db);
         let served_metrics = metrics.clone();
         let admission = web::Data::new(Admission::default());
+        let access = settings.access.clone();
+        let served_access = web::Data::new(settings.access.clone());
         let server = HttpServer::new(move || {
             App::new()
                 // Innermost: a refused write is still logged, answered with CORS and counted.
                 .wrap(actix_web::middleware::from_fn(admission::admit))
                 .wrap(actix_web::middleware::Logger::new("%r %s %Dms"))
-                // The dashboard on orders' port calls products and delivery too.
-                .wrap(
-                    actix_cors::Cors::default()
-                        .allow_any_origin()
-                        .allowed_methods(["GET", "POST", "PATCH"])
-                        .allow_any_header()
-                        .max_age(3600),
-                )
+                // The dashboard on orders' port calls products and delivery: CORS_ORIGINS.
+                .wrap(access.cors())
+                // Before CORS: a foreign host, origin or media type is refused outright.
+                .wrap(actix_web::middleware::from_fn(crate::access::guard))
                 // Outermost, so it counts every answer, CORS preflights and 404s too.
                 .wrap(actix_web::middleware::from_fn(metrics::track_requests))
                 .app_data(db.clone())
                 .app_data(health.clone())
                 .app_data(admission.clone())
+                .app_data(served_access.clone())
                 .app_data(served_metrics.clone())
                 .configure(http::configure)
                 .configure(routes.clone())

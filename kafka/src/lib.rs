@@ -21,8 +21,10 @@
 //!   requests.
 //! - [`retention`]: the background task that deletes dedup state and settled history once
 //!   no event can need it, so the databases stop growing.
+//! - [`access`]: the hosts, web origins and media types a service accepts.
 //! - [`settings`]: env-var configuration.
 
+pub mod access;
 pub mod admin;
 pub mod admission;
 pub mod consumer;

@@ -280,6 +280,8 @@ pub struct ServiceSettings {
     pub kafka: KafkaSettings,
     /// How long settled history is kept.
     pub retention: RetentionSettings,
+    /// The hosts and web origins the service answers for.
+    pub access: crate::access::AccessSettings,
 }
 
 impl ServiceSettings {
@@ -299,6 +301,7 @@ impl ServiceSettings {
         let retention = RetentionSettings::from_env()?;
         retention.check_covers(&kafka.topic_config)?;
         Ok(ServiceSettings {
+            access: crate::access::AccessSettings::from_env(&host)?,
             host,
             port,
             database_url: env_or("DATABASE_URL", format!("data/{service}.db"))?,

@@ -1,0 +1,411 @@
+//! Who may use the mall (`scripts/test.sh` runs it): a fresh broker and the three service
+//! binaries on free ports, then, over HTTP and in headless Chromium, what a stranger tries:
+//! - requests naming a foreign `Origin` or `Host`, or writing with a body that is not JSON, are
+//!   refused with JSON naming the header, and change nothing (REST and the topic agree);
+//! - a page on another origin (`evil.example`, resolved to 127.0.0.1 by Chromium itself) can
+//!   neither read the orders, nor cancel one, nor place one with a form-like post; the same page
+//!   re-pointing its own name at the mall (DNS rebinding) gets 421;
+//! - a client retrying `POST /orders` with one `Idempotency-Key` gets one order, also when the
+//!   first answer was lost; the same key with another body gets 422.
+//!
+//! Prints one line per scenario and `N passed, N failed` last; keeps the run directory (logs)
+//! when one failed.
+//!
+//! Usage: `security-suite --bin-dir target/debug --kafka .tools/kafka-4.1.1/libs
+//!         [--chromium /usr/bin/chromium] [--chromedriver /usr/bin/chromedriver]`
+
+use e2e::broker::BrokerKind;
+use e2e::browser::{Chromedriver, open_browser};
+use e2e::stack::{Stack, argument, free_port};
+use e2e::{Check, Mall, eventually, read_topic};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long a saga may take to end here.
+const SAGA: Duration = Duration::from_secs(30);
+
+/// A raw request: status and body text, whatever the body is.
+async fn send(
+    request: reqwest::RequestBuilder,
+) -> Check<(u16, String, reqwest::header::HeaderMap)> {
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    Ok((status, text, headers))
+}
+
+/// Insists on a JSON error body with `status` whose message names `header`.
+fn refused(
+    what: &str,
+    got: (u16, String, reqwest::header::HeaderMap),
+    status: u16,
+    header: &str,
+) -> Check {
+    let (code, text, headers) = got;
+    let error = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned));
+    match error {
+        Some(message) if code == status && message.contains(header) => {
+            if headers.contains_key("access-control-allow-origin") {
+                return Err(format!(
+                    "{what}: refused but still allows an origin: {headers:?}"
+                ));
+            }
+            Ok(())
+        }
+        _ => Err(format!(
+            "{what}: expected {status} with a JSON error naming {header}, got {code} {text:?}"
+        )),
+    }
+}
+
+/// The orders of `customer`, read through REST.
+async fn orders_of(m: &Mall, customer: &str) -> Check<Vec<Value>> {
+    let url = format!("{}/orders?customerId={customer}", m.orders);
+    let list = m.expect("GET", &url, None, 200).await?;
+    Ok(list.as_array().cloned().unwrap_or_default())
+}
+
+/// The OrderPlaced events on the topic for `customer`.
+async fn placed_on_topic(m: &Mall, customer: &str) -> Check<usize> {
+    Ok(read_topic(&m.brokers, &m.topic)
+        .await?
+        .iter()
+        .filter(|e| e.value["eventType"] == "OrderPlaced" && e.value["customerId"] == customer)
+        .count())
+}
+
+/// A foreign `Origin` (preflight, read and write), a foreign `Host`, and non-JSON writes are
+/// refused with JSON naming the header; nothing is created, here or on the topic.
+async fn foreign_origins_hosts_and_media_types_are_refused(m: &Mall) -> Check {
+    let http = reqwest::Client::new();
+    let orders = format!("{}/orders", m.orders);
+    let evil = "http://evil.example";
+    let preflight = http
+        .request(reqwest::Method::OPTIONS, format!("{orders}/1"))
+        .header("Origin", evil)
+        .header("Access-Control-Request-Method", "PATCH");
+    refused(
+        "preflight from a foreign origin",
+        send(preflight).await?,
+        403,
+        "Origin",
+    )?;
+    let read = http.get(&orders).header("Origin", evil);
+    refused(
+        "GET /orders from a foreign origin",
+        send(read).await?,
+        403,
+        "Origin",
+    )?;
+    for service in [&m.products, &m.delivery] {
+        let read = http.get(format!("{service}/health")).header("Origin", evil);
+        refused(
+            "a foreign origin on products/delivery",
+            send(read).await?,
+            403,
+            "Origin",
+        )?;
+    }
+    let rebound = http.get(&orders).header("Host", "evil.example");
+    refused("Host: evil.example", send(rebound).await?, 421, "Host")?;
+    let customer = "stranger@evil.example";
+    let body = json!({"productId": 1, "quantity": 1, "customerId": customer}).to_string();
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let post = http
+            .post(&orders)
+            .header("Content-Type", content_type)
+            .body(body.clone());
+        refused(content_type, send(post).await?, 415, "Content-Type")?;
+    }
+    let cross_site = http
+        .post(&orders)
+        .header("Origin", evil)
+        .header("Content-Type", "application/json")
+        .body(body);
+    refused(
+        "a JSON POST from a foreign origin",
+        send(cross_site).await?,
+        403,
+        "Origin",
+    )?;
+    // The mall's own dashboard origin is still served, with CORS for exactly that origin.
+    let dashboard = http
+        .get(format!("{}/products", m.products))
+        .header("Origin", &m.orders);
+    let (status, _, headers) = send(dashboard).await?;
+    let allowed = headers
+        .get("access-control-allow-origin")
+        .and_then(|v| v.to_str().ok());
+    if status != 200 || allowed != Some(m.orders.as_str()) {
+        return Err(format!(
+            "the dashboard's origin on products: {status}, allows {allowed:?}"
+        ));
+    }
+    // A refused request changes nothing: a valid order placed after them is the only sign.
+    let marker = m.place_order(1, 1).await?;
+    m.wait_order_state(marker, "OrderCompleted").await?;
+    let (kept, events) = (
+        orders_of(m, customer).await?,
+        placed_on_topic(m, customer).await?,
+    );
+    if !kept.is_empty() || events != 0 {
+        return Err(format!(
+            "refused posts left {} orders and {events} OrderPlaced",
+            kept.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Serves `page` for every request on a free port of 127.0.0.1, until the task is aborted.
+async fn serve_page(page: String) -> Check<(u16, tokio::task::JoinHandle<()>)> {
+    let port = free_port().map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok((port, task))
+}
+
+/// What the stranger's page tries, in the browser; each attempt reports what it saw.
+const STRANGER_SCRIPT: &str = r#"
+const [orders, id, customer, done] = arguments;
+const out = {};
+const attempt = async (name, f) => {
+  try { out[name] = await f(); } catch (e) { out[name] = 'blocked: ' + e.name; }
+};
+(async () => {
+  await attempt('read', async () => {
+    const r = await fetch(orders + '/orders');
+    return 'read ' + r.status + ' ' + (await r.text()).slice(0, 120);
+  });
+  await attempt('cancel', async () => {
+    const r = await fetch(orders + '/orders/' + id, {
+      method: 'PATCH', headers: {'Content-Type': 'application/json'},
+      body: JSON.stringify({state: 'OrderCancelled'})});
+    return 'cancel ' + r.status;
+  });
+  await attempt('form', async () => {
+    const r = await fetch(orders + '/orders', {
+      method: 'POST', mode: 'no-cors', headers: {'Content-Type': 'text/plain'},
+      body: JSON.stringify({productId: 1, quantity: 1, customerId: customer})});
+    return 'sent ' + r.type;
+  });
+  done(out);
+})();
+"#;
+
+/// A page on `evil.example` tries to read the orders, cancel one and post a form-like order,
+/// then to reach orders under its own name (DNS rebinding): all fail, and REST and the topic
+/// show nothing changed.
+async fn a_page_elsewhere_cannot_read_or_act(
+    m: &Mall,
+    dir: &Path,
+    chromium: &Path,
+    chromedriver: &Path,
+) -> Check {
+    let order = m.place_order(1, 1).await?;
+    m.wait_order_state(order, "OrderCompleted").await?;
+    let (page_port, server) =
+        serve_page("<html><body><h1>a page elsewhere</h1></body></html>".into()).await?;
+    let driver = Chromedriver::start(chromedriver, dir).await?;
+    // Chromium resolves evil.example to this machine itself: no DNS server needed.
+    let client = open_browser(
+        &driver,
+        chromium,
+        &["--host-resolver-rules=MAP evil.example 127.0.0.1"],
+    )
+    .await?;
+    let orders_port = m.orders.rsplit(':').next().unwrap_or_default().to_owned();
+    let customer = "form@evil.example";
+    let seen = async {
+        client
+            .goto(&format!("http://evil.example:{page_port}/"))
+            .await
+            .map_err(|e| format!("opening the page elsewhere: {e}"))?;
+        let seen = client
+            .execute_async(
+                STRANGER_SCRIPT,
+                vec![json!(m.orders), json!(order), json!(customer)],
+            )
+            .await
+            .map_err(|e| format!("running the page's script: {e}"))?;
+        // DNS rebinding: the stranger's name, now resolving to this machine, on orders' port.
+        // The browser sees one origin; only the Host header tells.
+        let rebound = format!("http://evil.example:{orders_port}/orders");
+        client
+            .goto(&rebound)
+            .await
+            .map_err(|e| format!("opening {rebound}: {e}"))?;
+        let shown = client
+            .find(fantoccini::Locator::Css("body"))
+            .await
+            .map_err(|e| format!("{rebound}: {e}"))?
+            .text()
+            .await
+            .map_err(|e| format!("{rebound}: {e}"))?;
+        Ok::<_, String>((seen, shown))
+    }
+    .await;
+    let _ = client.close().await;
+    drop(driver);
+    server.abort();
+    let (seen, rebound) = seen?;
+    println!("    the page saw: {seen}; under the rebound name: {rebound}");
+    let text = |name: &str| seen[name].as_str().unwrap_or_default().to_owned();
+    if !text("read").starts_with("blocked") {
+        return Err(format!("the page read the orders: {}", text("read")));
+    }
+    if !text("cancel").starts_with("blocked") {
+        return Err(format!(
+            "the page's cancel went through: {}",
+            text("cancel")
+        ));
+    }
+    if !rebound.contains("\"error\"") || !rebound.contains("Host") || rebound.contains("customerId")
+    {
+        return Err(format!("orders answered under the rebound name: {rebound}"));
+    }
+    let state = m.order(order).await?;
+    if state["state"] != "OrderCompleted" || state["cancelRequested"] == true {
+        return Err(format!("the page changed order {order}: {state}"));
+    }
+    let marker = m.place_order(1, 1).await?;
+    m.wait_order_state(marker, "OrderCompleted").await?;
+    let (kept, events) = (
+        orders_of(m, customer).await?,
+        placed_on_topic(m, customer).await?,
+    );
+    if !kept.is_empty() || events != 0 {
+        return Err(format!(
+            "the form post left {} orders and {events} OrderPlaced",
+            kept.len()
+        ));
+    }
+    let cancels = read_topic(&m.brokers, &m.topic)
+        .await?
+        .iter()
+        .filter(|e| e.value["orderId"] == order && e.value["eventType"] != "OrderPlaced")
+        .filter(|e| {
+            e.value["eventType"]
+                .as_str()
+                .is_some_and(|t| t.contains("Cancel"))
+        })
+        .count();
+    if cancels != 0 {
+        return Err(format!(
+            "{cancels} cancel events for order {order} on the topic"
+        ));
+    }
+    Ok(())
+}
+
+async fn run(stack: &Stack, dir: &Path, chromium: &Path, chromedriver: &Path) -> (usize, usize) {
+    let m = stack.mall();
+    let (mut passed, mut failed) = (0, 0);
+    let mut record = |name: &str, result: Check| match result {
+        Ok(()) => {
+            passed += 1;
+            println!("PASS {name}");
+        }
+        Err(e) => {
+            failed += 1;
+            println!("FAIL {name}: {e}");
+        }
+    };
+    if let Err(e) = eventually("the mall is healthy", SAGA, || m.wait_healthy()).await {
+        record("start-up", Err(e));
+        return (passed, failed);
+    }
+    record(
+        "foreign origins, hosts and media types are refused",
+        foreign_origins_hosts_and_media_types_are_refused(&m).await,
+    );
+    record(
+        "a page on another origin cannot read or act",
+        a_page_elsewhere_cannot_read_or_act(&m, dir, chromium, chromedriver).await,
+    );
+    (passed, failed)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: security-suite --bin-dir <dir with the services> \
+                 (--kafka <dir of Kafka's jars> | --tansu <tansu binary>) \
+                 [--chromium /usr/bin/chromium] [--chromedriver /usr/bin/chromedriver]";
+    let (Some(bin_dir), Ok(broker)) = (argument(&args, "--bin-dir"), BrokerKind::from_args(&args))
+    else {
+        eprintln!("{usage}");
+        return ExitCode::from(2);
+    };
+    let chromium = argument(&args, "--chromium").unwrap_or_else(|| "/usr/bin/chromium".into());
+    let chromedriver =
+        argument(&args, "--chromedriver").unwrap_or_else(|| "/usr/bin/chromedriver".into());
+    let bin_dir = match bin_dir.canonicalize() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("--bin-dir {}: {e}", bin_dir.display());
+            return ExitCode::from(2);
+        }
+    };
+    let dir = match tempfile::Builder::new().prefix("mall-security-").tempdir() {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("cannot create a run directory: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("security suite: logs in {}", dir.path().display());
+    let mut stack = match Stack::start(dir.path(), &bin_dir, &broker) {
+        Ok(stack) => stack,
+        Err(e) => {
+            println!("FAIL start-up: {e}");
+            println!("0 passed, 1 failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (passed, failed) = tokio::select! {
+        counts = run(&stack, dir.path(), &chromium, &chromedriver) => counts,
+        _ = kafka::shutdown_signal() => {
+            println!("interrupted");
+            (0, 1)
+        }
+    };
+    stack.stop();
+    if failed > 0 {
+        println!("logs kept in {}", dir.keep().display());
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
