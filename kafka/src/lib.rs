@@ -14,6 +14,7 @@
 //! - [`offsets`]: the consumer's position, committed with each event's effect.
 //! - [`parking`]: dead letters, committed with the position past the parked message.
 //! - [`producer`], [`admin`]: the idempotent producer and topic creation.
+//! - [`idempotency`]: `Idempotency-Key`: a retried request acted on once.
 //! - [`identity`]: the cluster the stored positions belong to; another one is refused.
 //! - [`http`], [`host`]: JSON errors, `/health`, `/metrics`, and starting/stopping a whole
 //!   service.
@@ -32,6 +33,7 @@ pub mod db;
 pub mod group_commit;
 pub mod host;
 pub mod http;
+pub mod idempotency;
 pub mod identity;
 pub mod inbox;
 pub mod leases;

@@ -6,8 +6,10 @@ use crate::error::OrdersError;
 use crate::pending::PendingOrders;
 use crate::saga::{self, CustomerCancel, Order, OrderState};
 use crate::store::{self, HistoryRow, NewOrder, StoredOrder};
-use actix_web::{HttpResponse, web};
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
 use kafka::Database;
+use kafka::idempotency::{self, IdempotentRequest, Replay};
 use serde::{Deserialize, Serialize};
 
 /// Registers the orders endpoints.
@@ -119,13 +121,33 @@ struct UpdateOrder {
     state: String,
 }
 
+/// What a keyed write did: acted now, or found its key and answers as the first time.
+enum Keyed<T> {
+    Done(T),
+    Replayed(Replay),
+}
+
+/// The answer stored for `keyed`, read before the write so a retry does not wait for the
+/// writer (or count against the pending bound); the write checks again in its transaction.
+async fn recall(
+    db: &Database,
+    keyed: &Option<IdempotentRequest>,
+) -> Result<Option<Replay>, OrdersError> {
+    let Some(keyed) = keyed.clone() else {
+        return Ok(None);
+    };
+    Ok(db
+        .read(move |conn| idempotency::recall(conn, &keyed))
+        .await?)
+}
+
 async fn place(
     db: web::Data<Database>,
     pending: web::Data<PendingOrders>,
+    http: HttpRequest,
     body: web::Json<PlaceOrder>,
 ) -> Result<HttpResponse, OrdersError> {
     kafka::http::refuse_nul(&*body).map_err(OrdersError::Invalid)?;
-    pending.admit()?;
     let b = body.into_inner();
     let number =
         |field, value| kafka::http::whole_number(field, value).map_err(OrdersError::Invalid);
@@ -136,8 +158,20 @@ async fn place(
         b.customer_name.as_deref(),
         b.customer_addr.as_deref(),
     )?;
-    let stored = db
+    // The order as understood, so `"1"` and `1` are the same request.
+    let keyed = IdempotentRequest::from_headers(http.headers(), "POST /orders", &request)
+        .map_err(OrdersError::BadHeader)?;
+    if let Some(replay) = recall(&db, &keyed).await? {
+        return Ok(replay.response());
+    }
+    pending.admit()?;
+    let done = db
         .write(move |conn| {
+            if let Some(keyed) = &keyed
+                && let Some(replay) = idempotency::recall(conn, keyed)?
+            {
+                return Ok((Keyed::Replayed(replay), Vec::new()));
+            }
             // The replica may lag or not know the product: products decides, not orders.
             let known = store::replica_product(conn, request.product_id)?;
             let now = chrono::Utc::now().to_rfc3339();
@@ -157,12 +191,20 @@ async fn place(
             };
             let stored = store::insert_order(conn, &new)?;
             let event = saga::placed(&stored.order);
-            Ok::<_, OrdersError>((stored, vec![event]))
+            let location = format!("/orders/{}", stored.order.id);
+            let answer = OrderJson::from(stored);
+            if let Some(keyed) = &keyed {
+                idempotency::remember(conn, keyed, StatusCode::CREATED, Some(&location), &answer)?;
+            }
+            Ok::<_, OrdersError>((Keyed::Done((location, answer)), vec![event]))
         })
         .await?;
-    Ok(HttpResponse::Created()
-        .insert_header(("Location", format!("/orders/{}", stored.order.id)))
-        .json(OrderJson::from(stored)))
+    Ok(match done {
+        Keyed::Replayed(replay) => replay.response(),
+        Keyed::Done((location, answer)) => HttpResponse::Created()
+            .insert_header(("Location", location))
+            .json(answer),
+    })
 }
 
 async fn list(
@@ -192,6 +234,7 @@ async fn get_one(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResp
 async fn update(
     db: web::Data<Database>,
     id: web::Path<i64>,
+    http: HttpRequest,
     body: web::Json<UpdateOrder>,
 ) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
@@ -202,8 +245,19 @@ async fn update(
             body.state
         )));
     }
-    let (stored, decided) = db
+    let keyed =
+        IdempotentRequest::from_headers(http.headers(), format!("PATCH /orders/{id}"), &*body)
+            .map_err(OrdersError::BadHeader)?;
+    if let Some(replay) = recall(&db, &keyed).await? {
+        return Ok(replay.response());
+    }
+    let done = db
         .write(move |conn| {
+            if let Some(keyed) = &keyed
+                && let Some(replay) = idempotency::recall(conn, keyed)?
+            {
+                return Ok((Keyed::Replayed(replay), Vec::new()));
+            }
             let mut stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
             let (order, event, decided) = match saga::cancel_by_customer(stored.order)? {
                 CustomerCancel::Cancelled(order, event) => (order, event, true),
@@ -211,17 +265,24 @@ async fn update(
             };
             store::save_order(conn, &order)?;
             stored.order = order;
-            Ok::<_, OrdersError>(((stored, decided), vec![event]))
+            // 200: cancelled now. 202: requested; the order's stateMessage says what will
+            // happen, and GET /orders/{id} shows delivery's answer.
+            let status = if decided {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            let answer = OrderJson::from(stored);
+            if let Some(keyed) = &keyed {
+                idempotency::remember(conn, keyed, status, None, &answer)?;
+            }
+            Ok::<_, OrdersError>((Keyed::Done((status, answer)), vec![event]))
         })
         .await?;
-    // 200: cancelled now. 202: requested; the order's stateMessage says what will happen, and
-    // GET /orders/{id} shows delivery's answer.
-    let mut response = if decided {
-        HttpResponse::Ok()
-    } else {
-        HttpResponse::Accepted()
-    };
-    Ok(response.json(OrderJson::from(stored)))
+    Ok(match done {
+        Keyed::Replayed(replay) => replay.response(),
+        Keyed::Done((status, answer)) => HttpResponse::build(status).json(answer),
+    })
 }
 
 async fn events(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, OrdersError> {

@@ -12,11 +12,12 @@
 //! when one failed.
 //!
 //! Usage: `security-suite --bin-dir target/debug --kafka .tools/kafka-4.1.1/libs
-//!         [--chromium /usr/bin/chromium] [--chromedriver /usr/bin/chromedriver]`
+//!         [--postgres URL] [--chromium /usr/bin/chromium] [--chromedriver /usr/bin/chromedriver]`
+//! (`--postgres`: each service gets a fresh database on that server)
 
 use e2e::broker::BrokerKind;
 use e2e::browser::{Chromedriver, open_browser};
-use e2e::stack::{Stack, argument, free_port};
+use e2e::stack::{Stack, StackOptions, argument, free_port};
 use e2e::{Check, Mall, eventually, read_topic};
 use serde_json::{Value, json};
 use std::path::Path;
@@ -326,6 +327,116 @@ async fn a_page_elsewhere_cannot_read_or_act(
     Ok(())
 }
 
+/// `POST /orders` with an `Idempotency-Key` over a raw connection whose answer is never read:
+/// the connection is dropped once the order shows in REST, as when a client times out.
+async fn post_and_lose_the_answer(m: &Mall, key: &str, body: &str, customer: &str) -> Check {
+    let address = m.orders.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .map_err(|e| format!("connect {address}: {e}"))?;
+    let request = format!(
+        "POST /orders HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Idempotency-Key: {key}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    eventually("the first attempt's order shows", SAGA, || async {
+        match orders_of(m, customer).await?.len() {
+            0 => Err("no order yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await?;
+    drop(socket); // the answer is lost
+    Ok(())
+}
+
+/// A client that lost the answer to its `POST /orders` retries with the same key: it gets the
+/// first answer (the same order), once more and concurrently too; one order exists and one
+/// OrderPlaced is on the topic. The same key with another body is refused with 422. A keyed
+/// cancel retried gets its first answer, not 409, and one cancel reaches the topic.
+async fn a_retried_post_gives_one_order(m: &Mall) -> Check {
+    let http = reqwest::Client::new();
+    let customer = format!("retry-{}@12st.mall", std::process::id());
+    let key = format!("order-{}", std::process::id());
+    let body = json!({"productId": 1, "quantity": 1, "customerId": customer}).to_string();
+    post_and_lose_the_answer(m, &key, &body, &customer).await?;
+    let retry = || {
+        http.post(format!("{}/orders", m.orders))
+            .header("Content-Type", "application/json")
+            .header("Idempotency-Key", &key)
+            .body(body.clone())
+    };
+    let mut answers = vec![send(retry()).await?];
+    let mut concurrent = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        concurrent.spawn(send(retry()));
+    }
+    while let Some(answer) = concurrent.join_next().await {
+        answers.push(answer.map_err(|e| e.to_string())??);
+    }
+    let orders = orders_of(m, &customer).await?;
+    let [order] = orders.as_slice() else {
+        let ids: Vec<&Value> = orders.iter().map(|o| &o["id"]).collect();
+        return Err(format!("{} orders for one key: ids {ids:?}", orders.len()));
+    };
+    for (status, text, headers) in &answers {
+        let answered: Value = serde_json::from_str(text).unwrap_or_default();
+        if *status != 201 || answered["id"] != order["id"] {
+            return Err(format!("a retry got {status} {text}, the order is {order}"));
+        }
+        if headers.get("idempotent-replayed").is_none() {
+            return Err(format!(
+                "a retry's answer is not marked replayed: {headers:?}"
+            ));
+        }
+    }
+    let other = json!({"productId": 1, "quantity": 2, "customerId": customer}).to_string();
+    let misuse = retry().body(other);
+    refused(
+        "the same key with another body",
+        send(misuse).await?,
+        422,
+        "Idempotency-Key",
+    )?;
+    let id = order["id"].as_i64().unwrap_or_default();
+    m.wait_order_state(id, "OrderCompleted").await?;
+    let cancel = || {
+        http.patch(format!("{}/orders/{id}", m.orders))
+            .header("Content-Type", "application/json")
+            .header("Idempotency-Key", format!("cancel-{key}"))
+            .body(r#"{"state":"OrderCancelled"}"#)
+    };
+    let (first, _, _) = send(cancel()).await?;
+    let (again, text, _) = send(cancel()).await?;
+    if first != 202 || again != 202 {
+        return Err(format!("a keyed cancel: {first}, its retry {again} {text}"));
+    }
+    m.wait_order_state(id, "OrderCancelled").await?;
+    let events = read_topic(&m.brokers, &m.topic).await?;
+    let count = |t: &str| {
+        events
+            .iter()
+            .filter(|e| e.value["eventType"] == t && e.value["orderId"] == id)
+            .count()
+    };
+    let placed = events
+        .iter()
+        .filter(|e| e.value["eventType"] == "OrderPlaced" && e.value["customerId"] == customer)
+        .count();
+    if placed != 1 || count("OrderCancelRequested") != 1 || count("OrderCancelled") != 1 {
+        return Err(format!(
+            "on the topic: {placed} OrderPlaced, {} OrderCancelRequested, {} OrderCancelled",
+            count("OrderCancelRequested"),
+            count("OrderCancelled")
+        ));
+    }
+    Ok(())
+}
+
 async fn run(stack: &Stack, dir: &Path, chromium: &Path, chromedriver: &Path) -> (usize, usize) {
     let m = stack.mall();
     let (mut passed, mut failed) = (0, 0);
@@ -351,6 +462,10 @@ async fn run(stack: &Stack, dir: &Path, chromium: &Path, chromedriver: &Path) ->
         "a page on another origin cannot read or act",
         a_page_elsewhere_cannot_read_or_act(&m, dir, chromium, chromedriver).await,
     );
+    record(
+        "a retried POST with one Idempotency-Key gives one order",
+        a_retried_post_gives_one_order(&m).await,
+    );
     (passed, failed)
 }
 
@@ -359,9 +474,12 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: security-suite --bin-dir <dir with the services> \
                  (--kafka <dir of Kafka's jars> | --tansu <tansu binary>) \
-                 [--chromium /usr/bin/chromium] [--chromedriver /usr/bin/chromedriver]";
-    let (Some(bin_dir), Ok(broker)) = (argument(&args, "--bin-dir"), BrokerKind::from_args(&args))
-    else {
+                 [--postgres URL] [--chromium /usr/bin/chromium] [--chromedriver /usr/bin/chromedriver]";
+    let (Some(bin_dir), Ok(broker), Ok(options)) = (
+        argument(&args, "--bin-dir"),
+        BrokerKind::from_args(&args),
+        StackOptions::from_args(&args),
+    ) else {
         eprintln!("{usage}");
         return ExitCode::from(2);
     };
@@ -383,14 +501,15 @@ async fn main() -> ExitCode {
         }
     };
     println!("security suite: logs in {}", dir.path().display());
-    let mut stack = match Stack::start(dir.path(), &bin_dir, &broker) {
-        Ok(stack) => stack,
-        Err(e) => {
-            println!("FAIL start-up: {e}");
-            println!("0 passed, 1 failed");
-            return ExitCode::FAILURE;
-        }
-    };
+    let mut stack =
+        match Stack::start_with_options(dir.path(), &bin_dir, &broker, Vec::new(), options) {
+            Ok(stack) => stack,
+            Err(e) => {
+                println!("FAIL start-up: {e}");
+                println!("0 passed, 1 failed");
+                return ExitCode::FAILURE;
+            }
+        };
     let (passed, failed) = tokio::select! {
         counts = run(&stack, dir.path(), &chromium, &chromedriver) => counts,
         _ = kafka::shutdown_signal() => {
