@@ -721,6 +721,7 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
         retention: kafka::RetentionSettings::default(),
         access: kafka::access::AccessSettings::parse("127.0.0.1", "", "")
             .expect("no lists to parse"),
+        tokens: kafka::auth::Tokens::default(),
     };
     let products = products::build(&products::Settings {
         service: settings(events::Service::Products),

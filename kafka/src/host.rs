@@ -249,10 +249,14 @@ impl ServiceHost {
         let admission = web::Data::new(Admission::default());
         let access = settings.access.clone();
         let served_access = web::Data::new(settings.access.clone());
+        let tokens = web::Data::new(settings.tokens.clone());
+        log::info!("{}", settings.tokens.summary());
         let server = HttpServer::new(move || {
             App::new()
                 // Innermost: a refused write is still logged, answered with CORS and counted.
                 .wrap(actix_web::middleware::from_fn(admission::admit))
+                // Inside CORS, so preflights (which carry no token) are answered first.
+                .wrap(actix_web::middleware::from_fn(crate::auth::authenticate))
                 .wrap(actix_web::middleware::Logger::new("%r %s %Dms"))
                 // The dashboard on orders' port calls products and delivery: CORS_ORIGINS.
                 .wrap(access.cors())
@@ -264,6 +268,7 @@ impl ServiceHost {
                 .app_data(health.clone())
                 .app_data(admission.clone())
                 .app_data(served_access.clone())
+                .app_data(tokens.clone())
                 .app_data(served_metrics.clone())
                 .configure(http::configure)
                 .configure(routes.clone())

@@ -23,11 +23,13 @@
 //! - [`retention`]: the background task that deletes dedup state and settled history once
 //!   no event can need it, so the databases stop growing.
 //! - [`access`]: the hosts, web origins and media types a service accepts.
+//! - [`auth`]: bearer tokens with roles, stored hashed; 401 and 403.
 //! - [`settings`]: env-var configuration.
 
 pub mod access;
 pub mod admin;
 pub mod admission;
+pub mod auth;
 pub mod consumer;
 pub mod db;
 pub mod group_commit;

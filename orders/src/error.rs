@@ -17,6 +17,9 @@ pub enum OrdersError {
     /// The request's values are not acceptable.
     #[error("{0}")]
     Invalid(String),
+    /// The caller's token does not cover this order (a customer's, someone else's order).
+    #[error("{0}")]
+    Forbidden(String),
     /// A header is malformed (an `Idempotency-Key` too long, say).
     #[error("{0}")]
     BadHeader(String),
@@ -61,6 +64,7 @@ impl ResponseError for OrdersError {
             }
             OrdersError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             OrdersError::BadHeader(_) => StatusCode::BAD_REQUEST,
+            OrdersError::Forbidden(_) => StatusCode::FORBIDDEN,
             OrdersError::Conflict(_) => StatusCode::CONFLICT,
             OrdersError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             OrdersError::Internal(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,

@@ -9,6 +9,7 @@ use crate::store::{self, HistoryRow, NewOrder, StoredOrder};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use kafka::Database;
+use kafka::auth::Principal;
 use kafka::idempotency::{self, IdempotentRequest, Replay};
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +122,28 @@ struct UpdateOrder {
     state: String,
 }
 
+/// The caller, when the mall has tokens.
+type Caller = Option<web::ReqData<Principal>>;
+
+/// Refuses a customer's token for someone else's order.
+fn check_owner(who: &Caller, order: &crate::saga::Order) -> Result<(), OrdersError> {
+    match Principal::customer(who.as_deref()) {
+        Some(me) if me != order.customer_id => Err(OrdersError::Forbidden(format!(
+            "order {} belongs to another customer",
+            order.id
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Scopes an `Idempotency-Key` to the caller, so one customer's key never answers another.
+fn key_scope(who: &Caller, action: String) -> String {
+    match who.as_deref() {
+        Some(p) => format!("{} {action}", p.name),
+        None => action,
+    }
+}
+
 /// What a keyed write did: acted now, or found its key and answers as the first time.
 enum Keyed<T> {
     Done(T),
@@ -145,6 +168,7 @@ async fn place(
     db: web::Data<Database>,
     pending: web::Data<PendingOrders>,
     http: HttpRequest,
+    who: Caller,
     body: web::Json<PlaceOrder>,
 ) -> Result<HttpResponse, OrdersError> {
     kafka::http::refuse_nul(&*body).map_err(OrdersError::Invalid)?;
@@ -158,8 +182,16 @@ async fn place(
         b.customer_name.as_deref(),
         b.customer_addr.as_deref(),
     )?;
+    if let Some(me) = Principal::customer(who.as_deref())
+        && me != request.customer_id
+    {
+        return Err(OrdersError::Forbidden(format!(
+            "a customer places orders as themselves: customerId must be {me:?}"
+        )));
+    }
     // The order as understood, so `"1"` and `1` are the same request.
-    let keyed = IdempotentRequest::from_headers(http.headers(), "POST /orders", &request)
+    let scope = key_scope(&who, "POST /orders".into());
+    let keyed = IdempotentRequest::from_headers(http.headers(), scope, &request)
         .map_err(OrdersError::BadHeader)?;
     if let Some(replay) = recall(&db, &keyed).await? {
         return Ok(replay.response());
@@ -209,12 +241,22 @@ async fn place(
 
 async fn list(
     db: web::Data<Database>,
+    who: Caller,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, OrdersError> {
     let query = query.into_inner();
     kafka::http::refuse_nul(&query).map_err(OrdersError::Invalid)?;
     let page = kafka::http::Page::parse(query.after, query.limit).map_err(OrdersError::Invalid)?;
-    let customer = query.customer_id;
+    // A customer's token lists that customer's orders only.
+    let customer = match (Principal::customer(who.as_deref()), query.customer_id) {
+        (Some(me), Some(asked)) if asked != me => {
+            return Err(OrdersError::Forbidden(format!(
+                "a customer lists their own orders only: customerId must be {me:?}"
+            )));
+        }
+        (Some(me), _) => Some(me.to_owned()),
+        (None, asked) => asked,
+    };
     let orders = db
         .read(move |conn| {
             store::list_orders(conn, customer.as_deref(), page).map_err(OrdersError::from)
@@ -223,11 +265,16 @@ async fn list(
     Ok(HttpResponse::Ok().json(orders.into_iter().map(OrderJson::from).collect::<Vec<_>>()))
 }
 
-async fn get_one(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, OrdersError> {
+async fn get_one(
+    db: web::Data<Database>,
+    who: Caller,
+    id: web::Path<i64>,
+) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
     let stored = db
         .read(move |conn| store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id)))
         .await?;
+    check_owner(&who, &stored.order)?;
     Ok(HttpResponse::Ok().json(OrderJson::from(stored)))
 }
 
@@ -235,6 +282,7 @@ async fn update(
     db: web::Data<Database>,
     id: web::Path<i64>,
     http: HttpRequest,
+    who: Caller,
     body: web::Json<UpdateOrder>,
 ) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
@@ -245,9 +293,10 @@ async fn update(
             body.state
         )));
     }
-    let keyed =
-        IdempotentRequest::from_headers(http.headers(), format!("PATCH /orders/{id}"), &*body)
-            .map_err(OrdersError::BadHeader)?;
+    let scope = key_scope(&who, format!("PATCH /orders/{id}"));
+    let keyed = IdempotentRequest::from_headers(http.headers(), scope, &*body)
+        .map_err(OrdersError::BadHeader)?;
+    let owner = who.as_deref().cloned();
     if let Some(replay) = recall(&db, &keyed).await? {
         return Ok(replay.response());
     }
@@ -259,6 +308,13 @@ async fn update(
                 return Ok((Keyed::Replayed(replay), Vec::new()));
             }
             let mut stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
+            if let Some(me) = Principal::customer(owner.as_ref())
+                && me != stored.order.customer_id
+            {
+                return Err(OrdersError::Forbidden(format!(
+                    "order {id} belongs to another customer"
+                )));
+            }
             let (order, event, decided) = match saga::cancel_by_customer(stored.order)? {
                 CustomerCancel::Cancelled(order, event) => (order, event, true),
                 CustomerCancel::Requested(order, event) => (order, event, false),
@@ -285,14 +341,19 @@ async fn update(
     })
 }
 
-async fn events(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, OrdersError> {
+async fn events(
+    db: web::Data<Database>,
+    who: Caller,
+    id: web::Path<i64>,
+) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
-    let history = db
+    let (stored, history) = db
         .read(move |conn| {
-            store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
-            Ok::<_, OrdersError>(store::history(conn, id)?)
+            let stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
+            Ok::<_, OrdersError>((stored, store::history(conn, id)?))
         })
         .await?;
+    check_owner(&who, &stored.order)?;
     Ok(HttpResponse::Ok().json(
         history
             .into_iter()

@@ -437,7 +437,342 @@ async fn a_retried_post_gives_one_order(m: &Mall) -> Check {
     Ok(())
 }
 
-async fn run(stack: &Stack, dir: &Path, chromium: &Path, chromedriver: &Path) -> (usize, usize) {
+/// The tokens of the role-matrix stack: `role:name:token`.
+const TOKENS: &str = "customer:ann@12st.mall:ann-token-0123456789,\
+                      customer:bea@12st.mall:bea-token-0123456789,\
+                      courier:carl:carl-token-0123456789,admin:ops:ops-token-0123456789";
+
+/// A request with an optional bearer token; JSON body when given.
+async fn as_role(
+    method: reqwest::Method,
+    url: String,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Check<(u16, Value)> {
+    let mut request = reqwest::Client::new().request(method.clone(), &url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let (status, text, _) = send(request).await?;
+    let value = serde_json::from_str(&text)
+        .map_err(|_| format!("{method} {url} → {status}, not JSON: {text:?}"))?;
+    Ok((status, value))
+}
+
+/// With `MALL_TOKENS` set on every service: no token or a wrong one gets 401, each role gets
+/// what its token admits and 403 for the rest (JSON errors), a customer sees and cancels only
+/// their own orders, and a refused cancel leaves the order and the topic untouched. A service
+/// bound beyond loopback without tokens refuses to start, naming `MALL_TOKENS`.
+async fn the_role_matrix(dir: &Path, bin_dir: &Path, broker: &BrokerKind) -> Check {
+    let env = ["orders", "products", "delivery"]
+        .into_iter()
+        .map(|s| (s, "MALL_TOKENS".to_owned(), TOKENS.to_owned()))
+        .collect();
+    let dir = dir.join("roles");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut stack = Stack::start_with(&dir, bin_dir, broker, env)?;
+    let result = role_matrix_on(&stack, bin_dir).await;
+    stack.stop();
+    result
+}
+
+async fn role_matrix_on(stack: &Stack, bin_dir: &Path) -> Check {
+    use reqwest::Method;
+    let m = stack.mall();
+    let (ann, bea, carl, ops) = (
+        Some("ann-token-0123456789"),
+        Some("bea-token-0123456789"),
+        Some("carl-token-0123456789"),
+        Some("ops-token-0123456789"),
+    );
+    eventually("the mall is healthy", SAGA, || m.wait_healthy()).await?;
+    let expect = |what: &'static str, got: (u16, Value), status: u16| {
+        if got.0 == status && (status < 400 || got.1["error"].is_string()) {
+            Ok(got.1)
+        } else {
+            Err(format!(
+                "{what}: expected {status}, got {} {}",
+                got.0, got.1
+            ))
+        }
+    };
+    let orders = format!("{}/orders", m.orders);
+    let order_of = |customer: &str| json!({"productId": 1, "quantity": 1, "customerId": customer});
+    expect(
+        "GET /orders without a token",
+        as_role(Method::GET, orders.clone(), None, None).await?,
+        401,
+    )?;
+    expect(
+        "GET /orders with a wrong token",
+        as_role(
+            Method::GET,
+            orders.clone(),
+            Some("wrong-token-0123456789"),
+            None,
+        )
+        .await?,
+        401,
+    )?;
+    expect(
+        "/health without a token",
+        as_role(Method::GET, format!("{}/health", m.orders), None, None).await?,
+        200,
+    )?;
+    // Admin: the catalog.
+    let product = expect(
+        "admin creates a product",
+        as_role(
+            Method::POST,
+            format!("{}/products", m.products),
+            ops,
+            Some(json!({"name": "roles", "price": 100, "stock": 10})),
+        )
+        .await?,
+        201,
+    )?;
+    let product_url = format!("{}/products/{}", m.products, product["id"]);
+    for (who, token) in [("customer", ann), ("courier", carl)] {
+        let got = as_role(
+            Method::PATCH,
+            product_url.clone(),
+            token,
+            Some(json!({"stockDelta": 5})),
+        )
+        .await?;
+        if got.0 != 403 {
+            return Err(format!("a {who} changed the stock: {} {}", got.0, got.1));
+        }
+        let got = as_role(
+            Method::GET,
+            format!("{}/dead-letters", m.orders),
+            token,
+            None,
+        )
+        .await?;
+        if got.0 != 403 {
+            return Err(format!("a {who} read the dead letters: {}", got.0));
+        }
+    }
+    expect(
+        "admin changes the stock",
+        as_role(
+            Method::PATCH,
+            product_url,
+            ops,
+            Some(json!({"stockDelta": 5})),
+        )
+        .await?,
+        200,
+    )?;
+    // Customers: their own orders only.
+    let mine = expect(
+        "ann orders",
+        as_role(
+            Method::POST,
+            orders.clone(),
+            ann,
+            Some(order_of("ann@12st.mall")),
+        )
+        .await?,
+        201,
+    )?;
+    let hers = expect(
+        "bea orders",
+        as_role(
+            Method::POST,
+            orders.clone(),
+            bea,
+            Some(order_of("bea@12st.mall")),
+        )
+        .await?,
+        201,
+    )?;
+    expect(
+        "ann orders as bea",
+        as_role(
+            Method::POST,
+            orders.clone(),
+            ann,
+            Some(order_of("bea@12st.mall")),
+        )
+        .await?,
+        403,
+    )?;
+    expect(
+        "a courier orders",
+        as_role(Method::POST, orders.clone(), carl, Some(order_of("carl"))).await?,
+        403,
+    )?;
+    let listed = expect(
+        "ann lists",
+        as_role(Method::GET, orders.clone(), ann, None).await?,
+        200,
+    )?;
+    let ids: Vec<&Value> = listed
+        .as_array()
+        .map(|l| l.iter().map(|o| &o["id"]).collect())
+        .unwrap_or_default();
+    if ids != [&mine["id"]] {
+        return Err(format!(
+            "ann's list shows {ids:?}, her order is {}",
+            mine["id"]
+        ));
+    }
+    expect(
+        "ann lists bea's",
+        as_role(
+            Method::GET,
+            format!("{orders}?customerId=bea@12st.mall"),
+            ann,
+            None,
+        )
+        .await?,
+        403,
+    )?;
+    let theirs = format!("{orders}/{}", hers["id"]);
+    expect(
+        "ann reads bea's order",
+        as_role(Method::GET, theirs.clone(), ann, None).await?,
+        403,
+    )?;
+    expect(
+        "ann reads bea's timeline",
+        as_role(Method::GET, format!("{theirs}/events"), ann, None).await?,
+        403,
+    )?;
+    expect(
+        "ann reads her order",
+        as_role(Method::GET, format!("{orders}/{}", mine["id"]), ann, None).await?,
+        200,
+    )?;
+    let bea_id = hers["id"].as_i64().unwrap_or_default();
+    let with_token = m.clone();
+    eventually("bea's order completes", SAGA, || async {
+        let (_, o) = as_role(
+            Method::GET,
+            format!("{}/orders/{bea_id}", with_token.orders),
+            ops,
+            None,
+        )
+        .await?;
+        if o["state"] == "OrderCompleted" {
+            Ok(())
+        } else {
+            Err(format!("{o}"))
+        }
+    })
+    .await?;
+    let cancel = Some(json!({"state": "OrderCancelled"}));
+    expect(
+        "ann cancels bea's order",
+        as_role(Method::PATCH, theirs.clone(), ann, cancel.clone()).await?,
+        403,
+    )?;
+    // Courier: deliveries.
+    let deliveries = format!("{}/deliveries?orderId={bea_id}", m.delivery);
+    expect(
+        "a customer lists deliveries",
+        as_role(Method::GET, deliveries.clone(), ann, None).await?,
+        403,
+    )?;
+    let listed = expect(
+        "the courier lists deliveries",
+        as_role(Method::GET, deliveries, carl, None).await?,
+        200,
+    )?;
+    let delivery = &listed[0]["id"];
+    expect(
+        "the courier completes the delivery",
+        as_role(
+            Method::PATCH,
+            format!("{}/deliveries/{delivery}", m.delivery),
+            carl,
+            Some(json!({"deliveryState": "DeliveryCompleted"})),
+        )
+        .await?,
+        200,
+    )?;
+    // The refused cancel changed nothing: bea's order delivered, no cancel on the topic.
+    let (_, after) = as_role(Method::GET, theirs, bea, None).await?;
+    if after["state"] != "OrderCompleted" || after["cancelRequested"] == true {
+        return Err(format!("bea's order after ann's refused cancel: {after}"));
+    }
+    let cancels = read_topic(&m.brokers, &m.topic)
+        .await?
+        .iter()
+        .filter(|e| e.value["orderId"] == bea_id)
+        .filter(|e| {
+            e.value["eventType"]
+                .as_str()
+                .is_some_and(|t| t.contains("Cancel"))
+        })
+        .count();
+    if cancels != 0 {
+        return Err(format!("{cancels} cancel events for bea's order"));
+    }
+    exposed_without_tokens_refuses_to_start(stack, bin_dir).await
+}
+
+/// orders on 0.0.0.0 with no tokens exits at once, naming `MALL_TOKENS`.
+async fn exposed_without_tokens_refuses_to_start(stack: &Stack, bin_dir: &Path) -> Check {
+    let port = free_port().map_err(|e| e.to_string())?;
+    let log_path = stack.dir().join("exposed-orders.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(bin_dir.join("orders"))
+        .env("HOST", "0.0.0.0")
+        .env("PORT", port.to_string())
+        .env("KAFKA_BROKERS", stack.brokers())
+        .env("DATABASE_URL", stack.dir().join("exposed.db"))
+        .env_remove("MALL_TOKENS")
+        .env_remove("MALL_TOKENS_FILE")
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let exited = eventually("orders on 0.0.0.0 without tokens exits", SAGA, || {
+        let status = child.try_wait();
+        async move {
+            match status {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => Err("still running".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    if exited.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let status = exited?;
+    let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+    if status.success() || !said.contains("MALL_TOKENS") {
+        return Err(format!(
+            "orders on 0.0.0.0 without tokens: {status:?}, said {said:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Where the suite runs: the binaries, the broker, the run directory, Chromium.
+struct Setup<'a> {
+    /// The services' binaries.
+    bin_dir: &'a Path,
+    /// Which broker the stacks start.
+    broker: &'a BrokerKind,
+    /// The run directory.
+    dir: &'a Path,
+    /// Chromium and chromedriver.
+    chromium: &'a Path,
+    chromedriver: &'a Path,
+}
+
+async fn run(stack: &Stack, setup: &Setup<'_>) -> (usize, usize) {
+    let (dir, chromium, chromedriver) = (setup.dir, setup.chromium, setup.chromedriver);
     let m = stack.mall();
     let (mut passed, mut failed) = (0, 0);
     let mut record = |name: &str, result: Check| match result {
@@ -465,6 +800,10 @@ async fn run(stack: &Stack, dir: &Path, chromium: &Path, chromedriver: &Path) ->
     record(
         "a retried POST with one Idempotency-Key gives one order",
         a_retried_post_gives_one_order(&m).await,
+    );
+    record(
+        "the role matrix (MALL_TOKENS), and no exposed start without tokens",
+        the_role_matrix(setup.dir, setup.bin_dir, setup.broker).await,
     );
     (passed, failed)
 }
@@ -510,8 +849,15 @@ async fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+    let setup = Setup {
+        bin_dir: &bin_dir,
+        broker: &broker,
+        dir: dir.path(),
+        chromium: &chromium,
+        chromedriver: &chromedriver,
+    };
     let (passed, failed) = tokio::select! {
-        counts = run(&stack, dir.path(), &chromium, &chromedriver) => counts,
+        counts = run(&stack, &setup) => counts,
         _ = kafka::shutdown_signal() => {
             println!("interrupted");
             (0, 1)
