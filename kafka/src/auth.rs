@@ -248,6 +248,15 @@ fn refusal(
     }
 }
 
+/// The one path that takes its token as `?access_token=`: orders' server-sent events.
+const STREAM_PATH: &str = "/events/stream";
+
+/// The token of a `?access_token=` query; other parameters are the handler's.
+#[derive(serde::Deserialize)]
+struct StreamToken {
+    access_token: Option<String>,
+}
+
 /// The middleware: with tokens configured, a request needs a valid bearer token whose role the
 /// route admits (401 / 403 with a JSON error); the [`Principal`] goes into the request's
 /// extensions. Needs the service's [`Tokens`] as app data.
@@ -258,12 +267,18 @@ pub async fn authenticate<B: MessageBody>(
     let Some(tokens) = req.app_data::<web::Data<Tokens>>().cloned() else {
         return next.call(req).await.map(|r| r.map_into_left_body());
     };
-    let decided = refusal(
-        &tokens,
-        req.method(),
-        req.path(),
-        req.headers().get(header::AUTHORIZATION),
-    );
+    // EventSource cannot send headers: the event stream alone takes `?access_token=`
+    // (the request log shows paths without their query).
+    let from_query = (req.path() == STREAM_PATH)
+        .then(|| web::Query::<StreamToken>::from_query(req.query_string()).ok())
+        .flatten()
+        .and_then(|q| q.access_token.clone())
+        .and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok());
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .or(from_query.as_ref());
+    let decided = refusal(&tokens, req.method(), req.path(), authorization);
     match decided {
         Ok(who) => {
             if let Some(who) = who {

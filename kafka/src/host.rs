@@ -257,7 +257,11 @@ impl ServiceHost {
                 .wrap(actix_web::middleware::from_fn(admission::admit))
                 // Inside CORS, so preflights (which carry no token) are answered first.
                 .wrap(actix_web::middleware::from_fn(crate::auth::authenticate))
-                .wrap(actix_web::middleware::Logger::new("%r %s %Dms"))
+                // Method and path, never the query: the event stream's carries a token.
+                .wrap(
+                    actix_web::middleware::Logger::new("%{method}xi %U %s %Dms")
+                        .custom_request_replace("method", |req| req.method().to_string()),
+                )
                 // The dashboard on orders' port calls products and delivery: CORS_ORIGINS.
                 .wrap(access.cors())
                 // Before CORS: a foreign host, origin or media type is refused outright.

@@ -186,6 +186,9 @@ fn hostname(host: &str) -> &str {
 #[serde(deny_unknown_fields)]
 struct StreamQuery {
     after: Option<i64>,
+    /// The page's bearer token (EventSource sends no headers): `kafka::auth` reads it.
+    #[serde(rename = "access_token")]
+    _access_token: Option<String>,
 }
 
 /// Where a stream starts: after `Last-Event-ID` (what a reconnecting browser sends), else after

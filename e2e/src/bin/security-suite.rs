@@ -466,7 +466,8 @@ async fn as_role(
 /// what its token admits and 403 for the rest (JSON errors), a customer sees and cancels only
 /// their own orders, and a refused cancel leaves the order and the topic untouched. A service
 /// bound beyond loopback without tokens refuses to start, naming `MALL_TOKENS`.
-async fn the_role_matrix(dir: &Path, bin_dir: &Path, broker: &BrokerKind) -> Check {
+async fn the_role_matrix(setup: &Setup<'_>) -> Check {
+    let (dir, bin_dir, broker) = (setup.dir, setup.bin_dir, setup.broker);
     let env = ["orders", "products", "delivery"]
         .into_iter()
         .map(|s| (s, "MALL_TOKENS".to_owned(), TOKENS.to_owned()))
@@ -474,12 +475,29 @@ async fn the_role_matrix(dir: &Path, bin_dir: &Path, broker: &BrokerKind) -> Che
     let dir = dir.join("roles");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let mut stack = Stack::start_with(&dir, bin_dir, broker, env)?;
-    let result = role_matrix_on(&stack, bin_dir).await;
+    let result = match role_matrix_on(&stack, bin_dir).await {
+        Ok(ids) => the_dashboard_asks_for_a_token(&stack.mall(), setup, &dir, ids).await,
+        Err(e) => Err(e),
+    }
+    .and_then(|()| no_token_in_the_logs(&dir));
     stack.stop();
     result
 }
 
-async fn role_matrix_on(stack: &Stack, bin_dir: &Path) -> Check {
+/// No service wrote a token into its log (the dashboard's stream sends one in its query).
+fn no_token_in_the_logs(dir: &Path) -> Check {
+    for service in ["orders", "products", "delivery"] {
+        let log = std::fs::read_to_string(dir.join(format!("{service}.log")))
+            .map_err(|e| format!("{service}.log: {e}"))?;
+        if log.contains("token-0123456789") {
+            return Err(format!("{service}.log holds a token"));
+        }
+    }
+    Ok(())
+}
+
+/// The matrix on a stack with tokens; returns ann's and bea's order ids.
+async fn role_matrix_on(stack: &Stack, bin_dir: &Path) -> Check<(i64, i64)> {
     use reqwest::Method;
     let m = stack.mall();
     let (ann, bea, carl, ops) = (
@@ -714,7 +732,96 @@ async fn role_matrix_on(stack: &Stack, bin_dir: &Path) -> Check {
     if cancels != 0 {
         return Err(format!("{cancels} cancel events for bea's order"));
     }
-    exposed_without_tokens_refuses_to_start(stack, bin_dir).await
+    exposed_without_tokens_refuses_to_start(stack, bin_dir).await?;
+    Ok((mine["id"].as_i64().unwrap_or_default(), bea_id))
+}
+
+/// The ids in the dashboard's orders table.
+async fn order_rows(client: &fantoccini::Client) -> Check<Vec<i64>> {
+    let ids = client
+        .execute(
+            "return [...document.querySelectorAll('[data-testid=\"order-rows\"] > tr[data-id]')]\
+             .map(r => Number(r.dataset.id));",
+            Vec::new(),
+        )
+        .await
+        .map_err(|e| format!("reading the orders table: {e}"))?;
+    Ok(ids
+        .as_array()
+        .map(|ids| ids.iter().filter_map(Value::as_i64).collect())
+        .unwrap_or_default())
+}
+
+/// Uses `token` on the dashboard as a person does: types it and presses "use" (the page
+/// reloads with it), then waits until the orders table shows exactly `expected`.
+async fn dashboard_as(client: &fantoccini::Client, token: &str, expected: &[i64]) -> Check {
+    use fantoccini::Locator::Css;
+    let field = client
+        .find(Css("[data-testid=\"token\"]"))
+        .await
+        .map_err(|e| format!("the token field: {e}"))?;
+    field.clear().await.map_err(|e| e.to_string())?;
+    field.send_keys(token).await.map_err(|e| e.to_string())?;
+    client
+        .find(Css("[data-testid=\"token-use\"]"))
+        .await
+        .map_err(|e| e.to_string())?
+        .click()
+        .await
+        .map_err(|e| e.to_string())?;
+    eventually(
+        &format!("the orders table shows {expected:?}"),
+        SAGA,
+        || async {
+            let mut rows = order_rows(client).await?;
+            rows.sort_unstable();
+            if rows == expected {
+                Ok(())
+            } else {
+                Err(format!("it shows {rows:?}"))
+            }
+        },
+    )
+    .await
+}
+
+/// The dashboard of a mall with tokens: without one it shows a 401 asking for a token and no
+/// orders; with the admin's it shows every order; with a customer's, only that customer's.
+async fn the_dashboard_asks_for_a_token(
+    m: &Mall,
+    setup: &Setup<'_>,
+    dir: &Path,
+    (ann_order, bea_order): (i64, i64),
+) -> Check {
+    let driver = Chromedriver::start(setup.chromedriver, dir).await?;
+    let client = open_browser(&driver, setup.chromium, &[]).await?;
+    let checked = async {
+        client.goto(&format!("{}/", m.orders)).await.map_err(|e| e.to_string())?;
+        eventually("the page asks for a token", SAGA, || async {
+            let asked = client
+                .execute(
+                    "return [...document.querySelectorAll('[data-testid=\"message\"][data-status=\"401\"]')]\
+                     .map(m => m.textContent).join(' | ');",
+                    Vec::new(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            match asked.as_str() {
+                Some(text) if text.contains("token") => Ok(()),
+                _ => Err(format!("no 401 message: {asked}")),
+            }
+        })
+        .await?;
+        if !order_rows(&client).await?.is_empty() {
+            return Err("orders shown without a token".to_string());
+        }
+        dashboard_as(&client, "ops-token-0123456789", &[ann_order, bea_order]).await?;
+        dashboard_as(&client, "ann-token-0123456789", &[ann_order]).await
+    }
+    .await;
+    let _ = client.close().await;
+    drop(driver);
+    checked
 }
 
 /// orders on 0.0.0.0 with no tokens exits at once, naming `MALL_TOKENS`.
@@ -802,8 +909,8 @@ async fn run(stack: &Stack, setup: &Setup<'_>) -> (usize, usize) {
         a_retried_post_gives_one_order(&m).await,
     );
     record(
-        "the role matrix (MALL_TOKENS), and no exposed start without tokens",
-        the_role_matrix(setup.dir, setup.bin_dir, setup.broker).await,
+        "the role matrix (MALL_TOKENS), the dashboard per token, no exposed start without tokens",
+        the_role_matrix(setup).await,
     );
     (passed, failed)
 }
