@@ -157,8 +157,8 @@ if [[ -n "${POSTGRES_URL:-}" ]]; then
 else
   pg_port="${POSTGRES_PORT:-5433}"
   start_postgres "$DATA/postgres" "$pg_port"
-  server_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
-  pg_line="$server_url (data data/postgres, log data/postgres/server.log)"
+  server_url="$(pg_local_url "$DATA/postgres" "$pg_port")"
+  pg_line="$(pg_redact "$server_url") (data data/postgres, log data/postgres/server.log, password in data/postgres.password)"
 fi
 create_databases "$server_url" "${SERVICES[@]}"
 
