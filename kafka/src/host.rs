@@ -136,6 +136,8 @@ async fn check_broker_identity(
 const RELAY_DRAIN: Duration = Duration::from_secs(5);
 /// How often the write-ahead log is emptied ([`Database::checkpoint`]).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request's head; past it the connection is closed.
+const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long in-flight HTTP requests may take to finish on the way out.
 const HTTP_DRAIN_SECS: u64 = 5;
 
@@ -279,6 +281,8 @@ impl ServiceHost {
                 .default_service(web::to(http::not_found))
         })
         .workers(2)
+        // A request head must arrive within this (bodies: admission's BODY_READ_TIMEOUT).
+        .client_request_timeout(HEAD_READ_TIMEOUT)
         .disable_signals()
         .shutdown_timeout(HTTP_DRAIN_SECS)
         .listen(listener)

@@ -437,6 +437,95 @@ async fn a_retried_post_gives_one_order(m: &Mall) -> Check {
     Ok(())
 }
 
+/// Slow uploads opened against orders, each sending its head and then a byte of its body at a
+/// time; how many.
+const SLOW_UPLOADS: usize = 40;
+/// The longest an ordinary POST may take while they trickle: far below the trickle's length.
+const ORDINARY_LIMIT: Duration = Duration::from_secs(3);
+
+/// One slow upload: the head of a `POST /orders` with a 200-byte body, then one byte every
+/// 250 ms for 12 s (a third of the body); returns the status it was answered with, if any.
+async fn slow_upload(orders: String, started: tokio::sync::mpsc::Sender<()>) -> Check<Option<u16>> {
+    let address = orders.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .map_err(|e| format!("connect {address}: {e}"))?;
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: 200\r\n\r\n{{"
+    );
+    socket
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = started.send(()).await;
+    for _ in 0..48 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if socket.write_all(b" ").await.is_err() {
+            break; // the server gave up on it
+        }
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer)).await;
+    if read.is_err() && answer.is_empty() {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    Ok(text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok()))
+}
+
+/// The slowest of `n` ordinary `POST /orders`, one after another; each must be 201.
+async fn ordinary_posts(m: &Mall, n: usize) -> Check<Duration> {
+    let mut slowest = Duration::ZERO;
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        m.place_order(1, 1).await?;
+        slowest = slowest.max(started.elapsed());
+    }
+    Ok(slowest)
+}
+
+/// 40 clients trickle their `POST /orders` bodies; ordinary POSTs beside them keep answering
+/// quickly (the body is read before a request waits for a turn), and the trickling ones are
+/// answered 408 once their body is overdue.
+async fn slow_uploads_do_not_hold_the_writes(m: &Mall) -> Check {
+    let before = ordinary_posts(m, 10).await?;
+    let (started, mut heads) = tokio::sync::mpsc::channel(SLOW_UPLOADS);
+    let mut uploads = tokio::task::JoinSet::new();
+    for _ in 0..SLOW_UPLOADS {
+        uploads.spawn(slow_upload(m.orders.clone(), started.clone()));
+    }
+    drop(started);
+    for _ in 0..SLOW_UPLOADS {
+        heads.recv().await.ok_or("a slow upload did not start")?;
+    }
+    // Every head is with the server; their first bytes follow within 250 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = ordinary_posts(m, 10).await?;
+    println!(
+        "    slowest ordinary POST: {before:?} alone, {during:?} beside {SLOW_UPLOADS} slow uploads"
+    );
+    let mut answers = Vec::new();
+    while let Some(answer) = uploads.join_next().await {
+        answers.push(answer.map_err(|e| e.to_string())??);
+    }
+    if during > ORDINARY_LIMIT {
+        return Err(format!(
+            "an ordinary POST took {during:?} beside the slow uploads (alone: {before:?})"
+        ));
+    }
+    let timed_out = answers.iter().filter(|a| **a == Some(408)).count();
+    if timed_out != SLOW_UPLOADS {
+        return Err(format!(
+            "the slow uploads were answered {answers:?}, not 408 each"
+        ));
+    }
+    Ok(())
+}
+
 /// The tokens of the role-matrix stack: `role:name:token`.
 const TOKENS: &str = "customer:ann@12st.mall:ann-token-0123456789,\
                       customer:bea@12st.mall:bea-token-0123456789,\
@@ -907,6 +996,10 @@ async fn run(stack: &Stack, setup: &Setup<'_>) -> (usize, usize) {
     record(
         "a retried POST with one Idempotency-Key gives one order",
         a_retried_post_gives_one_order(&m).await,
+    );
+    record(
+        "40 slow uploads do not hold ordinary POSTs",
+        slow_uploads_do_not_hold_the_writes(&m).await,
     );
     record(
         "the role matrix (MALL_TOKENS), the dashboard per token, no exposed start without tokens",
