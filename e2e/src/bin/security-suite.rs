@@ -526,6 +526,52 @@ async fn slow_uploads_do_not_hold_the_writes(m: &Mall) -> Check {
     Ok(())
 }
 
+/// Opens `GET /events/stream` on orders and reads the status line; the connection stays open
+/// (the stream with it) while the returned socket lives.
+async fn open_stream(orders: &str) -> Check<(u16, tokio::net::TcpStream)> {
+    let address = orders.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .map_err(|e| format!("connect {address}: {e}"))?;
+    let request = format!("GET /events/stream HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    socket
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(SAGA, socket.read_exact(&mut head))
+        .await
+        .map_err(|_| "no answer to GET /events/stream".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = String::from_utf8_lossy(&head[9..12]).parse().unwrap_or(0);
+    Ok((status, socket))
+}
+
+/// Orders keeps at most 64 event streams open: the 65th is refused with 503, and once one
+/// ends a new one is served again.
+async fn event_streams_are_bounded(m: &Mall) -> Check {
+    let mut open = Vec::new();
+    for n in 1..=64 {
+        let (status, socket) = open_stream(&m.orders).await?;
+        if status != 200 {
+            return Err(format!("stream {n} was answered {status}"));
+        }
+        open.push(socket);
+    }
+    let (status, _) = open_stream(&m.orders).await?;
+    if status != 503 {
+        return Err(format!("the 65th stream was answered {status}, not 503"));
+    }
+    drop(open.pop());
+    eventually("a stream is served again once one ended", SAGA, || async {
+        match open_stream(&m.orders).await? {
+            (200, _) => Ok(()),
+            (status, _) => Err(format!("answered {status}")),
+        }
+    })
+    .await
+}
+
 /// The tokens of the role-matrix stack: `role:name:token`.
 const TOKENS: &str = "customer:ann@12st.mall:ann-token-0123456789,\
                       customer:bea@12st.mall:bea-token-0123456789,\
@@ -1000,6 +1046,10 @@ async fn run(stack: &Stack, setup: &Setup<'_>) -> (usize, usize) {
     record(
         "40 slow uploads do not hold ordinary POSTs",
         slow_uploads_do_not_hold_the_writes(&m).await,
+    );
+    record(
+        "at most 64 event streams are open at once",
+        event_streams_are_bounded(&m).await,
     );
     record(
         "the role matrix (MALL_TOKENS), the dashboard per token, no exposed start without tokens",
