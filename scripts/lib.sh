@@ -488,13 +488,15 @@ pg_leftovers() {
   [[ -n "$PG_LEFTOVERS" ]]
 }
 
-# Starts a PostgreSQL server on data directory $1 (created and initialised on first use: trust
-# authentication for local and 127.0.0.1 connections only, superuser `postgres`), listening on
-# 127.0.0.1:$2 only with its unix socket in $1 and its log in $1/server.log, and waits until it
-# accepts connections. A server already running on $1 is reused; a postmaster.pid left by a
-# crash is removed first. Its maintenance database: postgres://postgres@127.0.0.1:$2/postgres.
+# Starts a PostgreSQL server on data directory $1 (created and initialised on first use:
+# scram-sha-256 for local and 127.0.0.1 connections only, superuser `postgres` with a generated
+# password in $1.password, mode 0600), listening on 127.0.0.1:$2 only with its unix socket in $1
+# and its log in $1/server.log, and waits until it accepts connections. A server already running
+# on $1 is reused; a postmaster.pid left by a crash is removed first; a directory left with
+# trust by older scripts gets a password. Its maintenance database, password included:
+# `pg_local_url $1 $2`.
 start_postgres() {
-  local dir="$1" port="$2" out socket_dir pid
+  local dir="$1" port="$2" out socket_dir pid pw_file initdb_pw initdb_status
   if [[ ! "$port" =~ ^[1-9][0-9]*$ ]] || (( port > 65535 )); then
     die "start_postgres: '$port' is not a port"
   fi
@@ -514,12 +516,19 @@ start_postgres() {
     fi
     if [[ ! -f "$dir/PG_VERSION" ]]; then
       [[ -z "$(ls -A "$dir")" ]] || die "$dir is neither empty nor a PostgreSQL data directory; move it away"
-      say "initialising a PostgreSQL data directory in $dir (trust authentication, local connections only)"
-      out="$(pg_as_owner "$PG_BIN/initdb" -D "$dir" -U postgres -A trust -E UTF8 --locale=C 2>&1)" \
-        || die "initdb failed:
+      pw_file="$(pg_password_file "$dir")"
+      say "initialising a PostgreSQL data directory in $dir (scram-sha-256, the password in $pw_file)"
+      [[ -s "$pw_file" ]] || new_pg_password "$pw_file"
+      # initdb reads the password from a file the server's owner can read, removed at once.
+      initdb_pw="$(mktemp)"
+      cat "$pw_file" >"$initdb_pw"
+      (( EUID == 0 )) && chown postgres: "$initdb_pw"
+      out="$(pg_as_owner "$PG_BIN/initdb" -D "$dir" -U postgres -A scram-sha-256 --pwfile="$initdb_pw" -E UTF8 --locale=C 2>&1)"
+      initdb_status=$?
+      rm -f "$initdb_pw"
+      (( initdb_status == 0 )) || die "initdb failed:
 $out"
-      printf '%s\n' '# scripts/lib.sh: trust, for local connections only (the server listens on 127.0.0.1)' \
-        'local all all trust' 'host all all 127.0.0.1/32 trust' >"$dir/pg_hba.conf"
+      pg_hba_scram "$dir"
       printf '\n%s\n' "include_if_exists = 'mall.conf'   # written by scripts/lib.sh at each start" \
         >>"$dir/postgresql.conf"
     fi
@@ -554,10 +563,56 @@ $(tail -n 15 "$dir/server.log" 2>/dev/null)"
     say "started PostgreSQL on 127.0.0.1:$port, pid ${PG_PID:-?} (data $dir, log $dir/server.log)"
   fi
   for _ in $(seq 1 300); do
-    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres && return 0
+    if "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres; then
+      pg_leave_trust "$dir" "$port"
+      return 0
+    fi
     sleep 0.1
   done
   die "PostgreSQL on 127.0.0.1:$port does not accept connections within 30 s; see $dir/server.log"
+}
+
+# The password file of the server whose data directory is $1: beside it (data/postgres →
+# data/postgres.password), mode 0600, readable by the user who runs the scripts.
+pg_password_file() {
+  echo "${1%/}.password"
+}
+
+# Writes a new random password into file $1, mode 0600.
+new_pg_password() {
+  ( umask 077 && od -An -tx1 -N24 /dev/urandom | tr -d ' \n' >"$1" ) || die "cannot write $1"
+}
+
+# pg_hba.conf of data directory $1: password (SCRAM) for every connection, local ones only.
+pg_hba_scram() {
+  printf '%s\n' '# scripts/lib.sh: scram-sha-256 for every connection (the server listens on 127.0.0.1)' \
+    'local all all scram-sha-256' 'host all all 127.0.0.1/32 scram-sha-256' >"$1/pg_hba.conf"
+  (( EUID == 0 )) && chown postgres: "$1/pg_hba.conf"
+  return 0
+}
+
+# A data directory $1 initialised by older scripts with trust authentication, its server up on
+# port $2: gets a generated password and scram-sha-256, and the server reloads.
+pg_leave_trust() {
+  local dir="$1" port="$2" pw_file out
+  grep -qE '^(local|host).*[[:space:]]trust$' "$dir/pg_hba.conf" 2>/dev/null || return 0
+  pw_file="$(pg_password_file "$dir")"
+  say "PostgreSQL in $dir used trust authentication: setting a generated password ($pw_file) and scram-sha-256"
+  [[ -s "$pw_file" ]] || new_pg_password "$pw_file"
+  [[ -n "${PSQL:-}" ]] || find_psql || die "psql is needed to set the password; ensure_postgres installs it"
+  out="$("$PSQL" "postgres://postgres@127.0.0.1:$port/postgres" -Xq \
+    -c "ALTER ROLE postgres PASSWORD '$(cat "$pw_file")'" 2>&1)" || die "cannot set the password: $out"
+  pg_hba_scram "$dir"
+  pg_as_owner "$PG_BIN/pg_ctl" reload -D "$dir" -s >/dev/null 2>&1 || die "cannot reload PostgreSQL in $dir"
+}
+
+# The URL of the maintenance database of the server start_postgres runs with data directory
+# $1 on port $2, with its password.
+pg_local_url() {
+  local dir pw
+  dir="$(cd "$1" && pwd -P)" || die "no PostgreSQL data directory $1"
+  pw="$(cat "$(pg_password_file "$dir")" 2>/dev/null)" || die "no password file for the PostgreSQL server in $dir"
+  echo "postgres://postgres:$pw@127.0.0.1:$2/postgres"
 }
 
 # Stops the PostgreSQL server of data directory $1 if one runs there (fast shutdown: SIGINT,

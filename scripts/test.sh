@@ -7,7 +7,8 @@
 # against the running mall; then a short fault-injection run (`chaos`: kills, a double kill, a
 # broker kill and restart, a SIGSTOP, a graceful restart, during a mixed workload, then every
 # invariant checked); then the browser test: the dashboard in headless Chromium (installed with
-# apt-get when missing), driven through chromedriver; then a chaos run on a three-node Kafka
+# apt-get when missing), driven through chromedriver; then the security suite (foreign origins and
+# hosts, a page elsewhere in Chromium, Idempotency-Key retries); then a chaos run on a three-node Kafka
 # cluster whose partition leader is SIGKILLed under load, three times.
 # Then on PostgreSQL (installed with apt-get when missing): a throwaway server in a temporary
 # directory on a free port (stopped and removed at exit, also on failure; with POSTGRES_URL set,
@@ -28,7 +29,7 @@ pg_dir="" # the throwaway PostgreSQL server's data directory
 remove_postgres() {
   if [[ -n "$pg_dir" ]]; then
     stop_postgres "$pg_dir"
-    rm -rf "$pg_dir"
+    rm -rf "$pg_dir" "$(pg_password_file "$pg_dir")"
     pg_dir=""
   fi
 }
@@ -105,6 +106,15 @@ if ( ensure_chromium ) && [[ -x target/debug/browser-test ]]; then
   read -r browser_passed browser_failed < <(suite_counts "$log" "$status")
 fi
 
+say "4a/8 security suite: foreign origins and hosts refused (also a page elsewhere in headless Chromium), Idempotency-Key retries"
+security_passed=0
+security_failed=1
+if ( ensure_chromium ) && [[ -x target/debug/security-suite ]]; then
+  target/debug/security-suite --bin-dir target/debug "${broker[@]}" | tee "$log"
+  status="${PIPESTATUS[0]}"
+  read -r security_passed security_failed < <(suite_counts "$log" "$status")
+fi
+
 say "4b/8 chaos on a three-node Kafka cluster: the leader of the busy partition SIGKILLed under load, three times"
 cluster_passed=0
 cluster_failed=1
@@ -138,12 +148,32 @@ elif ( ensure_postgres ); then
     [[ -n "$pg_port" ]] || break
     say "PostgreSQL: a throwaway server on 127.0.0.1:$pg_port (data $pg_dir, removed at exit; attempt $attempt)"
     if ( start_postgres "$pg_dir" "$pg_port" ); then
-      pg_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
+      pg_url="$(pg_local_url "$pg_dir" "$pg_port")"
       break
     fi
   done
 fi
 [[ -n "$pg_url" ]] || say "no PostgreSQL server: its three steps count as failed"
+
+say "4c/8 the scripts' PostgreSQL refuses a connection without its password"
+pg_auth_passed=0
+pg_auth_failed=1
+if [[ -n "$pg_dir" && -n "$pg_url" ]] && ( find_psql ) ; then
+  find_psql
+  if refused="$(PGPASSWORD= PGPASSFILE=/nonexistent "$PSQL" "postgres://postgres@127.0.0.1:$pg_port/postgres" -XAtq -w -c 'SELECT 1' 2>&1)"; then
+    say "FAIL: connected without a password"
+  elif [[ "$refused" == *"password"* ]] && "$PSQL" "$pg_url" -XAtq -c 'SELECT 1' >/dev/null 2>&1 \
+      && [[ "$(stat -c %a "$(pg_password_file "$pg_dir")")" == 600 ]]; then
+    say "ok: refused without the password ($refused); accepted with it; the password file is mode 0600"
+    pg_auth_passed=1
+    pg_auth_failed=0
+  else
+    say "FAIL: refused for another reason, or the password does not work: $refused"
+  fi
+elif [[ -n "${POSTGRES_URL:-}" ]]; then
+  say "POSTGRES_URL's server: not the scripts' own; not checked"
+  pg_auth_failed=0
+fi
 
 say "5/8 plumbing and in-process tests on PostgreSQL (kafka/tests/postgres.rs, e2e/tests/in_process.rs)"
 pg_unit_passed=0
@@ -192,9 +222,9 @@ fi
 remove_postgres
 
 echo
-say "on $BROKER: cargo test: $unit_passed passed, $unit_failed failed; model check (deeper): $model_passed passed, $model_failed failed; real-broker suite: $suite_passed passed, $suite_failed failed; chaos: $chaos_passed passed, $chaos_failed failed; browser: $browser_passed passed, $browser_failed failed; chaos on three brokers: $cluster_passed passed, $cluster_failed failed"
-say "on PostgreSQL: in-process: $pg_unit_passed passed, $pg_unit_failed failed; real-broker suite: $pg_suite_passed passed, $pg_suite_failed failed; chaos (3 instances): $pg_chaos_passed passed, $pg_chaos_failed failed; two instances paused: $pg_pause_passed passed, $pg_pause_failed failed"
-passed=$((unit_passed + model_passed + suite_passed + chaos_passed + browser_passed + cluster_passed + pg_unit_passed + pg_suite_passed + pg_chaos_passed + pg_pause_passed))
-failed=$((unit_failed + model_failed + suite_failed + chaos_failed + browser_failed + cluster_failed + pg_unit_failed + pg_suite_failed + pg_chaos_failed + pg_pause_failed))
+say "on $BROKER: cargo test: $unit_passed passed, $unit_failed failed; model check (deeper): $model_passed passed, $model_failed failed; real-broker suite: $suite_passed passed, $suite_failed failed; chaos: $chaos_passed passed, $chaos_failed failed; browser: $browser_passed passed, $browser_failed failed; security: $security_passed passed, $security_failed failed; chaos on three brokers: $cluster_passed passed, $cluster_failed failed"
+say "on PostgreSQL: without its password: $pg_auth_passed passed, $pg_auth_failed failed; in-process: $pg_unit_passed passed, $pg_unit_failed failed; real-broker suite: $pg_suite_passed passed, $pg_suite_failed failed; chaos (3 instances): $pg_chaos_passed passed, $pg_chaos_failed failed; two instances paused: $pg_pause_passed passed, $pg_pause_failed failed"
+passed=$((unit_passed + model_passed + suite_passed + chaos_passed + browser_passed + security_passed + cluster_passed + pg_auth_passed + pg_unit_passed + pg_suite_passed + pg_chaos_passed + pg_pause_passed))
+failed=$((unit_failed + model_failed + suite_failed + chaos_failed + browser_failed + security_failed + cluster_failed + pg_auth_failed + pg_unit_failed + pg_suite_failed + pg_chaos_failed + pg_pause_failed))
 echo "$passed passed, $failed failed"
 [[ "$failed" == 0 ]]

@@ -157,15 +157,22 @@ if [[ -n "${POSTGRES_URL:-}" ]]; then
 else
   pg_port="${POSTGRES_PORT:-5433}"
   start_postgres "$DATA/postgres" "$pg_port"
-  server_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
-  pg_line="$server_url (data data/postgres, log data/postgres/server.log)"
+  server_url="$(pg_local_url "$DATA/postgres" "$pg_port")"
+  pg_line="$(pg_redact "$server_url") (data data/postgres, log data/postgres/server.log, password in data/postgres.password)"
 fi
 create_databases "$server_url" "${SERVICES[@]}"
 
+# Every orders instance serves the dashboard, which calls products and delivery from its origin.
+dashboards=""
+for k in $(seq 1 "$instances"); do
+  p="$(instance_port orders "$k")"
+  dashboards+="${dashboards:+,}http://127.0.0.1:$p,http://localhost:$p"
+done
 for k in $(seq 1 "$instances"); do
   for svc in "${SERVICES[@]}"; do
     start_one "$svc-$k" "$svc" "$(instance_port "$svc" "$k")" INSTANCE_ID="$svc-$k" \
-      DATABASE_URL="$(pg_url_with_db "$server_url" "$svc")" KAFKA_PARTITIONS="$KAFKA_PARTITIONS"
+      DATABASE_URL="$(pg_url_with_db "$server_url" "$svc")" KAFKA_PARTITIONS="$KAFKA_PARTITIONS" \
+      CORS_ORIGINS="${CORS_ORIGINS:-$dashboards}"
   done
 done
 for k in $(seq 1 "$instances"); do

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod browser;
 pub mod chaos;
 pub mod kafka_tools;
 pub mod pg;
@@ -718,6 +719,9 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
             ..kafka::KafkaSettings::new(brokers, topic, service.as_str())
         },
         retention: kafka::RetentionSettings::default(),
+        access: kafka::access::AccessSettings::parse("127.0.0.1", "", "")
+            .expect("no lists to parse"),
+        tokens: kafka::auth::Tokens::default(),
     };
     let products = products::build(&products::Settings {
         service: settings(events::Service::Products),

@@ -635,6 +635,14 @@ impl Stack {
             command
                 .env("PRODUCTS_URL", self.url("products"))
                 .env("DELIVERY_URL", self.url("delivery"));
+        } else {
+            // The dashboard, served by each orders instance, calls products and delivery.
+            let dashboards = self
+                .instances("orders")
+                .iter()
+                .map(|orders| self.url(orders))
+                .collect::<Vec<_>>();
+            command.env("CORS_ORIGINS", dashboards.join(","));
         }
         for (target, name, value) in &self.extra_env {
             if *target == service {

@@ -7,14 +7,21 @@
 //! already accepted stopped moving, and memory grew with the queue. Bounded, the consumer gets
 //! its turn in the next commit, accepted sagas finish, and the surplus gets a quick
 //! `503` with `Retry-After` that a client can act on. Reads are not limited here.
+//!
+//! A writing request's body is read before it waits for a turn, within
+//! [`BODY_READ_TIMEOUT`]: a few dozen clients trickling bodies would otherwise hold every turn.
 
-use crate::http::too_busy;
+use crate::http::{error_json, too_busy};
 use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::Payload;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::error::PayloadError;
 use actix_web::http::Method;
+use actix_web::http::StatusCode;
 use actix_web::middleware::Next;
 use actix_web::web;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 
 /// Writing requests that run at once. Their writes queue for the writer thread, which commits
@@ -26,6 +33,10 @@ pub const RUNNING: usize = 32;
 /// second of work at the rate a service sustains here, so a waiting request's answer still
 /// comes well within a client's patience.
 pub const WAITING: usize = 256;
+
+/// How long a writing request's body may take to arrive, read before it waits for a turn;
+/// past it the answer is 408 and nothing is done. Bodies are at most 64 KiB.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The limits and who is inside them; shared by every HTTP worker of a service.
 pub struct Admission {
@@ -82,6 +93,34 @@ pub async fn admit<B: MessageBody>(
             .await
             .map(ServiceResponse::map_into_left_body);
     };
+    // The body first, bounded in time: a client that trickles its body must not hold a turn
+    // that ordinary writes wait for.
+    let mut req = req;
+    let body = tokio::time::timeout(BODY_READ_TIMEOUT, req.extract::<web::Bytes>()).await;
+    let body = match body {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            let status = e.as_response_error().status_code();
+            let refused = error_json(status, format!("cannot read the request body: {e}"));
+            return Ok(req.into_response(refused).map_into_right_body());
+        }
+        Err(_) => {
+            let refused = error_json(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s; nothing was done",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+            );
+            return Ok(req.into_response(refused).map_into_right_body());
+        }
+    };
+    let replay: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<web::Bytes, PayloadError>>>,
+    > = Box::pin(futures_util::stream::once(async move {
+        Ok::<_, PayloadError>(body)
+    }));
+    req.set_payload(Payload::from(replay));
     let permit = match admission.running.try_acquire() {
         Ok(permit) => permit,
         Err(_) => {

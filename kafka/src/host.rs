@@ -136,6 +136,8 @@ async fn check_broker_identity(
 const RELAY_DRAIN: Duration = Duration::from_secs(5);
 /// How often the write-ahead log is emptied ([`Database::checkpoint`]).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request's head; past it the connection is closed.
+const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long in-flight HTTP requests may take to finish on the way out.
 const HTTP_DRAIN_SECS: u64 = 5;
 
@@ -247,30 +249,40 @@ impl ServiceHost {
         let db = web::Data::new(db);
         let served_metrics = metrics.clone();
         let admission = web::Data::new(Admission::default());
+        let access = settings.access.clone();
+        let served_access = web::Data::new(settings.access.clone());
+        let tokens = web::Data::new(settings.tokens.clone());
+        log::info!("{}", settings.tokens.summary());
         let server = HttpServer::new(move || {
             App::new()
                 // Innermost: a refused write is still logged, answered with CORS and counted.
                 .wrap(actix_web::middleware::from_fn(admission::admit))
-                .wrap(actix_web::middleware::Logger::new("%r %s %Dms"))
-                // The dashboard on orders' port calls products and delivery too.
+                // Inside CORS, so preflights (which carry no token) are answered first.
+                .wrap(actix_web::middleware::from_fn(crate::auth::authenticate))
+                // Method and path, never the query: the event stream's carries a token.
                 .wrap(
-                    actix_cors::Cors::default()
-                        .allow_any_origin()
-                        .allowed_methods(["GET", "POST", "PATCH"])
-                        .allow_any_header()
-                        .max_age(3600),
+                    actix_web::middleware::Logger::new("%{method}xi %U %s %Dms")
+                        .custom_request_replace("method", |req| req.method().to_string()),
                 )
+                // The dashboard on orders' port calls products and delivery: CORS_ORIGINS.
+                .wrap(access.cors())
+                // Before CORS: a foreign host, origin or media type is refused outright.
+                .wrap(actix_web::middleware::from_fn(crate::access::guard))
                 // Outermost, so it counts every answer, CORS preflights and 404s too.
                 .wrap(actix_web::middleware::from_fn(metrics::track_requests))
                 .app_data(db.clone())
                 .app_data(health.clone())
                 .app_data(admission.clone())
+                .app_data(served_access.clone())
+                .app_data(tokens.clone())
                 .app_data(served_metrics.clone())
                 .configure(http::configure)
                 .configure(routes.clone())
                 .default_service(web::to(http::not_found))
         })
         .workers(2)
+        // A request head must arrive within this (bodies: admission's BODY_READ_TIMEOUT).
+        .client_request_timeout(HEAD_READ_TIMEOUT)
         .disable_signals()
         .shutdown_timeout(HTTP_DRAIN_SECS)
         .listen(listener)

@@ -14,6 +14,7 @@
 //! - [`offsets`]: the consumer's position, committed with each event's effect.
 //! - [`parking`]: dead letters, committed with the position past the parked message.
 //! - [`producer`], [`admin`]: the idempotent producer and topic creation.
+//! - [`idempotency`]: `Idempotency-Key`: a retried request acted on once.
 //! - [`identity`]: the cluster the stored positions belong to; another one is refused.
 //! - [`http`], [`host`]: JSON errors, `/health`, `/metrics`, and starting/stopping a whole
 //!   service.
@@ -21,15 +22,20 @@
 //!   requests.
 //! - [`retention`]: the background task that deletes dedup state and settled history once
 //!   no event can need it, so the databases stop growing.
+//! - [`access`]: the hosts, web origins and media types a service accepts.
+//! - [`auth`]: bearer tokens with roles, stored hashed; 401 and 403.
 //! - [`settings`]: env-var configuration.
 
+pub mod access;
 pub mod admin;
 pub mod admission;
+pub mod auth;
 pub mod consumer;
 pub mod db;
 pub mod group_commit;
 pub mod host;
 pub mod http;
+pub mod idempotency;
 pub mod identity;
 pub mod inbox;
 pub mod leases;

@@ -187,7 +187,7 @@ pub fn prune_processed_events(
     diesel::delete(done::table.filter(done::event_id.eq_any(&batch))).execute(conn)
 }
 
-/// The rules every service runs: published outbox rows and processed ids, both dedup state.
+/// The rules every service runs: published outbox rows, processed ids and idempotency keys.
 pub fn plumbing_rules(dedup_window: Duration) -> Vec<PruneRule> {
     vec![
         PruneRule::new("outbox", dedup_window, |conn, cutoff, limit| {
@@ -196,6 +196,11 @@ pub fn plumbing_rules(dedup_window: Duration) -> Vec<PruneRule> {
         PruneRule::new("processed_events", dedup_window, |conn, cutoff, limit| {
             prune_processed_events(conn, cutoff, limit)
                 .map(|n| Deleted::rows("processed_events", n))
+        }),
+        // A client retries within minutes; the dedup window is a generous, documented bound.
+        PruneRule::new("idempotency_keys", dedup_window, |conn, cutoff, limit| {
+            crate::idempotency::prune(conn, cutoff, limit)
+                .map(|n| Deleted::rows("idempotency_keys", n))
         }),
     ]
 }
@@ -226,7 +231,7 @@ impl Retention {
         let mut rules = plumbing_rules(settings.dedup_window);
         rules.extend(service_rules);
         let deleted = metrics.retention_deleted.clone();
-        for table in ["outbox", "processed_events"] {
+        for table in ["outbox", "processed_events", "idempotency_keys"] {
             // Present at 0 from the start, so a rate() sees the first deletion.
             deleted.with_label_values(&[table]);
         }
@@ -474,8 +479,8 @@ mod tests {
         assert_eq!(deleted.of("processed_events"), 7);
         assert!(outbox_ids(&db).await.is_empty());
         assert_eq!(processed_ids(&db).await, ["recent0"]);
-        // ⌈10/3⌉ + 1 empty for the outbox, ⌈7/3⌉ + 1 for the ids.
-        assert_eq!(*commits.borrow() - before, 5 + 4);
+        // ⌈10/3⌉ + 1 empty for the outbox, ⌈7/3⌉ + 1 for the ids, 1 empty for the keys.
+        assert_eq!(*commits.borrow() - before, 5 + 4 + 1);
     }
 
     #[tokio::test]

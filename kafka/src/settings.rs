@@ -280,6 +280,10 @@ pub struct ServiceSettings {
     pub kafka: KafkaSettings,
     /// How long settled history is kept.
     pub retention: RetentionSettings,
+    /// The hosts and web origins the service answers for.
+    pub access: crate::access::AccessSettings,
+    /// `MALL_TOKENS` / `MALL_TOKENS_FILE`: who may do what; none means open, loopback only.
+    pub tokens: crate::auth::Tokens,
 }
 
 impl ServiceSettings {
@@ -298,7 +302,11 @@ impl ServiceSettings {
         kafka.instance = env_or("INSTANCE_ID", format!("{service}@{machine}:{port}"))?;
         let retention = RetentionSettings::from_env()?;
         retention.check_covers(&kafka.topic_config)?;
+        let tokens = crate::auth::Tokens::from_env()?;
+        tokens.check_exposure(&host)?;
         Ok(ServiceSettings {
+            access: crate::access::AccessSettings::from_env(&host)?,
+            tokens,
             host,
             port,
             database_url: env_or("DATABASE_URL", format!("data/{service}.db"))?,

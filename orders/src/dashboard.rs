@@ -42,6 +42,42 @@ const PAGE: i64 = 500;
 const BROADCAST_CAPACITY: usize = 64;
 /// Frames queued per open stream before it stops reading the broadcast.
 const STREAM_BUFFER: usize = 16;
+/// Event streams open at once; one more is refused with 503 until one ends. Each holds a task
+/// and a connection, and catching up reads the database the saga writes.
+pub const MAX_STREAMS: usize = 64;
+
+/// The open event streams, bounded by a maximum.
+#[derive(Clone)]
+struct StreamSlots {
+    open: Arc<AtomicU64>,
+    max: u64,
+}
+
+/// One open stream's place; given back when dropped (the stream ended).
+struct StreamSlot(Arc<AtomicU64>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl StreamSlots {
+    fn new(max: usize) -> Self {
+        StreamSlots {
+            open: Arc::new(AtomicU64::new(0)),
+            max: max as u64,
+        }
+    }
+
+    /// A place for one more stream, unless `max` are open.
+    fn take(&self) -> Option<StreamSlot> {
+        let before = self.open.fetch_add(1, Ordering::Relaxed);
+        let slot = StreamSlot(self.open.clone());
+        (before < self.max).then_some(slot)
+    }
+}
+
 /// How often an idle stream sends a comment, so proxies and the browser keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -90,6 +126,7 @@ fn parse_link(name: &str, value: Option<String>) -> Result<Option<String>, Confi
 pub struct Dashboard {
     links: Links,
     tail: EventTail,
+    streams: StreamSlots,
 }
 
 impl Dashboard {
@@ -98,6 +135,7 @@ impl Dashboard {
         Dashboard {
             links,
             tail: EventTail::new(db, BROADCAST_CAPACITY),
+            streams: StreamSlots::new(MAX_STREAMS),
         }
     }
 
@@ -110,6 +148,7 @@ impl Dashboard {
         };
         cfg.app_data(web::Data::new(self.links.clone()))
             .app_data(web::Data::new(self.tail.clone()))
+            .app_data(web::Data::new(self.streams.clone()))
             .service(get("/", web::get().to(index)))
             .service(get("/dashboard/app.js", web::get().to(app_js)))
             .service(get("/dashboard/style.css", web::get().to(style_css)))
@@ -186,6 +225,9 @@ fn hostname(host: &str) -> &str {
 #[serde(deny_unknown_fields)]
 struct StreamQuery {
     after: Option<i64>,
+    /// The page's bearer token (EventSource sends no headers): `kafka::auth` reads it.
+    #[serde(rename = "access_token")]
+    _access_token: Option<String>,
 }
 
 /// Where a stream starts: after `Last-Event-ID` (what a reconnecting browser sends), else after
@@ -212,11 +254,19 @@ async fn stream(
     req: HttpRequest,
     tail: web::Data<EventTail>,
     query: web::Query<StreamQuery>,
+    slots: web::Data<StreamSlots>,
 ) -> Result<HttpResponse, OrdersError> {
     let start = start_point(req.headers(), query.after).map_err(OrdersError::Invalid)?;
+    let Some(slot) = slots.take() else {
+        return Ok(kafka::http::too_busy(format!(
+            "too busy: {MAX_STREAMS} event streams are open; retry in a second"
+        )));
+    };
     let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
     let tail = tail.get_ref().clone();
     tokio::spawn(async move {
+        // Held until the stream ends: the client went away, or the service stops.
+        let _slot = slot;
         match tail.follow(start, sender).await {
             Ok(()) | Err(StreamEnd::Disconnected) => {}
             Err(e) => log::warn!("/events/stream ended: {e}"),
@@ -484,6 +534,17 @@ async fn send(out: &mpsc::Sender<Bytes>, chunk: Bytes) -> Result<(), StreamEnd> 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn streams_beyond_the_maximum_are_refused_until_one_ends() {
+        let slots = StreamSlots::new(2);
+        let (first, second) = (slots.take(), slots.take());
+        assert!(first.is_some() && second.is_some());
+        assert!(slots.take().is_none(), "a third stream");
+        drop(first);
+        assert!(slots.take().is_some(), "a place came free");
+    }
+
     use super::*;
 
     const MIGRATIONS: kafka::db::Migrations = crate::startup::MIGRATIONS;

@@ -3,7 +3,7 @@
 use crate::error::OrdersError;
 
 /// A validated `POST /orders` request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct OrderRequest {
     /// A positive product id.
     pub product_id: i64,

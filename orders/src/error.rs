@@ -17,6 +17,12 @@ pub enum OrdersError {
     /// The request's values are not acceptable.
     #[error("{0}")]
     Invalid(String),
+    /// The caller's token does not cover this order (a customer's, someone else's order).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A header is malformed (an `Idempotency-Key` too long, say).
+    #[error("{0}")]
+    BadHeader(String),
     /// The order's state does not allow the change.
     #[error(transparent)]
     Conflict(#[from] crate::saga::CancelRefused),
@@ -34,6 +40,16 @@ impl From<DbError> for OrdersError {
     }
 }
 
+impl From<kafka::idempotency::IdempotencyError> for OrdersError {
+    fn from(e: kafka::idempotency::IdempotencyError) -> Self {
+        use kafka::idempotency::IdempotencyError;
+        match e {
+            IdempotencyError::OtherRequest(_) => OrdersError::Invalid(e.to_string()),
+            IdempotencyError::Db(e) => OrdersError::Internal(e),
+        }
+    }
+}
+
 impl From<diesel::result::Error> for OrdersError {
     fn from(e: diesel::result::Error) -> Self {
         OrdersError::Internal(DbError::Query(e))
@@ -47,6 +63,8 @@ impl ResponseError for OrdersError {
                 StatusCode::NOT_FOUND
             }
             OrdersError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            OrdersError::BadHeader(_) => StatusCode::BAD_REQUEST,
+            OrdersError::Forbidden(_) => StatusCode::FORBIDDEN,
             OrdersError::Conflict(_) => StatusCode::CONFLICT,
             OrdersError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             OrdersError::Internal(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,

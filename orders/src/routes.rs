@@ -6,8 +6,11 @@ use crate::error::OrdersError;
 use crate::pending::PendingOrders;
 use crate::saga::{self, CustomerCancel, Order, OrderState};
 use crate::store::{self, HistoryRow, NewOrder, StoredOrder};
-use actix_web::{HttpResponse, web};
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
 use kafka::Database;
+use kafka::auth::Principal;
+use kafka::idempotency::{self, IdempotentRequest, Replay};
 use serde::{Deserialize, Serialize};
 
 /// Registers the orders endpoints.
@@ -119,13 +122,56 @@ struct UpdateOrder {
     state: String,
 }
 
+/// The caller, when the mall has tokens.
+type Caller = Option<web::ReqData<Principal>>;
+
+/// Refuses a customer's token for someone else's order.
+fn check_owner(who: &Caller, order: &crate::saga::Order) -> Result<(), OrdersError> {
+    match Principal::customer(who.as_deref()) {
+        Some(me) if me != order.customer_id => Err(OrdersError::Forbidden(format!(
+            "order {} belongs to another customer",
+            order.id
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Scopes an `Idempotency-Key` to the caller, so one customer's key never answers another.
+fn key_scope(who: &Caller, action: String) -> String {
+    match who.as_deref() {
+        Some(p) => format!("{} {action}", p.name),
+        None => action,
+    }
+}
+
+/// What a keyed write did: acted now, or found its key and answers as the first time.
+enum Keyed<T> {
+    Done(T),
+    Replayed(Replay),
+}
+
+/// The answer stored for `keyed`, read before the write so a retry does not wait for the
+/// writer (or count against the pending bound); the write checks again in its transaction.
+async fn recall(
+    db: &Database,
+    keyed: &Option<IdempotentRequest>,
+) -> Result<Option<Replay>, OrdersError> {
+    let Some(keyed) = keyed.clone() else {
+        return Ok(None);
+    };
+    Ok(db
+        .read(move |conn| idempotency::recall(conn, &keyed))
+        .await?)
+}
+
 async fn place(
     db: web::Data<Database>,
     pending: web::Data<PendingOrders>,
+    http: HttpRequest,
+    who: Caller,
     body: web::Json<PlaceOrder>,
 ) -> Result<HttpResponse, OrdersError> {
     kafka::http::refuse_nul(&*body).map_err(OrdersError::Invalid)?;
-    pending.admit()?;
     let b = body.into_inner();
     let number =
         |field, value| kafka::http::whole_number(field, value).map_err(OrdersError::Invalid);
@@ -136,8 +182,28 @@ async fn place(
         b.customer_name.as_deref(),
         b.customer_addr.as_deref(),
     )?;
-    let stored = db
+    if let Some(me) = Principal::customer(who.as_deref())
+        && me != request.customer_id
+    {
+        return Err(OrdersError::Forbidden(format!(
+            "a customer places orders as themselves: customerId must be {me:?}"
+        )));
+    }
+    // The order as understood, so `"1"` and `1` are the same request.
+    let scope = key_scope(&who, "POST /orders".into());
+    let keyed = IdempotentRequest::from_headers(http.headers(), scope, &request)
+        .map_err(OrdersError::BadHeader)?;
+    if let Some(replay) = recall(&db, &keyed).await? {
+        return Ok(replay.response());
+    }
+    pending.admit()?;
+    let done = db
         .write(move |conn| {
+            if let Some(keyed) = &keyed
+                && let Some(replay) = idempotency::recall(conn, keyed)?
+            {
+                return Ok((Keyed::Replayed(replay), Vec::new()));
+            }
             // The replica may lag or not know the product: products decides, not orders.
             let known = store::replica_product(conn, request.product_id)?;
             let now = chrono::Utc::now().to_rfc3339();
@@ -157,22 +223,40 @@ async fn place(
             };
             let stored = store::insert_order(conn, &new)?;
             let event = saga::placed(&stored.order);
-            Ok::<_, OrdersError>((stored, vec![event]))
+            let location = format!("/orders/{}", stored.order.id);
+            let answer = OrderJson::from(stored);
+            if let Some(keyed) = &keyed {
+                idempotency::remember(conn, keyed, StatusCode::CREATED, Some(&location), &answer)?;
+            }
+            Ok::<_, OrdersError>((Keyed::Done((location, answer)), vec![event]))
         })
         .await?;
-    Ok(HttpResponse::Created()
-        .insert_header(("Location", format!("/orders/{}", stored.order.id)))
-        .json(OrderJson::from(stored)))
+    Ok(match done {
+        Keyed::Replayed(replay) => replay.response(),
+        Keyed::Done((location, answer)) => HttpResponse::Created()
+            .insert_header(("Location", location))
+            .json(answer),
+    })
 }
 
 async fn list(
     db: web::Data<Database>,
+    who: Caller,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, OrdersError> {
     let query = query.into_inner();
     kafka::http::refuse_nul(&query).map_err(OrdersError::Invalid)?;
     let page = kafka::http::Page::parse(query.after, query.limit).map_err(OrdersError::Invalid)?;
-    let customer = query.customer_id;
+    // A customer's token lists that customer's orders only.
+    let customer = match (Principal::customer(who.as_deref()), query.customer_id) {
+        (Some(me), Some(asked)) if asked != me => {
+            return Err(OrdersError::Forbidden(format!(
+                "a customer lists their own orders only: customerId must be {me:?}"
+            )));
+        }
+        (Some(me), _) => Some(me.to_owned()),
+        (None, asked) => asked,
+    };
     let orders = db
         .read(move |conn| {
             store::list_orders(conn, customer.as_deref(), page).map_err(OrdersError::from)
@@ -181,17 +265,24 @@ async fn list(
     Ok(HttpResponse::Ok().json(orders.into_iter().map(OrderJson::from).collect::<Vec<_>>()))
 }
 
-async fn get_one(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, OrdersError> {
+async fn get_one(
+    db: web::Data<Database>,
+    who: Caller,
+    id: web::Path<i64>,
+) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
     let stored = db
         .read(move |conn| store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id)))
         .await?;
+    check_owner(&who, &stored.order)?;
     Ok(HttpResponse::Ok().json(OrderJson::from(stored)))
 }
 
 async fn update(
     db: web::Data<Database>,
     id: web::Path<i64>,
+    http: HttpRequest,
+    who: Caller,
     body: web::Json<UpdateOrder>,
 ) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
@@ -202,36 +293,67 @@ async fn update(
             body.state
         )));
     }
-    let (stored, decided) = db
+    let scope = key_scope(&who, format!("PATCH /orders/{id}"));
+    let keyed = IdempotentRequest::from_headers(http.headers(), scope, &*body)
+        .map_err(OrdersError::BadHeader)?;
+    let owner = who.as_deref().cloned();
+    if let Some(replay) = recall(&db, &keyed).await? {
+        return Ok(replay.response());
+    }
+    let done = db
         .write(move |conn| {
+            if let Some(keyed) = &keyed
+                && let Some(replay) = idempotency::recall(conn, keyed)?
+            {
+                return Ok((Keyed::Replayed(replay), Vec::new()));
+            }
             let mut stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
+            if let Some(me) = Principal::customer(owner.as_ref())
+                && me != stored.order.customer_id
+            {
+                return Err(OrdersError::Forbidden(format!(
+                    "order {id} belongs to another customer"
+                )));
+            }
             let (order, event, decided) = match saga::cancel_by_customer(stored.order)? {
                 CustomerCancel::Cancelled(order, event) => (order, event, true),
                 CustomerCancel::Requested(order, event) => (order, event, false),
             };
             store::save_order(conn, &order)?;
             stored.order = order;
-            Ok::<_, OrdersError>(((stored, decided), vec![event]))
+            // 200: cancelled now. 202: requested; the order's stateMessage says what will
+            // happen, and GET /orders/{id} shows delivery's answer.
+            let status = if decided {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            let answer = OrderJson::from(stored);
+            if let Some(keyed) = &keyed {
+                idempotency::remember(conn, keyed, status, None, &answer)?;
+            }
+            Ok::<_, OrdersError>((Keyed::Done((status, answer)), vec![event]))
         })
         .await?;
-    // 200: cancelled now. 202: requested; the order's stateMessage says what will happen, and
-    // GET /orders/{id} shows delivery's answer.
-    let mut response = if decided {
-        HttpResponse::Ok()
-    } else {
-        HttpResponse::Accepted()
-    };
-    Ok(response.json(OrderJson::from(stored)))
+    Ok(match done {
+        Keyed::Replayed(replay) => replay.response(),
+        Keyed::Done((status, answer)) => HttpResponse::build(status).json(answer),
+    })
 }
 
-async fn events(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, OrdersError> {
+async fn events(
+    db: web::Data<Database>,
+    who: Caller,
+    id: web::Path<i64>,
+) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
-    let history = db
+    let (stored, history) = db
         .read(move |conn| {
-            store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
-            Ok::<_, OrdersError>(store::history(conn, id)?)
+            let stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
+            Ok::<_, OrdersError>((stored, store::history(conn, id)?))
         })
         .await?;
+    check_owner(&who, &stored.order)?;
     Ok(HttpResponse::Ok().json(
         history
             .into_iter()

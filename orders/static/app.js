@@ -36,12 +36,17 @@ function el(tag, attrs = {}, ...children) {
 
 // ---- HTTP: every non-2xx answer becomes an ApiError carrying the body's "error" ----
 
+// The bearer token this tab sends (the mall's MALL_TOKENS); kept for the tab only. A mall
+// without tokens needs none.
+const token = sessionStorage.getItem('mall-token') || '';
+
 class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
 async function call(method, url, body, timeoutMs) {
   const init = { method, headers: {} };
+  if (token) init.headers.Authorization = `Bearer ${token}`;
   if (timeoutMs) init.signal = AbortSignal.timeout(timeoutMs);
   if (body !== undefined) {
     init.headers['Content-Type'] = 'application/json';
@@ -58,7 +63,8 @@ async function call(method, url, body, timeoutMs) {
   try { json = text ? JSON.parse(text) : null; } catch { /* not JSON */ }
   if (!response.ok) {
     const why = (json && json.error) || text || response.statusText;
-    throw new ApiError(response.status, why);
+    if (response.status === 401) document.body.dataset.auth = 'needed';
+    throw new ApiError(response.status, response.status === 401 ? `${why}: enter a token above` : why);
   }
   return { status: response.status, body: json };
 }
@@ -440,6 +446,12 @@ $(testid('catalog-refresh')).addEventListener('click', loadCatalog);
 
 // ---- place an order ----
 
+$(testid('token-form')).addEventListener('submit', (event) => {
+  event.preventDefault();
+  sessionStorage.setItem('mall-token', $(testid('token')).value.trim());
+  location.reload();
+});
+
 $(testid('place-form')).addEventListener('submit', async (event) => {
   event.preventDefault();
   const productId = Number($(testid('place-product')).value);
@@ -750,8 +762,11 @@ function streamStatus(state, text) {
 let lastSeq = null; // where a stream opened anew resumes
 
 function connect() {
-  const from = lastSeq === null ? '' : `?after=${lastSeq}`;
-  const source = new EventSource(`${urls.orders}/events/stream${from}`);
+  // EventSource cannot send headers: the stream alone takes the token as a parameter.
+  const query = new URLSearchParams();
+  if (lastSeq !== null) query.set('after', lastSeq);
+  if (token) query.set('access_token', token);
+  const source = new EventSource(`${urls.orders}/events/stream?${query}`);
   source.addEventListener('hello', (m) => {
     lastSeq = Number(m.lastEventId);
     streamStatus('live', `live · events after seq ${m.lastEventId}`);
@@ -769,6 +784,8 @@ function connect() {
       // The server refused (not a dropped connection, which the browser retries itself).
       source.close();
       streamStatus('reconnecting', 'stream closed; reconnecting in 3 s');
+      // Refused (no token, or a role the stream is not for): show what this token may read.
+      if (!ready) loadEverything();
       setTimeout(connect, 3000);
     } else {
       streamStatus('reconnecting', 'reconnecting…');

@@ -20,111 +20,17 @@
 //! directory, with a screenshot of the whole page, also when every check passed)
 
 use e2e::broker::BrokerKind;
-use e2e::stack::{Stack, argument, free_port, wait_port_async};
+use e2e::browser::{Chromedriver, open_browser};
+use e2e::stack::{Stack, argument};
 use e2e::{Check, Mall, eventually};
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
 use serde_json::{Value, json};
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode};
+use std::path::Path;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// How long the page may take to show what the services did.
 const UI_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// chromedriver, stopped (and reaped) when dropped, with any Chromium it left running.
-struct Chromedriver {
-    child: Child,
-    port: u16,
-    profile: PathBuf,
-}
-
-impl Chromedriver {
-    async fn start(binary: &Path, dir: &Path) -> Result<Chromedriver, String> {
-        let port = free_port().map_err(|e| e.to_string())?;
-        let log = File::create(dir.join("chromedriver.out")).map_err(|e| e.to_string())?;
-        let child = Command::new(binary)
-            .arg(format!("--port={port}"))
-            .arg(format!(
-                "--log-path={}",
-                dir.join("chromedriver.log").display()
-            ))
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-        let driver = Chromedriver {
-            child,
-            port,
-            profile: dir.join("chromium-profile"),
-        };
-        wait_port_async(port, Duration::from_secs(20))
-            .await
-            .map_err(|e| format!("chromedriver: {e}"))?;
-        Ok(driver)
-    }
-}
-
-impl Drop for Chromedriver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // A session that was not closed (a failure, Ctrl-C) leaves its Chromium behind: kill
-        // the processes started with this run's own profile, by pid.
-        let flag = format!("--user-data-dir={}", self.profile.display());
-        for pid in pids_with_argument(&flag) {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
-
-/// Processes whose command line has `argument` (read from /proc).
-fn pids_with_argument(argument: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-                cmdline
-                    .split(|b| *b == 0)
-                    .any(|arg| arg == argument.as_bytes())
-            })
-        })
-        .collect()
-}
-
-/// A headless Chromium session with a fresh profile; no network but this machine's.
-async fn open_browser(driver: &Chromedriver, chromium: &Path) -> Result<Client, String> {
-    let profile = &driver.profile;
-    let capabilities = json!({
-        "browserName": "chrome",
-        "goog:chromeOptions": {
-            "binary": chromium,
-            "args": [
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--no-proxy-server", "--no-default-browser-check",
-                "--window-size=1400,1000",
-                format!("--user-data-dir={}", profile.display()),
-            ],
-        },
-    });
-    let Value::Object(capabilities) = capabilities else {
-        return Err("capabilities are not an object".into());
-    };
-    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    ClientBuilder::new(connector)
-        .capabilities(capabilities)
-        .connect(&format!("http://127.0.0.1:{}", driver.port))
-        .await
-        .map_err(|e| format!("cannot open a Chromium session: {e}"))
-}
 
 /// The dashboard as the test sees it: reads through the DOM, acts through WebDriver.
 struct Page {
@@ -1076,7 +982,7 @@ async fn start_and_run(
             return (0, 1);
         }
     };
-    let client = match open_browser(&driver, chromium).await {
+    let client = match open_browser(&driver, chromium, &[]).await {
         Ok(client) => client,
         Err(e) => {
             println!("FAIL start-up: {e}");
