@@ -326,9 +326,9 @@ impl Event {
             Event::DeliveryCompleted(e) => Some(e.order_id),
             Event::DeliveryCancelled(e) => Some(e.order_id),
             Event::CancelRefused(e) => Some(e.order_id),
-            Event::EventParked(e) | Event::DeadLetterRedriven(e) | Event::DeadLetterDiscarded(e) => {
-                Some(e.order_id)
-            }
+            Event::EventParked(e)
+            | Event::DeadLetterRedriven(e)
+            | Event::DeadLetterDiscarded(e) => Some(e.order_id),
         }
     }
 

@@ -665,8 +665,7 @@ impl EventConsumer {
     /// Whether `event` (read in `message`) is for the rules, skipped or parked for a test.
     fn screen(&self, message: &BorrowedMessage<'_>, event: &Envelope) -> Screen {
         let redrive_for = header(message, events::dead_letter::REDRIVE_FOR_HEADER);
-        if redrive_for.as_deref().is_some_and(|g| g != self.group()) || !self.reactor.wants(event)
-        {
+        if redrive_for.as_deref().is_some_and(|g| g != self.group()) || !self.reactor.wants(event) {
             return Screen::Skip;
         }
         if redrive_for.is_none() && self.test_park.contains(event.event_type()) {

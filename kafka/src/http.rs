@@ -3,9 +3,9 @@
 
 use crate::consumer::ConsumerStatus;
 use crate::db::{Database, DbError};
-use crate::parking;
 use crate::metrics::Metrics;
 use crate::outbox::RelayStatus;
+use crate::parking;
 use actix_web::error::{InternalError, JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -92,10 +92,7 @@ async fn dead_letter(db: web::Data<Database>, id: web::Path<i64>) -> HttpRespons
         .await
     {
         Ok(Some(message)) => HttpResponse::Ok().json(message),
-        Ok(None) => error_json(
-            StatusCode::NOT_FOUND,
-            parking::ResolveError::NotFound(id),
-        ),
+        Ok(None) => error_json(StatusCode::NOT_FOUND, parking::ResolveError::NotFound(id)),
         Err(e) => db_failure("GET /dead-letters/{id}", &e),
     }
 }
@@ -108,7 +105,10 @@ async fn redrive(
     id: web::Path<i64>,
 ) -> HttpResponse {
     let (id, group) = (id.into_inner(), health.consumer.group().to_owned());
-    resolve(&db, "redrive", move |conn| parking::redrive(conn, &group, id)).await
+    resolve(&db, "redrive", move |conn| {
+        parking::redrive(conn, &group, id)
+    })
+    .await
 }
 
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
@@ -149,7 +149,8 @@ async fn resolve<F>(db: &Database, what: &str, f: F) -> HttpResponse
 where
     F: FnOnce(
             &mut crate::db::DbConnection,
-        ) -> Result<(parking::Resolved, Option<events::Envelope>), parking::ResolveError>
+        )
+            -> Result<(parking::Resolved, Option<events::Envelope>), parking::ResolveError>
         + Send
         + 'static,
 {
@@ -187,7 +188,10 @@ fn db_failure(what: &str, e: &DbError) -> HttpResponse {
     } else {
         StatusCode::INTERNAL_SERVER_ERROR
     };
-    error_json(status, format!("{what}: the database failed; see the service log"))
+    error_json(
+        status,
+        format!("{what}: the database failed; see the service log"),
+    )
 }
 
 fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {

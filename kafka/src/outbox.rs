@@ -164,12 +164,15 @@ fn kafka_headers(json: &str) -> rdkafka::message::OwnedHeaders {
     object
         .iter()
         .filter_map(|(k, v)| v.as_str().map(|v| (k, v)))
-        .fold(rdkafka::message::OwnedHeaders::new(), |headers, (key, value)| {
-            headers.insert(rdkafka::message::Header {
-                key,
-                value: Some(value),
-            })
-        })
+        .fold(
+            rdkafka::message::OwnedHeaders::new(),
+            |headers, (key, value)| {
+                headers.insert(rdkafka::message::Header {
+                    key,
+                    value: Some(value),
+                })
+            },
+        )
 }
 
 /// The oldest `limit` unpublished rows, in commit order.

@@ -259,7 +259,10 @@ pub fn redrive(
     outbox::enqueue_with_headers(
         conn,
         &original,
-        &[(REDRIVE_OF_HEADER, &original_id), (REDRIVE_FOR_HEADER, group)],
+        &[
+            (REDRIVE_OF_HEADER, &original_id),
+            (REDRIVE_FOR_HEADER, group),
+        ],
     )?;
     resolve(conn, id, REDRIVEN, &resolution)?;
     let announced = note(group, id, &parked, resolution.clone()).map(|mut note| {
@@ -382,5 +385,160 @@ mod tests {
             "{} bytes",
             rows[0].payload.len()
         );
+    }
+
+    fn open_db(dir: &tempfile::TempDir) -> Database {
+        Database::open(dir.path().join("p.db").to_str().unwrap(), NONE).unwrap()
+    }
+
+    fn request(order_id: i64) -> Envelope {
+        Envelope::new(
+            Service::Orders,
+            Event::OrderCancelRequested(events::OrderCancelRequested {
+                order_id,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+                state_message: "asked".into(),
+            }),
+        )
+        .initiated_by(Service::Orders)
+    }
+
+    async fn park_in(db: &Database, offset: i64, event: Option<Envelope>) -> Option<Envelope> {
+        let from = ParkedFrom {
+            consumer_group: "delivery".into(),
+            topic: "eventTopic".into(),
+            partition: 0,
+            offset,
+            key: Some("5".into()),
+        };
+        let payload = event.as_ref().map(Envelope::to_json).unwrap_or("{".into());
+        let letter = DeadLetter::rejected(from, payload.as_bytes(), "refused");
+        let at = ConsumedAt {
+            topic: "eventTopic".into(),
+            partition: 0,
+            next_offset: offset + 1,
+            holder: "me".into(),
+        };
+        db.write(move |conn| {
+            let note = park(conn, &letter, "eventTopic.DLT", &at, event.as_ref())?;
+            Ok::<_, DbError>((note, Vec::new()))
+        })
+        .await
+        .unwrap()
+    }
+
+    /// A parked saga event is kept and announced to its order; a redrive queues a copy with a
+    /// new id and headers naming the original and the parking service, once; a discard needs
+    /// an open letter too; a message that never decoded can only be discarded.
+    #[tokio::test]
+    async fn a_parked_event_is_announced_redriven_once_or_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir);
+        crate::leases::grant(&db, "eventTopic", 0, "me").await;
+        let original = request(5);
+        let note = park_in(&db, 3, Some(original.clone()))
+            .await
+            .expect("a note");
+        let Event::EventParked(parked) = &note.event else {
+            panic!("{note:?}")
+        };
+        assert_eq!((parked.order_id, parked.service), (5, Service::Delivery));
+        assert_eq!(parked.parked_event_id, original.event_id);
+        assert_eq!(parked.parked_event_type, "OrderCancelRequested");
+        assert_eq!(note.causation_id, Some(original.event_id));
+        let id = parked.dead_letter_id;
+
+        let (done, announced) = db
+            .write(move |conn| Ok::<_, ResolveError>((redrive(conn, "delivery", id)?, Vec::new())))
+            .await
+            .unwrap();
+        assert_eq!(done.status, REDRIVEN);
+        let copy_id = done.redrive_event_id.clone().unwrap();
+        assert_ne!(copy_id, original.event_id.to_string());
+        let Some(Event::DeadLetterRedriven(redriven)) = announced.map(|e| e.event) else {
+            panic!("no DeadLetterRedriven")
+        };
+        assert_eq!(
+            redriven.redrive_event_id.map(|u| u.to_string()),
+            Some(copy_id.clone())
+        );
+        let rows = db
+            .read(|conn| outbox::pending(conn, 10).map_err(DbError::from))
+            .await
+            .unwrap();
+        let copy = rows
+            .iter()
+            .find(|r| r.event_id == copy_id)
+            .expect("the copy");
+        assert_eq!(copy.topic, None, "to the saga topic");
+        let headers: serde_json::Value =
+            serde_json::from_str(copy.headers.as_deref().unwrap()).unwrap();
+        assert_eq!(headers[REDRIVE_OF_HEADER], original.event_id.to_string());
+        assert_eq!(headers[REDRIVE_FOR_HEADER], "delivery");
+        let Ok(Decoded::Known(sent)) = events::decode(copy.payload.as_bytes()) else {
+            panic!("{}", copy.payload)
+        };
+        assert_eq!(
+            (sent.event.clone(), sent.causation_id, sent.initiator),
+            (
+                original.event.clone(),
+                original.causation_id,
+                original.initiator
+            ),
+            "the same event, another id"
+        );
+
+        let again = db
+            .write(move |conn| Ok::<_, ResolveError>((redrive(conn, "delivery", id)?, Vec::new())))
+            .await;
+        assert!(matches!(again, Err(ResolveError::Conflict(_))), "{again:?}");
+        let discarded = db
+            .write(move |conn| {
+                Ok::<_, ResolveError>((discard(conn, "delivery", id, "no")?, Vec::new()))
+            })
+            .await;
+        assert!(matches!(discarded, Err(ResolveError::Conflict(_))));
+        let missing = db
+            .write(|conn| Ok::<_, ResolveError>((redrive(conn, "delivery", 99)?, Vec::new())))
+            .await;
+        assert!(matches!(missing, Err(ResolveError::NotFound(99))));
+
+        assert!(park_in(&db, 4, None).await.is_none(), "no order, no note");
+        let poison = db
+            .read(|conn| {
+                let page = crate::http::Page {
+                    after: 0,
+                    limit: 10,
+                };
+                list(conn, page, Some(PARKED)).map_err(DbError::from)
+            })
+            .await
+            .unwrap();
+        assert_eq!(poison.len(), 1);
+        let poison = poison[0].id;
+        let refused = db
+            .write(move |conn| {
+                Ok::<_, ResolveError>((redrive(conn, "delivery", poison)?, Vec::new()))
+            })
+            .await;
+        assert!(
+            matches!(refused, Err(ResolveError::Conflict(_))),
+            "{refused:?}"
+        );
+        let (done, announced) = db
+            .write(move |conn| {
+                Ok::<_, ResolveError>((discard(conn, "delivery", poison, "poison")?, Vec::new()))
+            })
+            .await
+            .unwrap();
+        assert!(done.resolution.starts_with("discarded: poison"));
+        assert!(announced.is_none());
+        let open = db
+            .read(|conn| count_open(conn).map_err(DbError::from))
+            .await
+            .unwrap();
+        assert_eq!(open, 0);
     }
 }
