@@ -135,11 +135,14 @@ pub fn react(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
             cancel(order, CancelReason::OutOfStock, message, incoming)
         }
         // Rule 8: a courier's cancel cancels the order; so does delivery's yes to a cancel
-        // the customer requested. Other DeliveryCancelled only echo a cancel that happened.
+        // the customer requested, also once the request expired (rule 13): delivery decided,
+        // and the order must follow it. Orders' chains reach a confirmed order only through a
+        // request; other DeliveryCancelled only echo a cancel that happened.
         Event::DeliveryCancelled(d) => {
             order.delivery_state = Some(d.delivery_state);
             let courier = incoming.initiated_by_service(Service::Delivery);
-            let granted = incoming.initiated_by_service(Service::Orders) && order.cancel_requested;
+            let granted = incoming.initiated_by_service(Service::Orders)
+                && (order.cancel_requested || order.state == OrderState::Completed);
             if (courier || granted) && order.state != OrderState::Cancelled {
                 let why = if courier {
                     CancelReason::Courier
@@ -234,6 +237,24 @@ pub fn time_out(order: Order, timeout_secs: u64) -> Option<(Order, Envelope)> {
     );
     let (order, event) = cancelled(order, CancelReason::SagaTimeout, reason);
     Some((order, event.initiated_by(Service::Orders)))
+}
+
+/// Rule 13: a cancel request delivery has not answered within the saga timeout (delivery
+/// down, or the request parked) is closed, saying so: the order stays completed, the
+/// customer may ask again, and `cancelRequested` never stays true for good. A late answer
+/// still counts: a DeliveryCancelled cancels the order (rule 8), a CancelRefused says why
+/// (rule 10).
+pub fn expire_cancel_request(mut order: Order, timeout_secs: u64) -> Option<Order> {
+    if !order.cancel_requested || order.state != OrderState::Completed {
+        return None;
+    }
+    order.cancel_requested = false;
+    order.state_message = Some(format!(
+        "cancel request unanswered: delivery did not decide within {timeout_secs} s \
+         (SAGA_TIMEOUT_S); the order stays completed unless delivery still cancels it, and \
+         the customer may ask again"
+    ));
+    Some(order)
 }
 
 fn complete_if_confirmed(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
@@ -714,6 +735,56 @@ mod tests {
         assert_eq!(after.state, OrderState::Cancelled);
         assert_eq!(courier_message(&after), "cancelled by the courier");
         assert_eq!(types(&events), ["OrderCancelled"]);
+    }
+
+    /// Delivery parked (or never read) the request: past the timeout the request closes with
+    /// a stated reason, and the customer may ask again; nothing else is touched.
+    #[test]
+    fn an_unanswered_cancel_request_expires_saying_so() {
+        let (o, _) = requested();
+        let expired = expire_cancel_request(o.clone(), 30).expect("an open request expires");
+        assert!(!expired.cancel_requested);
+        assert_eq!(expired.state, OrderState::Completed);
+        assert!(
+            expired
+                .state_message
+                .as_deref()
+                .unwrap()
+                .contains("unanswered"),
+            "{expired:?}"
+        );
+        assert_eq!(
+            Order {
+                cancel_requested: true,
+                state_message: o.state_message.clone(),
+                ..expired.clone()
+            },
+            o,
+            "nothing else changes"
+        );
+        assert!(matches!(
+            cancel_by_customer(expired),
+            Ok(CustomerCancel::Requested(..))
+        ));
+        // nothing to expire: no request, or the order is no longer completed
+        assert!(expire_cancel_request(order(OrderState::Completed), 30).is_none());
+        assert!(expire_cancel_request(order(OrderState::Placed), 30).is_none());
+        assert!(expire_cancel_request(order(OrderState::Cancelled), 30).is_none());
+    }
+
+    /// The request expired, then delivery's answer arrives (it was parked and redriven, or
+    /// delivery was down): a yes still cancels the order, a no still says why.
+    #[test]
+    fn a_late_answer_to_an_expired_request_still_counts() {
+        let (o, request) = requested();
+        let expired = expire_cancel_request(o, 30).unwrap();
+        let (after, events) = react(expired.clone(), &delivery_cancelled_by(&request));
+        assert_eq!(after.state, OrderState::Cancelled);
+        assert_eq!(types(&events), ["OrderCancelled"]);
+        let (after, events) = react(expired, &cancel_refused_by(&request));
+        assert_eq!(after.state, OrderState::Completed);
+        assert!(after.state_message.unwrap().starts_with("cancel refused"));
+        assert!(events.is_empty());
     }
 
     #[test]

@@ -215,6 +215,22 @@ pub fn pending_before(conn: &mut DbConnection, cutoff: &str, limit: i64) -> Quer
         .load(conn)
 }
 
+/// Completed orders whose cancel request is open and was last touched before `cutoff`
+/// (RFC 3339), oldest first.
+pub fn cancel_requests_before(
+    conn: &mut DbConnection,
+    cutoff: &str,
+    limit: i64,
+) -> QueryResult<Vec<i64>> {
+    orders::table
+        .filter(orders::cancel_requested.eq(true))
+        .filter(orders::updated_at.lt(cutoff))
+        .order(orders::updated_at)
+        .limit(limit)
+        .select(orders::id)
+        .load(conn)
+}
+
 /// One order.
 pub fn order(conn: &mut DbConnection, id: i64) -> QueryResult<Option<StoredOrder>> {
     orders::table
