@@ -7,7 +7,9 @@ use crate::pending::PendingOrders;
 use crate::saga::{self, CustomerCancel, Order, OrderState};
 use crate::store::{self, HistoryRow, NewOrder, StoredOrder};
 use actix_web::{HttpResponse, web};
+use events::DeadLetterNote;
 use kafka::Database;
+use kafka::db::DbConnection;
 use serde::{Deserialize, Serialize};
 
 /// Registers the orders endpoints.
@@ -50,6 +52,9 @@ pub struct OrderJson {
     order: Order,
     created_at: String,
     updated_at: String,
+    /// Saga events of this order that a service parked and nobody has redriven or discarded
+    /// yet: its saga may wait on them (see the service's `/dead-letters/{deadLetterId}`).
+    parked_events: Vec<DeadLetterNote>,
 }
 
 impl From<StoredOrder> for OrderJson {
@@ -58,8 +63,28 @@ impl From<StoredOrder> for OrderJson {
             order: s.order,
             created_at: s.created_at,
             updated_at: s.updated_at,
+            parked_events: Vec::new(),
         }
     }
+}
+
+/// `orders` as the API shows them, each with the parked events it waits on.
+fn with_parked(
+    conn: &mut DbConnection,
+    orders: Vec<StoredOrder>,
+) -> Result<Vec<OrderJson>, OrdersError> {
+    let ids: Vec<i64> = orders.iter().map(|o| o.order.id).collect();
+    let mut parked = store::open_parked_events(conn, &ids)?;
+    Ok(orders
+        .into_iter()
+        .map(|stored| {
+            let id = stored.order.id;
+            OrderJson {
+                parked_events: parked.remove(&id).unwrap_or_default(),
+                ..OrderJson::from(stored)
+            }
+        })
+        .collect())
 }
 
 /// One entry of an order's timeline.
@@ -175,18 +200,22 @@ async fn list(
     let customer = query.customer_id;
     let orders = db
         .read(move |conn| {
-            store::list_orders(conn, customer.as_deref(), page).map_err(OrdersError::from)
+            let orders = store::list_orders(conn, customer.as_deref(), page)?;
+            with_parked(conn, orders)
         })
         .await?;
-    Ok(HttpResponse::Ok().json(orders.into_iter().map(OrderJson::from).collect::<Vec<_>>()))
+    Ok(HttpResponse::Ok().json(orders))
 }
 
 async fn get_one(db: web::Data<Database>, id: web::Path<i64>) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
-    let stored = db
-        .read(move |conn| store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id)))
+    let order = db
+        .read(move |conn| {
+            let stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
+            with_parked(conn, vec![stored])
+        })
         .await?;
-    Ok(HttpResponse::Ok().json(OrderJson::from(stored)))
+    Ok(HttpResponse::Ok().json(&order[0]))
 }
 
 async fn update(

@@ -2,7 +2,8 @@
 
 use crate::saga::{Order, OrderState};
 use diesel::prelude::*;
-use events::{DeliveryState, Envelope, ProductChanged};
+use events::{DeadLetterNote, DeliveryState, Envelope, ProductChanged};
+use std::collections::BTreeMap;
 use kafka::db::DbConnection;
 use serde::Serialize;
 
@@ -325,6 +326,43 @@ pub fn history(conn: &mut DbConnection, order_id: i64) -> QueryResult<Vec<Histor
         .order(order_events::seq)
         .select(HistoryRow::as_select())
         .load(conn)
+}
+
+/// The parked events each of `order_ids` still waits on: every `EventParked` recorded in its
+/// history that no `DeadLetterRedriven` or `DeadLetterDiscarded` of the same dead letter
+/// (service and id) followed. Orders without one are absent.
+pub fn open_parked_events(
+    conn: &mut DbConnection,
+    order_ids: &[i64],
+) -> QueryResult<BTreeMap<i64, Vec<DeadLetterNote>>> {
+    let notes: Vec<(i64, String, String)> = order_events::table
+        .filter(order_events::order_id.eq_any(order_ids))
+        .filter(order_events::event_type.eq_any([
+            "EventParked",
+            "DeadLetterRedriven",
+            "DeadLetterDiscarded",
+        ]))
+        .order(order_events::seq)
+        .select((
+            order_events::order_id,
+            order_events::event_type,
+            order_events::payload,
+        ))
+        .load(conn)?;
+    let mut open: BTreeMap<i64, Vec<DeadLetterNote>> = BTreeMap::new();
+    for (order_id, event_type, payload) in notes {
+        let Ok(note) = serde_json::from_str::<DeadLetterNote>(&payload) else {
+            continue;
+        };
+        let waiting = open.entry(order_id).or_default();
+        if event_type == "EventParked" {
+            waiting.push(note);
+        } else {
+            waiting.retain(|p| (p.service, p.dead_letter_id) != (note.service, note.dead_letter_id));
+        }
+    }
+    open.retain(|_, waiting| !waiting.is_empty());
+    Ok(open)
 }
 
 /// A catalog replica entry.
