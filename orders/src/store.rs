@@ -3,9 +3,9 @@
 use crate::saga::{Order, OrderState};
 use diesel::prelude::*;
 use events::{DeadLetterNote, DeliveryState, Envelope, ProductChanged};
-use std::collections::BTreeMap;
 use kafka::db::DbConnection;
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// The schema, matching `migrations/`.
 pub mod schema {
@@ -358,7 +358,8 @@ pub fn open_parked_events(
         if event_type == "EventParked" {
             waiting.push(note);
         } else {
-            waiting.retain(|p| (p.service, p.dead_letter_id) != (note.service, note.dead_letter_id));
+            waiting
+                .retain(|p| (p.service, p.dead_letter_id) != (note.service, note.dead_letter_id));
         }
     }
     open.retain(|_, waiting| !waiting.is_empty());
