@@ -507,6 +507,14 @@ impl Model {
                 self.publish(&mut next, &[event], &mut effect);
             }
             Action::ExpireRequest(o) => {
+                // Orders closes a request only once it has read the topic past the request's
+                // deadline (`orders/src/timeouts.rs`): an answer already there wins.
+                if self
+                    .next_wanted(&world.sagas[o], index(Service::Orders))
+                    .is_some()
+                {
+                    return None;
+                }
                 let order = self.orders.get(world.sagas[o].order?).clone();
                 let order = (self.rules.expire_cancel_request)(order, TIMEOUT_SECS)?;
                 next.sagas[o].order = Some(self.orders.id(order));
