@@ -419,7 +419,8 @@ async fn courier(m: &e2e::Mall, order: i64, delivery_state: &str) -> Check<u16> 
 /// a redrive of each parked event bringing its saga to a state the three services agree on:
 /// delivery parks OrderCompleted (the courier cannot complete) and the customer's
 /// OrderCancelRequested; orders parks a courier's DeliveryCancelled, a DeliveryCompleted and
-/// a CancelRefused; products parks DeliveryCompleted (the units stay reserved).
+/// a CancelRefused; products parks DeliveryCompleted (the units stay reserved; redriven with
+/// `scripts/redrive`).
 async fn parked_events_have_a_way_out(stack: &mut Stack) -> Check {
     let m = mall(stack);
     let product = m.create_product("parked", 10).await?;
@@ -603,7 +604,19 @@ async fn parked_events_have_a_way_out(stack: &mut Stack) -> Check {
         if r["state"] != "Reserved" {
             return Err(format!("products settled without the parked event: {r}"));
         }
-        redrive(&m, &m.products, e_completed).await?;
+        // This one through scripts/redrive, as an operator would.
+        let out = std::process::Command::new("scripts/redrive")
+            .args(["redrive", "products", &e_completed.to_string()])
+            .env("PRODUCTS_URL", &m.products)
+            .output()
+            .map_err(|err| format!("scripts/redrive: {err}"))?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !said.contains("redriven as event") {
+            return Err(format!(
+                "scripts/redrive redrive products {e_completed}: {said}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
         wait_agreed(&m, e, ("OrderCompleted", "DeliveryCompleted", "Delivered")).await?;
         // Stock: a, d, e delivered; b, c released.
         m.wait_stock(product, (7, 0)).await
