@@ -12,6 +12,7 @@ pub mod error;
 pub mod history;
 pub mod pending;
 pub mod reactor;
+pub mod rebuild;
 pub mod retention;
 pub mod routes;
 pub mod saga;

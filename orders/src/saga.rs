@@ -257,6 +257,49 @@ pub fn expire_cancel_request(mut order: Order, timeout_secs: u64) -> Option<Orde
     Some(order)
 }
 
+/// The order as its OrderPlaced describes it, pending: what a rebuild starts from.
+pub fn placed_order(e: &OrderPlaced) -> Order {
+    Order {
+        id: e.order_id,
+        product_id: e.product_id,
+        product_name: e.product_name.clone(),
+        quantity: e.quantity,
+        price: e.price,
+        customer_id: e.customer_id.clone(),
+        customer_name: e.customer_name.clone(),
+        customer_addr: e.customer_addr.clone(),
+        state: OrderState::Placed,
+        stock_reserved: false,
+        delivery_id: None,
+        delivery_state: None,
+        cancel_requested: false,
+        state_message: None,
+    }
+}
+
+/// Replays one of orders' own decisions, read back from the topic, onto the order (a rebuild
+/// of the read model): what the rule that published it did to the order. Other events go
+/// through [`react`], whose caused events are already on the topic.
+pub fn replay_own(order: Order, own: &Envelope) -> Order {
+    match &own.event {
+        Event::OrderCompleted(_) if order.state == OrderState::Placed => Order {
+            state: OrderState::Completed,
+            ..order
+        },
+        Event::OrderCancelled(c) => Order {
+            state: OrderState::Cancelled,
+            cancel_requested: false,
+            state_message: Some(c.state_message.clone()),
+            ..order
+        },
+        Event::OrderCancelRequested(_) => match cancel_by_customer(order.clone()) {
+            Ok(CustomerCancel::Requested(requested, _)) => requested,
+            _ => order,
+        },
+        _ => order,
+    }
+}
+
 fn complete_if_confirmed(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
     if order.state != OrderState::Placed || !order.stock_reserved || order.delivery_id.is_none() {
         return (order, Vec::new());
@@ -785,6 +828,38 @@ mod tests {
         assert_eq!(after.state, OrderState::Completed);
         assert!(after.state_message.unwrap().starts_with("cancel refused"));
         assert!(events.is_empty());
+    }
+
+    /// A rebuild replays orders' own decisions to the order each made: the same order as the
+    /// rules left it, for each kind of decision.
+    #[test]
+    fn replaying_own_decisions_gives_the_order_the_rules_made() {
+        let placed_event = placed(&order(OrderState::Placed));
+        let Event::OrderPlaced(p) = &placed_event.event else {
+            panic!()
+        };
+        assert_eq!(placed_order(p), order(OrderState::Placed));
+        let (completed, events) = react(order(OrderState::Placed), &stock_decreased());
+        let (completed, _) = react(completed, &delivery_started());
+        assert!(events.is_empty());
+        // a customer's request, then delivery's yes and orders' cancel
+        let Ok(CustomerCancel::Requested(requested, request)) =
+            cancel_by_customer(completed.clone())
+        else {
+            panic!()
+        };
+        assert_eq!(replay_own(completed.clone(), &request), requested);
+        let (cancelled, caused) = react(requested.clone(), &delivery_cancelled_by(&request));
+        assert_eq!(replay_own(cancelled.clone(), &caused[0]), cancelled);
+        // a timeout and a customer's cancel of a pending order
+        let (timed_out, event) = time_out(order(OrderState::Placed), 30).unwrap();
+        assert_eq!(replay_own(order(OrderState::Placed), &event), timed_out);
+        let Ok(CustomerCancel::Cancelled(cancelled, event)) =
+            cancel_by_customer(order(OrderState::Placed))
+        else {
+            panic!()
+        };
+        assert_eq!(replay_own(order(OrderState::Placed), &event), cancelled);
     }
 
     #[test]

@@ -174,6 +174,38 @@ pub fn insert_order(conn: &mut DbConnection, new: &NewOrder) -> QueryResult<Stor
     row.try_into()
 }
 
+/// Stores `order` under its own id (a rebuild from the topic), placed at `created_at`.
+pub fn insert_order_with_id(
+    conn: &mut DbConnection,
+    order: &Order,
+    created_at: &str,
+) -> QueryResult<()> {
+    let new = NewOrder {
+        product_id: order.product_id,
+        product_name: order.product_name.clone(),
+        quantity: order.quantity,
+        price: order.price,
+        customer_id: order.customer_id.clone(),
+        customer_name: order.customer_name.clone(),
+        customer_addr: order.customer_addr.clone(),
+        state: order.state.as_str(),
+        created_at: created_at.to_owned(),
+        updated_at: created_at.to_owned(),
+    };
+    diesel::insert_into(orders::table)
+        .values((orders::id.eq(order.id), new))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Whether orders' tables hold nothing yet (no order, history or catalog entry).
+pub fn is_empty(conn: &mut DbConnection) -> QueryResult<bool> {
+    let orders: i64 = orders::table.count().get_result(conn)?;
+    let history: i64 = order_events::table.count().get_result(conn)?;
+    let catalog: i64 = products::table.count().get_result(conn)?;
+    Ok(orders + history + catalog == 0)
+}
+
 /// One page of orders by id, after `after`, optionally one customer's.
 pub fn list_orders(
     conn: &mut DbConnection,
