@@ -378,6 +378,13 @@ mod tests {
         };
         let mut all = all;
         all.extend([
+            by(
+                Service::Orders,
+                Event::CancelRequestExpired(events::CancelRequestExpired {
+                    order_id: 4,
+                    state_message: "unanswered".into(),
+                }),
+            ),
             by(Service::Products, Event::EventParked(note.clone())),
             by(Service::Products, Event::DeadLetterRedriven(note.clone())),
             by(Service::Products, Event::DeadLetterDiscarded(note)),
@@ -424,7 +431,7 @@ mod tests {
                 tried += 1;
             }
         }
-        assert_eq!(tried, 8 * 17);
+        assert_eq!(tried, 8 * 18);
     }
 
     #[test]

@@ -246,6 +246,15 @@ pub struct CancelRefused {
     pub state_message: String,
 }
 
+/// Orders closed a cancel request delivery had not answered within the saga timeout (delivery
+/// down, or the request parked): the order stays as it is. A late answer still counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRequestExpired {
+    pub order_id: i64,
+    pub state_message: String,
+}
+
 /// Every event type of the saga; `eventType` on the wire is the variant name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "eventType")]
@@ -263,6 +272,7 @@ pub enum Event {
     DeliveryCompleted(DeliveryCompleted),
     DeliveryCancelled(DeliveryCancelled),
     CancelRefused(CancelRefused),
+    CancelRequestExpired(CancelRequestExpired),
     /// A service parked one of the order's saga events.
     EventParked(DeadLetterNote),
     /// A parked event was sent back to its service with a new event id.
@@ -273,7 +283,7 @@ pub enum Event {
 
 impl Event {
     /// Every `eventType` this contract knows; anything else is skipped by consumers.
-    pub const TYPES: [&'static str; 15] = [
+    pub const TYPES: [&'static str; 16] = [
         "OrderPlaced",
         "OrderCompleted",
         "OrderCancelled",
@@ -286,6 +296,7 @@ impl Event {
         "DeliveryCompleted",
         "DeliveryCancelled",
         "CancelRefused",
+        "CancelRequestExpired",
         "EventParked",
         "DeadLetterRedriven",
         "DeadLetterDiscarded",
@@ -306,6 +317,7 @@ impl Event {
             Event::DeliveryCompleted(_) => "DeliveryCompleted",
             Event::DeliveryCancelled(_) => "DeliveryCancelled",
             Event::CancelRefused(_) => "CancelRefused",
+            Event::CancelRequestExpired(_) => "CancelRequestExpired",
             Event::EventParked(_) => "EventParked",
             Event::DeadLetterRedriven(_) => "DeadLetterRedriven",
             Event::DeadLetterDiscarded(_) => "DeadLetterDiscarded",
@@ -326,6 +338,7 @@ impl Event {
             Event::DeliveryCompleted(e) => Some(e.order_id),
             Event::DeliveryCancelled(e) => Some(e.order_id),
             Event::CancelRefused(e) => Some(e.order_id),
+            Event::CancelRequestExpired(e) => Some(e.order_id),
             Event::EventParked(e)
             | Event::DeadLetterRedriven(e)
             | Event::DeadLetterDiscarded(e) => Some(e.order_id),
@@ -716,6 +729,10 @@ mod tests {
                 delivery_id: Some(3),
                 delivery_state: Some(DeliveryState::Completed),
                 state_message: "already delivered".into(),
+            }),
+            Event::CancelRequestExpired(CancelRequestExpired {
+                order_id: 7,
+                state_message: "unanswered".into(),
             }),
             Event::EventParked(note(None)),
             Event::DeadLetterRedriven(note(Some(Uuid::nil()))),

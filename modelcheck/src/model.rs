@@ -516,8 +516,9 @@ impl Model {
                     return None;
                 }
                 let order = self.orders.get(world.sagas[o].order?).clone();
-                let order = (self.rules.expire_cancel_request)(order, TIMEOUT_SECS)?;
+                let (order, event) = (self.rules.expire_cancel_request)(order, TIMEOUT_SECS)?;
                 next.sagas[o].order = Some(self.orders.id(order));
+                self.publish(&mut next, &[event], &mut effect);
             }
             Action::Redrive(o) => {
                 let (s, id) = world.sagas[o].parked?;

@@ -19,7 +19,7 @@ pub struct Rules {
     /// Orders: the saga timeout.
     pub time_out: fn(Order, u64) -> Option<(Order, Envelope)>,
     /// Orders: the saga timeout of an unanswered cancel request.
-    pub expire_cancel_request: fn(Order, u64) -> Option<Order>,
+    pub expire_cancel_request: fn(Order, u64) -> Option<(Order, Envelope)>,
     /// Products: one saga event applied to its view of the order.
     pub products_react: fn(StockView, &Envelope) -> (StockView, Vec<Envelope>),
     /// Delivery: one saga event applied to the order's delivery.

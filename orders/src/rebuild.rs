@@ -7,9 +7,8 @@
 //!
 //! Events orders parked are left out, as they were live (a redrive's copy is applied).
 //! What the topic does not hold cannot come back: an order's `createdAt` becomes its
-//! OrderPlaced's timestamp and `updatedAt` the rebuild's; a cancel request orders closed after
-//! the timeout (no event) reads as still open until delivery answers; events that arrived
-//! together keep their topic order in the history.
+//! OrderPlaced's timestamp and `updatedAt` the rebuild's; events that arrived together keep
+//! their topic order in the history.
 
 use crate::{saga, store};
 use events::{Decoded, Envelope, Event, Service};

@@ -2,8 +2,8 @@
 //! (the order now, events to publish). No I/O here.
 
 use events::{
-    CancelReason, DeliveryState, Envelope, Event, OrderCancelRequested, OrderCancelled,
-    OrderCompleted, OrderPlaced, Service,
+    CancelReason, CancelRequestExpired, DeliveryState, Envelope, Event, OrderCancelRequested,
+    OrderCancelled, OrderCompleted, OrderPlaced, Service,
 };
 use serde::Serialize;
 use std::fmt;
@@ -240,21 +240,28 @@ pub fn time_out(order: Order, timeout_secs: u64) -> Option<(Order, Envelope)> {
 }
 
 /// Rule 13: a cancel request delivery has not answered within the saga timeout (delivery
-/// down, or the request parked) is closed, saying so: the order stays completed, the
+/// down, or the request parked) is closed, saying so (CancelRequestExpired, for the order's
+/// timeline and a rebuild): the order stays completed, the
 /// customer may ask again, and `cancelRequested` never stays true for good. A late answer
 /// still counts: a DeliveryCancelled cancels the order (rule 8), a CancelRefused says why
 /// (rule 10).
-pub fn expire_cancel_request(mut order: Order, timeout_secs: u64) -> Option<Order> {
+pub fn expire_cancel_request(mut order: Order, timeout_secs: u64) -> Option<(Order, Envelope)> {
     if !order.cancel_requested || order.state != OrderState::Completed {
         return None;
     }
-    order.cancel_requested = false;
-    order.state_message = Some(format!(
+    let message = format!(
         "cancel request unanswered: delivery did not decide within {timeout_secs} s \
          (SAGA_TIMEOUT_S); the order stays completed unless delivery still cancels it, and \
          the customer may ask again"
-    ));
-    Some(order)
+    );
+    order.cancel_requested = false;
+    order.state_message = Some(message.clone());
+    let event = Event::CancelRequestExpired(CancelRequestExpired {
+        order_id: order.id,
+        state_message: message,
+    });
+    let event = Envelope::new(Service::Orders, event).initiated_by(Service::Orders);
+    Some((order, event))
 }
 
 /// The order as its OrderPlaced describes it, pending: what a rebuild starts from.
@@ -295,6 +302,11 @@ pub fn replay_own(order: Order, own: &Envelope) -> Order {
         Event::OrderCancelRequested(_) => match cancel_by_customer(order.clone()) {
             Ok(CustomerCancel::Requested(requested, _)) => requested,
             _ => order,
+        },
+        Event::CancelRequestExpired(e) if order.cancel_requested => Order {
+            cancel_requested: false,
+            state_message: Some(e.state_message.clone()),
+            ..order
         },
         _ => order,
     }
@@ -785,7 +797,15 @@ mod tests {
     #[test]
     fn an_unanswered_cancel_request_expires_saying_so() {
         let (o, _) = requested();
-        let expired = expire_cancel_request(o.clone(), 30).expect("an open request expires");
+        let (expired, event) =
+            expire_cancel_request(o.clone(), 30).expect("an open request expires");
+        assert_eq!(event.event_type(), "CancelRequestExpired");
+        assert!(event.initiated_by_service(Service::Orders));
+        assert_eq!(
+            replay_own(o.clone(), &event),
+            expired,
+            "a rebuild replays it"
+        );
         assert!(!expired.cancel_requested);
         assert_eq!(expired.state, OrderState::Completed);
         assert!(
@@ -820,7 +840,7 @@ mod tests {
     #[test]
     fn a_late_answer_to_an_expired_request_still_counts() {
         let (o, request) = requested();
-        let expired = expire_cancel_request(o, 30).unwrap();
+        let (expired, _) = expire_cancel_request(o, 30).unwrap();
         let (after, events) = react(expired.clone(), &delivery_cancelled_by(&request));
         assert_eq!(after.state, OrderState::Cancelled);
         assert_eq!(types(&events), ["OrderCancelled"]);

@@ -129,11 +129,11 @@ async fn expire_requests(db: &Database, timeout: Duration, cutoff: &str) -> Resu
                 if stored.updated_at >= cutoff {
                     return Ok((false, Vec::new()));
                 }
-                let Some(order) = saga::expire_cancel_request(stored.order, secs) else {
+                let Some((order, event)) = saga::expire_cancel_request(stored.order, secs) else {
                     return Ok((false, Vec::new()));
                 };
                 store::save_order(conn, &order)?;
-                Ok::<_, DbError>((true, Vec::new()))
+                Ok::<_, DbError>((true, vec![event]))
             })
             .await?;
         if done {
@@ -315,6 +315,11 @@ mod tests {
         assert_eq!(old.state, OrderState::Completed);
         assert!(old.state_message.unwrap().contains("unanswered"));
         assert!(young.cancel_requested, "not yet due");
-        assert!(pending.is_empty(), "closing a request publishes nothing");
+        assert_eq!(
+            pending.len(),
+            1,
+            "one CancelRequestExpired, with the change"
+        );
+        assert_eq!(pending[0].event_type, "CancelRequestExpired");
     }
 }

@@ -710,8 +710,11 @@ function drawTimeline(events, available) {
 // OrderCancelled (`reason`); every other one came from an HTTP request. Null for caused events.
 function triggerOf(e) {
   if (e.causationId) return null;
-  if (e.payload?.reason === 'sagaTimeout') {
+  if (e.payload?.reason === 'sagaTimeout' || e.eventType === 'CancelRequestExpired') {
     return { kind: 'timer', label: 'saga timeout', what: "orders' saga timeout" };
+  }
+  if (e.eventType === 'DeadLetterRedriven' || e.eventType === 'DeadLetterDiscarded') {
+    return { kind: 'http', label: 'administrator', what: 'an administrator (POST /dead-letters/{id}/…)' };
   }
   return { kind: 'http', label: 'HTTP request', what: 'an HTTP request' };
 }

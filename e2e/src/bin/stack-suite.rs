@@ -508,8 +508,10 @@ async fn parked_events_have_a_way_out(stack: &mut Stack) -> Check {
             ));
         }
         let timeline = m.timeline(b).await?;
-        if !timeline.iter().any(|e| e["eventType"] == "EventParked") {
-            return Err(format!("order {b}'s timeline has no EventParked"));
+        for kind in ["EventParked", "CancelRequestExpired"] {
+            if !timeline.iter().any(|e| e["eventType"] == kind) {
+                return Err(format!("order {b}'s timeline has no {kind}"));
+            }
         }
 
         redrive(&m, &m.delivery, a_completed).await?;
