@@ -410,6 +410,28 @@ mod tests {
                 }),
             ),
         ];
+        let note = events::DeadLetterNote {
+            order_id: 4,
+            service: Service::Products,
+            dead_letter_id: 1,
+            parked_event_type: "DeliveryCompleted".into(),
+            parked_event_id: placed().event_id,
+            state_message: "parked".into(),
+            redrive_event_id: None,
+        };
+        let mut all = all;
+        all.extend([
+            by(
+                Service::Orders,
+                Event::CancelRequestExpired(events::CancelRequestExpired {
+                    order_id: 4,
+                    state_message: "unanswered".into(),
+                }),
+            ),
+            by(Service::Products, Event::EventParked(note.clone())),
+            by(Service::Products, Event::DeadLetterRedriven(note.clone())),
+            by(Service::Products, Event::DeadLetterDiscarded(note)),
+        ]);
         let types: std::collections::BTreeSet<&str> =
             all.iter().map(Envelope::event_type).collect();
         assert_eq!(
@@ -452,7 +474,7 @@ mod tests {
                 tried += 1;
             }
         }
-        assert_eq!(tried, 8 * 14);
+        assert_eq!(tried, 8 * 18);
     }
 
     #[test]

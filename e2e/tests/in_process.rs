@@ -91,3 +91,105 @@ async fn reading_a_missing_topic_fails() {
         Ok(0)
     );
 }
+
+/// Issue 24 item 3: orders' read model — its orders, their histories and the catalog replica —
+/// rebuilt from the topic (offset 0 to the end) into an empty database answers every GET as
+/// the orders that lived through the sagas does: forward path, out of stock, a customer's
+/// cancel (pending and confirmed), a courier's cancel, a refused cancel of a delivered order.
+/// Differences the topic cannot carry are left out of the comparison: `createdAt` and
+/// `updatedAt` (the times of the writes), and the order of events that arrived together in a
+/// history (compared by event id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_read_model_rebuilt_from_the_topic_answers_the_same() {
+    let (cluster, running) = mall().await;
+    let m = &running.mall;
+    for (name, result) in [
+        ("happy path", scenarios::happy_path(m).await),
+        ("out of stock", scenarios::out_of_stock(m).await),
+        ("customer cancel", scenarios::customer_cancel(m).await),
+        ("courier cancel", scenarios::courier_cancel(m).await),
+        (
+            "delivered order cancel race",
+            scenarios::delivered_order_cancel_race(m).await,
+        ),
+    ] {
+        result.unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    m.wait_quiet().await.expect("quiet");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = dir.path().join("rebuilt.db").to_string_lossy().into_owned();
+    let kafka = kafka::KafkaSettings {
+        partitions: 3,
+        session_timeout: std::time::Duration::from_secs(6),
+        fetch_wait_max: std::time::Duration::from_millis(10),
+        instance: "orders-rebuilt".into(),
+        ..kafka::KafkaSettings::new(&cluster.bootstrap_servers(), TOPIC, "orders")
+    };
+    let db = kafka::Database::open(&url, orders::startup::MIGRATIONS).expect("empty database");
+    let rebuilt = orders::rebuild::rebuild(&db, &kafka)
+        .await
+        .expect("rebuilt");
+    assert!(rebuilt.applied > 20, "{rebuilt:?}");
+    let again = orders::rebuild::rebuild(&db, &kafka).await;
+    assert!(
+        matches!(again, Err(orders::rebuild::RebuildError::NotEmpty)),
+        "{again:?}"
+    );
+    drop(db);
+    let host = orders::build(&orders::Settings {
+        service: kafka::ServiceSettings {
+            host: "127.0.0.1".into(),
+            port: 0,
+            database_url: url,
+            kafka,
+            retention: kafka::RetentionSettings::default(),
+            access: kafka::access::AccessSettings::parse("127.0.0.1", "", "")
+                .expect("no lists to parse"),
+            tokens: kafka::auth::Tokens::default(),
+        },
+        saga_timeout: std::time::Duration::from_secs(30),
+        order_history: std::time::Duration::from_secs(30 * 24 * 3600),
+        max_pending: orders::startup::MAX_PENDING_DEFAULT,
+    })
+    .await
+    .expect("orders on the rebuilt database");
+    let rebuilt_orders = format!("http://127.0.0.1:{}", host.port());
+    tokio::spawn(host.run_until_stopped(std::future::pending()));
+
+    let get = |base: String, path: String| async move {
+        m.expect("GET", &format!("{base}{path}"), None, 200)
+            .await
+            .unwrap_or_else(|e| panic!("GET {base}{path}: {e}"))
+    };
+    let without_times = |mut list: serde_json::Value| {
+        for item in list.as_array_mut().expect("a list") {
+            let fields = item.as_object_mut().expect("an object");
+            fields.remove("createdAt");
+            fields.remove("updatedAt");
+        }
+        list
+    };
+    let by_event_id = |list: serde_json::Value| {
+        let mut list = list.as_array().expect("a list").clone();
+        list.sort_by(|a, b| a["eventId"].as_str().cmp(&b["eventId"].as_str()));
+        list
+    };
+    let live = without_times(get(m.orders.clone(), "/orders?limit=1000".into()).await);
+    let replayed = without_times(get(rebuilt_orders.clone(), "/orders?limit=1000".into()).await);
+    assert!(live.as_array().is_some_and(|l| l.len() >= 6), "{live}");
+    assert_eq!(live, replayed, "GET /orders");
+    for order in live.as_array().expect("orders") {
+        let events = format!("/orders/{}/events", order["id"]);
+        assert_eq!(
+            by_event_id(get(m.orders.clone(), events.clone()).await),
+            by_event_id(get(rebuilt_orders.clone(), events.clone()).await),
+            "GET {events}"
+        );
+    }
+    assert_eq!(
+        without_times(get(m.orders.clone(), "/products".into()).await),
+        without_times(get(rebuilt_orders.clone(), "/products".into()).await),
+        "GET /products (the catalog replica)"
+    );
+}

@@ -6,8 +6,10 @@
 //! payload, with the payload's full size and SHA-256, so a 200 KB (or 200 MB) poison message
 //! still parks as a record of a few KB.
 
+use crate::Service;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
 /// How many bytes of the parked payload a dead letter copies.
 pub const PREVIEW_BYTES: usize = 2048;
@@ -119,6 +121,37 @@ impl DeadLetter {
         serde_json::from_slice(bytes)
     }
 }
+
+/// What a service did with a saga event it parked, announced on the saga topic keyed by the
+/// event's order (`EventParked`, then `DeadLetterRedriven` or `DeadLetterDiscarded`), in the
+/// same transaction as the parking, the redrive or the discard. The order's saga may wait on
+/// a parked event, so orders records these in the order's history and shows the order's open
+/// ones in its GET and on the dashboard; the other services skip them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterNote {
+    /// The order the parked event belongs to.
+    pub order_id: i64,
+    /// The service that parked it; dead-letter ids are that service's.
+    pub service: Service,
+    /// The dead letter's id in that service (`GET /dead-letters/{id}`).
+    pub dead_letter_id: i64,
+    /// The parked event's type.
+    pub parked_event_type: String,
+    /// The parked event's id.
+    pub parked_event_id: Uuid,
+    /// Why it was parked, why it was discarded, or what the redrive did.
+    pub state_message: String,
+    /// A redrive's new event id (the copy on the saga topic); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redrive_event_id: Option<Uuid>,
+}
+
+/// The Kafka header a redriven event carries: the `eventId` of the parked original.
+pub const REDRIVE_OF_HEADER: &str = "redriveOf";
+/// The Kafka header a redriven event carries: the consumer group (service) that parked the
+/// original and is the only one to apply the copy (the others applied the original).
+pub const REDRIVE_FOR_HEADER: &str = "redriveFor";
 
 /// `text` with each NUL written as the six characters `\u0000`.
 fn visible_nul(text: &str) -> String {

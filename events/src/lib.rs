@@ -15,7 +15,7 @@ use std::fmt;
 use uuid::Uuid;
 
 pub mod dead_letter;
-pub use dead_letter::{DeadLetter, DeadLetterKind, ParkedFrom};
+pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterNote, ParkedFrom};
 
 /// The three services of the mall; used as `source` and `initiator`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -37,6 +37,13 @@ impl Service {
             Service::Products => "products",
             Service::Delivery => "delivery",
         }
+    }
+
+    /// The service named `text` (its wire name), if any.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Service::Orders, Service::Products, Service::Delivery]
+            .into_iter()
+            .find(|s| s.as_str() == text)
     }
 }
 
@@ -239,6 +246,15 @@ pub struct CancelRefused {
     pub state_message: String,
 }
 
+/// Orders closed a cancel request delivery had not answered within the saga timeout (delivery
+/// down, or the request parked): the order stays as it is. A late answer still counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRequestExpired {
+    pub order_id: i64,
+    pub state_message: String,
+}
+
 /// Every event type of the saga; `eventType` on the wire is the variant name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "eventType")]
@@ -256,11 +272,18 @@ pub enum Event {
     DeliveryCompleted(DeliveryCompleted),
     DeliveryCancelled(DeliveryCancelled),
     CancelRefused(CancelRefused),
+    CancelRequestExpired(CancelRequestExpired),
+    /// A service parked one of the order's saga events.
+    EventParked(DeadLetterNote),
+    /// A parked event was sent back to its service with a new event id.
+    DeadLetterRedriven(DeadLetterNote),
+    /// A parked event was given up, with a reason.
+    DeadLetterDiscarded(DeadLetterNote),
 }
 
 impl Event {
     /// Every `eventType` this contract knows; anything else is skipped by consumers.
-    pub const TYPES: [&'static str; 12] = [
+    pub const TYPES: [&'static str; 16] = [
         "OrderPlaced",
         "OrderCompleted",
         "OrderCancelled",
@@ -273,6 +296,10 @@ impl Event {
         "DeliveryCompleted",
         "DeliveryCancelled",
         "CancelRefused",
+        "CancelRequestExpired",
+        "EventParked",
+        "DeadLetterRedriven",
+        "DeadLetterDiscarded",
     ];
 
     /// The `eventType` written on the wire.
@@ -290,6 +317,10 @@ impl Event {
             Event::DeliveryCompleted(_) => "DeliveryCompleted",
             Event::DeliveryCancelled(_) => "DeliveryCancelled",
             Event::CancelRefused(_) => "CancelRefused",
+            Event::CancelRequestExpired(_) => "CancelRequestExpired",
+            Event::EventParked(_) => "EventParked",
+            Event::DeadLetterRedriven(_) => "DeadLetterRedriven",
+            Event::DeadLetterDiscarded(_) => "DeadLetterDiscarded",
         }
     }
 
@@ -307,6 +338,10 @@ impl Event {
             Event::DeliveryCompleted(e) => Some(e.order_id),
             Event::DeliveryCancelled(e) => Some(e.order_id),
             Event::CancelRefused(e) => Some(e.order_id),
+            Event::CancelRequestExpired(e) => Some(e.order_id),
+            Event::EventParked(e)
+            | Event::DeadLetterRedriven(e)
+            | Event::DeadLetterDiscarded(e) => Some(e.order_id),
         }
     }
 
@@ -695,7 +730,26 @@ mod tests {
                 delivery_state: Some(DeliveryState::Completed),
                 state_message: "already delivered".into(),
             }),
+            Event::CancelRequestExpired(CancelRequestExpired {
+                order_id: 7,
+                state_message: "unanswered".into(),
+            }),
+            Event::EventParked(note(None)),
+            Event::DeadLetterRedriven(note(Some(Uuid::nil()))),
+            Event::DeadLetterDiscarded(note(None)),
         ]
+    }
+
+    fn note(redrive_event_id: Option<Uuid>) -> DeadLetterNote {
+        DeadLetterNote {
+            order_id: 7,
+            service: Service::Delivery,
+            dead_letter_id: 2,
+            parked_event_type: "OrderCancelRequested".into(),
+            parked_event_id: Uuid::nil(),
+            state_message: "refused".into(),
+            redrive_event_id,
+        }
     }
 
     #[test]

@@ -505,6 +505,11 @@ impl ConsumerStatus {
         counter.inc_by(n as u64);
     }
 
+    /// The consumer group: the service's name.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
     /// The figures `/health` shows.
     pub fn snapshot(&self) -> serde_json::Value {
         let s = self.state();
@@ -609,6 +614,25 @@ pub struct EventConsumer {
     status: Arc<ConsumerStatus>,
     /// This instance's partition leases; given up when the consumer stops.
     membership: Membership,
+    /// TEST ONLY ([`TEST_PARK_ENV`]): event types parked on arrival unless redriven.
+    test_park: BTreeSet<String>,
+}
+
+/// TEST ONLY: `MALL_TEST_PARK_EVENT_TYPES=OrderCancelRequested,...` makes the consumer park
+/// every event of these types it would apply, as a bug in its rules would (a `Rejected` dead
+/// letter naming this variable), except a redriven copy, which it applies. The suites use it
+/// to park real saga events; never set it in production.
+pub const TEST_PARK_ENV: &str = "MALL_TEST_PARK_EVENT_TYPES";
+
+/// What the consumer does with a decoded event before its rules see it.
+#[derive(Debug, PartialEq, Eq)]
+enum Screen {
+    /// Not for this service (its rules do not act on it, or it is a redrive for another).
+    Skip,
+    /// Parked by the test hook ([`TEST_PARK_ENV`]).
+    ParkForTest,
+    /// For the rules.
+    Apply,
 }
 
 impl EventConsumer {
@@ -634,7 +658,20 @@ impl EventConsumer {
             probe,
             db,
             reactor,
+            test_park: test_park_types(std::env::var(TEST_PARK_ENV).ok().as_deref()),
         }
+    }
+
+    /// Whether `event` (read in `message`) is for the rules, skipped or parked for a test.
+    fn screen(&self, message: &BorrowedMessage<'_>, event: &Envelope) -> Screen {
+        let redrive_for = header(message, events::dead_letter::REDRIVE_FOR_HEADER);
+        if redrive_for.as_deref().is_some_and(|g| g != self.group()) || !self.reactor.wants(event) {
+            return Screen::Skip;
+        }
+        if redrive_for.is_none() && self.test_park.contains(event.event_type()) {
+            return Screen::ParkForTest;
+        }
+        Screen::Apply
     }
 
     /// The status `/health` reads.
@@ -918,9 +955,11 @@ impl EventConsumer {
             let decoded: Vec<Option<Envelope>> = rest
                 .iter()
                 .map_while(|m| match events::decode(m.payload().unwrap_or_default()) {
-                    Ok(Decoded::Known(event)) => {
-                        Some(Some(*event).filter(|e| self.reactor.wants(e)))
-                    }
+                    Ok(Decoded::Known(event)) => match self.screen(m, &event) {
+                        Screen::Apply => Some(Some(*event)),
+                        Screen::Skip => Some(None),
+                        Screen::ParkForTest => None,
+                    },
                     Ok(Decoded::Unknown { .. }) => Some(None),
                     Err(_) => None,
                 })
@@ -1086,12 +1125,26 @@ impl EventConsumer {
             Err(e) => {
                 let letter =
                     DeadLetter::undecodable(self.parked_from(message), payload, e.to_string());
-                return self.park(letter, at, shutdown).await;
+                return self.park(letter, at, None, shutdown).await;
             }
         };
-        if !self.reactor.wants(&event) {
-            self.status.count(Counted::Skipped);
-            return Outcome::Skipped;
+        match self.screen(message, &event) {
+            Screen::Apply => {}
+            Screen::Skip => {
+                self.status.count(Counted::Skipped);
+                return Outcome::Skipped;
+            }
+            Screen::ParkForTest => {
+                let letter = DeadLetter::rejected(
+                    self.parked_from(message),
+                    payload,
+                    format!(
+                        "{}: parked by the test hook {TEST_PARK_ENV} (test only)",
+                        describe_event(&event, at)
+                    ),
+                );
+                return self.park(letter, at, Some(&event), shutdown).await;
+            }
         }
         let what = describe_event(&event, at);
         let mut attempt = 0u32;
@@ -1122,7 +1175,7 @@ impl EventConsumer {
                         payload,
                         format!("{what}: the handler failed: {panic}"),
                     );
-                    return self.park(letter, at, shutdown).await;
+                    return self.park(letter, at, Some(&event), shutdown).await;
                 }
                 Err(e) => {
                     let letter = DeadLetter::rejected(
@@ -1130,7 +1183,7 @@ impl EventConsumer {
                         payload,
                         format!("{what} cannot be applied: {e}"),
                     );
-                    return self.park(letter, at, shutdown).await;
+                    return self.park(letter, at, Some(&event), shutdown).await;
                 }
             };
             attempt += 1;
@@ -1145,12 +1198,16 @@ impl EventConsumer {
         }
     }
 
-    /// Parks a message: dead letter, local record and position in one transaction, retried
-    /// like an event while the database cannot take it.
+    /// Parks a message: dead letter, local record, position and (for a saga event) its
+    /// `EventParked` in one transaction. Retried until it commits, whatever the failure: a
+    /// message is never skipped unrecorded. A failure that is not the environment's (a
+    /// constraint, a broken table) keeps the consumer on this message, and `/health` names
+    /// it (503 once it lasts `KAFKA_SESSION_TIMEOUT_MS`) until someone fixes the database.
     async fn park(
         &self,
         letter: DeadLetter,
         at: &ConsumedAt,
+        event: Option<&Envelope>,
         shutdown: &CancellationToken,
     ) -> Outcome {
         log::error!(
@@ -1164,39 +1221,36 @@ impl EventConsumer {
         let mut attempt = 0u32;
         loop {
             let (letter, topic, position) = (letter.clone(), dead_letter_topic.clone(), at.clone());
+            let event = event.cloned();
             let parked = self
                 .db
                 .write(move |conn| {
-                    parking::park(conn, &letter, &topic, &position)?;
-                    Ok::<_, DbError>(((), Vec::new()))
+                    let note = parking::park(conn, &letter, &topic, &position, event.as_ref())?;
+                    Ok::<_, DbError>(((), note.into_iter().collect()))
                 })
                 .await;
-            match parked {
+            let e = match parked {
                 Ok(()) => {
                     self.db.wake_relay();
                     self.status.count(Counted::Parked);
                     return Outcome::Stored;
                 }
                 Err(DbError::NotHolder(_)) => return Outcome::LeaseLost,
-                Err(e) if e.is_transient() => {
-                    attempt += 1;
-                    self.status.retrying(
-                        format!("parking {}", describe(at)),
-                        e.to_string(),
-                        attempt,
-                    );
-                    if !self.pause(attempt, shutdown).await {
-                        return Outcome::Interrupted;
-                    }
-                }
-                Err(e) => {
-                    log::error!(
-                        "consumer {}: cannot record the parking of {}: {e}; skipping it",
-                        self.group(),
-                        describe(at)
-                    );
-                    return Outcome::Skipped;
-                }
+                Err(e) => e,
+            };
+            attempt += 1;
+            if !e.is_transient() && (attempt <= 3 || attempt.is_multiple_of(20)) {
+                log::error!(
+                    "consumer {}: cannot record the parking of {} (attempt {attempt}): {e}; \
+                     the partition waits until it can",
+                    self.group(),
+                    describe(at)
+                );
+            }
+            self.status
+                .retrying(format!("parking {}", describe(at)), e.to_string(), attempt);
+            if !self.pause(attempt, shutdown).await {
+                return Outcome::Interrupted;
             }
         }
     }
@@ -1221,6 +1275,32 @@ impl EventConsumer {
                 .map(|k| String::from_utf8_lossy(k).into_owned()),
         }
     }
+}
+
+/// The event types named in the test hook's variable ([`TEST_PARK_ENV`]).
+fn test_park_types(value: Option<&str>) -> BTreeSet<String> {
+    let types: BTreeSet<String> = value
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !types.is_empty() {
+        log::warn!("{TEST_PARK_ENV} is set (TEST ONLY): parking every {types:?} on arrival");
+    }
+    types
+}
+
+/// The value of the message's header `name`, if it has one (lossy UTF-8).
+fn header(message: &BorrowedMessage<'_>, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// The partition ids of `topic`; an error when it has none (yet).

@@ -2,9 +2,10 @@
 //! text), `/health`, and `/metrics` (the service's [`Metrics`] in the Prometheus text format).
 
 use crate::consumer::ConsumerStatus;
-use crate::db::Database;
+use crate::db::{Database, DbError};
 use crate::metrics::Metrics;
 use crate::outbox::RelayStatus;
+use crate::parking;
 use actix_web::error::{InternalError, JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -29,7 +30,8 @@ pub fn too_busy(message: impl Display) -> HttpResponse {
     refused
 }
 
-/// Registers the extractor settings, `/health`, `/metrics` and `/dead-letters`.
+/// Registers the extractor settings, `/health`, `/metrics` and `/dead-letters` (list,
+/// inspect, redrive, discard).
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
         web::JsonConfig::default()
@@ -40,37 +42,156 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .app_data(web::QueryConfig::default().error_handler(query_error))
     .route("/health", web::get().to(health))
     .route("/metrics", web::get().to(metrics))
-    .route("/dead-letters", web::get().to(dead_letters));
+    .route("/dead-letters", web::get().to(dead_letters))
+    .route("/dead-letters/{id}", web::get().to(dead_letter))
+    .route("/dead-letters/{id}/redrive", web::post().to(redrive))
+    .route("/dead-letters/{id}/discard", web::post().to(discard));
 }
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PageQuery {
+struct DeadLetterQuery {
     after: Option<i64>,
     limit: Option<i64>,
+    /// `parked`, `redriven` or `discarded`.
+    status: Option<String>,
 }
 
-/// `GET /dead-letters[?after=&limit=]`: the messages this service parked, with the reason.
-async fn dead_letters(db: web::Data<Database>, query: web::Query<PageQuery>) -> HttpResponse {
+/// `GET /dead-letters[?after=&limit=&status=]`: the messages this service parked, with the
+/// reason and what became of them.
+async fn dead_letters(db: web::Data<Database>, query: web::Query<DeadLetterQuery>) -> HttpResponse {
     let page = match Page::parse(query.after, query.limit) {
         Ok(page) => page,
         Err(e) => return error_json(StatusCode::UNPROCESSABLE_ENTITY, e),
     };
+    let statuses = [parking::PARKED, parking::REDRIVEN, parking::DISCARDED];
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(s) if statuses.contains(&s) => Some(s.to_owned()),
+        Some(other) => {
+            return error_json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("status must be one of parked, redriven, discarded, got {other:?}"),
+            );
+        }
+    };
     let rows = db
-        .read(move |conn| crate::parking::list(conn, page).map_err(crate::DbError::from))
+        .read(move |conn| parking::list(conn, page, status.as_deref()).map_err(DbError::from))
         .await;
     match rows {
         Ok(rows) => HttpResponse::Ok().json(rows),
-        Err(e) => {
-            log::error!("GET /dead-letters: {e}");
-            let status = if e.is_transient() {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
-            error_json(status, "cannot read the dead letters; see the service log")
-        }
+        Err(e) => db_failure("GET /dead-letters", &e),
     }
+}
+
+/// `GET /dead-letters/{id}`: one parked message with the event itself when it decoded.
+async fn dead_letter(db: web::Data<Database>, id: web::Path<i64>) -> HttpResponse {
+    let id = id.into_inner();
+    match db
+        .read(move |conn| parking::get(conn, id).map_err(DbError::from))
+        .await
+    {
+        Ok(Some(message)) => HttpResponse::Ok().json(message),
+        Ok(None) => error_json(StatusCode::NOT_FOUND, parking::ResolveError::NotFound(id)),
+        Err(e) => db_failure("GET /dead-letters/{id}", &e),
+    }
+}
+
+/// `POST /dead-letters/{id}/redrive`: the parked event goes back to the saga topic with a new
+/// event id, for this service alone; recorded, and announced to its order (orders shows it).
+async fn redrive(
+    db: web::Data<Database>,
+    health: web::Data<Health>,
+    id: web::Path<i64>,
+) -> HttpResponse {
+    let (id, group) = (id.into_inner(), health.consumer.group().to_owned());
+    resolve(&db, "redrive", move |conn| {
+        parking::redrive(conn, &group, id)
+    })
+    .await
+}
+
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct DiscardBody {
+    /// Why the message is given up; required, so the record says.
+    reason: String,
+}
+
+/// `POST /dead-letters/{id}/discard {"reason": "..."}`: the parked message is given up;
+/// recorded with the reason, and announced to its order.
+async fn discard(
+    db: web::Data<Database>,
+    health: web::Data<Health>,
+    id: web::Path<i64>,
+    body: web::Json<DiscardBody>,
+) -> HttpResponse {
+    if let Err(e) = refuse_nul(&*body) {
+        return error_json(StatusCode::UNPROCESSABLE_ENTITY, e);
+    }
+    let reason = body.into_inner().reason.trim().to_owned();
+    if reason.is_empty() {
+        return error_json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reason must say why the message is discarded",
+        );
+    }
+    let (id, group) = (id.into_inner(), health.consumer.group().to_owned());
+    resolve(&db, "discard", move |conn| {
+        parking::discard(conn, &group, id, &reason)
+    })
+    .await
+}
+
+/// Runs a redrive or a discard as one write (the record, the copy and the announcement
+/// commit together) and answers for it.
+async fn resolve<F>(db: &Database, what: &str, f: F) -> HttpResponse
+where
+    F: FnOnce(
+            &mut crate::db::DbConnection,
+        )
+            -> Result<(parking::Resolved, Option<events::Envelope>), parking::ResolveError>
+        + Send
+        + 'static,
+{
+    let done = db
+        .write(move |conn| {
+            let (resolved, announced) = f(conn)?;
+            Ok::<_, parking::ResolveError>((resolved, announced.into_iter().collect()))
+        })
+        .await;
+    match done {
+        Ok(resolved) => {
+            db.wake_relay();
+            log::info!(
+                "dead letter {}: {} ({})",
+                resolved.id,
+                resolved.status,
+                resolved.resolution
+            );
+            HttpResponse::Ok().json(resolved)
+        }
+        Err(parking::ResolveError::NotFound(id)) => {
+            error_json(StatusCode::NOT_FOUND, parking::ResolveError::NotFound(id))
+        }
+        Err(parking::ResolveError::Conflict(why)) => error_json(StatusCode::CONFLICT, why),
+        Err(parking::ResolveError::Db(e)) => db_failure(what, &e),
+    }
+}
+
+/// The answer to a database failure: 503 when it may pass, 500 otherwise; the cause is logged,
+/// never sent.
+fn db_failure(what: &str, e: &DbError) -> HttpResponse {
+    log::error!("{what}: {e}");
+    let status = if e.is_transient() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    error_json(
+        status,
+        format!("{what}: the database failed; see the service log"),
+    )
 }
 
 fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
@@ -150,6 +271,13 @@ impl Health {
 /// progress; else 503 naming every part that does not, and why (also logged).
 pub async fn health(health: web::Data<Health>) -> HttpResponse {
     let (db, broker) = tokio::join!(health.db.ping(), health.broker());
+    // Parked messages do not make a service unhealthy (it goes on), but their sagas may
+    // wait on them: the count is here and on the dashboard until they are resolved.
+    let open_dead_letters = health
+        .db
+        .read(|conn| parking::count_open(conn).map_err(DbError::from))
+        .await
+        .ok();
     let mut problems = Vec::new();
     if let Err(e) = &db {
         problems.push(format!("database unreachable: {e}"));
@@ -168,6 +296,7 @@ pub async fn health(health: web::Data<Health>) -> HttpResponse {
         "broker": status(&broker),
         "consumer": health.consumer.snapshot(),
         "relay": health.relay.snapshot(),
+        "deadLetters": { "open": open_dead_letters },
     });
     if problems.is_empty() {
         return HttpResponse::Ok().json(body);
@@ -192,6 +321,13 @@ pub async fn metrics(metrics: web::Data<Metrics>, db: web::Data<Database>) -> Ht
             backlog.oldest_age_seconds(chrono::Utc::now()),
         ),
         Err(e) => log::warn!("/metrics: cannot read the outbox backlog: {e}"),
+    }
+    match db
+        .read(|conn| parking::count_open(conn).map_err(DbError::from))
+        .await
+    {
+        Ok(open) => metrics.dead_letters_open(open),
+        Err(e) => log::warn!("/metrics: cannot count the open dead letters: {e}"),
     }
     HttpResponse::Ok()
         .content_type(crate::metrics::CONTENT_TYPE)

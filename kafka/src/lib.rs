@@ -44,6 +44,7 @@ pub mod offsets;
 pub mod outbox;
 pub mod parking;
 pub mod producer;
+pub mod replay;
 pub mod retention;
 pub mod settings;
 

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub(crate) outbox_pending: IntGauge,
     /// `mall_relay_lag_seconds`, set at scrape time.
     pub(crate) relay_lag: Gauge,
+    /// `mall_dead_letters_open`, set at scrape time.
+    pub(crate) dead_letters_open: IntGauge,
     /// `mall_relay_published_total`.
     pub(crate) relay_published: IntCounter,
     /// `mall_relay_failures_total`.
@@ -147,6 +149,13 @@ impl Metrics {
                 IntGauge::new(
                     "mall_outbox_pending_rows",
                     "Outbox rows committed but not yet acknowledged by the broker",
+                ),
+            ),
+            dead_letters_open: add(
+                r,
+                IntGauge::new(
+                    "mall_dead_letters_open",
+                    "Messages this service parked that were neither redriven nor discarded",
                 ),
             ),
             relay_lag: add(
@@ -248,6 +257,11 @@ impl Metrics {
     pub(crate) fn outbox_backlog(&self, pending: i64, oldest_age_seconds: f64) {
         self.outbox_pending.set(pending);
         self.relay_lag.set(oldest_age_seconds.max(0.0));
+    }
+
+    /// Sets the gauge of parked messages waiting for an administrator.
+    pub fn dead_letters_open(&self, open: i64) {
+        self.dead_letters_open.set(open);
     }
 
     /// Counts one answered request.

@@ -41,6 +41,7 @@ diesel::table! {
         published_at -> Nullable<Text>,
         topic -> Nullable<Text>,
         error -> Nullable<Text>,
+        headers -> Nullable<Text>,
     }
 }
 
@@ -66,6 +67,8 @@ pub struct OutboxRow {
     pub topic: Option<String>,
     /// Why the broker refused it for good, if it did.
     pub error: Option<String>,
+    /// Kafka headers, a JSON object of strings (a redriven event names its original).
+    pub headers: Option<String>,
 }
 
 /// The insert form of [`OutboxRow`].
@@ -84,6 +87,8 @@ pub struct NewOutboxRow {
     pub created_at: String,
     /// See [`OutboxRow::topic`].
     pub topic: Option<String>,
+    /// See [`OutboxRow::headers`].
+    pub headers: Option<String>,
 }
 
 impl From<&Envelope> for NewOutboxRow {
@@ -95,6 +100,7 @@ impl From<&Envelope> for NewOutboxRow {
             payload: event.to_json(),
             created_at: chrono::Utc::now().to_rfc3339(),
             topic: None,
+            headers: None,
         }
     }
 }
@@ -122,11 +128,51 @@ pub fn enqueue_dead_letter(
         payload: letter.to_json(),
         created_at: chrono::Utc::now().to_rfc3339(),
         topic: Some(dead_letter_topic.to_owned()),
+        headers: None,
     };
     diesel::insert_into(outbox::table)
         .values(&row)
         .execute(conn)
         .map(|_| ())
+}
+
+/// Adds `event` for the saga topic with Kafka `headers` (name, value) inside the caller's
+/// transaction.
+pub fn enqueue_with_headers(
+    conn: &mut DbConnection,
+    event: &Envelope,
+    headers: &[(&str, &str)],
+) -> QueryResult<()> {
+    let object: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+        .collect();
+    let row = NewOutboxRow {
+        headers: Some(serde_json::Value::Object(object).to_string()),
+        ..NewOutboxRow::from(event)
+    };
+    diesel::insert_into(outbox::table)
+        .values(&row)
+        .execute(conn)
+        .map(|_| ())
+}
+
+/// The stored headers as Kafka headers; a value that is not a string is skipped.
+fn kafka_headers(json: &str) -> rdkafka::message::OwnedHeaders {
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(json).unwrap_or_default();
+    object
+        .iter()
+        .filter_map(|(k, v)| v.as_str().map(|v| (k, v)))
+        .fold(
+            rdkafka::message::OwnedHeaders::new(),
+            |headers, (key, value)| {
+                headers.insert(rdkafka::message::Header {
+                    key,
+                    value: Some(value),
+                })
+            },
+        )
 }
 
 /// The oldest `limit` unpublished rows, in commit order.
@@ -573,9 +619,12 @@ impl OutboxRelay {
         let mut deliveries = Vec::with_capacity(rows.len());
         for row in &rows {
             let topic = row.topic.as_deref().unwrap_or(&self.topic);
-            let record = FutureRecord::to(topic)
+            let mut record = FutureRecord::to(topic)
                 .key(&row.message_key)
                 .payload(&row.payload);
+            if let Some(headers) = row.headers.as_deref().map(kafka_headers) {
+                record = record.headers(headers);
+            }
             match self.producer.send_result(record) {
                 Ok(delivery) => deliveries.push(Sent::Queued(delivery)),
                 Err((e, _)) if is_refused_for_good(&e) => deliveries.push(Sent::Refused(e)),
@@ -721,6 +770,7 @@ mod tests {
             payload: "{}".into(),
             created_at: (chrono::Utc::now() - chrono::Duration::seconds(age_seconds)).to_rfc3339(),
             topic: None,
+            headers: None,
         }
     }
 

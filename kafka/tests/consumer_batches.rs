@@ -3,7 +3,8 @@
 //! (a duplicate ignored, undecodable or rejected ones parked, the rest applied once, in order);
 //! a database that refuses writes for a while (read-only) is waited out, never parked; a
 //! handler that panics parks its event with the payload's SHA-256; a stop gives the
-//! partition leases up at once.
+//! partition leases up at once; a parking record that cannot be written holds the partition
+//! (named in the status) instead of skipping the message.
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -140,9 +141,25 @@ struct Run {
     held_while_running: i64,
 }
 
-/// Puts `payloads` on a one-partition topic, then consumes them with `reactor` until the
-/// stored position is past the last, and stops the consumer.
-async fn consume(payloads: &[Vec<u8>], reactor: Arc<Recording>) -> Run {
+/// A consumer started on a topic holding `payloads`.
+struct Started {
+    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    dir: tempfile::TempDir,
+    db: Database,
+    commits: Commits,
+    status: Arc<kafka::consumer::ConsumerStatus>,
+    metrics: Metrics,
+    stop: CancellationToken,
+    running: tokio::task::JoinHandle<()>,
+}
+
+/// Puts `payloads` on a one-partition topic and starts a consumer with `reactor` on a fresh
+/// database, prepared by `prepare` before the consumer reads anything.
+async fn start(
+    payloads: &[Vec<u8>],
+    reactor: Arc<Recording>,
+    prepare: impl FnOnce(&mut DbConnection) + Send + 'static,
+) -> Started {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, 1, 1).expect("topic");
     cluster
@@ -171,6 +188,12 @@ async fn consume(payloads: &[Vec<u8>], reactor: Arc<Recording>) -> Run {
     )
     .expect("database")
     .with_write_hook(Arc::new(commits.clone()));
+    db.write(move |conn| {
+        prepare(conn);
+        Ok::<_, DbError>(((), Vec::new()))
+    })
+    .await
+    .expect("prepared");
     let settings = KafkaSettings {
         fetch_wait_max: Duration::from_millis(10),
         instance: "test-1".into(),
@@ -187,33 +210,61 @@ async fn consume(payloads: &[Vec<u8>], reactor: Arc<Recording>) -> Run {
     let status = consumer.status();
     let stop = CancellationToken::new();
     let running = tokio::spawn(consumer.run(stop.clone()));
-
-    let end = payloads.len() as i64;
-    let started = Instant::now();
-    loop {
-        let stored = db
-            .read(|conn| kafka::offsets::load(conn, TOPIC).map_err(DbError::from))
-            .await
-            .expect("positions");
-        if stored.get(&0) == Some(&end) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "position {stored:?} never reached {end}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let held_while_running = leases_of(&db, "test-1").await;
-    stop.cancel();
-    running.await.expect("consumer task");
-    Run {
-        _cluster: cluster,
-        _dir: dir,
+    Started {
+        cluster,
+        dir,
         db,
         commits,
         status,
         metrics,
+        stop,
+        running,
+    }
+}
+
+/// The stored position of the topic's partition.
+async fn position(db: &Database) -> Option<i64> {
+    db.read(|conn| kafka::offsets::load(conn, TOPIC).map_err(DbError::from))
+        .await
+        .expect("positions")
+        .get(&0)
+        .copied()
+}
+
+/// Waits (at most 20 s) until `condition` holds of the consumer's database and status.
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !condition().await {
+        assert!(started.elapsed() < Duration::from_secs(20), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Puts `payloads` on a one-partition topic, then consumes them with `reactor` until the
+/// stored position is past the last, and stops the consumer.
+async fn consume(payloads: &[Vec<u8>], reactor: Arc<Recording>) -> Run {
+    let started = start(payloads, reactor, |_| {}).await;
+    let end = payloads.len() as i64;
+    let db = started.db.clone();
+    wait_until(&format!("position {end}"), || {
+        let db = db.clone();
+        async move { position(&db).await == Some(end) }
+    })
+    .await;
+    let held_while_running = leases_of(&started.db, "test-1").await;
+    started.stop.cancel();
+    started.running.await.expect("consumer task");
+    Run {
+        _cluster: started.cluster,
+        _dir: started.dir,
+        db: started.db,
+        commits: started.commits,
+        status: started.status,
+        metrics: started.metrics,
         held_while_running,
     }
 }
@@ -358,6 +409,7 @@ async fn a_read_only_database_is_waited_out_a_panic_is_parked_and_a_stop_frees_t
                     after: 0,
                     limit: 10,
                 },
+                None,
             )
             .map_err(DbError::from)
         })
@@ -407,4 +459,83 @@ async fn a_read_only_database_is_waited_out_a_panic_is_parked_and_a_stop_frees_t
         .await
         .expect("balance");
     assert_eq!(taken.holds.len(), 1, "the other instance takes it at once");
+}
+
+/// Writing the parking record itself fails, and not because of the environment (here a
+/// unique index the record collides with, a broken table as far as the consumer can tell):
+/// the message is not skipped unrecorded. The consumer stays on it, retrying, and its status
+/// (`/health`) names it; the messages behind it wait. Once the table takes the record, the
+/// message is parked once and the rest applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parking_record_that_cannot_be_written_holds_the_partition_and_says_so() {
+    let payloads: Vec<Vec<u8>> = [1, REFUSED_ORDER, 2]
+        .into_iter()
+        .map(|id| completed(id).to_json().into_bytes())
+        .collect();
+    let started = start(&payloads, Arc::new(Recording::default()), |conn| {
+        conn.batch_execute(
+            "INSERT INTO dead_letters (kind, reason, topic, partition, \"offset\", \
+             payload_bytes, payload_sha256, parked_at) VALUES ('x', 'x', 't', 0, -1, 0, '', ''); \
+             CREATE UNIQUE INDEX one_dead_letter_per_topic ON dead_letters (topic);",
+        )
+        .expect("blocker");
+    })
+    .await;
+    let status = started.status.clone();
+    wait_until("the consumer reports it cannot park", || {
+        let health = status.snapshot();
+        async move {
+            health["retrying"]["event"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("parking"))
+        }
+    })
+    .await;
+    let health = started.status.snapshot();
+    assert!(
+        health["retrying"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("UNIQUE")),
+        "{health}"
+    );
+    assert_eq!(position(&started.db).await, Some(1), "not skipped");
+    assert_eq!(seen(&started.db).await, vec![1], "the rest waits");
+    assert_eq!(health["parked"], 0, "{health}");
+
+    started
+        .db
+        .write(|conn| {
+            conn.batch_execute(
+                "DROP INDEX one_dead_letter_per_topic; DELETE FROM dead_letters WHERE \"offset\" = -1",
+            )?;
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+        .await
+        .expect("unblocked");
+    let db = started.db.clone();
+    wait_until("position 3", || {
+        let db = db.clone();
+        async move { position(&db).await == Some(3) }
+    })
+    .await;
+    started.stop.cancel();
+    started.running.await.expect("consumer task");
+    assert_eq!(seen(&started.db).await, vec![1, 2]);
+    let parked = started
+        .db
+        .read(|conn| {
+            let page = kafka::http::Page {
+                after: 0,
+                limit: 10,
+            };
+            kafka::parking::list(conn, page, None).map_err(DbError::from)
+        })
+        .await
+        .expect("parked");
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].offset_, 1);
+    assert_eq!(parked[0].status, "parked");
+    let health = started.status.snapshot();
+    assert_eq!(health["parked"], 1, "{health}");
+    assert!(health["retrying"].is_null(), "{health}");
 }

@@ -76,6 +76,10 @@ pub struct Scenario {
     pub faults: Faults,
     /// Stop (and report the run incomplete) past this many states.
     pub max_states: usize,
+    /// Whether an administrator redrives a parked event (at any moment; then the saga must
+    /// end agreed). Without, nobody does: every saga must still end (terminal, no request
+    /// open), and only an order with a parked event may be left disagreeing.
+    pub redrive: bool,
 }
 
 /// One event on the topic, as the rules read it: the event, its sender and its chain's
@@ -189,6 +193,11 @@ pub struct SagaWorld {
     pub reservation: Option<usize>,
     /// Delivery's knowledge of it.
     pub delivery: usize,
+    /// The event a service parked (service index, event) and nobody has redriven yet.
+    pub parked: Option<(usize, usize)>,
+    /// The customer's cancel requests so far (bounded: a request delivery leaves unanswered
+    /// expires, and the customer may ask again).
+    pub requests: u8,
 }
 
 /// One product: products' entry and the last event of its catalog partition.
@@ -242,6 +251,10 @@ pub enum Action {
     CourierCancel(usize),
     /// Orders' saga timeout fires.
     TimeOut(usize),
+    /// Orders' saga timeout closes the order's unanswered cancel request.
+    ExpireRequest(usize),
+    /// An administrator redrives the order's parked event to the service that parked it.
+    Redrive(usize),
     /// An administrator adds one unit of stock.
     Restock(usize),
     /// An administrator sets the stock to 0.
@@ -263,6 +276,10 @@ pub struct Effect {
 
 /// The saga timeout handed to [`orders::saga::time_out`]; only its message uses it.
 const TIMEOUT_SECS: u64 = 30;
+
+/// Cancel requests one customer makes at most per order: the first, and one more after it
+/// expired unanswered.
+const MAX_REQUESTS: u8 = 2;
 
 /// The model of one scenario: its rules and the values its states name.
 pub struct Model {
@@ -307,6 +324,8 @@ impl Model {
                 order: None,
                 reservation: None,
                 delivery: unknown,
+                parked: None,
+                requests: 0,
             })
             .collect();
         let specs = self.scenario.products.clone();
@@ -361,6 +380,10 @@ impl Model {
                 }
             }
             actions.push(Action::TimeOut(o));
+            actions.push(Action::ExpireRequest(o));
+            if saga.parked.is_some() && self.scenario.redrive {
+                actions.push(Action::Redrive(o));
+            }
             if self.scenario.orders[o].people {
                 actions.extend([
                     Action::CustomerCancel(o),
@@ -450,10 +473,16 @@ impl Model {
                 next.budget.restarts -= 1;
             }
             Action::CustomerCancel(o) => {
+                if world.sagas[o].requests >= MAX_REQUESTS {
+                    return None;
+                }
                 let order = self.orders.get(world.sagas[o].order?).clone();
                 let (order, event) = match (self.rules.cancel_by_customer)(order).ok()? {
                     CustomerCancel::Cancelled(order, event) => (order, event),
-                    CustomerCancel::Requested(order, event) => (order, event),
+                    CustomerCancel::Requested(order, event) => {
+                        next.sagas[o].requests += 1;
+                        (order, event)
+                    }
                 };
                 next.sagas[o].order = Some(self.orders.id(order));
                 self.publish(&mut next, &[event], &mut effect);
@@ -478,6 +507,26 @@ impl Model {
                 let (order, event) = (self.rules.time_out)(order, TIMEOUT_SECS)?;
                 next.sagas[o].order = Some(self.orders.id(order));
                 self.publish(&mut next, &[event], &mut effect);
+            }
+            Action::ExpireRequest(o) => {
+                // Orders closes a request only once it has read the topic past the request's
+                // deadline (`orders/src/timeouts.rs`): an answer already there wins.
+                if self
+                    .next_wanted(&world.sagas[o], index(Service::Orders))
+                    .is_some()
+                {
+                    return None;
+                }
+                let order = self.orders.get(world.sagas[o].order?).clone();
+                let (order, event) = (self.rules.expire_cancel_request)(order, TIMEOUT_SECS)?;
+                next.sagas[o].order = Some(self.orders.id(order));
+                self.publish(&mut next, &[event], &mut effect);
+            }
+            Action::Redrive(o) => {
+                let (s, id) = world.sagas[o].parked?;
+                next.sagas[o].parked = None;
+                effect.read = Some(id);
+                self.deliver(&mut next, SERVICES[s], o, id, &mut effect);
             }
             Action::Restock(p) | Action::SellOff(p) => {
                 let mut product = self.products.get(world.catalog[p].product?).clone();
@@ -509,6 +558,7 @@ impl Model {
                 let offset = self.next_wanted(&world.sagas[o], s)?;
                 next.sagas[o].read[s] = offset + 1;
                 next.budget.parked -= 1;
+                next.sagas[o].parked = Some((s, world.sagas[o].topic[offset]));
                 effect.read = Some(world.sagas[o].topic[offset]);
             }
         }
@@ -630,9 +680,12 @@ impl Model {
         world.in_flight.iter().all(Option::is_none)
             && world.sagas.iter().all(|saga| {
                 (0..SERVICES.len()).all(|s| self.next_wanted(saga, s).is_none())
+                    && (saga.parked.is_none() || !self.scenario.redrive)
                     && saga.order.is_none_or(|order| {
-                        (self.rules.time_out)(self.orders.get(order).clone(), TIMEOUT_SECS)
-                            .is_none()
+                        let order = self.orders.get(order);
+                        (self.rules.time_out)(order.clone(), TIMEOUT_SECS).is_none()
+                            && (self.rules.expire_cancel_request)(order.clone(), TIMEOUT_SECS)
+                                .is_none()
                     })
             })
     }
@@ -670,6 +723,13 @@ impl Model {
                 format!("courier cancels the delivery of order {}", order(o))
             }
             Action::TimeOut(o) => format!("saga timeout fires for order {}", order(o)),
+            Action::ExpireRequest(o) => {
+                format!(
+                    "saga timeout closes order {}'s unanswered cancel request",
+                    order(o)
+                )
+            }
+            Action::Redrive(o) => format!("administrator REDRIVES {read} of order {}", order(o)),
             Action::Restock(p) => format!("administrator adds 1 unit of product {}", product(p)),
             Action::SellOff(p) => format!("administrator sets product {}'s stock to 0", product(p)),
             Action::Republish(o, offset) => format!(

@@ -18,6 +18,8 @@ pub struct Rules {
     pub cancel_by_customer: fn(Order) -> Result<CustomerCancel, CancelRefused>,
     /// Orders: the saga timeout.
     pub time_out: fn(Order, u64) -> Option<(Order, Envelope)>,
+    /// Orders: the saga timeout of an unanswered cancel request.
+    pub expire_cancel_request: fn(Order, u64) -> Option<(Order, Envelope)>,
     /// Products: one saga event applied to its view of the order.
     pub products_react: fn(StockView, &Envelope) -> (StockView, Vec<Envelope>),
     /// Delivery: one saga event applied to the order's delivery.
@@ -35,6 +37,7 @@ impl Rules {
             orders_react: orders::saga::react,
             cancel_by_customer: orders::saga::cancel_by_customer,
             time_out: orders::saga::time_out,
+            expire_cancel_request: orders::saga::expire_cancel_request,
             products_react: products::saga::react,
             delivery_react: delivery::saga::react,
             courier_update: delivery::saga::courier_update,

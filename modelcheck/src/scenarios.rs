@@ -30,6 +30,7 @@ pub fn one_order(name: &str, stock: Option<i64>, quantity: i64, faults: Faults) 
         orders: vec![order(1, quantity, true)],
         faults,
         max_states: 5_000_000,
+        redrive: true,
     }
 }
 
@@ -47,6 +48,7 @@ pub fn two_orders(name: &str, stock: i64, people: bool, faults: Faults) -> Scena
         orders: vec![order(1, 1, people), order(2, 1, false)],
         faults,
         max_states: 5_000_000,
+        redrive: true,
     }
 }
 

@@ -5,7 +5,9 @@
 //! start again at ids other services already hold sagas for, and a new order would be taken
 //! for an old one. So before orders serves a request it reads what the topic holds beyond its
 //! stored positions (all of it, for a new database) and moves its id sequence past the highest
-//! order id found there. Normally the stored positions are at the ends and nothing is read.
+//! order id found there or already stored (a rebuild inserts orders with their ids, which
+//! PostgreSQL's sequence does not follow). Normally the stored positions are at the ends and
+//! nothing is read.
 
 use kafka::consumer::{create_probe, partitions_of, watermarks};
 use kafka::db::DbConnection;
@@ -40,7 +42,12 @@ pub async fn move_past_the_topic(
             brokers: settings.brokers.clone(),
             reason: format!("cannot read the order ids on {}: {reason}", settings.topic),
         })?;
-    let Some(highest) = highest else {
+    // The orders already here too: a rebuild inserts them with their ids, which PostgreSQL's
+    // sequence does not follow.
+    let stored_highest = db
+        .read(|conn| highest_stored(conn).map_err(DbError::from))
+        .await?;
+    let Some(highest) = highest.max(stored_highest) else {
         return Ok(None);
     };
     let moved = db
@@ -48,8 +55,9 @@ pub async fn move_past_the_topic(
         .await?;
     if moved {
         log::warn!(
-            "{} holds order ids up to {highest} that this database did not issue (new or \
-             restored database): new orders are numbered after them (read in {} ms)",
+            "order ids up to {highest} are on {} or rebuilt from it but were not issued by \
+             this database's sequence (a new, restored or rebuilt database): new orders are \
+             numbered after them (checked in {} ms)",
             settings.topic,
             started.elapsed().as_millis()
         );
@@ -144,6 +152,14 @@ fn order_id_of(payload: &[u8]) -> Option<i64> {
     serde_json::from_slice::<OrderIdOnly>(payload)
         .ok()?
         .order_id
+}
+
+/// The highest order id in the database, if any.
+fn highest_stored(conn: &mut DbConnection) -> diesel::QueryResult<Option<i64>> {
+    use diesel::prelude::*;
+    crate::store::schema::orders::table
+        .select(diesel::dsl::max(crate::store::schema::orders::id))
+        .first(conn)
 }
 
 /// Makes the next order id greater than `highest`; whether the sequence had to move.

@@ -13,6 +13,7 @@ pub mod history;
 pub mod ids;
 pub mod pending;
 pub mod reactor;
+pub mod rebuild;
 pub mod retention;
 pub mod routes;
 pub mod saga;

@@ -30,6 +30,15 @@ impl Reactor for OrderReactor {
         let Some(order_id) = event.event.order_id() else {
             return Ok(Vec::new());
         };
+        let note = matches!(
+            event.event,
+            Event::EventParked(_) | Event::DeadLetterRedriven(_) | Event::DeadLetterDiscarded(_)
+        );
+        // A note about an event of an order orders does not have (a poison message naming a
+        // made-up order) concerns nothing here; parking it in turn would only echo.
+        if note && store::order(conn, order_id)?.is_none() {
+            return Ok(Vec::new());
+        }
         store::record_history(conn, order_id, event)?;
         let Some(stored) = store::order(conn, order_id)? else {
             return Err(ReactError::Rejected(format!(

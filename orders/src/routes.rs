@@ -8,8 +8,10 @@ use crate::saga::{self, CustomerCancel, Order, OrderState};
 use crate::store::{self, HistoryRow, NewOrder, StoredOrder};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
+use events::DeadLetterNote;
 use kafka::Database;
 use kafka::auth::Principal;
+use kafka::db::DbConnection;
 use kafka::idempotency::{self, IdempotentRequest, Replay};
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +55,9 @@ pub struct OrderJson {
     order: Order,
     created_at: String,
     updated_at: String,
+    /// Saga events of this order that a service parked and nobody has redriven or discarded
+    /// yet: its saga may wait on them (see the service's `/dead-letters/{deadLetterId}`).
+    parked_events: Vec<DeadLetterNote>,
 }
 
 impl From<StoredOrder> for OrderJson {
@@ -61,8 +66,28 @@ impl From<StoredOrder> for OrderJson {
             order: s.order,
             created_at: s.created_at,
             updated_at: s.updated_at,
+            parked_events: Vec::new(),
         }
     }
+}
+
+/// `orders` as the API shows them, each with the parked events it waits on.
+fn with_parked(
+    conn: &mut DbConnection,
+    orders: Vec<StoredOrder>,
+) -> Result<Vec<OrderJson>, OrdersError> {
+    let ids: Vec<i64> = orders.iter().map(|o| o.order.id).collect();
+    let mut parked = store::open_parked_events(conn, &ids)?;
+    Ok(orders
+        .into_iter()
+        .map(|stored| {
+            let id = stored.order.id;
+            OrderJson {
+                parked_events: parked.remove(&id).unwrap_or_default(),
+                ..OrderJson::from(stored)
+            }
+        })
+        .collect())
 }
 
 /// One entry of an order's timeline.
@@ -259,10 +284,11 @@ async fn list(
     };
     let orders = db
         .read(move |conn| {
-            store::list_orders(conn, customer.as_deref(), page).map_err(OrdersError::from)
+            let orders = store::list_orders(conn, customer.as_deref(), page)?;
+            with_parked(conn, orders)
         })
         .await?;
-    Ok(HttpResponse::Ok().json(orders.into_iter().map(OrderJson::from).collect::<Vec<_>>()))
+    Ok(HttpResponse::Ok().json(orders))
 }
 
 async fn get_one(
@@ -271,11 +297,15 @@ async fn get_one(
     id: web::Path<i64>,
 ) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
-    let stored = db
-        .read(move |conn| store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id)))
+    let (order, shown) = db
+        .read(move |conn| {
+            let stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
+            let order = stored.order.clone();
+            Ok::<_, OrdersError>((order, with_parked(conn, vec![stored])?))
+        })
         .await?;
-    check_owner(&who, &stored.order)?;
-    Ok(HttpResponse::Ok().json(OrderJson::from(stored)))
+    check_owner(&who, &order)?;
+    Ok(HttpResponse::Ok().json(&shown[0]))
 }
 
 async fn update(

@@ -2,8 +2,8 @@
 //! (the order now, events to publish). No I/O here.
 
 use events::{
-    CancelReason, DeliveryState, Envelope, Event, OrderCancelRequested, OrderCancelled,
-    OrderCompleted, OrderPlaced, Service,
+    CancelReason, CancelRequestExpired, DeliveryState, Envelope, Event, OrderCancelRequested,
+    OrderCancelled, OrderCompleted, OrderPlaced, Service,
 };
 use serde::Serialize;
 use std::fmt;
@@ -135,11 +135,14 @@ pub fn react(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
             cancel(order, CancelReason::OutOfStock, message, incoming)
         }
         // Rule 8: a courier's cancel cancels the order; so does delivery's yes to a cancel
-        // the customer requested. Other DeliveryCancelled only echo a cancel that happened.
+        // the customer requested, also once the request expired (rule 13): delivery decided,
+        // and the order must follow it. Orders' chains reach a confirmed order only through a
+        // request; other DeliveryCancelled only echo a cancel that happened.
         Event::DeliveryCancelled(d) => {
             order.delivery_state = Some(d.delivery_state);
             let courier = incoming.initiated_by_service(Service::Delivery);
-            let granted = incoming.initiated_by_service(Service::Orders) && order.cancel_requested;
+            let granted = incoming.initiated_by_service(Service::Orders)
+                && (order.cancel_requested || order.state == OrderState::Completed);
             if (courier || granted) && order.state != OrderState::Cancelled {
                 let why = if courier {
                     CancelReason::Courier
@@ -234,6 +237,79 @@ pub fn time_out(order: Order, timeout_secs: u64) -> Option<(Order, Envelope)> {
     );
     let (order, event) = cancelled(order, CancelReason::SagaTimeout, reason);
     Some((order, event.initiated_by(Service::Orders)))
+}
+
+/// Rule 13: a cancel request delivery has not answered within the saga timeout (delivery
+/// down, or the request parked) is closed, saying so (CancelRequestExpired, for the order's
+/// timeline and a rebuild): the order stays completed, the
+/// customer may ask again, and `cancelRequested` never stays true for good. A late answer
+/// still counts: a DeliveryCancelled cancels the order (rule 8), a CancelRefused says why
+/// (rule 10).
+pub fn expire_cancel_request(mut order: Order, timeout_secs: u64) -> Option<(Order, Envelope)> {
+    if !order.cancel_requested || order.state != OrderState::Completed {
+        return None;
+    }
+    let message = format!(
+        "cancel request unanswered: delivery did not decide within {timeout_secs} s \
+         (SAGA_TIMEOUT_S); the order stays completed unless delivery still cancels it, and \
+         the customer may ask again"
+    );
+    order.cancel_requested = false;
+    order.state_message = Some(message.clone());
+    let event = Event::CancelRequestExpired(CancelRequestExpired {
+        order_id: order.id,
+        state_message: message,
+    });
+    let event = Envelope::new(Service::Orders, event).initiated_by(Service::Orders);
+    Some((order, event))
+}
+
+/// The order as its OrderPlaced describes it, pending: what a rebuild starts from.
+pub fn placed_order(e: &OrderPlaced) -> Order {
+    Order {
+        id: e.order_id,
+        product_id: e.product_id,
+        product_name: e.product_name.clone(),
+        quantity: e.quantity,
+        price: e.price,
+        customer_id: e.customer_id.clone(),
+        customer_name: e.customer_name.clone(),
+        customer_addr: e.customer_addr.clone(),
+        state: OrderState::Placed,
+        stock_reserved: false,
+        delivery_id: None,
+        delivery_state: None,
+        cancel_requested: false,
+        state_message: None,
+    }
+}
+
+/// Replays one of orders' own decisions, read back from the topic, onto the order (a rebuild
+/// of the read model): what the rule that published it did to the order. Other events go
+/// through [`react`], whose caused events are already on the topic.
+pub fn replay_own(order: Order, own: &Envelope) -> Order {
+    match &own.event {
+        Event::OrderCompleted(_) if order.state == OrderState::Placed => Order {
+            state: OrderState::Completed,
+            ..order
+        },
+        Event::OrderCancelled(c) => Order {
+            state: OrderState::Cancelled,
+            cancel_requested: false,
+            state_message: Some(c.state_message.clone()),
+            ..order
+        },
+        Event::OrderCancelRequested(_) => match cancel_by_customer(order.clone()) {
+            Ok(CustomerCancel::Requested(requested, _)) => requested,
+            _ => order,
+        },
+        Event::CancelRequestExpired(e) if order.cancel_requested => Order {
+            cancel_requested: false,
+            state_message: Some(e.state_message.clone()),
+            ..order
+        },
+        _ => order,
+    }
 }
 
 fn complete_if_confirmed(mut order: Order, incoming: &Envelope) -> (Order, Vec<Envelope>) {
@@ -714,6 +790,96 @@ mod tests {
         assert_eq!(after.state, OrderState::Cancelled);
         assert_eq!(courier_message(&after), "cancelled by the courier");
         assert_eq!(types(&events), ["OrderCancelled"]);
+    }
+
+    /// Delivery parked (or never read) the request: past the timeout the request closes with
+    /// a stated reason, and the customer may ask again; nothing else is touched.
+    #[test]
+    fn an_unanswered_cancel_request_expires_saying_so() {
+        let (o, _) = requested();
+        let (expired, event) =
+            expire_cancel_request(o.clone(), 30).expect("an open request expires");
+        assert_eq!(event.event_type(), "CancelRequestExpired");
+        assert!(event.initiated_by_service(Service::Orders));
+        assert_eq!(
+            replay_own(o.clone(), &event),
+            expired,
+            "a rebuild replays it"
+        );
+        assert!(!expired.cancel_requested);
+        assert_eq!(expired.state, OrderState::Completed);
+        assert!(
+            expired
+                .state_message
+                .as_deref()
+                .unwrap()
+                .contains("unanswered"),
+            "{expired:?}"
+        );
+        assert_eq!(
+            Order {
+                cancel_requested: true,
+                state_message: o.state_message.clone(),
+                ..expired.clone()
+            },
+            o,
+            "nothing else changes"
+        );
+        assert!(matches!(
+            cancel_by_customer(expired),
+            Ok(CustomerCancel::Requested(..))
+        ));
+        // nothing to expire: no request, or the order is no longer completed
+        assert!(expire_cancel_request(order(OrderState::Completed), 30).is_none());
+        assert!(expire_cancel_request(order(OrderState::Placed), 30).is_none());
+        assert!(expire_cancel_request(order(OrderState::Cancelled), 30).is_none());
+    }
+
+    /// The request expired, then delivery's answer arrives (it was parked and redriven, or
+    /// delivery was down): a yes still cancels the order, a no still says why.
+    #[test]
+    fn a_late_answer_to_an_expired_request_still_counts() {
+        let (o, request) = requested();
+        let (expired, _) = expire_cancel_request(o, 30).unwrap();
+        let (after, events) = react(expired.clone(), &delivery_cancelled_by(&request));
+        assert_eq!(after.state, OrderState::Cancelled);
+        assert_eq!(types(&events), ["OrderCancelled"]);
+        let (after, events) = react(expired, &cancel_refused_by(&request));
+        assert_eq!(after.state, OrderState::Completed);
+        assert!(after.state_message.unwrap().starts_with("cancel refused"));
+        assert!(events.is_empty());
+    }
+
+    /// A rebuild replays orders' own decisions to the order each made: the same order as the
+    /// rules left it, for each kind of decision.
+    #[test]
+    fn replaying_own_decisions_gives_the_order_the_rules_made() {
+        let placed_event = placed(&order(OrderState::Placed));
+        let Event::OrderPlaced(p) = &placed_event.event else {
+            panic!()
+        };
+        assert_eq!(placed_order(p), order(OrderState::Placed));
+        let (completed, events) = react(order(OrderState::Placed), &stock_decreased());
+        let (completed, _) = react(completed, &delivery_started());
+        assert!(events.is_empty());
+        // a customer's request, then delivery's yes and orders' cancel
+        let Ok(CustomerCancel::Requested(requested, request)) =
+            cancel_by_customer(completed.clone())
+        else {
+            panic!()
+        };
+        assert_eq!(replay_own(completed.clone(), &request), requested);
+        let (cancelled, caused) = react(requested.clone(), &delivery_cancelled_by(&request));
+        assert_eq!(replay_own(cancelled.clone(), &caused[0]), cancelled);
+        // a timeout and a customer's cancel of a pending order
+        let (timed_out, event) = time_out(order(OrderState::Placed), 30).unwrap();
+        assert_eq!(replay_own(order(OrderState::Placed), &event), timed_out);
+        let Ok(CustomerCancel::Cancelled(cancelled, event)) =
+            cancel_by_customer(order(OrderState::Placed))
+        else {
+            panic!()
+        };
+        assert_eq!(replay_own(order(OrderState::Placed), &event), cancelled);
     }
 
     #[test]

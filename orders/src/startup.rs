@@ -71,7 +71,8 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     let pages = dashboard.clone();
     let pending = PendingOrders::new(settings.max_pending);
     let pending_data = actix_web::web::Data::from(pending.clone());
-    // Before any request is served: the topic must not hold ids this database would issue.
+    // Before any request is served: a new database beside an old topic is rebuilt from it,
+    // and the topic must not hold ids this database would issue.
     let kafka = &settings.service.kafka;
     let broker = |reason: String| StartError::Broker {
         brokers: kafka.brokers.clone(),
@@ -85,6 +86,7 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
                 "not reachable or refused to create the topics ({e})"
             ))
         })?;
+    crate::rebuild::rebuild_if_new(&db, kafka).await?;
     ids::move_past_the_topic(&db, kafka).await?;
     let mut host = ServiceHost::start(
         &settings.service,

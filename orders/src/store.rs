@@ -2,9 +2,10 @@
 
 use crate::saga::{Order, OrderState};
 use diesel::prelude::*;
-use events::{DeliveryState, Envelope, ProductChanged};
+use events::{DeadLetterNote, DeliveryState, Envelope, ProductChanged};
 use kafka::db::DbConnection;
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// The schema, matching `migrations/`.
 pub mod schema {
@@ -173,6 +174,38 @@ pub fn insert_order(conn: &mut DbConnection, new: &NewOrder) -> QueryResult<Stor
     row.try_into()
 }
 
+/// Stores `order` under its own id (a rebuild from the topic), placed at `created_at`.
+pub fn insert_order_with_id(
+    conn: &mut DbConnection,
+    order: &Order,
+    created_at: &str,
+) -> QueryResult<()> {
+    let new = NewOrder {
+        product_id: order.product_id,
+        product_name: order.product_name.clone(),
+        quantity: order.quantity,
+        price: order.price,
+        customer_id: order.customer_id.clone(),
+        customer_name: order.customer_name.clone(),
+        customer_addr: order.customer_addr.clone(),
+        state: order.state.as_str(),
+        created_at: created_at.to_owned(),
+        updated_at: created_at.to_owned(),
+    };
+    diesel::insert_into(orders::table)
+        .values((orders::id.eq(order.id), new))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Whether orders' tables hold nothing yet (no order, history or catalog entry).
+pub fn is_empty(conn: &mut DbConnection) -> QueryResult<bool> {
+    let orders: i64 = orders::table.count().get_result(conn)?;
+    let history: i64 = order_events::table.count().get_result(conn)?;
+    let catalog: i64 = products::table.count().get_result(conn)?;
+    Ok(orders + history + catalog == 0)
+}
+
 /// One page of orders by id, after `after`, optionally one customer's.
 pub fn list_orders(
     conn: &mut DbConnection,
@@ -210,6 +243,22 @@ pub fn pending_before(conn: &mut DbConnection, cutoff: &str, limit: i64) -> Quer
         .filter(orders::state.eq(OrderState::Placed.as_str()))
         .filter(orders::created_at.lt(cutoff))
         .order(orders::created_at)
+        .limit(limit)
+        .select(orders::id)
+        .load(conn)
+}
+
+/// Completed orders whose cancel request is open and was last touched before `cutoff`
+/// (RFC 3339), oldest first.
+pub fn cancel_requests_before(
+    conn: &mut DbConnection,
+    cutoff: &str,
+    limit: i64,
+) -> QueryResult<Vec<i64>> {
+    orders::table
+        .filter(orders::cancel_requested.eq(true))
+        .filter(orders::updated_at.lt(cutoff))
+        .order(orders::updated_at)
         .limit(limit)
         .select(orders::id)
         .load(conn)
@@ -327,6 +376,44 @@ pub fn history(conn: &mut DbConnection, order_id: i64) -> QueryResult<Vec<Histor
         .order(order_events::seq)
         .select(HistoryRow::as_select())
         .load(conn)
+}
+
+/// The parked events each of `order_ids` still waits on: every `EventParked` recorded in its
+/// history that no `DeadLetterRedriven` or `DeadLetterDiscarded` of the same dead letter
+/// (service and id) followed. Orders without one are absent.
+pub fn open_parked_events(
+    conn: &mut DbConnection,
+    order_ids: &[i64],
+) -> QueryResult<BTreeMap<i64, Vec<DeadLetterNote>>> {
+    let notes: Vec<(i64, String, String)> = order_events::table
+        .filter(order_events::order_id.eq_any(order_ids))
+        .filter(order_events::event_type.eq_any([
+            "EventParked",
+            "DeadLetterRedriven",
+            "DeadLetterDiscarded",
+        ]))
+        .order(order_events::seq)
+        .select((
+            order_events::order_id,
+            order_events::event_type,
+            order_events::payload,
+        ))
+        .load(conn)?;
+    let mut open: BTreeMap<i64, Vec<DeadLetterNote>> = BTreeMap::new();
+    for (order_id, event_type, payload) in notes {
+        let Ok(note) = serde_json::from_str::<DeadLetterNote>(&payload) else {
+            continue;
+        };
+        let waiting = open.entry(order_id).or_default();
+        if event_type == "EventParked" {
+            waiting.push(note);
+        } else {
+            waiting
+                .retain(|p| (p.service, p.dead_letter_id) != (note.service, note.dead_letter_id));
+        }
+    }
+    open.retain(|_, waiting| !waiting.is_empty());
+    Ok(open)
 }
 
 /// A catalog replica entry.

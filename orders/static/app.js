@@ -349,7 +349,8 @@ const orders = new ListWindow({
       el('td', { 'data-testid': `order-stock-reserved-${o.id}`, text: yes(o.stockReserved) }),
       el('td', {}, stateBadge(o.deliveryState, `order-delivery-${o.id}`)),
       el('td', { 'data-testid': `order-cancel-requested-${o.id}`, text: yes(o.cancelRequested) }),
-      el('td', { class: 'message', 'data-testid': `order-message-${o.id}`, text: o.stateMessage || '' }),
+      el('td', { class: 'message', 'data-testid': `order-message-${o.id}`, text: o.stateMessage || '' },
+        ...parkedBadge(o)),
       el('td', {},
         el('button', { type: 'button', class: 'danger', 'data-action': 'cancel', 'data-testid': `cancel-order-${o.id}`,
           title: 'PATCH /orders/{id} {"state":"OrderCancelled"} as the customer', text: 'cancel' })));
@@ -357,6 +358,15 @@ const orders = new ListWindow({
     return tr;
   },
 });
+
+// An order whose saga waits on a parked event says so: which service parked what, and why
+// (the dead letters panel below can redrive or discard it).
+function parkedBadge(o) {
+  const parked = o.parkedEvents || [];
+  if (!parked.length) return [];
+  const title = parked.map((p) => `${p.service} parked ${p.parkedEventType} (dead letter ${p.deadLetterId}): ${p.stateMessage}`).join('\n');
+  return [el('span', { class: 'parked', 'data-testid': `order-parked-${o.id}`, title, text: `⚠ ${parked.length} parked` })];
+}
 
 const orderRefresher = new Refresher(orders, (id) => `${urls.orders}/orders/${id}`);
 
@@ -552,11 +562,41 @@ async function loadDeadLetters() {
       el('td', { class: 'message', 'data-testid': `dead-letter-reason-${d.service}-${d.id}`, text: d.reason }),
       el('td', { text: `${d.topic}[${d.partition}]@${d.offset}${d.messageKey ? ` key ${d.messageKey}` : ''}` }),
       el('td', { class: 'num', title: `sha256 ${d.payloadSha256}`, text: `${d.payloadBytes} B` }),
-      el('td', { text: d.parkedAt })))));
-  if (!rows.length) tbody.append(el('tr', {}, el('td', { colspan: 7, class: 'message', text: 'nothing parked' })));
+      el('td', { text: d.parkedAt }),
+      el('td', { 'data-testid': `dead-letter-status-${d.service}-${d.id}`, title: d.resolution || '', text: d.status || '' }),
+      el('td', {}, ...(d.status === 'parked' ? [
+        ...(d.eventType ? [el('button', { type: 'button', 'data-testid': `redrive-${d.service}-${d.id}`,
+          title: `POST /dead-letters/${d.id}/redrive: send the ${d.eventType} back to ${d.service} with a new event id`,
+          'data-action': 'redrive', 'data-service': d.service, 'data-id': d.id, text: 'redrive' })] : []),
+        el('button', { type: 'button', class: 'danger', 'data-testid': `discard-${d.service}-${d.id}`,
+          title: `POST /dead-letters/${d.id}/discard {"reason": ...}`,
+          'data-action': 'discard', 'data-service': d.service, 'data-id': d.id, text: 'discard' }),
+      ] : []))))));
+  if (!rows.length) tbody.append(el('tr', {}, el('td', { colspan: 9, class: 'message', text: 'nothing parked' })));
+}
+
+// Redrive or discard one parked message (a discard asks why: the record keeps the reason).
+async function resolveDeadLetter(service, id, action) {
+  let body;
+  if (action === 'discard') {
+    const reason = window.prompt(`Why discard ${service} dead letter ${id}?`);
+    if (!reason) return;
+    body = { reason };
+  }
+  try {
+    const { body: answer } = await call('POST', `${urls[service]}/dead-letters/${id}/${action}`, body);
+    say('ok', `${service} dead letter ${id}: ${answer.resolution}`);
+  } catch (e) {
+    failure(`${action} of ${service} dead letter ${id}`, e);
+  }
+  loadDeadLetters();
 }
 
 $(testid('dead-letters-refresh')).addEventListener('click', loadDeadLetters);
+$(testid('dead-letter-rows')).addEventListener('click', (event) => {
+  const button = event.target.closest('button[data-action]');
+  if (button) resolveDeadLetter(button.dataset.service, Number(button.dataset.id), button.dataset.action);
+});
 
 // ---- the timeline of one order, as inline SVG ----
 
@@ -682,8 +722,11 @@ function drawTimeline(events, available) {
 // OrderCancelled (`reason`); every other one came from an HTTP request. Null for caused events.
 function triggerOf(e) {
   if (e.causationId) return null;
-  if (e.payload?.reason === 'sagaTimeout') {
+  if (e.payload?.reason === 'sagaTimeout' || e.eventType === 'CancelRequestExpired') {
     return { kind: 'timer', label: 'saga timeout', what: "orders' saga timeout" };
+  }
+  if (e.eventType === 'DeadLetterRedriven' || e.eventType === 'DeadLetterDiscarded') {
+    return { kind: 'http', label: 'administrator', what: 'an administrator (POST /dead-letters/{id}/…)' };
   }
   return { kind: 'http', label: 'HTTP request', what: 'an HTTP request' };
 }

@@ -500,6 +500,38 @@ async fn dead_letters_are_listed(page: &Page, m: &Mall) -> Check {
         .await?
         .unwrap_or_default();
     println!("    orders parked it: {reason}");
+    // The discard button: it asks why, and the record keeps the reason.
+    let parked = m
+        .expect(
+            "GET",
+            &format!("{}/dead-letters?status=parked&limit=1000", m.orders),
+            None,
+            200,
+        )
+        .await?;
+    let id = parked
+        .as_array()
+        .and_then(|l| l.last())
+        .and_then(|d| d["id"].as_i64())
+        .ok_or(format!("orders lists nothing parked: {parked}"))?;
+    page.click(&format!("discard-orders-{id}")).await?;
+    page.client
+        .send_alert_text("poison from the browser test")
+        .await
+        .map_err(|e| format!("answering the discard prompt: {e}"))?;
+    page.client
+        .accept_alert()
+        .await
+        .map_err(|e| format!("accepting the discard prompt: {e}"))?;
+    page.wait_text(&format!("dead-letter-status-orders-{id}"), "discarded")
+        .await?;
+    let letter = m
+        .expect("GET", &format!("{}/dead-letters/{id}", m.orders), None, 200)
+        .await?;
+    let resolution = letter["resolution"].as_str().unwrap_or_default();
+    if !resolution.contains("poison from the browser test") {
+        return Err(format!("the discard's record: {letter}"));
+    }
     Ok(())
 }
 
@@ -851,7 +883,7 @@ async fn run(stack: &mut Stack, page: &Page, screenshot: &Path, load: usize) -> 
         courier_completes_a_delivery(page, &m)
     );
     scenario!(
-        "dead letters of all three services are listed with their reason",
+        "dead letters of all three services are listed with their reason; one discarded from the page",
         dead_letters_are_listed(page, &m)
     );
     scenario!(

@@ -28,10 +28,11 @@ fn mall(stack: &Stack) -> e2e::Mall {
     stack.mall().with_instances(services)
 }
 
-/// Orders' database lost while the broker keeps the topic (deleted between two runs): the
-/// new database must issue no id the topic holds. A new order gets an id above every old one
-/// and completes on its own reservation; the old sagas stay as they were in products and
-/// delivery, and nothing new is published for them.
+/// Orders' database lost while the broker keeps the topic (deleted between two runs): orders
+/// rebuilds its orders from the topic before it serves, and issues no id the topic holds. The
+/// old orders read as before; a new order gets an id above every old one and completes on its
+/// own reservation; the old sagas stay as they were in products and delivery, and nothing new
+/// is published for them.
 async fn a_new_orders_database_issues_no_id_the_topic_holds(stack: &mut Stack) -> Check {
     let m = mall(stack);
     let product = m.create_product("ids kept", 10).await?;
@@ -67,6 +68,17 @@ async fn a_new_orders_database_issues_no_id_the_topic_holds(stack: &mut Stack) -
         .max()
         .ok_or("no order id on the topic")?;
     let old_events = (on_topic(&before, delivered), on_topic(&before, open));
+    let shown = |o: serde_json::Value| {
+        (
+            o["state"].clone(),
+            o["deliveryState"].clone(),
+            o["quantity"].clone(),
+        )
+    };
+    let old_orders = (
+        shown(m.order(delivered).await?),
+        shown(m.order(open).await?),
+    );
 
     stack.terminate("orders", Duration::from_secs(20)).await?;
     let path = stack
@@ -84,6 +96,15 @@ async fn a_new_orders_database_issues_no_id_the_topic_holds(stack: &mut Stack) -
     stack.start_service("orders")?;
     m.wait_healthy().await?;
 
+    let rebuilt = (
+        shown(m.order(delivered).await?),
+        shown(m.order(open).await?),
+    );
+    if rebuilt != old_orders {
+        return Err(format!(
+            "the rebuilt orders read {rebuilt:?}, before the loss {old_orders:?}"
+        ));
+    }
     let new = m.place_order(product, 1).await?;
     if new <= highest {
         return Err(format!(
@@ -421,6 +442,330 @@ async fn late_answers_win_over_the_timer(stack: &mut Stack) -> Check {
     result
 }
 
+/// Restarts `service` with the test-only hook parking every event of `types` it would apply
+/// (`kafka::consumer::TEST_PARK_ENV`; empty: none), and waits for the mall to be healthy.
+async fn park_on(stack: &mut Stack, service: &'static str, types: &str) -> Check {
+    stack.set_env(service, kafka::consumer::TEST_PARK_ENV, types);
+    stack.sigkill(service)?;
+    stack.start_service(service)?;
+    mall(stack).wait_healthy().await
+}
+
+/// Waits until orders shows, on `order`, the `event_type` parked by `service`; returns the
+/// dead letter's id in that service.
+async fn wait_parked(m: &e2e::Mall, order: i64, service: &str, event_type: &str) -> Check<i64> {
+    eventually(
+        &format!("order {order} shows the {event_type} {service} parked"),
+        Duration::from_secs(30),
+        || async move {
+            let o = m.order(order).await?;
+            o["parkedEvents"]
+                .as_array()
+                .and_then(|parked| {
+                    parked
+                        .iter()
+                        .find(|p| p["service"] == service && p["parkedEventType"] == event_type)
+                })
+                .and_then(|p| p["deadLetterId"].as_i64())
+                .ok_or_else(|| format!("order {order}: {o}"))
+        },
+    )
+    .await
+}
+
+/// `POST {base}/dead-letters/{id}/redrive`: 200, and a second one is a 409.
+async fn redrive(m: &e2e::Mall, base: &str, id: i64) -> Check {
+    let url = format!("{base}/dead-letters/{id}/redrive");
+    m.expect("POST", &url, None, 200).await?;
+    m.expect("POST", &url, None, 409).await.map(|_| ())
+}
+
+/// Waits until the three services agree on `order` — orders' state and delivery state,
+/// delivery's state, products' reservation — and orders shows no parked event on it.
+async fn wait_agreed(
+    m: &e2e::Mall,
+    order: i64,
+    (state, delivery_state, reservation): (&str, &str, &str),
+) -> Check {
+    eventually(
+        &format!("order {order}: {state}, {delivery_state}, {reservation}, nothing parked"),
+        Duration::from_secs(30),
+        || async move {
+            let o = m.order(order).await?;
+            let d = m.delivery_of(order).await?;
+            let r = m
+                .expect(
+                    "GET",
+                    &format!("{}/reservations/{order}", m.products),
+                    None,
+                    200,
+                )
+                .await?;
+            let agreed = o["state"] == state
+                && o["deliveryState"] == delivery_state
+                && o["cancelRequested"] == false
+                && o["parkedEvents"].as_array().is_some_and(|p| p.is_empty())
+                && d["deliveryState"] == delivery_state
+                && r["state"] == reservation;
+            if agreed {
+                Ok(())
+            } else {
+                Err(format!("orders {o}; delivery {d}; products {r}"))
+            }
+        },
+    )
+    .await
+}
+
+/// `PATCH /deliveries/{id}` of `order`'s delivery as the courier; the status.
+async fn courier(m: &e2e::Mall, order: i64, delivery_state: &str) -> Check<u16> {
+    let id = e2e::field_i64(&m.delivery_of(order).await?, "id")?;
+    let url = format!("{}/deliveries/{id}", m.delivery);
+    let body = serde_json::json!({ "deliveryState": delivery_state });
+    Ok(m.call("PATCH", &url, Some(body)).await?.0)
+}
+
+/// Issue 24 items 2 and 3 on the real broker: real saga events parked by each service (the
+/// test-only hook), each order saying so, the stuck cancel request closed by the timeout, and
+/// a redrive of each parked event bringing its saga to a state the three services agree on:
+/// delivery parks OrderCompleted (the courier cannot complete) and the customer's
+/// OrderCancelRequested; orders parks a courier's DeliveryCancelled, a DeliveryCompleted and
+/// a CancelRefused; products parks DeliveryCompleted (the units stay reserved; redriven with
+/// `scripts/redrive`).
+async fn parked_events_have_a_way_out(stack: &mut Stack) -> Check {
+    let m = mall(stack);
+    let product = m.create_product("parked", 10).await?;
+    let open_dead_letters = || async {
+        let health = m
+            .expect("GET", &format!("{}/health", m.delivery), None, 200)
+            .await?;
+        e2e::field_i64(&health["deadLetters"], "open")
+    };
+    // Earlier scenarios' sagas end first (the hook would park their events too); the poison
+    // they parked stays open.
+    m.wait_quiet().await?;
+    let open_before = open_dead_letters().await?;
+    stack.set_env("orders", "SAGA_TIMEOUT_S", "5");
+    let result = async {
+        park_on(stack, "orders", "").await?;
+        park_on(stack, "delivery", "OrderCompleted,OrderCancelRequested").await?;
+        let a = m.place_order(product, 1).await?;
+        m.wait_order_state(a, "OrderCompleted").await?;
+        let a_completed = wait_parked(&m, a, "delivery", "OrderCompleted").await?;
+        let status = courier(&m, a, "DeliveryCompleted").await?;
+        if status != 409 {
+            return Err(format!(
+                "the courier completed an unconfirmed delivery: {status}"
+            ));
+        }
+        let b = m.place_order(product, 1).await?;
+        m.wait_order_state(b, "OrderCompleted").await?;
+        let b_completed = wait_parked(&m, b, "delivery", "OrderCompleted").await?;
+        let cancel = serde_json::json!({ "state": "OrderCancelled" });
+        m.expect(
+            "PATCH",
+            &format!("{}/orders/{b}", m.orders),
+            Some(cancel.clone()),
+            202,
+        )
+        .await?;
+        let b_request = wait_parked(&m, b, "delivery", "OrderCancelRequested").await?;
+        eventually(
+            "the unanswered cancel request is closed, saying so",
+            Duration::from_secs(30),
+            || async {
+                let o = m.order(b).await?;
+                let said = o["stateMessage"].as_str().unwrap_or_default();
+                if o["cancelRequested"] == false && said.contains("unanswered") {
+                    Ok(())
+                } else {
+                    Err(o.to_string())
+                }
+            },
+        )
+        .await?;
+        let open = open_dead_letters().await?;
+        let listed = m
+            .expect(
+                "GET",
+                &format!("{}/dead-letters?status=parked&limit=1000", m.delivery),
+                None,
+                200,
+            )
+            .await?;
+        let of_a_and_b = listed
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter(|d| d["orderId"] == a || d["orderId"] == b)
+                    .count()
+            })
+            .unwrap_or_default();
+        if of_a_and_b != 3 || open < open_before + 3 {
+            return Err(format!(
+                "delivery: {of_a_and_b} dead letters open for orders {a} and {b}; /health \
+                 {open} open, {open_before} before"
+            ));
+        }
+        let metrics = reqwest::get(format!("{}/metrics", m.delivery))
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        if e2e::metric_sample(&metrics, "mall_dead_letters_open") != Some(open as f64) {
+            return Err(format!(
+                "delivery's /metrics: mall_dead_letters_open is not {open}"
+            ));
+        }
+        let timeline = m.timeline(b).await?;
+        for kind in ["EventParked", "CancelRequestExpired"] {
+            if !timeline.iter().any(|e| e["eventType"] == kind) {
+                return Err(format!("order {b}'s timeline has no {kind}"));
+            }
+        }
+
+        redrive(&m, &m.delivery, a_completed).await?;
+        m.wait_delivery_confirmed(a).await?;
+        let status = courier(&m, a, "DeliveryCompleted").await?;
+        if status != 200 {
+            return Err(format!(
+                "the courier cannot complete after the redrive: {status}"
+            ));
+        }
+        wait_agreed(&m, a, ("OrderCompleted", "DeliveryCompleted", "Delivered")).await?;
+        redrive(&m, &m.delivery, b_completed).await?;
+        redrive(&m, &m.delivery, b_request).await?;
+        wait_agreed(&m, b, ("OrderCancelled", "DeliveryCancelled", "Released")).await?;
+        // The copy on the topic: a new event id, headers naming the original and delivery.
+        let letter = m
+            .expect(
+                "GET",
+                &format!("{}/dead-letters/{b_request}", m.delivery),
+                None,
+                200,
+            )
+            .await?;
+        let original = letter["eventId"].as_str().unwrap_or_default().to_owned();
+        let messages = read_topic(&m.brokers, &m.topic).await?;
+        let copy = messages
+            .iter()
+            .find(|msg| {
+                msg.value["eventType"] == "OrderCancelRequested"
+                    && msg.value["orderId"] == b
+                    && msg
+                        .headers
+                        .iter()
+                        .any(|(k, v)| k == "redriveOf" && *v == original)
+            })
+            .ok_or(format!("no redriven copy of {original} on the topic"))?;
+        if copy.value["eventId"] == original.as_str()
+            || !copy
+                .headers
+                .iter()
+                .any(|(k, v)| k == "redriveFor" && v == "delivery")
+        {
+            return Err(format!("the copy: {:?} {}", copy.headers, copy.raw));
+        }
+
+        park_on(stack, "delivery", "").await?;
+        park_on(
+            stack,
+            "orders",
+            "DeliveryCancelled,DeliveryCompleted,CancelRefused",
+        )
+        .await?;
+        let c = m.place_order(product, 1).await?;
+        m.wait_order_state(c, "OrderCompleted").await?;
+        if courier(&m, c, "DeliveryCancelled").await? != 200 {
+            return Err("the courier cannot cancel".into());
+        }
+        let c_cancelled = wait_parked(&m, c, "orders", "DeliveryCancelled").await?;
+        if m.order(c).await?["state"] != "OrderCompleted" {
+            return Err(format!("order {c} moved on without the parked event"));
+        }
+        redrive(&m, &m.orders, c_cancelled).await?;
+        wait_agreed(&m, c, ("OrderCancelled", "DeliveryCancelled", "Released")).await?;
+        let d = m.place_order(product, 1).await?;
+        m.wait_order_state(d, "OrderCompleted").await?;
+        m.wait_delivery_confirmed(d).await?;
+        if courier(&m, d, "DeliveryCompleted").await? != 200 {
+            return Err("the courier cannot complete".into());
+        }
+        let d_completed = wait_parked(&m, d, "orders", "DeliveryCompleted").await?;
+        // Orders has not heard of the delivery: it asks, delivery refuses, orders parks that.
+        m.expect(
+            "PATCH",
+            &format!("{}/orders/{d}", m.orders),
+            Some(cancel),
+            202,
+        )
+        .await?;
+        let d_refused = wait_parked(&m, d, "orders", "CancelRefused").await?;
+        redrive(&m, &m.orders, d_completed).await?;
+        redrive(&m, &m.orders, d_refused).await?;
+        wait_agreed(&m, d, ("OrderCompleted", "DeliveryCompleted", "Delivered")).await?;
+        let said = m.order(d).await?["stateMessage"].clone();
+        if !said
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("cancel refused")
+        {
+            return Err(format!(
+                "order {d} does not say the cancel was refused: {said}"
+            ));
+        }
+
+        park_on(stack, "orders", "").await?;
+        park_on(stack, "products", "DeliveryCompleted").await?;
+        let e = m.place_order(product, 1).await?;
+        m.wait_order_state(e, "OrderCompleted").await?;
+        m.wait_delivery_confirmed(e).await?;
+        if courier(&m, e, "DeliveryCompleted").await? != 200 {
+            return Err("the courier cannot complete".into());
+        }
+        let e_completed = wait_parked(&m, e, "products", "DeliveryCompleted").await?;
+        let r = m
+            .expect(
+                "GET",
+                &format!("{}/reservations/{e}", m.products),
+                None,
+                200,
+            )
+            .await?;
+        if r["state"] != "Reserved" {
+            return Err(format!("products settled without the parked event: {r}"));
+        }
+        // This one through scripts/redrive, as an operator would.
+        let out = std::process::Command::new("scripts/redrive")
+            .args(["redrive", "products", &e_completed.to_string()])
+            .env("PRODUCTS_URL", &m.products)
+            .output()
+            .map_err(|err| format!("scripts/redrive: {err}"))?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !said.contains("redriven as event") {
+            return Err(format!(
+                "scripts/redrive redrive products {e_completed}: {said}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        wait_agreed(&m, e, ("OrderCompleted", "DeliveryCompleted", "Delivered")).await?;
+        // Stock: a, d, e delivered; b, c released.
+        m.wait_stock(product, (7, 0)).await
+    }
+    .await;
+    stack.set_env("orders", "SAGA_TIMEOUT_S", "30");
+    for service in ["orders", "products", "delivery"] {
+        stack.set_env(service, kafka::consumer::TEST_PARK_ENV, "");
+        if stack.is_running(service) {
+            stack.sigkill(service)?;
+        }
+        stack.start_service(service)?;
+    }
+    m.wait_healthy().await?;
+    result
+}
+
 /// Waits until orders' /metrics shows `mall_orders_pending <n>`.
 async fn pending_gauge_reads(m: &e2e::Mall, n: i64) -> Check {
     let want = format!("mall_orders_pending {n}\n");
@@ -505,10 +850,6 @@ async fn health_names_a_missing_broker(stack: &mut Stack) -> Check {
     Ok(())
 }
 
-/// `--only TEXT`: run only the scenarios whose name contains TEXT (for working on one; the
-/// others are neither run nor counted).
-static ONLY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-
 async fn run(stack: &mut Stack) -> (usize, usize) {
     let m = mall(stack);
     if let Err(e) = m.wait_healthy().await {
@@ -529,12 +870,12 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
             );
         }
     };
+    // `STACK_SUITE_ONLY=<part of a name>`: run only the scenarios whose name contains it.
+    let only = std::env::var("STACK_SUITE_ONLY").unwrap_or_default();
     macro_rules! scenario {
         ($name:literal, $run:expr) => {{
-            if let Some(Some(only)) = ONLY.get()
-                && !$name.contains(only.as_str())
-            {
-                println!("skip {}", $name);
+            if !$name.contains(only.as_str()) {
+                println!("skip {} (STACK_SUITE_ONLY)", $name);
             } else {
                 let started = Instant::now();
                 println!("...  {}", $name);
@@ -604,6 +945,13 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         );
     }
     if stack.instance_count() == 1 {
+        // It restarts single services with the parking hook; other instances would not park.
+        scenario!(
+            "parked saga events: each order says so, a cancel request expires, a redrive of each brings all three services to agree",
+            parked_events_have_a_way_out(stack)
+        );
+    }
+    if stack.instance_count() == 1 {
         // It freezes products and restarts orders; other instances would carry the sagas on.
         scenario!(
             "answers on the topic before the deadline win over the saga timeout (orders down meanwhile)",
@@ -618,7 +966,7 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         // After the other sagas: the new orders database parks the old orders' events it
         // cannot know. Before the scenarios that stop the broker and the services.
         scenario!(
-            "orders' database lost, the topic kept: no order id is issued twice",
+            "orders' database lost, the topic kept: rebuilt from the topic, no order id issued twice",
             a_new_orders_database_issues_no_id_the_topic_holds(stack)
         );
     }
@@ -661,8 +1009,7 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: stack-suite --bin-dir <dir with orders, products, delivery> \
                  (--kafka <dir of Kafka's jars> | --tansu <tansu binary>) \
-                 [--postgres URL] [--instances N] [--partitions P] [--only TEXT]";
-    ONLY.get_or_init(|| argument(&args, "--only").map(|p| p.to_string_lossy().into_owned()));
+                 [--postgres URL] [--instances N] [--partitions P]";
     let Some(bin_dir) = argument(&args, "--bin-dir") else {
         eprintln!("{usage}");
         return ExitCode::from(2);

@@ -9,9 +9,10 @@ use std::fmt;
 
 /// Check names, as printed in the report.
 pub mod names {
-    /// Every order (each 201, and every order orders lists) ends, with no pending cancel.
-    pub const TERMINAL: &str =
-        "every order ends (OrderCompleted|OrderCancelled, no pending cancel)";
+    /// Every order (each 201, and every order orders lists) ends, with no pending cancel and
+    /// no parked event it waits on.
+    pub const TERMINAL: &str = "every order ends (OrderCompleted|OrderCancelled, no pending cancel, \
+         no order stuck behind a parked event)";
     /// At most one of each effect per order, on the topic.
     pub const EXACTLY_ONCE: &str = "exactly-once effects per order (topic)";
     /// No two distinct events with the same (source, eventType, causationId).
@@ -85,6 +86,8 @@ pub struct OrderRow {
     pub delivery_state: Option<String>,
     /// A customer cancel waits for delivery's decision.
     pub cancel_requested: bool,
+    /// Saga events of the order a service parked and nobody redrove or discarded.
+    pub parked_events: usize,
 }
 
 impl OrderRow {
@@ -97,6 +100,7 @@ impl OrderRow {
             state: text(v, "state")?,
             delivery_state: v["deliveryState"].as_str().map(str::to_owned),
             cancel_requested: v["cancelRequested"].as_bool().unwrap_or(false),
+            parked_events: v["parkedEvents"].as_array().map_or(0, Vec::len),
         })
     }
 }
@@ -617,6 +621,13 @@ fn terminal(ix: &Index) -> CheckResult {
                     o.state
                 ),
             )),
+            Some(o) if o.parked_events > 0 => violations.push(ix.violation(
+                *id,
+                format!(
+                    "is {} but waits on {} parked event(s) (parkedEvents){note}",
+                    o.state, o.parked_events
+                ),
+            )),
             Some(_) => {}
         }
     }
@@ -1000,6 +1011,7 @@ mod tests {
             state: state.into(),
             delivery_state: delivery.map(str::to_owned),
             cancel_requested: false,
+            parked_events: 0,
         }
     }
 
@@ -1163,6 +1175,11 @@ mod tests {
         s.orders[1].cancel_requested = true;
         let v = only_fails(&s, names::TERMINAL);
         assert!(v[0].what.contains("cancel still pending"));
+
+        let mut s = good();
+        s.orders[0].parked_events = 1;
+        let v = only_fails(&s, names::TERMINAL);
+        assert!(v[0].what.contains("parked event"), "{}", v[0].what);
 
         let mut s = good();
         s.accepted.insert(99);
@@ -1416,6 +1433,7 @@ mod tests {
             "state": "OrderCompleted", "deliveryState": "DeliveryStarted", "cancelRequested": true}))
         .expect("order");
         assert!(o.cancel_requested);
+        assert_eq!(o.parked_events, 0);
         assert_eq!(o.delivery_state.as_deref(), Some("DeliveryStarted"));
         let r = ReservationRow::from_json(&json!({"orderId": 3, "productId": 1, "quantity": 2,
             "state": "Reserved"}))

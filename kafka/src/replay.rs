@@ -1,0 +1,110 @@
+//! Reading the saga topic from its first offset to its end as it is now, partition by
+//! partition in offset order: what a service's read model is rebuilt from. A client assigned
+//! to every partition; nothing is committed to the broker.
+
+use crate::consumer::{create_probe, partitions_of};
+use crate::settings::KafkaSettings;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// One message read back.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its value (empty for none).
+    pub payload: Vec<u8>,
+    /// Its Kafka headers (name, value as lossy UTF-8).
+    pub headers: Vec<(String, String)>,
+}
+
+impl Replayed {
+    /// The value of header `name`, if it has one.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Every message of `settings.topic` from each partition's first offset to its end when the
+/// call began, in offset order per partition, and those ends (the next offset to read).
+/// Blocking: run it on a blocking thread. Fails when the broker does not deliver them within
+/// `within`.
+pub fn read_from_start(
+    settings: &KafkaSettings,
+    within: Duration,
+) -> Result<(Vec<Replayed>, BTreeMap<i32, i64>), String> {
+    let topic = &settings.topic;
+    let probe: BaseConsumer = create_probe(settings).map_err(|e| e.to_string())?;
+    // A group id only because librdkafka's consumer wants one; nothing is ever committed, so
+    // the service's own group (and its positions shown on the broker) stays untouched.
+    let group = format!("{}-replay", settings.group_id);
+    let client: BaseConsumer = settings
+        .client_config_with(&[
+            ("group.id", group.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("allow.auto.create.topics", "false"),
+        ])
+        .create()
+        .map_err(|e| e.to_string())?;
+    let mut ends = BTreeMap::new();
+    let mut next = BTreeMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions_of(&probe, topic)? {
+        let (low, high) = probe
+            .fetch_watermarks(topic, partition, Duration::from_secs(5))
+            .map_err(|e| format!("watermarks of {topic}[{partition}]: {e}"))?;
+        ends.insert(partition, high);
+        if high > low {
+            next.insert(partition, low);
+            assignment
+                .add_partition_offset(topic, partition, Offset::Offset(low))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    client.assign(&assignment).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut read = Vec::new();
+    while next.iter().any(|(p, n)| *n < ends[p]) {
+        if started.elapsed() > within {
+            return Err(format!(
+                "{topic}: read up to {next:?} of {ends:?} within {within:?}"
+            ));
+        }
+        let Some(message) = client.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.map_err(|e| format!("reading {topic}: {e}"))?;
+        let (partition, offset) = (message.partition(), message.offset());
+        if offset >= ends[&partition] {
+            continue; // written after the call began
+        }
+        next.insert(partition, offset + 1);
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                        (h.key.to_owned(), value.into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        read.push(Replayed {
+            partition,
+            offset,
+            payload: message.payload().unwrap_or_default().to_vec(),
+            headers,
+        });
+    }
+    Ok((read, ends))
+}
