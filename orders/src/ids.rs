@@ -24,15 +24,21 @@ use std::time::{Duration, Instant};
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Moves orders' id sequence past every order id on `settings.topic` that lies beyond
-/// the positions stored in `db`; returns the highest order id read, if any.
+/// the positions stored in `db` (all of it with `from_start`: after a rebuild, whose
+/// positions are at the end but which keeps only the orders whose OrderPlaced it read);
+/// returns the highest order id, if any.
 pub async fn move_past_the_topic(
     db: &Database,
     settings: &KafkaSettings,
+    from_start: bool,
 ) -> Result<Option<i64>, StartError> {
     let topic = settings.topic.clone();
-    let stored = db
-        .read(move |conn| kafka::offsets::load(conn, &topic).map_err(DbError::from))
-        .await?;
+    let stored = if from_start {
+        BTreeMap::new()
+    } else {
+        db.read(move |conn| kafka::offsets::load(conn, &topic).map_err(DbError::from))
+            .await?
+    };
     let (settings_copy, started) = (settings.clone(), Instant::now());
     let highest = tokio::task::spawn_blocking(move || highest_order_id(&settings_copy, &stored))
         .await

@@ -86,8 +86,8 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
                 "not reachable or refused to create the topics ({e})"
             ))
         })?;
-    crate::rebuild::rebuild_if_new(&db, kafka).await?;
-    ids::move_past_the_topic(&db, kafka).await?;
+    let rebuilt = crate::rebuild::rebuild_if_new(&db, kafka).await?;
+    ids::move_past_the_topic(&db, kafka, rebuilt.is_some()).await?;
     let mut host = ServiceHost::start(
         &settings.service,
         db.clone(),
