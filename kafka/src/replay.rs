@@ -33,6 +33,24 @@ impl Replayed {
     }
 }
 
+/// A consumer that reads partitions it is assigned and never joins a group or commits
+/// (`purpose` names its group id, which librdkafka wants also for `assign`), so the
+/// service's own group and the positions shown on the broker stay untouched.
+pub fn reader(
+    settings: &KafkaSettings,
+    purpose: &str,
+) -> rdkafka::error::KafkaResult<BaseConsumer> {
+    let group = format!("{}-{purpose}", settings.group_id);
+    settings
+        .client_config_with(&[
+            ("group.id", group.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("allow.auto.create.topics", "false"),
+        ])
+        .create()
+}
+
 /// Every message of `settings.topic` from each partition's first offset to its end when the
 /// call began, in offset order per partition, and those ends (the next offset to read).
 /// Blocking: run it on a blocking thread. Fails when the broker does not deliver them within
@@ -43,18 +61,7 @@ pub fn read_from_start(
 ) -> Result<(Vec<Replayed>, BTreeMap<i32, i64>), String> {
     let topic = &settings.topic;
     let probe: BaseConsumer = create_probe(settings).map_err(|e| e.to_string())?;
-    // A group id only because librdkafka's consumer wants one; nothing is ever committed, so
-    // the service's own group (and its positions shown on the broker) stays untouched.
-    let group = format!("{}-replay", settings.group_id);
-    let client: BaseConsumer = settings
-        .client_config_with(&[
-            ("group.id", group.as_str()),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("allow.auto.create.topics", "false"),
-        ])
-        .create()
-        .map_err(|e| e.to_string())?;
+    let client = reader(settings, "replay").map_err(|e| e.to_string())?;
     let mut ends = BTreeMap::new();
     let mut next = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();

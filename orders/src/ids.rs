@@ -100,17 +100,7 @@ fn highest_order_id(
     if left.is_empty() {
         return Ok(None);
     }
-    // librdkafka wants a group id also for assign(); this one never joins or commits.
-    let group = format!("{}-id-scan", settings.group_id);
-    let reader: BaseConsumer = settings
-        .client_config_with(&[
-            ("group.id", group.as_str()),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("allow.auto.create.topics", "false"),
-        ])
-        .create()
-        .map_err(|e| e.to_string())?;
+    let reader = kafka::replay::reader(settings, "id-scan").map_err(|e| e.to_string())?;
     reader.assign(&assignment).map_err(|e| e.to_string())?;
     let mut highest = None;
     let mut quiet_since = Instant::now();
