@@ -40,14 +40,14 @@ pub async fn move_past_the_topic(
             .await?
     };
     let (settings_copy, started) = (settings.clone(), Instant::now());
-    let highest = tokio::task::spawn_blocking(move || highest_order_id(&settings_copy, &stored))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r)
-        .map_err(|reason| StartError::Broker {
-            brokers: settings.brokers.clone(),
-            reason: format!("cannot read the order ids on {}: {reason}", settings.topic),
-        })?;
+    let highest = read_retrying("reading the order ids", move || {
+        highest_order_id(&settings_copy, &stored)
+    })
+    .await
+    .map_err(|reason| StartError::Broker {
+        brokers: settings.brokers.clone(),
+        reason: format!("cannot read the order ids on {}: {reason}", settings.topic),
+    })?;
     // The orders already here too: a rebuild inserts them with their ids, which PostgreSQL's
     // sequence does not follow.
     let stored_highest = db
@@ -69,6 +69,35 @@ pub async fn move_past_the_topic(
         );
     }
     Ok(Some(highest))
+}
+
+/// How long a start-up read of the topic is retried: right after a partition leader moved,
+/// a broker can take seconds to serve the partitions' ends (the host's identity check waits
+/// the same way).
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Runs `read` on a blocking thread until it succeeds or [`RETRY_FOR`] has passed.
+pub(crate) async fn read_retrying<T, F>(what: &str, read: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: Fn() -> Result<T, String> + Clone + Send + 'static,
+{
+    let started = Instant::now();
+    loop {
+        let attempt = read.clone();
+        let result = tokio::task::spawn_blocking(attempt)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        match result {
+            Ok(value) => return Ok(value),
+            Err(reason) if started.elapsed() > RETRY_FOR => return Err(reason),
+            Err(reason) => {
+                log::info!("{what}: {reason}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
 }
 
 /// The highest `orderId` in the messages of `settings.topic` from `stored` (each

@@ -68,14 +68,13 @@ pub async fn rebuild_if_new(
         reason,
     };
     let probing = settings.clone();
-    let holds_events = tokio::task::spawn_blocking(move || {
+    let holds_events = crate::ids::read_retrying("reading the topic's ends", move || {
         let probe = kafka::consumer::create_probe(&probing).map_err(|e| e.to_string())?;
         let partitions = kafka::consumer::partitions_of(&probe, &probing.topic)?;
         let marks = kafka::consumer::watermarks(&probe, &probing.topic, &partitions)?;
         Ok::<_, String>(marks.values().any(|(low, high)| high > low))
     })
     .await
-    .map_err(|e| broker(e.to_string()))?
     .map_err(broker)?;
     if !holds_events {
         return Ok(None);
