@@ -110,7 +110,7 @@ fn highest_order_id(
     let topic = &settings.topic;
     let partitions = match partitions_of(&probe, topic) {
         Ok(partitions) => partitions,
-        // A topic not created yet holds no ids (the host creates it next).
+        // A topic that does not exist holds no ids.
         Err(_) if topic_is_missing(&probe, topic)? => return Ok(None),
         Err(e) => return Err(e),
     };
