@@ -276,17 +276,8 @@ mod tests {
             Known(delivery(DeliveryState::Started, false)),
             Known(delivery(DeliveryState::Completed, true)),
         ];
-        let completed = Envelope::new(
-            Service::Orders,
-            Event::OrderCompleted(OrderCompleted {
-                order_id: 4,
-                product_id: 1,
-                quantity: 1,
-                customer_id: "c".into(),
-            }),
-        );
         for state in states {
-            for event in [placed(), completed.clone(), cancelled(Service::Orders)] {
+            for event in [placed(), completed(), cancelled(Service::Orders)] {
                 let (after, _) = react(state.clone(), &event, 999);
                 let uses_it = matches!(&after, Known(d) if d.id == 999);
                 assert_eq!(

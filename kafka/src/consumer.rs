@@ -1303,6 +1303,35 @@ fn header(message: &BorrowedMessage<'_>, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// How long a start-up read of the topic is retried: right after a partition leader moved, a
+/// broker can take seconds to serve the partitions' ends.
+pub const START_READ_RETRY: Duration = Duration::from_secs(30);
+
+/// Runs the blocking `read` on a blocking thread until it succeeds or [`START_READ_RETRY`]
+/// has passed (then its last error); `what` names it in the log line of each retry.
+pub async fn read_retrying<T, F>(what: &str, read: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: Fn() -> Result<T, String> + Clone + Send + 'static,
+{
+    let started = Instant::now();
+    loop {
+        let attempt = read.clone();
+        let result = tokio::task::spawn_blocking(attempt)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        match result {
+            Ok(value) => return Ok(value),
+            Err(reason) if started.elapsed() > START_READ_RETRY => return Err(reason),
+            Err(reason) => {
+                log::info!("{what}: {reason}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 /// The partition ids of `topic`; an error when it has none (yet).
 pub fn partitions_of(probe: &BaseConsumer, topic: &str) -> Result<Vec<i32>, String> {
     let metadata = probe

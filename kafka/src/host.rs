@@ -103,30 +103,16 @@ async fn check_broker_identity(
     }
     // Retried like the topics' creation: right after a leader moved, the ends can take a
     // few seconds to be served.
-    let started = std::time::Instant::now();
-    let ends = loop {
-        let (asking, topic) = (probe.clone(), kafka.topic.clone());
-        let read = tokio::task::spawn_blocking(move || {
-            let partitions = crate::consumer::partitions_of(&asking, &topic)?;
-            crate::consumer::watermarks(&asking, &topic, &partitions)
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-        match read {
-            Ok(ends) => break ends,
-            Err(reason) if started.elapsed() > Duration::from_secs(30) => {
-                return Err(StartError::Broker {
-                    brokers: kafka.brokers.clone(),
-                    reason: format!("cannot read the partitions' ends within 30 s: {reason}"),
-                });
-            }
-            Err(reason) => {
-                log::info!("cannot read the partitions' ends yet ({reason}); retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    };
+    let (asking, topic) = (probe.clone(), kafka.topic.clone());
+    let ends = crate::consumer::read_retrying("reading the partitions' ends", move || {
+        let partitions = crate::consumer::partitions_of(&asking, &topic)?;
+        crate::consumer::watermarks(&asking, &topic, &partitions)
+    })
+    .await
+    .map_err(|reason| StartError::Broker {
+        brokers: kafka.brokers.clone(),
+        reason: format!("cannot read the partitions' ends within 30 s: {reason}"),
+    })?;
     let ends = ends.into_iter().map(|(p, (_, high))| (p, high)).collect();
     identity::check_positions(&kafka.topic, &kafka.brokers, &stored, &ends).map_err(refused)
 }

@@ -36,10 +36,7 @@ impl Replayed {
 /// A consumer that reads partitions it is assigned and never joins a group or commits
 /// (`purpose` names its group id, which librdkafka wants also for `assign`), so the
 /// service's own group and the positions shown on the broker stay untouched.
-pub fn reader(
-    settings: &KafkaSettings,
-    purpose: &str,
-) -> rdkafka::error::KafkaResult<BaseConsumer> {
+fn reader(settings: &KafkaSettings, purpose: &str) -> rdkafka::error::KafkaResult<BaseConsumer> {
     let group = format!("{}-{purpose}", settings.group_id);
     settings
         .client_config_with(&[
@@ -59,6 +56,16 @@ pub fn read_from_start(
     settings: &KafkaSettings,
     within: Duration,
 ) -> Result<(Vec<Replayed>, BTreeMap<i32, i64>), String> {
+    read_from(settings, &BTreeMap::new(), within)
+}
+
+/// [`read_from_start`], but each partition in `from` from that offset (the next one to read,
+/// as a consumer stores it; never before the partition's first offset).
+pub fn read_from(
+    settings: &KafkaSettings,
+    from: &BTreeMap<i32, i64>,
+    within: Duration,
+) -> Result<(Vec<Replayed>, BTreeMap<i32, i64>), String> {
     let topic = &settings.topic;
     let probe: BaseConsumer = create_probe(settings).map_err(|e| e.to_string())?;
     let client = reader(settings, "replay").map_err(|e| e.to_string())?;
@@ -70,10 +77,11 @@ pub fn read_from_start(
             .fetch_watermarks(topic, partition, Duration::from_secs(5))
             .map_err(|e| format!("watermarks of {topic}[{partition}]: {e}"))?;
         ends.insert(partition, high);
-        if high > low {
-            next.insert(partition, low);
+        let first = from.get(&partition).map_or(low, |&stored| stored.max(low));
+        if high > first {
+            next.insert(partition, first);
             assignment
-                .add_partition_offset(topic, partition, Offset::Offset(low))
+                .add_partition_offset(topic, partition, Offset::Offset(first))
                 .map_err(|e| e.to_string())?;
         }
     }

@@ -4,43 +4,35 @@
 //! database is new (or restored from an older copy) while the topic is not, its sequence would
 //! start again at ids other services already hold sagas for, and a new order would be taken
 //! for an old one. So before orders serves a request it reads what the topic holds beyond its
-//! stored positions (all of it, for a new database) and moves its id sequence past the highest
-//! order id found there or already stored (a rebuild inserts orders with their ids, which
-//! PostgreSQL's sequence does not follow). Normally the stored positions are at the ends and
-//! nothing is read.
+//! stored positions and moves its id sequence past the highest order id found there, already
+//! stored, or seen by the rebuild a new database starts with ([`crate::rebuild`]: it inserts
+//! orders with their ids, which PostgreSQL's sequence does not follow). Normally the stored
+//! positions are at the ends and nothing is read.
 
-use kafka::consumer::{create_probe, partitions_of, watermarks};
 use kafka::db::DbConnection;
 use kafka::settings::KafkaSettings;
 use kafka::{Database, DbError, StartError};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// Longest wait for the broker's answers while reading; a broker that stops answering
-/// fails the start (the service is refused, not started on a guess).
+/// Longest read of the unread part of the topic; a broker that does not deliver it fails the
+/// start (the service is refused, not started on a guess).
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Moves orders' id sequence past every order id on `settings.topic` that lies beyond
-/// the positions stored in `db` (all of it with `from_start`: after a rebuild, whose
-/// positions are at the end but which keeps only the orders whose OrderPlaced it read);
-/// returns the highest order id, if any.
+/// the positions stored in `db`, every id already stored, and `seen` (the highest order id a
+/// rebuild read); returns the highest of them, if any.
 pub async fn move_past_the_topic(
     db: &Database,
     settings: &KafkaSettings,
-    from_start: bool,
+    seen: Option<i64>,
 ) -> Result<Option<i64>, StartError> {
     let topic = settings.topic.clone();
-    let stored = if from_start {
-        BTreeMap::new()
-    } else {
-        db.read(move |conn| kafka::offsets::load(conn, &topic).map_err(DbError::from))
-            .await?
-    };
+    let stored = db
+        .read(move |conn| kafka::offsets::load(conn, &topic).map_err(DbError::from))
+        .await?;
     let (settings_copy, started) = (settings.clone(), Instant::now());
-    let highest = read_retrying("reading the order ids", move || {
+    let highest = kafka::consumer::read_retrying("reading the order ids", move || {
         highest_order_id(&settings_copy, &stored)
     })
     .await
@@ -53,7 +45,7 @@ pub async fn move_past_the_topic(
     let stored_highest = db
         .read(|conn| highest_stored(conn).map_err(DbError::from))
         .await?;
-    let Some(highest) = highest.max(stored_highest) else {
+    let Some(highest) = highest.max(stored_highest).max(seen) else {
         return Ok(None);
     };
     let moved = db
@@ -71,104 +63,22 @@ pub async fn move_past_the_topic(
     Ok(Some(highest))
 }
 
-/// How long a start-up read of the topic is retried: right after a partition leader moved,
-/// a broker can take seconds to serve the partitions' ends (the host's identity check waits
-/// the same way).
-const RETRY_FOR: Duration = Duration::from_secs(30);
-
-/// Runs `read` on a blocking thread until it succeeds or [`RETRY_FOR`] has passed.
-pub(crate) async fn read_retrying<T, F>(what: &str, read: F) -> Result<T, String>
-where
-    T: Send + 'static,
-    F: Fn() -> Result<T, String> + Clone + Send + 'static,
-{
-    let started = Instant::now();
-    loop {
-        let attempt = read.clone();
-        let result = tokio::task::spawn_blocking(attempt)
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-        match result {
-            Ok(value) => return Ok(value),
-            Err(reason) if started.elapsed() > RETRY_FOR => return Err(reason),
-            Err(reason) => {
-                log::info!("{what}: {reason}; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
-}
-
 /// The highest `orderId` in the messages of `settings.topic` from `stored` (each
 /// partition's next offset; the beginning where none is stored) to the ends as they are now.
 fn highest_order_id(
     settings: &KafkaSettings,
     stored: &BTreeMap<i32, i64>,
 ) -> Result<Option<i64>, String> {
-    let probe = create_probe(settings).map_err(|e| e.to_string())?;
-    let topic = &settings.topic;
-    let partitions = match partitions_of(&probe, topic) {
-        Ok(partitions) => partitions,
-        // A topic that does not exist holds no ids.
-        Err(_) if topic_is_missing(&probe, topic)? => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let ends = watermarks(&probe, topic, &partitions)?;
-    let mut assignment = TopicPartitionList::new();
-    let mut left = BTreeMap::new();
-    for (&partition, &(low, high)) in &ends {
-        let from = stored.get(&partition).copied().unwrap_or(low).max(low);
-        if from < high {
-            assignment
-                .add_partition_offset(topic, partition, Offset::Offset(from))
-                .map_err(|e| e.to_string())?;
-            left.insert(partition, high);
-        }
-    }
-    if left.is_empty() {
-        return Ok(None);
-    }
-    let reader = kafka::replay::reader(settings, "id-scan").map_err(|e| e.to_string())?;
-    reader.assign(&assignment).map_err(|e| e.to_string())?;
-    let mut highest = None;
-    let mut quiet_since = Instant::now();
-    while !left.is_empty() {
-        let Some(message) = reader.poll(Duration::from_millis(200)) else {
-            if quiet_since.elapsed() > READ_TIMEOUT {
-                return Err(format!(
-                    "no message for {READ_TIMEOUT:?} while reading {left:?}"
-                ));
-            }
-            continue;
-        };
-        let message = message.map_err(|e| e.to_string())?;
-        quiet_since = Instant::now();
-        if let Some(id) = message.payload().and_then(order_id_of) {
-            highest = highest.max(Some(id));
-        }
-        let partition = message.partition();
-        if left
-            .get(&partition)
-            .is_some_and(|&end| message.offset() + 1 >= end)
-        {
-            left.remove(&partition);
-        }
-    }
-    Ok(highest)
-}
-
-/// Whether the broker answers and says `topic` does not exist.
-fn topic_is_missing(probe: &BaseConsumer, topic: &str) -> Result<bool, String> {
-    let metadata = probe
-        .fetch_metadata(None, Duration::from_secs(5))
-        .map_err(|e| format!("metadata: {e}"))?;
-    Ok(!metadata.topics().iter().any(|t| t.name() == topic))
+    let (messages, _) = kafka::replay::read_from(settings, stored, READ_TIMEOUT)?;
+    Ok(messages
+        .iter()
+        .filter_map(|m| order_id_of(&m.payload))
+        .max())
 }
 
 /// The `orderId` of a message, read without decoding the rest (any event type, also ones
 /// this version does not know).
-fn order_id_of(payload: &[u8]) -> Option<i64> {
+pub(crate) fn order_id_of(payload: &[u8]) -> Option<i64> {
     #[derive(serde::Deserialize)]
     struct OrderIdOnly {
         #[serde(rename = "orderId")]

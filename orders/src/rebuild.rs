@@ -48,6 +48,9 @@ pub struct Rebuilt {
     /// Events applied (the rest: not events, of types this version does not know, or
     /// redriven for another service).
     pub applied: usize,
+    /// The highest `orderId` of any message read, applied or not: no new order may take it
+    /// ([`crate::ids`]).
+    pub highest_order_id: Option<i64>,
 }
 
 /// At start: a new, empty database beside a topic that holds events (orders' database lost,
@@ -68,7 +71,7 @@ pub async fn rebuild_if_new(
         reason,
     };
     let probing = settings.clone();
-    let holds_events = crate::ids::read_retrying("reading the topic's ends", move || {
+    let holds_events = kafka::consumer::read_retrying("reading the topic's ends", move || {
         let probe = kafka::consumer::create_probe(&probing).map_err(|e| e.to_string())?;
         let partitions = kafka::consumer::partitions_of(&probe, &probing.topic)?;
         let marks = kafka::consumer::watermarks(&probe, &probing.topic, &partitions)?;
@@ -120,6 +123,10 @@ pub async fn rebuild(db: &Database, settings: &KafkaSettings) -> Result<Rebuilt,
     .map_err(|e| RebuildError::Topic(e.to_string()))?
     .map_err(RebuildError::Topic)?;
     let read = messages.len();
+    let highest_order_id = messages
+        .iter()
+        .filter_map(|m| crate::ids::order_id_of(&m.payload))
+        .max();
     let redrive_for = events::dead_letter::REDRIVE_FOR_HEADER;
     let events: Vec<Envelope> = messages
         .iter()
@@ -178,7 +185,11 @@ pub async fn rebuild(db: &Database, settings: &KafkaSettings) -> Result<Rebuilt,
         Ok::<_, RebuildError>(((), Vec::new()))
     })
     .await?;
-    Ok(Rebuilt { read, applied })
+    Ok(Rebuilt {
+        read,
+        applied,
+        highest_order_id,
+    })
 }
 
 /// Applies one event read back from the topic.

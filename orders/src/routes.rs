@@ -283,7 +283,7 @@ async fn list(
         (None, asked) => asked,
     };
     let orders = db
-        .read(move |conn| {
+        .read_snapshot(move |conn| {
             let orders = store::list_orders(conn, customer.as_deref(), page)?;
             with_parked(conn, orders)
         })
@@ -298,7 +298,7 @@ async fn get_one(
 ) -> Result<HttpResponse, OrdersError> {
     let id = id.into_inner();
     let (order, shown) = db
-        .read(move |conn| {
+        .read_snapshot(move |conn| {
             let stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
             let order = stored.order.clone();
             Ok::<_, OrdersError>((order, with_parked(conn, vec![stored])?))

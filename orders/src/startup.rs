@@ -87,7 +87,8 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
             ))
         })?;
     let rebuilt = crate::rebuild::rebuild_if_new(&db, kafka).await?;
-    ids::move_past_the_topic(&db, kafka, rebuilt.is_some()).await?;
+    let seen = rebuilt.and_then(|r| r.highest_order_id);
+    ids::move_past_the_topic(&db, kafka, seen).await?;
     let mut host = ServiceHost::start(
         &settings.service,
         db.clone(),

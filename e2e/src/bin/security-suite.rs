@@ -81,6 +81,24 @@ async fn placed_on_topic(m: &Mall, customer: &str) -> Check<usize> {
         .count())
 }
 
+/// Refused requests created nothing for `customer`, in REST or on the topic. A valid order
+/// placed after them and seen completed is the sign they were all handled; `what` names them.
+async fn nothing_created_for(m: &Mall, customer: &str, what: &str) -> Check {
+    let marker = m.place_order(1, 1).await?;
+    m.wait_order_state(marker, "OrderCompleted").await?;
+    let (kept, events) = (
+        orders_of(m, customer).await?,
+        placed_on_topic(m, customer).await?,
+    );
+    if !kept.is_empty() || events != 0 {
+        return Err(format!(
+            "{what} left {} orders and {events} OrderPlaced",
+            kept.len()
+        ));
+    }
+    Ok(())
+}
+
 /// A foreign `Origin` (preflight, read and write), a foreign `Host`, and non-JSON writes are
 /// refused with JSON naming the header; nothing is created, here or on the topic.
 async fn foreign_origins_hosts_and_media_types_are_refused(m: &Mall) -> Check {
@@ -148,20 +166,7 @@ async fn foreign_origins_hosts_and_media_types_are_refused(m: &Mall) -> Check {
             "the dashboard's origin on products: {status}, allows {allowed:?}"
         ));
     }
-    // A refused request changes nothing: a valid order placed after them is the only sign.
-    let marker = m.place_order(1, 1).await?;
-    m.wait_order_state(marker, "OrderCompleted").await?;
-    let (kept, events) = (
-        orders_of(m, customer).await?,
-        placed_on_topic(m, customer).await?,
-    );
-    if !kept.is_empty() || events != 0 {
-        return Err(format!(
-            "refused posts left {} orders and {events} OrderPlaced",
-            kept.len()
-        ));
-    }
-    Ok(())
+    nothing_created_for(m, customer, "refused posts").await
 }
 
 /// Serves `page` for every request on a free port of 127.0.0.1, until the task is aborted.
@@ -297,18 +302,7 @@ async fn a_page_elsewhere_cannot_read_or_act(
     if state["state"] != "OrderCompleted" || state["cancelRequested"] == true {
         return Err(format!("the page changed order {order}: {state}"));
     }
-    let marker = m.place_order(1, 1).await?;
-    m.wait_order_state(marker, "OrderCompleted").await?;
-    let (kept, events) = (
-        orders_of(m, customer).await?,
-        placed_on_topic(m, customer).await?,
-    );
-    if !kept.is_empty() || events != 0 {
-        return Err(format!(
-            "the form post left {} orders and {events} OrderPlaced",
-            kept.len()
-        ));
-    }
+    nothing_created_for(m, customer, "the form post").await?;
     let cancels = read_topic(&m.brokers, &m.topic)
         .await?
         .iter()
