@@ -101,6 +101,65 @@ pub struct BrokerNode {
     pub port: u16,
     /// The controller listener's port (Kafka only).
     pub controller_port: u16,
+    /// More client listeners (a single Kafka node): one behind a proxy, one with SASL.
+    pub extra: Option<ExtraListeners>,
+}
+
+/// The client listeners a single-node Kafka test broker has besides `PLAINTEXT`.
+#[derive(Debug, Clone)]
+pub struct ExtraListeners {
+    /// `PROXIED` listens here and advertises [`ExtraListeners::proxy_port`], so a client that
+    /// bootstraps through the proxy ([`crate::kafka_proxy`]) keeps talking through it.
+    pub proxied_port: u16,
+    /// Where the proxy listens.
+    pub proxy_port: u16,
+    /// `SASL`: SASL/SCRAM-SHA-256 without TLS (loopback), for the services' credentials.
+    pub sasl_port: u16,
+    /// SCRAM users and passwords, written into the storage when it is formatted.
+    pub scram_users: Vec<(String, String)>,
+}
+
+impl ExtraListeners {
+    /// Free ports for each listener, and one SCRAM user per `users` with a new password.
+    pub fn new(users: &[&str]) -> Result<ExtraListeners, String> {
+        let port = || crate::stack::free_port().map_err(|e| e.to_string());
+        Ok(ExtraListeners {
+            proxied_port: port()?,
+            proxy_port: port()?,
+            sasl_port: port()?,
+            scram_users: users
+                .iter()
+                .map(|u| ((*u).to_owned(), uuid::Uuid::new_v4().simple().to_string()))
+                .collect(),
+        })
+    }
+
+    /// The SCRAM password of `user`.
+    pub fn password(&self, user: &str) -> Option<&str> {
+        self.scram_users
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, p)| p.as_str())
+    }
+
+    /// The listeners, advertised listeners, protocol map and SASL settings they add.
+    fn properties(&self) -> (String, String, String, String) {
+        (
+            format!(
+                ",PROXIED://127.0.0.1:{},SASL://127.0.0.1:{}",
+                self.proxied_port, self.sasl_port
+            ),
+            format!(
+                ",PROXIED://127.0.0.1:{},SASL://127.0.0.1:{}",
+                self.proxy_port, self.sasl_port
+            ),
+            ",PROXIED:PLAINTEXT,SASL:SASL_PLAINTEXT".into(),
+            "listener.name.sasl.sasl.enabled.mechanisms=SCRAM-SHA-256\n\
+             listener.name.sasl.scram-sha-256.sasl.jaas.config=\
+             org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
+                .into(),
+        )
+    }
 }
 
 /// A Kafka cluster id: 16 random bytes in URL-safe base64 without padding, as Kafka's
@@ -180,16 +239,22 @@ impl BrokerNode {
             .map(|v| format!("{}@127.0.0.1:{}", v.id, v.controller_port))
             .collect::<Vec<_>>()
             .join(",");
+        let (listeners, advertised, protocols, sasl) = self
+            .extra
+            .as_ref()
+            .map(ExtraListeners::properties)
+            .unwrap_or_default();
         let replicas = n.min(3);
         let min_isr = if replicas >= 3 { 2 } else { 1 };
         let properties = format!(
             "process.roles=broker,controller\n\
              node.id={id}\n\
              controller.quorum.voters={quorum}\n\
-             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}{listeners}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port}{advertised}\n\
              controller.listener.names=CONTROLLER\n\
-             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT{protocols}\n\
+             {sasl}\
              inter.broker.listener.name=PLAINTEXT\n\
              log.dirs={data}\n\
              num.partitions=1\n\
@@ -228,9 +293,16 @@ impl BrokerNode {
             c
         };
         if !data.join("meta.properties").exists() {
-            let out = java("kafka.tools.StorageTool")
+            let mut format = java("kafka.tools.StorageTool");
+            format
                 .args(["format", "--ignore-formatted", "-t", cluster_id, "-c"])
-                .arg(&config)
+                .arg(&config);
+            for (user, password) in self.extra.iter().flat_map(|e| &e.scram_users) {
+                format
+                    .arg("--add-scram")
+                    .arg(format!("SCRAM-SHA-256=[name={user},password={password}]"));
+            }
+            let out = format
                 .output()
                 .map_err(|e| format!("cannot run java (Kafka needs Java 17+): {e}"))?;
             if !out.status.success() {

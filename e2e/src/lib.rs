@@ -7,6 +7,7 @@ pub mod bench;
 pub mod broker;
 pub mod browser;
 pub mod chaos;
+pub mod kafka_proxy;
 pub mod kafka_tools;
 pub mod pg;
 pub mod scenarios;

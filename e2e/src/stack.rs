@@ -16,7 +16,8 @@
 //! with the `kill` command, so no `unsafe` is needed.
 
 use crate::Mall;
-use crate::broker::{BrokerKind, BrokerNode};
+use crate::broker::{BrokerKind, BrokerNode, ExtraListeners};
+use crate::kafka_proxy::KafkaProxy;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::Write;
@@ -243,6 +244,8 @@ pub struct Stack {
     stopped: BTreeSet<String>,
     live: Live,
     extra_env: Vec<(&'static str, String, String)>,
+    /// In front of the single Kafka node's `PROXIED` listener; dropped with the stack.
+    proxy: Option<KafkaProxy>,
     started: Instant,
 }
 
@@ -356,6 +359,18 @@ impl Stack {
             };
             databases.insert(service, url);
         }
+        // A single Kafka node also listens behind a proxy and with SASL/SCRAM.
+        let extra = match broker {
+            BrokerKind::Kafka { nodes: 1, .. } => Some(ExtraListeners::new(&SERVICES)?),
+            _ => None,
+        };
+        let proxy = match &extra {
+            Some(e) => Some(
+                KafkaProxy::start(e.proxy_port, ([127, 0, 0, 1], e.proxied_port).into())
+                    .map_err(|err| format!("cannot start the broker's proxy: {err}"))?,
+            ),
+            None => None,
+        };
         let mut nodes = Vec::new();
         for k in 1..=broker.nodes() {
             nodes.push(BrokerNode {
@@ -363,6 +378,7 @@ impl Stack {
                 name: broker.node_name(k),
                 port: free_port().map_err(|e| e.to_string())?,
                 controller_port: free_port().map_err(|e| e.to_string())?,
+                extra: extra.clone(),
             });
         }
         let brokers = nodes
@@ -385,6 +401,7 @@ impl Stack {
             stopped: BTreeSet::new(),
             live: Live::default(),
             extra_env,
+            proxy,
             started: Instant::now(),
         };
         stack.spawn_broker()?;
@@ -536,6 +553,18 @@ impl Stack {
         &self.nodes
     }
 
+    /// The proxy in front of the broker (a single Kafka node), with its bootstrap address.
+    pub fn proxy(&self) -> Option<(&KafkaProxy, String)> {
+        self.proxy
+            .as_ref()
+            .map(|p| (p, format!("127.0.0.1:{}", p.port())))
+    }
+
+    /// The SASL/SCRAM listener of a single Kafka node and its users' passwords.
+    pub fn sasl_listener(&self) -> Option<&ExtraListeners> {
+        self.nodes.first().and_then(|n| n.extra.as_ref())
+    }
+
     /// Appends a marker line to a process's log, so restarts are easy to find.
     fn mark_log(&self, name: &str, what: &str) {
         if let Ok((mut file, _)) = log_file(&self.dir, name) {
@@ -668,10 +697,15 @@ impl Stack {
     /// Sets an environment variable of `service`'s instances from their next start on,
     /// replacing an extra variable of the same name.
     pub fn set_env(&mut self, service: &'static str, name: &str, value: &str) {
-        self.extra_env
-            .retain(|(target, n, _)| !(*target == service && n == name));
+        self.unset_env(service, name);
         self.extra_env
             .push((service, name.to_owned(), value.to_owned()));
+    }
+
+    /// Removes an extra environment variable of `service`'s instances from their next start on.
+    pub fn unset_env(&mut self, service: &'static str, name: &str) {
+        self.extra_env
+            .retain(|(target, n, _)| !(*target == service && n == name));
     }
 
     /// Starts a service that is not running (after a kill, a SIGTERM or a crash).

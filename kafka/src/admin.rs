@@ -44,12 +44,12 @@ fn starting_broker(code: RDKafkaErrorCode) -> bool {
 }
 
 async fn try_ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
+    let admin: AdminClient<DefaultClientContext> = settings.client_config("admin").create()?;
     let dlt = settings.dead_letter_topic();
     // Ask first: creating only what is missing also works on brokers without CreateTopics.
     let probe_settings = settings.clone();
     let existing: Vec<String> = tokio::task::spawn_blocking(move || {
-        let probe: BaseConsumer = probe_settings.client_config().create()?;
+        let probe: BaseConsumer = probe_settings.client_config("admin").create()?;
         let metadata = probe.fetch_metadata(None, Duration::from_secs(10))?;
         Ok::<_, KafkaError>(
             metadata

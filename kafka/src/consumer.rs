@@ -70,7 +70,7 @@ struct PositionDisplay {
 impl PositionDisplay {
     fn new(settings: &KafkaSettings) -> KafkaResult<Self> {
         Ok(PositionDisplay {
-            client: std::mem::ManuallyDrop::new(group_client(settings, &[])?),
+            client: std::mem::ManuallyDrop::new(group_client(settings, "positions", &[])?),
         })
     }
 
@@ -96,6 +96,7 @@ pub fn create_consumer(settings: &KafkaSettings) -> KafkaResult<SagaConsumer> {
     let fetch_wait = settings.fetch_wait_max.as_millis().to_string();
     group_client(
         settings,
+        "consumer",
         &[
             ("enable.auto.offset.store", "false"),
             // A stored position the broker no longer has (deleted by retention) starts at the
@@ -112,7 +113,7 @@ pub fn create_consumer(settings: &KafkaSettings) -> KafkaResult<SagaConsumer> {
 /// commits nothing by itself, creates no topic, and is back within a second of a broker
 /// restart (the default backs off up to 10 s); then `extra`, then the operator's
 /// `KAFKA_CLIENT_*` properties, which win.
-fn group_client<C>(settings: &KafkaSettings, extra: &[(&str, &str)]) -> KafkaResult<C>
+fn group_client<C>(settings: &KafkaSettings, role: &str, extra: &[(&str, &str)]) -> KafkaResult<C>
 where
     C: rdkafka::config::FromClientConfigAndContext<LoggingContext>,
 {
@@ -125,7 +126,7 @@ where
     ];
     let ours: Vec<(&str, &str)> = group.iter().chain(extra).copied().collect();
     settings
-        .client_config_with(&ours)
+        .client_config_with(role, &ours)
         .create_with_context(LoggingContext {
             group: settings.group_id.clone(),
         })
@@ -134,11 +135,14 @@ where
 /// A client without a group for metadata and watermarks (`/health`, the watchdog).
 pub fn create_probe(settings: &KafkaSettings) -> KafkaResult<BaseConsumer> {
     settings
-        .client_config_with(&[
-            ("socket.nagle.disable", "true"),
-            ("reconnect.backoff.max.ms", "1000"),
-            ("allow.auto.create.topics", "false"),
-        ])
+        .client_config_with(
+            "probe",
+            &[
+                ("socket.nagle.disable", "true"),
+                ("reconnect.backoff.max.ms", "1000"),
+                ("allow.auto.create.topics", "false"),
+            ],
+        )
         .create()
 }
 

@@ -12,17 +12,20 @@ use rdkafka::producer::FutureProducer;
 /// cancellable, so a stop stays bounded.
 pub fn create_producer(settings: &KafkaSettings) -> KafkaResult<FutureProducer> {
     settings
-        .client_config_with(&[
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-            ("linger.ms", "1"),
-            ("message.timeout.ms", "0"),
-            // Back within a second of a broker restart (the default backs off up to 10 s).
-            ("reconnect.backoff.max.ms", "1000"),
-            ("socket.nagle.disable", "true"),
-            // The topics exist with their settings (admin::ensure_topics); a typo must not
-            // create another one with the broker's defaults.
-            ("allow.auto.create.topics", "false"),
-        ])
+        .client_config_with(
+            "producer",
+            &[
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("linger.ms", "1"),
+                ("message.timeout.ms", "0"),
+                // Back within a second of a broker restart (the default backs off up to 10 s).
+                ("reconnect.backoff.max.ms", "1000"),
+                ("socket.nagle.disable", "true"),
+                // The topics exist with their settings (admin::ensure_topics); a typo must not
+                // create another one with the broker's defaults.
+                ("allow.auto.create.topics", "false"),
+            ],
+        )
         .create()
 }

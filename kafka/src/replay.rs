@@ -39,12 +39,15 @@ impl Replayed {
 fn reader(settings: &KafkaSettings, purpose: &str) -> rdkafka::error::KafkaResult<BaseConsumer> {
     let group = format!("{}-{purpose}", settings.group_id);
     settings
-        .client_config_with(&[
-            ("group.id", group.as_str()),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("allow.auto.create.topics", "false"),
-        ])
+        .client_config_with(
+            purpose,
+            &[
+                ("group.id", group.as_str()),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("allow.auto.create.topics", "false"),
+            ],
+        )
         .create()
 }
 

@@ -241,17 +241,21 @@ impl KafkaSettings {
         }
     }
 
-    /// A client configuration for these brokers: `bootstrap.servers`, then the `KAFKA_CLIENT_*`
-    /// properties (security protocol, SASL, TLS).
-    pub fn client_config(&self) -> rdkafka::ClientConfig {
-        self.client_config_with(&[])
+    /// A client configuration for these brokers: `bootstrap.servers`, a `client.id` naming
+    /// the instance and the client's `role`, then the `KAFKA_CLIENT_*` properties (security
+    /// protocol, SASL, TLS).
+    pub fn client_config(&self, role: &str) -> rdkafka::ClientConfig {
+        self.client_config_with(role, &[])
     }
 
     /// [`KafkaSettings::client_config`] with the mall's own settings for one kind of client;
     /// the operator's `KAFKA_CLIENT_*` properties still override them.
-    pub fn client_config_with(&self, ours: &[(&str, &str)]) -> rdkafka::ClientConfig {
+    pub fn client_config_with(&self, role: &str, ours: &[(&str, &str)]) -> rdkafka::ClientConfig {
         let mut config = rdkafka::ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
+        // `<instance>/<role>`, e.g. `orders/consumer`: the broker's logs, quotas and
+        // `kafka-consumer-groups` tell an instance's clients apart (and so can a test's proxy).
+        config.set("client.id", self.client_id(role));
         for (name, value) in ours {
             config.set(*name, *value);
         }
@@ -259,6 +263,11 @@ impl KafkaSettings {
             config.set(name, value);
         }
         config
+    }
+
+    /// The `client.id` of this instance's client for `role`.
+    pub fn client_id(&self, role: &str) -> String {
+        format!("{}/{role}", self.instance)
     }
 
     /// The dead-letter topic where messages that cannot be handled are parked.

@@ -282,6 +282,96 @@ async fn graceful_stop(stack: &mut Stack) -> Check {
     m.wait_stock(product, (10, 10)).await
 }
 
+/// Restarts `service` with `KAFKA_BROKERS` (and more) set as given; `None` restores the
+/// stack's own.
+async fn restart_with(
+    stack: &mut Stack,
+    service: &'static str,
+    env: &[(&str, Option<String>)],
+) -> Check {
+    stack.terminate(service, Duration::from_secs(20)).await?;
+    for (name, value) in env {
+        match value {
+            Some(v) => stack.set_env(service, name, v),
+            None => stack.unset_env(service, name),
+        }
+    }
+    stack.start_service(service)?;
+    mall(stack).wait_healthy().await
+}
+
+/// The consumer's connection hangs — open, silent, as on a half-dead network path — while the
+/// broker answers everyone else: delivery, talking to the broker through a proxy, has its
+/// consumer's connections frozen. The watchdog sees events waiting with no progress and
+/// reopens the consumer; the order completes long before librdkafka would give up on the
+/// connection by itself (`socket.timeout.ms`, 60 s), and `/health` says the consumer was
+/// reopened and why.
+async fn a_hung_consumer_is_reopened_by_the_watchdog(stack: &mut Stack) -> Check {
+    let Some((_, through_proxy)) = stack.proxy() else {
+        return Err("needs a single Kafka node (the proxy's listener)".into());
+    };
+    restart_with(stack, "delivery", &[("KAFKA_BROKERS", Some(through_proxy))]).await?;
+    let m = mall(stack);
+    let product = m.create_product("hung-consumer", 10).await?;
+    // A first order proves delivery reads through the proxy.
+    let first = m.place_order(product, 1).await?;
+    m.wait_order_state(first, "OrderCompleted").await?;
+    let reopened = |health: &serde_json::Value| health["consumer"]["reopened"].as_i64();
+    let (_, health) = m
+        .call("GET", &format!("{}/health", m.delivery), None)
+        .await?;
+    let reopened_before = reopened(&health).ok_or(format!("no consumer.reopened in {health}"))?;
+    let is_consumer = |id: &str| id.starts_with("delivery") && id.ends_with("/consumer");
+    let (proxy, _) = stack.proxy().ok_or("the proxy went away")?;
+    let frozen_at = Instant::now();
+    let frozen = proxy.freeze(is_consumer);
+    if frozen == 0 {
+        return Err("delivery's consumer has no connection through the proxy to freeze".into());
+    }
+    let order = m.place_order(product, 1).await?;
+    eventually(
+        &format!("order {order} completes with delivery's consumer hung"),
+        Duration::from_secs(40),
+        || async {
+            let o = m.order(order).await?;
+            match o["state"] == "OrderCompleted" {
+                true => Ok(()),
+                false => Err(format!("order {order} is {o}")),
+            }
+        },
+    )
+    .await?;
+    let took = frozen_at.elapsed();
+    let (_, health) = m
+        .call("GET", &format!("{}/health", m.delivery), None)
+        .await?;
+    let reopened_after = reopened(&health).unwrap_or(0);
+    let reason = health["consumer"]["lastReopen"]
+        .as_str()
+        .unwrap_or_default();
+    let new_connections = proxy.opened_since(frozen_at, is_consumer);
+    println!(
+        "    {frozen} connection(s) frozen; reopened {}x, completed after {:.1} s; {new_connections} new consumer connection(s); reason: {reason}",
+        reopened_after - reopened_before,
+        took.as_secs_f64()
+    );
+    let checks = [
+        (reopened_after > reopened_before, "/health counts no reopen"),
+        (reason.contains("no progress"), "/health gives no reason"),
+        (new_connections > 0, "no new consumer connection"),
+    ];
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, why)| *why)
+        .collect();
+    restart_with(stack, "delivery", &[("KAFKA_BROKERS", None)]).await?;
+    if !failed.is_empty() {
+        return Err(format!("the order completed, but: {}", failed.join("; ")));
+    }
+    m.wait_stock(product, (8, 2)).await
+}
+
 /// Backpressure from the saga: orders restarted with `ORDERS_MAX_PENDING=3`, products and
 /// delivery frozen. Three orders are accepted and stay pending; once orders has counted them
 /// (`mall_orders_pending 3` on /metrics) the next is refused with a 503 that names the bound,
@@ -933,6 +1023,12 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         let _ = replayer.await;
         result
     });
+    if stack.proxy().is_some() {
+        scenario!(
+            "a consumer whose connection hangs is reopened by the watchdog",
+            a_hung_consumer_is_reopened_by_the_watchdog(stack)
+        );
+    }
     scenario!(
         "graceful stop (SIGTERM) of orders, then restart",
         graceful_stop(stack)

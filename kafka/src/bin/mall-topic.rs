@@ -72,7 +72,7 @@ fn ready(settings: &KafkaSettings, args: &[String]) -> Result<(), String> {
     };
     let started = std::time::Instant::now();
     let probe: rdkafka::consumer::BaseConsumer = settings
-        .client_config()
+        .client_config("mall-topic")
         .set("log_level", "2")
         .create()
         .map_err(|e| e.to_string())?;
