@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs `tool` (a script of `scripts/kafka/bin`) with `args`, `stdin` fed to it; its stdout,
 /// or an error with its stderr when it fails.
@@ -281,37 +281,20 @@ pub async fn positions_of_another_cluster_are_refused(stack: &mut Stack) -> Chec
     }
     stack.wipe_broker().await?;
     stack.start_service(&products)?;
-    let started = Instant::now();
-    let status = loop {
-        if let Some((_, status)) = stack
-            .reap_exited()
-            .into_iter()
-            .find(|(name, _)| *name == products)
-        {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err("products started on a wiped broker with its old positions".into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = stack
+        .wait_exited(&products, Duration::from_secs(60))
+        .await
+        .map_err(|e| format!("products started on a wiped broker with its old positions: {e}"))?;
     if status.success() {
         return Err("products exited with success on a wiped broker".into());
     }
-    let log = std::fs::read_to_string(stack.dir().join(format!("{products}.log")))
-        .map_err(|e| e.to_string())?;
-    let said = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("belong to Kafka cluster"));
-    match said {
+    match stack.log_line(&products, "belong to Kafka cluster") {
         Some(line) if line.contains("KAFKA_BROKERS") && line.contains("scripts/down.sh --wipe") => {
-            println!("    products refused: {}", line.trim());
+            println!("    products refused: {line}");
             Ok(())
         }
-        _ => Err(format!(
-            "products exited ({status}) without naming the other cluster and the fix; log tail: {}",
-            log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+        other => Err(format!(
+            "products exited ({status}) without naming the other cluster and the fix: {other:?}"
         )),
     }
 }

@@ -841,6 +841,37 @@ impl Stack {
         .map_err(|e| format!("{}: {e}", self.broker_kind.name()))
     }
 
+    /// Waits until `instance` exits by itself (a refused start, say) and returns its status.
+    pub async fn wait_exited(
+        &mut self,
+        instance: &str,
+        timeout: Duration,
+    ) -> Result<ExitStatus, String> {
+        let started = Instant::now();
+        loop {
+            if let Some((_, status)) = self
+                .reap_exited()
+                .into_iter()
+                .find(|(name, _)| name == instance)
+            {
+                return Ok(status);
+            }
+            if started.elapsed() > timeout {
+                return Err(format!("{instance} still runs after {timeout:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The last line of `instance`'s log that contains `text`.
+    pub fn log_line(&self, instance: &str, text: &str) -> Option<String> {
+        let log = std::fs::read_to_string(self.dir.join(format!("{instance}.log"))).ok()?;
+        log.lines()
+            .rev()
+            .find(|l| l.contains(text))
+            .map(|l| l.trim().to_owned())
+    }
+
     /// Starts broker node `id` (1-based) again and waits until all nodes answer.
     pub async fn restart_broker_node(&mut self, id: usize) -> Result<(), String> {
         let i = id.wrapping_sub(1);

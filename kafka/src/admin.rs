@@ -2,11 +2,52 @@
 //! before anyone uses them.
 
 use crate::settings::KafkaSettings;
+use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Why the topics could not be made sure of: the request's error and, when the broker turned
+/// the client away (wrong credentials, a TLS or protocol mismatch), what it said — a metadata
+/// request alone only reports "transport failure".
+#[derive(Debug, thiserror::Error)]
+#[error("{error}{}", .refused.as_deref().map(|r| format!("; the broker refused this client: {r}")).unwrap_or_default())]
+pub struct TopicsError {
+    /// The failed request.
+    pub error: KafkaError,
+    /// The client's authentication or security error, if it had one.
+    pub refused: Option<String>,
+}
+
+/// Remembers the last authentication or security error a client saw.
+#[derive(Clone, Default)]
+struct RefusalContext {
+    refused: Arc<Mutex<Option<String>>>,
+}
+
+impl ClientContext for RefusalContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let refusal = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::SSL
+                    | RDKafkaErrorCode::UnsupportedSASLMechanism
+                    | RDKafkaErrorCode::IllegalSASLState
+            )
+        );
+        if refusal {
+            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
+        } else {
+            log::debug!("topic admin: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for RefusalContext {}
 
 /// How long [`ensure_topics`] keeps retrying errors a broker gives while it starts.
 const STARTING_BROKER_GRACE: Duration = Duration::from_secs(30);
@@ -16,17 +57,27 @@ const STARTING_BROKER_GRACE: Duration = Duration::from_secs(30);
 /// `<topic>.DLT` (one partition, same settings) when missing. An existing topic is left as
 /// it is. Errors of a broker still starting (no broker registered yet, a controller not
 /// elected) are retried for up to 30 s.
-pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
+pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), TopicsError> {
+    let context = RefusalContext::default();
     let started = Instant::now();
     loop {
-        match try_ensure_topics(settings).await {
+        match try_ensure_topics(settings, &context).await {
             Err(KafkaError::AdminOp(code))
                 if started.elapsed() < STARTING_BROKER_GRACE && starting_broker(code) =>
             {
                 log::info!("broker not ready to create topics yet ({code}); retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            other => return other,
+            other => {
+                return other.map_err(|error| TopicsError {
+                    error,
+                    refused: context
+                        .refused
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take(),
+                });
+            }
         }
     }
 }
@@ -43,14 +94,28 @@ fn starting_broker(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-async fn try_ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = settings.client_config("admin").create()?;
+async fn try_ensure_topics(
+    settings: &KafkaSettings,
+    context: &RefusalContext,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<RefusalContext> = settings
+        .client_config("admin")
+        .create_with_context(context.clone())?;
     let dlt = settings.dead_letter_topic();
     // Ask first: creating only what is missing also works on brokers without CreateTopics.
-    let probe_settings = settings.clone();
+    let (probe_settings, probe_context) = (settings.clone(), context.clone());
     let existing: Vec<String> = tokio::task::spawn_blocking(move || {
-        let probe: BaseConsumer = probe_settings.client_config("admin").create()?;
-        let metadata = probe.fetch_metadata(None, Duration::from_secs(10))?;
+        let probe: BaseConsumer<RefusalContext> = probe_settings
+            .client_config("admin")
+            .create_with_context(probe_context)?;
+        let metadata = probe
+            .fetch_metadata(None, Duration::from_secs(10))
+            .inspect_err(|_| {
+                // A client's errors reach its context only when it is polled.
+                for _ in 0..5 {
+                    let _ = probe.poll(Duration::from_millis(20));
+                }
+            })?;
         Ok::<_, KafkaError>(
             metadata
                 .topics()

@@ -199,11 +199,15 @@ impl ServiceHost {
         )
         .await
         .map_err(|_| broker("not reachable within 30 s".into()))?
-        .map_err(|e| {
-            broker(format!(
+        .map_err(|e| match e.refused {
+            Some(_) => broker(format!(
+                "{e}: check KAFKA_CLIENT_SECURITY_PROTOCOL, KAFKA_CLIENT_SASL_MECHANISMS, \
+                 KAFKA_CLIENT_SASL_USERNAME and KAFKA_SASL_PASSWORD_FILE"
+            )),
+            None => broker(format!(
                 "not reachable or refused to create the topics ({e}); \
                  is a broker running? scripts/up.sh starts one"
-            ))
+            )),
         })?;
         let probe = Arc::new(create_probe(kafka).map_err(|e| broker(e.to_string()))?);
         check_broker_identity(kafka, &db, &probe).await?;

@@ -160,6 +160,41 @@ fn invalid(name: &str, value: impl ToString, reason: &str) -> ConfigError {
 /// `KAFKA_CLIENT_SECURITY_PROTOCOL=SASL_SSL` sets `security.protocol` (lower case, `_` → `.`).
 pub const CLIENT_PROPERTY_PREFIX: &str = "KAFKA_CLIENT_";
 
+/// The variable naming a file that holds the broker password (`sasl.password`), so the secret
+/// need not sit in the environment.
+pub const SASL_PASSWORD_FILE: &str = "KAFKA_SASL_PASSWORD_FILE";
+
+/// `KAFKA_CLIENT_*` properties plus `sasl.password` read from [`SASL_PASSWORD_FILE`], which
+/// may not be given together with `KAFKA_CLIENT_SASL_PASSWORD`.
+fn client_properties_with_secrets<I>(vars: I) -> Result<Vec<(String, String)>, ConfigError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let vars: Vec<(String, String)> = vars.into_iter().collect();
+    let mut properties = client_properties_from(vars.iter().cloned());
+    let Some((_, path)) = vars
+        .iter()
+        .find(|(name, value)| name == SASL_PASSWORD_FILE && !value.trim().is_empty())
+    else {
+        return Ok(properties);
+    };
+    if properties.iter().any(|(name, _)| name == "sasl.password") {
+        return Err(invalid(
+            SASL_PASSWORD_FILE,
+            path,
+            "KAFKA_CLIENT_SASL_PASSWORD is set too: give the password one way",
+        ));
+    }
+    let password = std::fs::read_to_string(path.trim())
+        .map_err(|e| invalid(SASL_PASSWORD_FILE, path, &format!("cannot be read: {e}")))?;
+    let password = password.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err(invalid(SASL_PASSWORD_FILE, path, "the file is empty"));
+    }
+    properties.push(("sasl.password".into(), password.to_owned()));
+    Ok(properties)
+}
+
 /// librdkafka properties from `KAFKA_CLIENT_*` variables, in name order.
 pub fn client_properties_from<I>(vars: I) -> Vec<(String, String)>
 where
@@ -221,7 +256,7 @@ impl KafkaSettings {
             )?),
             instance: env_or("INSTANCE_ID", group_id.to_owned())?,
             topic_config: TopicSettings::from_env()?,
-            client_properties: client_properties_from(std::env::vars()),
+            client_properties: client_properties_with_secrets(std::env::vars())?,
         })
     }
 
@@ -608,6 +643,41 @@ mod tests {
                 ("security.protocol".to_owned(), "SASL_SSL".to_owned()),
             ]
         );
+    }
+
+    #[test]
+    fn the_broker_password_comes_from_its_file_and_only_one_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kafka-password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let path = file.to_string_lossy().into_owned();
+        let vars = |more: &[(&str, &str)]| {
+            more.iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let got = client_properties_with_secrets(vars(&[
+            ("KAFKA_CLIENT_SASL_USERNAME", "orders"),
+            (SASL_PASSWORD_FILE, &path),
+        ]))
+        .unwrap();
+        assert!(
+            got.contains(&("sasl.password".into(), "s3cret".into())),
+            "{got:?}"
+        );
+        assert!(got.contains(&("sasl.username".into(), "orders".into())));
+        let both = client_properties_with_secrets(vars(&[
+            ("KAFKA_CLIENT_SASL_PASSWORD", "other"),
+            (SASL_PASSWORD_FILE, &path),
+        ]))
+        .unwrap_err();
+        assert_eq!(both.name, SASL_PASSWORD_FILE, "{both}");
+        let missing = dir.path().join("none").to_string_lossy().into_owned();
+        let err =
+            client_properties_with_secrets(vars(&[(SASL_PASSWORD_FILE, &missing)])).unwrap_err();
+        assert_eq!(err.name, SASL_PASSWORD_FILE, "{err}");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(client_properties_with_secrets(vars(&[(SASL_PASSWORD_FILE, &path)])).is_err());
     }
 
     #[test]

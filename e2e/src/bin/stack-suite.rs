@@ -372,6 +372,126 @@ async fn a_hung_consumer_is_reopened_by_the_watchdog(stack: &mut Stack) -> Check
     m.wait_stock(product, (8, 2)).await
 }
 
+/// The environment that points `service` at the broker's SASL/SCRAM listener as its own user,
+/// the password in a file of mode 0600 (`password` replaces the right one); `None` values
+/// restore the stack's plaintext listener.
+fn sasl_env(
+    stack: &Stack,
+    service: &'static str,
+    password: Option<&str>,
+) -> Result<Vec<(&'static str, Option<String>)>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let sasl = stack
+        .sasl_listener()
+        .ok_or("needs a single Kafka node (its SASL listener)")?;
+    let password = match password {
+        Some(p) => p,
+        None => sasl
+            .password(service)
+            .ok_or(format!("no SCRAM user {service}"))?,
+    };
+    let file = stack.dir().join(format!("{service}.kafka-password"));
+    std::fs::write(&file, password).map_err(|e| format!("{}: {e}", file.display()))?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(vec![
+        (
+            "KAFKA_BROKERS",
+            Some(format!("127.0.0.1:{}", sasl.sasl_port)),
+        ),
+        (
+            "KAFKA_CLIENT_SECURITY_PROTOCOL",
+            Some("SASL_PLAINTEXT".into()),
+        ),
+        ("KAFKA_CLIENT_SASL_MECHANISMS", Some("SCRAM-SHA-256".into())),
+        ("KAFKA_CLIENT_SASL_USERNAME", Some(service.into())),
+        (
+            "KAFKA_SASL_PASSWORD_FILE",
+            Some(file.to_string_lossy().into_owned()),
+        ),
+    ])
+}
+
+/// The services on the broker's SASL/SCRAM listener, each as its own user with its password
+/// in a file: a saga completes through it, every event on the topic. With a wrong password
+/// delivery refuses to start, naming the broker's refusal and the settings to check; an order
+/// placed meanwhile completes once delivery has the right one.
+async fn a_saga_through_the_sasl_scram_listener(stack: &mut Stack) -> Check {
+    let plaintext = |env: Vec<(&'static str, Option<String>)>| {
+        env.into_iter()
+            .map(|(name, _)| (name, None))
+            .collect::<Vec<_>>()
+    };
+    for service in ["orders", "products", "delivery"] {
+        let env = sasl_env(stack, service, None)?;
+        restart_with(stack, service, &env).await?;
+    }
+    let result = saga_through_sasl(stack).await;
+    for service in ["orders", "products", "delivery"] {
+        let env = plaintext(sasl_env(stack, service, None)?);
+        restart_with(stack, service, &env).await?;
+    }
+    result
+}
+
+async fn saga_through_sasl(stack: &mut Stack) -> Check {
+    let m = mall(stack);
+    let product = m.create_product("sasl", 5).await?;
+    let order = m.place_order(product, 2).await?;
+    m.wait_order_state(order, "OrderCompleted").await?;
+    let types: Vec<String> = m
+        .topic_events_of(order)
+        .await?
+        .iter()
+        .map(|e| e["eventType"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for expected in [
+        "OrderPlaced",
+        "StockDecreased",
+        "DeliveryStarted",
+        "OrderCompleted",
+    ] {
+        if !types.iter().any(|t| t == expected) {
+            return Err(format!(
+                "no {expected} of order {order} on the topic: {types:?}"
+            ));
+        }
+    }
+    // A wrong password: delivery refuses to start and says why.
+    let wrong = sasl_env(stack, "delivery", Some("not-the-password"))?;
+    stack.terminate("delivery", Duration::from_secs(20)).await?;
+    for (name, value) in &wrong {
+        stack.set_env("delivery", name, value.as_deref().unwrap_or_default());
+    }
+    stack.start_service("delivery")?;
+    let waiting = m.place_order(product, 1).await?;
+    let status = stack.wait_exited("delivery", Duration::from_secs(45)).await;
+    let said = stack.log_line("delivery", "cannot start");
+    let right = sasl_env(stack, "delivery", None)?;
+    for (name, value) in &right {
+        stack.set_env("delivery", name, value.as_deref().unwrap_or_default());
+    }
+    stack.start_service("delivery")?;
+    m.wait_healthy().await?;
+    match (status, said) {
+        (Ok(status), Some(line))
+            if !status.success()
+                && line.contains("refused this client")
+                && line.contains("KAFKA_SASL_PASSWORD_FILE") =>
+        {
+            println!("    wrong password: {line}");
+        }
+        (status, said) => {
+            return Err(format!(
+                "with a wrong password delivery should refuse to start naming the refusal; \
+                 exit: {status:?}, said: {said:?}"
+            ));
+        }
+    }
+    m.wait_order_state(waiting, "OrderCompleted").await?;
+    Ok(())
+}
+
 /// Backpressure from the saga: orders restarted with `ORDERS_MAX_PENDING=3`, products and
 /// delivery frozen. Three orders are accepted and stay pending; once orders has counted them
 /// (`mall_orders_pending 3` on /metrics) the next is refused with a 503 that names the bound,
@@ -1027,6 +1147,12 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         scenario!(
             "a consumer whose connection hangs is reopened by the watchdog",
             a_hung_consumer_is_reopened_by_the_watchdog(stack)
+        );
+    }
+    if stack.sasl_listener().is_some() {
+        scenario!(
+            "a saga through the broker's SASL/SCRAM listener; a wrong password is refused",
+            a_saga_through_the_sasl_scram_listener(stack)
         );
     }
     scenario!(
