@@ -158,21 +158,23 @@ mod tests {
                 .configure(routes),
         )
         .await;
-        let outbox = || {
-            db.read(|conn| kafka::outbox::pending_count(conn).map_err(kafka::DbError::from))
-        };
+        let outbox =
+            || db.read(|conn| kafka::outbox::pending_count(conn).map_err(kafka::DbError::from));
 
-        let first = test::call_service(&app, patch("done-1", "DeliveryCompleted").to_request()).await;
+        let first =
+            test::call_service(&app, patch("done-1", "DeliveryCompleted").to_request()).await;
         assert_eq!(first.status(), 200);
         let first: serde_json::Value = test::read_body_json(first).await;
-        let retry = test::call_service(&app, patch("done-1", "DeliveryCompleted").to_request()).await;
+        let retry =
+            test::call_service(&app, patch("done-1", "DeliveryCompleted").to_request()).await;
         assert_eq!(retry.status(), 200, "a retry is answered as the first time");
         assert_eq!(retry.headers().get("Idempotent-Replayed").unwrap(), "true");
         let retried: serde_json::Value = test::read_body_json(retry).await;
         assert_eq!(retried, first);
         assert_eq!(outbox().await.unwrap(), 1, "one DeliveryCompleted");
 
-        let misuse = test::call_service(&app, patch("done-1", "DeliveryCancelled").to_request()).await;
+        let misuse =
+            test::call_service(&app, patch("done-1", "DeliveryCancelled").to_request()).await;
         assert_eq!(misuse.status(), 422);
         let error: serde_json::Value = test::read_body_json(misuse).await;
         assert!(

@@ -263,8 +263,8 @@ async fn reservation(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actix_web::test::{self, TestRequest};
     use actix_web::App;
+    use actix_web::test::{self, TestRequest};
 
     /// `PATCH /products/1` with `body` and, when given, an `Idempotency-Key`.
     fn patch(key: Option<&str>, body: serde_json::Value) -> TestRequest {
@@ -299,9 +299,8 @@ mod tests {
         )
         .await;
         assert_eq!(created.status(), 201);
-        let outbox = || {
-            db.read(|conn| kafka::outbox::pending_count(conn).map_err(kafka::DbError::from))
-        };
+        let outbox =
+            || db.read(|conn| kafka::outbox::pending_count(conn).map_err(kafka::DbError::from));
         let before = outbox().await.unwrap();
 
         let add = serde_json::json!({"stockDelta": "5"});
@@ -333,11 +332,9 @@ mod tests {
         let error: serde_json::Value = test::read_body_json(bad).await;
         assert!(error["error"].as_str().unwrap().contains("Idempotency-Key"));
 
-        let now: serde_json::Value = test::call_and_read_body_json(
-            &app,
-            TestRequest::get().uri("/products/1").to_request(),
-        )
-        .await;
+        let now: serde_json::Value =
+            test::call_and_read_body_json(&app, TestRequest::get().uri("/products/1").to_request())
+                .await;
         assert_eq!(now["stock"], 15, "the delta was applied once: {now}");
         assert_eq!(outbox().await.unwrap(), before + 1, "one ProductChanged");
 
@@ -346,11 +343,9 @@ mod tests {
             let plain = test::call_service(&app, patch(None, add.clone()).to_request()).await;
             assert_eq!(plain.status(), 200);
         }
-        let now: serde_json::Value = test::call_and_read_body_json(
-            &app,
-            TestRequest::get().uri("/products/1").to_request(),
-        )
-        .await;
+        let now: serde_json::Value =
+            test::call_and_read_body_json(&app, TestRequest::get().uri("/products/1").to_request())
+                .await;
         assert_eq!(now["stock"], 25);
     }
 }
