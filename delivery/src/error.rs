@@ -17,6 +17,9 @@ pub enum DeliveryError {
     /// The delivery's state does not allow the change.
     #[error(transparent)]
     Conflict(#[from] crate::saga::IllegalTransition),
+    /// A header is malformed (an `Idempotency-Key` too long, say).
+    #[error("{0}")]
+    BadHeader(String),
     /// A bug or an unavailable database; details go to the log only.
     #[error("internal error, see the delivery service log")]
     Internal(#[source] DbError),
@@ -25,6 +28,16 @@ pub enum DeliveryError {
 impl From<DbError> for DeliveryError {
     fn from(e: DbError) -> Self {
         DeliveryError::Internal(e)
+    }
+}
+
+impl From<kafka::idempotency::IdempotencyError> for DeliveryError {
+    fn from(e: kafka::idempotency::IdempotencyError) -> Self {
+        use kafka::idempotency::IdempotencyError;
+        match e {
+            IdempotencyError::OtherRequest(_) => DeliveryError::Invalid(e.to_string()),
+            IdempotencyError::Db(e) => DeliveryError::Internal(e),
+        }
     }
 }
 
@@ -39,6 +52,7 @@ impl ResponseError for DeliveryError {
         match self {
             DeliveryError::NotFound(_) => StatusCode::NOT_FOUND,
             DeliveryError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            DeliveryError::BadHeader(_) => StatusCode::BAD_REQUEST,
             DeliveryError::Conflict(_) => StatusCode::CONFLICT,
             DeliveryError::Internal(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             DeliveryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

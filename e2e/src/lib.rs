@@ -738,6 +738,7 @@ pub async fn spawn_in_process(brokers: &str, topic: &str) -> Check<InProcessMall
         access: kafka::access::AccessSettings::parse("127.0.0.1", "", "")
             .expect("no lists to parse"),
         tokens: kafka::auth::Tokens::default(),
+        max_connections_per_address: kafka::connections::DEFAULT_MAX_PER_ADDRESS,
     };
     let products = products::build(&products::Settings {
         service: settings(events::Service::Products),

@@ -147,6 +147,7 @@ async fn orders_read_model_rebuilt_from_the_topic_answers_the_same() {
             access: kafka::access::AccessSettings::parse("127.0.0.1", "", "")
                 .expect("no lists to parse"),
             tokens: kafka::auth::Tokens::default(),
+            max_connections_per_address: kafka::connections::DEFAULT_MAX_PER_ADDRESS,
         },
         saga_timeout: std::time::Duration::from_secs(30),
         order_history: std::time::Duration::from_secs(30 * 24 * 3600),

@@ -3,6 +3,7 @@
 //! [`Metrics`] they all count into (served at `/metrics`).
 
 use crate::admission::{self, Admission};
+use crate::connections::ConnectionLimit;
 use crate::consumer::{ConsumerStatus, EventConsumer, create_probe};
 use crate::db::Database;
 use crate::http::Health;
@@ -243,6 +244,7 @@ impl ServiceHost {
         let served_access = web::Data::new(settings.access.clone());
         let tokens = web::Data::new(settings.tokens.clone());
         log::info!("{}", settings.tokens.summary());
+        let connections = ConnectionLimit::new(settings.max_connections_per_address);
         let server = HttpServer::new(move || {
             App::new()
                 // Innermost: a refused write is still logged, answered with CORS and counted.
@@ -258,6 +260,8 @@ impl ServiceHost {
                 .wrap(access.cors())
                 // Before CORS: a foreign host, origin or media type is refused outright.
                 .wrap(actix_web::middleware::from_fn(crate::access::guard))
+                // Before anything else reads the request: a connection over its address's cap.
+                .wrap(actix_web::middleware::from_fn(crate::connections::limit))
                 // Outermost, so it counts every answer, CORS preflights and 404s too.
                 .wrap(actix_web::middleware::from_fn(metrics::track_requests))
                 .app_data(db.clone())
@@ -271,6 +275,8 @@ impl ServiceHost {
                 .default_service(web::to(http::not_found))
         })
         .workers(2)
+        // Counts each connection under its client's address (HTTP_MAX_CONNECTIONS_PER_ADDRESS).
+        .on_connect(move |conn, data| connections.on_connect(conn, data))
         // A request head must arrive within this (bodies: admission's BODY_READ_TIMEOUT).
         .client_request_timeout(HEAD_READ_TIMEOUT)
         .disable_signals()

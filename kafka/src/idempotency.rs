@@ -5,12 +5,18 @@
 //! answer (it committed: the same answer again, nothing done). The same key with a different
 //! request is a client bug: 422.
 //!
-//! Keys are scoped by what they act on (`POST /orders`, `PATCH /orders/7`), and kept as long as
-//! the dedup state (`RETENTION_DEDUP_WINDOW_S`, 8 days by default; [`crate::retention`] prunes
+//! Every keyed write of the mall uses it the same way: `POST /orders`, `PATCH /orders/{id}`,
+//! `PATCH /products/{id}`, `PATCH /deliveries/{id}` — [`IdempotentRequest::from_headers`],
+//! [`recall_before`] (a retry answered without waiting for the writer), then [`recall`] and
+//! [`remember`] inside the write, which returns a [`Keyed`].
+//!
+//! Keys are scoped by what they act on (`POST /orders`, `PATCH /orders/7`) and, with tokens,
+//! by the caller ([`scope`]), and kept as long as the dedup state (`RETENTION_DEDUP_WINDOW_S`, 8 days by default; [`crate::retention`] prunes
 //! them). Only successes are stored: a refused request changed nothing, so its retry is
 //! decided afresh.
 
-use crate::db::DbConnection;
+use crate::auth::Principal;
+use crate::db::{Database, DbConnection};
 use actix_web::HttpResponse;
 use actix_web::http::StatusCode;
 use actix_web::http::header::HeaderMap;
@@ -151,6 +157,47 @@ pub fn recall(
             body,
         })),
     }
+}
+
+/// What a keyed write did: acted now, or found its key and answers as the first time.
+#[derive(Debug)]
+pub enum Keyed<T> {
+    /// Acted on now; the answer was stored with the change (when a key was sent).
+    Done(T),
+    /// The key was there: the first answer again, nothing done.
+    Replayed(Replay),
+}
+
+impl<T> Keyed<T> {
+    /// The answer: `done`'s for a change made now, the stored one for a replay.
+    pub fn respond(self, done: impl FnOnce(T) -> HttpResponse) -> HttpResponse {
+        match self {
+            Keyed::Done(value) => done(value),
+            Keyed::Replayed(replay) => replay.response(),
+        }
+    }
+}
+
+/// `action` (`PATCH /products/7`) scoped to the caller when the mall has tokens, so one
+/// caller's key never answers another's request.
+pub fn scope(who: Option<&Principal>, action: impl Into<String>) -> String {
+    match who {
+        Some(p) => format!("{} {}", p.name, action.into()),
+        None => action.into(),
+    }
+}
+
+/// The answer stored for `keyed`, read before the write so a retry does not wait for the
+/// writer (or count against a pending bound); the write checks again in its transaction
+/// ([`recall`]), which decides.
+pub async fn recall_before(
+    db: &Database,
+    keyed: &Option<IdempotentRequest>,
+) -> Result<Option<Replay>, IdempotencyError> {
+    let Some(keyed) = keyed.clone() else {
+        return Ok(None);
+    };
+    db.read(move |conn| recall(conn, &keyed)).await
 }
 
 /// Stores `request`'s key with the answer it got, in the caller's transaction.

@@ -24,12 +24,14 @@
 //!   no event can need it, so the databases stop growing.
 //! - [`access`]: the hosts, web origins and media types a service accepts.
 //! - [`auth`]: bearer tokens with roles, stored hashed; 401 and 403.
+//! - [`connections`]: at most `HTTP_MAX_CONNECTIONS_PER_ADDRESS` connections per client address.
 //! - [`settings`]: env-var configuration.
 
 pub mod access;
 pub mod admin;
 pub mod admission;
 pub mod auth;
+pub mod connections;
 pub mod consumer;
 pub mod db;
 pub mod group_commit;

@@ -328,6 +328,9 @@ pub struct ServiceSettings {
     pub access: crate::access::AccessSettings,
     /// `MALL_TOKENS` / `MALL_TOKENS_FILE`: who may do what; none means open, loopback only.
     pub tokens: crate::auth::Tokens,
+    /// `HTTP_MAX_CONNECTIONS_PER_ADDRESS` (default 256, at least 1): connections one client
+    /// address may hold open at once; more are answered 429 ([`crate::connections`]).
+    pub max_connections_per_address: usize,
 }
 
 impl ServiceSettings {
@@ -351,6 +354,13 @@ impl ServiceSettings {
         Ok(ServiceSettings {
             access: crate::access::AccessSettings::from_env(&host)?,
             tokens,
+            max_connections_per_address: at_least_one(
+                crate::connections::SETTING,
+                env_or(
+                    crate::connections::SETTING,
+                    crate::connections::DEFAULT_MAX_PER_ADDRESS,
+                )?,
+            )?,
             host,
             port,
             database_url: env_or("DATABASE_URL", format!("data/{service}.db"))?,
@@ -425,6 +435,14 @@ impl Default for PgLimits {
             idle_in_transaction: Duration::from_millis(3_000),
             keepalive: Duration::from_secs(10),
         }
+    }
+}
+
+/// `value` of `name` unless it is 0, which would refuse every connection.
+fn at_least_one(name: &str, value: usize) -> Result<usize, ConfigError> {
+    match value {
+        0 => Err(invalid(name, 0, "must be at least 1")),
+        n => Ok(n),
     }
 }
 
@@ -611,6 +629,26 @@ mod tests {
         );
         assert_eq!(parse_var::<u16>("PORT", Some("  ".into()), 7).unwrap(), 7);
         assert_eq!(parse_var::<u16>("PORT", None, 7).unwrap(), 7);
+    }
+
+    #[test]
+    fn a_connection_cap_of_zero_is_refused_by_name() {
+        let err = at_least_one("HTTP_MAX_CONNECTIONS_PER_ADDRESS", 0).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("HTTP_MAX_CONNECTIONS_PER_ADDRESS=\"0\""),
+            "{err}"
+        );
+        assert_eq!(
+            at_least_one("HTTP_MAX_CONNECTIONS_PER_ADDRESS", 8).unwrap(),
+            8
+        );
+        let err = parse_var::<usize>("HTTP_MAX_CONNECTIONS_PER_ADDRESS", Some("lots".into()), 1)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("HTTP_MAX_CONNECTIONS_PER_ADDRESS"),
+            "{err}"
+        );
     }
 
     #[test]

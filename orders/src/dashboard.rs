@@ -12,6 +12,15 @@
 //! (it lagged and the broadcast dropped batches, or the tail was idle while nobody listened)
 //! catches up from the database from its own last seq: no row is lost or sent twice, and a slow
 //! client holds at most a few frames in memory. No timers besides the 15 s keep-alive comment.
+//!
+//! Catching up is bounded, so a client cannot make orders read its whole history for it: a
+//! stream replays at most the newest `EVENT_STREAM_REPLAY_WINDOW` rows (1,000 by default).
+//! One that asks for older ones (`Last-Event-ID: 0`) first gets a `skipped` event whose id is
+//! where it resumes and whose data says which seqs it will not see (`{"after": 0,
+//! "resumeAfter": 8123, "window": 1000}`; the timelines, `GET /orders/{id}/events`, still have
+//! them). And the streams' reads of the database take turns on [`CATCH_UP_READS`] permits, so
+//! however many streams catch up at once they hold at most that many of the pool's
+//! connections: the relay, the consumer, `/health` and the API keep the rest.
 
 use crate::error::OrdersError;
 use crate::store::schema::order_events;
@@ -28,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
@@ -75,6 +84,26 @@ impl StreamSlots {
         let before = self.open.fetch_add(1, Ordering::Relaxed);
         let slot = StreamSlot(self.open.clone());
         (before < self.max).then_some(slot)
+    }
+}
+
+/// Database reads on behalf of streams at once (catch-ups, resyncs, finding the end or the
+/// window's start); the others wait their turn, off the pool. One of the pool's seven read
+/// connections at most; the shared tail reads on its own.
+pub const CATCH_UP_READS: usize = 1;
+/// `EVENT_STREAM_REPLAY_WINDOW` when unset: the most rows one catch-up replays.
+pub const REPLAY_WINDOW_DEFAULT: i64 = 1000;
+
+/// Reads `EVENT_STREAM_REPLAY_WINDOW` (rows, at least 1).
+pub fn replay_window_from_env() -> Result<i64, ConfigError> {
+    const NAME: &str = "EVENT_STREAM_REPLAY_WINDOW";
+    match kafka::env_or(NAME, REPLAY_WINDOW_DEFAULT)? {
+        rows if rows >= 1 => Ok(rows),
+        rows => Err(ConfigError {
+            name: NAME.to_owned(),
+            value: rows.to_string(),
+            reason: "must be at least 1 (rows a stream may replay)".into(),
+        }),
     }
 }
 
@@ -130,11 +159,11 @@ pub struct Dashboard {
 }
 
 impl Dashboard {
-    /// The dashboard over orders' database.
-    pub fn new(db: Database, links: Links) -> Self {
+    /// The dashboard over orders' database; a stream replays at most `replay_window` rows.
+    pub fn new(db: Database, links: Links, replay_window: i64) -> Self {
         Dashboard {
             links,
-            tail: EventTail::new(db, BROADCAST_CAPACITY),
+            tail: EventTail::new(db, BROADCAST_CAPACITY, replay_window),
             streams: StreamSlots::new(MAX_STREAMS),
         }
     }
@@ -376,6 +405,17 @@ fn rows_after(conn: &mut DbConnection, after: i64) -> Result<Vec<Frame>, DbError
         .collect())
 }
 
+/// The seq after which the newest `window` rows start; `None` when there are no more rows
+/// than that. Walks `window` entries of the primary key, whatever the history's length.
+fn window_start(conn: &mut DbConnection, window: i64) -> Result<Option<i64>, DbError> {
+    Ok(order_events::table
+        .select(order_events::seq)
+        .order(order_events::seq.desc())
+        .offset(window)
+        .first::<i64>(conn)
+        .optional()?)
+}
+
 fn last_seq(conn: &mut DbConnection) -> Result<i64, DbError> {
     Ok(order_events::table
         .select(diesel::dsl::max(order_events::seq))
@@ -400,16 +440,36 @@ pub struct EventTail {
     stopped: CancellationToken,
     /// Times a stream fell behind the broadcast and caught up from the database.
     resyncs: Arc<AtomicU64>,
+    /// The most rows one catch-up replays.
+    window: i64,
+    /// Turns for the streams' own reads ([`CATCH_UP_READS`]).
+    reads: Arc<Semaphore>,
 }
 
 impl EventTail {
-    fn new(db: Database, capacity: usize) -> Self {
+    fn new(db: Database, capacity: usize, window: i64) -> Self {
         EventTail {
             db,
             batches: broadcast::Sender::new(capacity),
             stopped: CancellationToken::new(),
             resyncs: Arc::new(AtomicU64::new(0)),
+            window,
+            reads: Arc::new(Semaphore::new(CATCH_UP_READS)),
         }
+    }
+
+    /// A read made for one stream, when its turn comes ([`CATCH_UP_READS`]).
+    async fn stream_read<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let _turn = self
+            .reads
+            .acquire()
+            .await
+            .map_err(|e| DbError::Task(e.to_string()))?;
+        self.db.read(f).await
     }
 
     /// After every committed write, reads the rows after the last one seen and broadcasts
@@ -472,7 +532,7 @@ impl EventTail {
         let mut batches = self.batches.subscribe();
         let mut last = match start {
             Some(seq) => seq,
-            None => self.db.read(last_seq).await?,
+            None => self.stream_read(last_seq).await?,
         };
         let hello = format!("retry: 2000\nid: {last}\nevent: hello\ndata: {{\"seq\":{last}}}\n\n");
         send(&out, Bytes::from(hello)).await?;
@@ -511,11 +571,27 @@ impl EventTail {
         self.catch_up(last, out).await
     }
 
-    /// Sends every row after `last` from the database, page by page.
+    /// Sends every row after `last` from the database, page by page; at most the newest
+    /// `window` of them, after a `skipped` event when there are more.
     async fn catch_up(&self, last: &mut i64, out: &mpsc::Sender<Bytes>) -> Result<(), StreamEnd> {
+        let window = self.window;
+        if let Some(start) = self
+            .stream_read(move |conn| window_start(conn, window))
+            .await?
+            .filter(|start| *start > *last)
+        {
+            let skipped = format!(
+                "id: {start}\nevent: skipped\ndata: {{\"after\":{last},\"resumeAfter\":{start},\"window\":{window}}}\n\n",
+                last = *last
+            );
+            send(out, Bytes::from(skipped)).await?;
+            *last = start;
+        }
         loop {
             let after = *last;
-            let frames = self.db.read(move |conn| rows_after(conn, after)).await?;
+            let frames = self
+                .stream_read(move |conn| rows_after(conn, after))
+                .await?;
             let full = frames.len() as i64 == PAGE;
             for frame in frames {
                 send(out, frame.text).await?;
@@ -632,7 +708,7 @@ mod tests {
         for t in ["OrderPlaced", "StockDecreased", "DeliveryStarted"] {
             commit_event(&db, 1, t).await;
         }
-        let tail = EventTail::new(db.clone(), BROADCAST_CAPACITY);
+        let tail = EventTail::new(db.clone(), BROADCAST_CAPACITY, REPLAY_WINDOW_DEFAULT);
         let stop = CancellationToken::new();
         tokio::spawn(tail.clone().run(stop.clone()));
 
@@ -691,7 +767,7 @@ mod tests {
         let (_dir, db) = database().await;
         // The broadcast keeps one batch and the stream buffers one frame: a client that does
         // not read while 60 rows commit one by one falls far behind.
-        let tail = EventTail::new(db.clone(), 1);
+        let tail = EventTail::new(db.clone(), 1, REPLAY_WINDOW_DEFAULT);
         let stop = CancellationToken::new();
         tokio::spawn(tail.clone().run(stop.clone()));
         let mut rx = start(&tail, Some(0), 1);
@@ -715,7 +791,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stream_opened_while_the_tail_was_idle_misses_nothing() {
         let (_dir, db) = database().await;
-        let tail = EventTail::new(db.clone(), BROADCAST_CAPACITY);
+        let tail = EventTail::new(db.clone(), BROADCAST_CAPACITY, REPLAY_WINDOW_DEFAULT);
         tokio::spawn(tail.clone().run(CancellationToken::new()));
         // Nobody listens: the tail reads nothing for these.
         commit_event(&db, 1, "OrderPlaced").await;
@@ -733,6 +809,72 @@ mod tests {
             let seq = commit_event(&db, 1, t).await;
             assert_eq!(read_frames(&mut rx, 1).await[0].0, seq);
         }
+    }
+
+    /// A stream asking for the whole history (`Last-Event-ID: 0`) gets the newest `window`
+    /// rows only, after a `skipped` event saying where it resumes; a stream within the window
+    /// gets no such event.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_from_long_ago_starts_at_the_window_after_a_skipped_event() {
+        let (_dir, db) = database().await;
+        let mut committed = Vec::new();
+        for i in 0..10 {
+            committed.push(commit_event(&db, i, "OrderPlaced").await);
+        }
+        let tail = EventTail::new(db.clone(), BROADCAST_CAPACITY, 3);
+        tokio::spawn(tail.clone().run(CancellationToken::new()));
+        let mut rx = start(&tail, Some(0), STREAM_BUFFER);
+        assert!(hello(&mut rx).await.contains("id: 0\nevent: hello"));
+        let skipped = hello(&mut rx).await;
+        let resume = committed[6];
+        assert!(
+            skipped.contains(&format!("id: {resume}\nevent: skipped\n")),
+            "{skipped}"
+        );
+        let data: serde_json::Value = serde_json::from_str(
+            skipped
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            data,
+            serde_json::json!({"after": 0, "resumeAfter": resume, "window": 3})
+        );
+        let replayed = read_frames(&mut rx, 3).await;
+        assert_eq!(
+            replayed.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            committed[7..]
+        );
+        // Within the window: every row after it, nothing skipped.
+        let mut near = start(&tail, Some(committed[8]), STREAM_BUFFER);
+        hello(&mut near).await;
+        let next = hello(&mut near).await;
+        assert!(
+            next.starts_with(&format!("id: {}\ndata: ", committed[9])),
+            "{next}"
+        );
+    }
+
+    /// Streams read the database one at a time: while the turn is taken, a stream's catch-up
+    /// waits (off the pool), and goes on once it is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn catch_ups_take_turns_on_their_own_permits() {
+        let (_dir, db) = database().await;
+        let first = commit_event(&db, 1, "OrderPlaced").await;
+        let tail = EventTail::new(db.clone(), BROADCAST_CAPACITY, REPLAY_WINDOW_DEFAULT);
+        tokio::spawn(tail.clone().run(CancellationToken::new()));
+        let turns = tail.reads.clone();
+        let held = turns.acquire_many(CATCH_UP_READS as u32).await.unwrap();
+        let mut rx = start(&tail, Some(0), STREAM_BUFFER);
+        hello(&mut rx).await;
+        let waited = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+        assert!(waited.is_err(), "caught up without a turn: {waited:?}");
+        // The pool itself is free meanwhile: other reads are not held up.
+        db.read(last_seq).await.unwrap();
+        drop(held);
+        assert_eq!(read_frames(&mut rx, 1).await[0].0, first);
     }
 
     #[test]
@@ -788,6 +930,7 @@ mod tests {
                 products: Some("http://127.0.0.1:18085".into()),
                 delivery: None,
             },
+            REPLAY_WINDOW_DEFAULT,
         );
         let app = test::init_service(
             App::new()

@@ -12,7 +12,7 @@ use events::DeadLetterNote;
 use kafka::Database;
 use kafka::auth::Principal;
 use kafka::db::DbConnection;
-use kafka::idempotency::{self, IdempotentRequest, Replay};
+use kafka::idempotency::{self, IdempotentRequest, Keyed};
 use serde::{Deserialize, Serialize};
 
 /// Registers the orders endpoints.
@@ -161,34 +161,6 @@ fn check_owner(who: &Caller, order: &crate::saga::Order) -> Result<(), OrdersErr
     }
 }
 
-/// Scopes an `Idempotency-Key` to the caller, so one customer's key never answers another.
-fn key_scope(who: &Caller, action: String) -> String {
-    match who.as_deref() {
-        Some(p) => format!("{} {action}", p.name),
-        None => action,
-    }
-}
-
-/// What a keyed write did: acted now, or found its key and answers as the first time.
-enum Keyed<T> {
-    Done(T),
-    Replayed(Replay),
-}
-
-/// The answer stored for `keyed`, read before the write so a retry does not wait for the
-/// writer (or count against the pending bound); the write checks again in its transaction.
-async fn recall(
-    db: &Database,
-    keyed: &Option<IdempotentRequest>,
-) -> Result<Option<Replay>, OrdersError> {
-    let Some(keyed) = keyed.clone() else {
-        return Ok(None);
-    };
-    Ok(db
-        .read(move |conn| idempotency::recall(conn, &keyed))
-        .await?)
-}
-
 async fn place(
     db: web::Data<Database>,
     pending: web::Data<PendingOrders>,
@@ -215,10 +187,10 @@ async fn place(
         )));
     }
     // The order as understood, so `"1"` and `1` are the same request.
-    let scope = key_scope(&who, "POST /orders".into());
+    let scope = idempotency::scope(who.as_deref(), "POST /orders");
     let keyed = IdempotentRequest::from_headers(http.headers(), scope, &request)
         .map_err(OrdersError::BadHeader)?;
-    if let Some(replay) = recall(&db, &keyed).await? {
+    if let Some(replay) = idempotency::recall_before(&db, &keyed).await? {
         return Ok(replay.response());
     }
     pending.admit()?;
@@ -256,12 +228,11 @@ async fn place(
             Ok::<_, OrdersError>((Keyed::Done((location, answer)), vec![event]))
         })
         .await?;
-    Ok(match done {
-        Keyed::Replayed(replay) => replay.response(),
-        Keyed::Done((location, answer)) => HttpResponse::Created()
+    Ok(done.respond(|(location, answer)| {
+        HttpResponse::Created()
             .insert_header(("Location", location))
-            .json(answer),
-    })
+            .json(answer)
+    }))
 }
 
 async fn list(
@@ -323,11 +294,11 @@ async fn update(
             body.state
         )));
     }
-    let scope = key_scope(&who, format!("PATCH /orders/{id}"));
+    let scope = idempotency::scope(who.as_deref(), format!("PATCH /orders/{id}"));
     let keyed = IdempotentRequest::from_headers(http.headers(), scope, &*body)
         .map_err(OrdersError::BadHeader)?;
     let owner = who.as_deref().cloned();
-    if let Some(replay) = recall(&db, &keyed).await? {
+    if let Some(replay) = idempotency::recall_before(&db, &keyed).await? {
         return Ok(replay.response());
     }
     let done = db
@@ -365,10 +336,7 @@ async fn update(
             Ok::<_, OrdersError>((Keyed::Done((status, answer)), vec![event]))
         })
         .await?;
-    Ok(match done {
-        Keyed::Replayed(replay) => replay.response(),
-        Keyed::Done((status, answer)) => HttpResponse::build(status).json(answer),
-    })
+    Ok(done.respond(|(status, answer)| HttpResponse::build(status).json(answer)))
 }
 
 async fn events(

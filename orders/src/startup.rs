@@ -57,7 +57,8 @@ pub fn settings_from_env() -> Result<Settings, kafka::ConfigError> {
 }
 
 /// Opens the database and starts the service with its saga timeout, its retention rule and the
-/// dashboard (whose links come from `PRODUCTS_URL` / `DELIVERY_URL`, see [`Links::from_env`]).
+/// dashboard (whose links come from `PRODUCTS_URL` / `DELIVERY_URL`, see [`Links::from_env`],
+/// and whose event streams replay at most `EVENT_STREAM_REPLAY_WINDOW` rows).
 pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     // Also when the settings were not read by settings_from_env.
     let order_history = settings
@@ -67,7 +68,11 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     let history = Arc::new(OrderHistory::new());
     let db = Database::open(&settings.service.database_url, MIGRATIONS)?
         .with_write_hook(history.clone());
-    let dashboard = Dashboard::new(db.clone(), Links::from_env()?);
+    let dashboard = Dashboard::new(
+        db.clone(),
+        Links::from_env()?,
+        crate::dashboard::replay_window_from_env()?,
+    );
     let pages = dashboard.clone();
     let pending = PendingOrders::new(settings.max_pending);
     let pending_data = actix_web::web::Data::from(pending.clone());

@@ -815,6 +815,10 @@ function connect() {
     streamStatus('live', `live · events after seq ${m.lastEventId}`);
     if (!ready) loadEverything();
   });
+  // Asked for more than the server replays: it resumes at the window's start.
+  source.addEventListener('skipped', (m) => {
+    lastSeq = Number(m.lastEventId);
+  });
   source.onmessage = (m) => {
     let e;
     try { e = JSON.parse(m.data); } catch { return; }

@@ -20,6 +20,9 @@ pub enum ProductsError {
     /// The request is well-formed JSON but its values are not acceptable.
     #[error("{0}")]
     Invalid(String),
+    /// A header is malformed (an `Idempotency-Key` too long, say).
+    #[error("{0}")]
+    BadHeader(String),
     /// A bug or an unavailable database; details go to the log only.
     #[error("internal error, see the products service log")]
     Internal(#[source] DbError),
@@ -28,6 +31,16 @@ pub enum ProductsError {
 impl From<DbError> for ProductsError {
     fn from(e: DbError) -> Self {
         ProductsError::Internal(e)
+    }
+}
+
+impl From<kafka::idempotency::IdempotencyError> for ProductsError {
+    fn from(e: kafka::idempotency::IdempotencyError) -> Self {
+        use kafka::idempotency::IdempotencyError;
+        match e {
+            IdempotencyError::OtherRequest(_) => ProductsError::Invalid(e.to_string()),
+            IdempotencyError::Db(e) => ProductsError::Internal(e),
+        }
     }
 }
 
@@ -43,6 +56,7 @@ impl ResponseError for ProductsError {
             ProductsError::NotFound(_) | ProductsError::NoReservation(_) => StatusCode::NOT_FOUND,
             ProductsError::Conflict(_) => StatusCode::CONFLICT,
             ProductsError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ProductsError::BadHeader(_) => StatusCode::BAD_REQUEST,
             ProductsError::Internal(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             ProductsError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

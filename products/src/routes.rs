@@ -3,9 +3,12 @@
 use crate::domain::{MAX_PRICE, MAX_STOCK, ProductName, amount};
 use crate::error::ProductsError;
 use crate::store::{self, NewProduct};
-use actix_web::{HttpResponse, web};
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
 use events::{Envelope, Service};
 use kafka::Database;
+use kafka::auth::Principal;
+use kafka::idempotency::{self, IdempotentRequest, Keyed};
 use serde::{Deserialize, Serialize};
 
 /// Registers the products endpoints.
@@ -126,9 +129,13 @@ async fn create(
         .json(product))
 }
 
+/// `PATCH /products/{id}`; with an `Idempotency-Key` a retry gets the first answer and changes
+/// nothing (a `stockDelta` is applied once), see [`kafka::idempotency`].
 async fn update(
     db: web::Data<Database>,
     id: web::Path<i64>,
+    http: HttpRequest,
+    who: Option<web::ReqData<Principal>>,
     body: web::Json<UpdateProduct>,
 ) -> Result<HttpResponse, ProductsError> {
     let id = id.into_inner();
@@ -165,8 +172,27 @@ async fn update(
     let stock = stock_in
         .map(|s| amount("stock", s, MAX_STOCK))
         .transpose()?;
-    let product = db
+    // The change as understood, so `"5"` and `5` are the same request.
+    let understood = (
+        name.as_ref().map(|n| n.as_str().to_owned()),
+        price,
+        stock,
+        delta,
+        expected,
+    );
+    let scope = idempotency::scope(who.as_deref(), format!("PATCH /products/{id}"));
+    let keyed = IdempotentRequest::from_headers(http.headers(), scope, &understood)
+        .map_err(ProductsError::BadHeader)?;
+    if let Some(replay) = idempotency::recall_before(&db, &keyed).await? {
+        return Ok(replay.response());
+    }
+    let done = db
         .write(move |conn| {
+            if let Some(keyed) = &keyed
+                && let Some(replay) = idempotency::recall(conn, keyed)?
+            {
+                return Ok((Keyed::Replayed(replay), Vec::new()));
+            }
             let mut p = store::product(conn, id)?.ok_or(ProductsError::NotFound(id))?;
             if let Some(expected) = expected.filter(|e| *e != p.stock) {
                 return Err(ProductsError::Conflict(format!(
@@ -193,10 +219,13 @@ async fn update(
             }
             store::save_product(conn, &p)?;
             let event = Envelope::new(Service::Products, p.changed());
-            Ok::<_, ProductsError>((p, vec![event]))
+            if let Some(keyed) = &keyed {
+                idempotency::remember(conn, keyed, StatusCode::OK, None, &p)?;
+            }
+            Ok::<_, ProductsError>((Keyed::Done(p), vec![event]))
         })
         .await?;
-    Ok(HttpResponse::Ok().json(product))
+    Ok(done.respond(|p| HttpResponse::Ok().json(p)))
 }
 
 async fn reservations(
@@ -229,4 +258,94 @@ async fn reservation(
         })
         .await?;
     Ok(HttpResponse::Ok().json(found))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::App;
+    use actix_web::test::{self, TestRequest};
+
+    /// `PATCH /products/1` with `body` and, when given, an `Idempotency-Key`.
+    fn patch(key: Option<&str>, body: serde_json::Value) -> TestRequest {
+        let request = TestRequest::patch().uri("/products/1").set_json(body);
+        match key {
+            Some(key) => request.insert_header(("Idempotency-Key", key)),
+            None => request,
+        }
+    }
+
+    /// A retried keyed PATCH gets the first answer and adds its `stockDelta` once (one
+    /// ProductChanged in the outbox); the same key with another body is a 422 naming the
+    /// header and changes nothing; a malformed key is a 400 naming it.
+    #[actix_web::test]
+    async fn a_retried_keyed_patch_changes_the_stock_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("products.db");
+        let db = Database::open(path.to_str().unwrap(), crate::startup::MIGRATIONS).unwrap();
+        let app = test::init_service(
+            App::new()
+                .app_data(web::Data::new(db.clone()))
+                .configure(kafka::http::configure)
+                .configure(routes),
+        )
+        .await;
+        let created = test::call_service(
+            &app,
+            TestRequest::post()
+                .uri("/products")
+                .set_json(serde_json::json!({"name": "tv", "price": 100, "stock": 10}))
+                .to_request(),
+        )
+        .await;
+        assert_eq!(created.status(), 201);
+        let outbox =
+            || db.read(|conn| kafka::outbox::pending_count(conn).map_err(kafka::DbError::from));
+        let before = outbox().await.unwrap();
+
+        let add = serde_json::json!({"stockDelta": "5"});
+        let first = test::call_service(&app, patch(Some("k-1"), add.clone()).to_request()).await;
+        assert_eq!(first.status(), 200);
+        assert!(first.headers().get("Idempotent-Replayed").is_none());
+        let first: serde_json::Value = test::read_body_json(first).await;
+        assert_eq!(first["stock"], 15);
+        // The same change, the number as a number this time: the same request.
+        let again = serde_json::json!({"stockDelta": 5});
+        let retry = test::call_service(&app, patch(Some("k-1"), again).to_request()).await;
+        assert_eq!(retry.status(), 200);
+        assert_eq!(retry.headers().get("Idempotent-Replayed").unwrap(), "true");
+        let retried: serde_json::Value = test::read_body_json(retry).await;
+        assert_eq!(retried, first);
+
+        let other = serde_json::json!({"stockDelta": 6});
+        let misuse = test::call_service(&app, patch(Some("k-1"), other).to_request()).await;
+        assert_eq!(misuse.status(), 422);
+        let error: serde_json::Value = test::read_body_json(misuse).await;
+        assert!(
+            error["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("Idempotency-Key")),
+            "{error}"
+        );
+        let bad = test::call_service(&app, patch(Some(""), add.clone()).to_request()).await;
+        assert_eq!(bad.status(), 400);
+        let error: serde_json::Value = test::read_body_json(bad).await;
+        assert!(error["error"].as_str().unwrap().contains("Idempotency-Key"));
+
+        let now: serde_json::Value =
+            test::call_and_read_body_json(&app, TestRequest::get().uri("/products/1").to_request())
+                .await;
+        assert_eq!(now["stock"], 15, "the delta was applied once: {now}");
+        assert_eq!(outbox().await.unwrap(), before + 1, "one ProductChanged");
+
+        // Without a key each PATCH acts: the key is what makes a retry safe.
+        for _ in 0..2 {
+            let plain = test::call_service(&app, patch(None, add.clone()).to_request()).await;
+            assert_eq!(plain.status(), 200);
+        }
+        let now: serde_json::Value =
+            test::call_and_read_body_json(&app, TestRequest::get().uri("/products/1").to_request())
+                .await;
+        assert_eq!(now["stock"], 25);
+    }
 }

@@ -203,6 +203,14 @@ fn service_env(fetch_wait_ms: u64) -> Vec<(&'static str, String, String)> {
                     "KAFKA_FETCH_WAIT_MAX_MS".to_owned(),
                     fetch_wait_ms.to_string(),
                 ),
+                // Every request comes from 127.0.0.1, up to MAX_IN_FLIGHT at once (each its
+                // own connection past saturation): the per-address cap must not be what the
+                // bench measures.
+                (
+                    *s,
+                    kafka::connections::SETTING.to_owned(),
+                    (load::MAX_IN_FLIGHT + 64).to_string(),
+                ),
             ]
         })
         .collect()

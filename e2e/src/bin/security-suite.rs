@@ -6,7 +6,10 @@
 //!   neither read the orders, nor cancel one, nor place one with a form-like post; the same page
 //!   re-pointing its own name at the mall (DNS rebinding) gets 421;
 //! - a client retrying `POST /orders` with one `Idempotency-Key` gets one order, also when the
-//!   first answer was lost; the same key with another body gets 422.
+//!   first answer was lost; the same key with another body gets 422; a keyed
+//!   `PATCH /products/{id}` (a `stockDelta`) and `PATCH /deliveries/{id}` retried act once;
+//! - one client address holding `HTTP_MAX_CONNECTIONS_PER_ADDRESS` (256) connections gets 429
+//!   on one more, and is served again once one closes.
 //!
 //! Prints one line per scenario and `N passed, N failed` last; keeps the run directory (logs)
 //! when one failed.
@@ -429,6 +432,176 @@ async fn a_retried_post_gives_one_order(m: &Mall) -> Check {
         ));
     }
     Ok(())
+}
+
+/// Sends `request` (repeatedly, concurrently) with `key`: every answer must be `status`, the
+/// retries' marked replayed and all with the first answer's body. Returns that body.
+async fn retried_answers(
+    what: &str,
+    request: impl Fn() -> reqwest::RequestBuilder,
+    status: u16,
+) -> Check<Value> {
+    let (first, text, _) = send(request()).await?;
+    if first != status {
+        return Err(format!("{what}: the first attempt got {first} {text}"));
+    }
+    let body: Value = serde_json::from_str(&text).map_err(|e| format!("{what}: {e}"))?;
+    let mut retries = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        retries.spawn(send(request()));
+    }
+    while let Some(answer) = retries.join_next().await {
+        let (code, text, headers) = answer.map_err(|e| e.to_string())??;
+        let again: Value = serde_json::from_str(&text).unwrap_or_default();
+        if code != status || again != body || headers.get("idempotent-replayed").is_none() {
+            return Err(format!(
+                "{what}: a retry got {code} {text} (replayed: {:?}), the first {body}",
+                headers.get("idempotent-replayed")
+            ));
+        }
+    }
+    Ok(body)
+}
+
+/// A keyed `PATCH /products/{id}` adding stock, retried, adds it once (one ProductChanged for
+/// it on the topic); a keyed courier completion retried is answered 200 as the first time
+/// (not 409) and one DeliveryCompleted reaches the topic; each key with another body is 422.
+async fn retried_patches_act_once(m: &Mall) -> Check {
+    let http = reqwest::Client::new();
+    let run = std::process::id();
+    let product = m.create_product(&format!("keyed-{run}"), 10).await?;
+    let product_url = format!("{}/products/{product}", m.products);
+    let restock = |body: &'static str| {
+        http.patch(&product_url)
+            .header("Content-Type", "application/json")
+            .header("Idempotency-Key", format!("restock-{run}"))
+            .body(body)
+    };
+    retried_answers("a keyed restock", || restock(r#"{"stockDelta":5}"#), 200).await?;
+    refused(
+        "a restock key with another body",
+        send(restock(r#"{"stockDelta":6}"#)).await?,
+        422,
+        "Idempotency-Key",
+    )?;
+    let (stock, _) = m.stock(product).await?;
+    if stock != 15 {
+        return Err(format!(
+            "the retried restock left the stock at {stock}, not 15"
+        ));
+    }
+    let order = m.place_order(product, 1).await?;
+    m.wait_order_state(order, "OrderCompleted").await?;
+    let delivery = m.wait_delivery_confirmed(order).await?;
+    let delivery_url = format!("{}/deliveries/{}", m.delivery, delivery["id"]);
+    let complete = |state: &str| {
+        http.patch(&delivery_url)
+            .header("Content-Type", "application/json")
+            .header("Idempotency-Key", format!("complete-{run}"))
+            .body(json!({ "deliveryState": state }).to_string())
+    };
+    retried_answers(
+        "a keyed delivery completion",
+        || complete("DeliveryCompleted"),
+        200,
+    )
+    .await?;
+    refused(
+        "a completion key with another body",
+        send(complete("DeliveryCancelled")).await?,
+        422,
+        "Idempotency-Key",
+    )?;
+    m.wait_delivery_state(order, "DeliveryCompleted").await?;
+    let events = read_topic(&m.brokers, &m.topic).await?;
+    // Its creation (stock 10) and the restock (15), once.
+    let changed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e.value["eventType"] == "ProductChanged" && e.value["productId"] == product)
+        .map(|e| &e.value["productStock"])
+        .collect();
+    let completed = events
+        .iter()
+        .filter(|e| e.value["eventType"] == "DeliveryCompleted" && e.value["orderId"] == order)
+        .count();
+    if changed != [&json!(10), &json!(15)] || completed != 1 {
+        return Err(format!(
+            "on the topic: ProductChanged with stocks {changed:?}, {completed} DeliveryCompleted"
+        ));
+    }
+    Ok(())
+}
+
+/// A connection to `base` that has been served one `GET {path}` (so the service has counted
+/// it); returns the status and the still open connection.
+async fn served_connection(base: &str, path: &str) -> Check<(u16, String, tokio::net::TcpStream)> {
+    let address = base.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .map_err(|e| format!("connect {address}: {e}"))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    socket
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The head is enough for a kept-alive answer; a refused one is closed by the service.
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(SAGA, socket.read(&mut buf))
+            .await
+            .map_err(|_| format!("no answer to GET {path}"))?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, text, socket))
+}
+
+/// The default of `HTTP_MAX_CONNECTIONS_PER_ADDRESS`.
+const CONNECTIONS_PER_ADDRESS: usize = 256;
+
+/// 256 connections from 127.0.0.1 to delivery are served; one more is answered 429 with
+/// `Retry-After` and `Connection: close`, naming the setting; once one of the 256 closes, a
+/// new connection is served again.
+async fn connections_per_address_are_capped(m: &Mall) -> Check {
+    let path = "/deliveries?limit=1";
+    let mut open = Vec::new();
+    for n in 1..=CONNECTIONS_PER_ADDRESS {
+        let (status, text, socket) = served_connection(&m.delivery, path).await?;
+        if status != 200 {
+            return Err(format!("connection {n} was answered {text:?}"));
+        }
+        open.push(socket);
+    }
+    let (status, head, mut over) = served_connection(&m.delivery, path).await?;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), over.read_to_end(&mut rest)).await;
+    let text = format!("{head}{}", String::from_utf8_lossy(&rest));
+    let lower = text.to_ascii_lowercase();
+    if status != 429
+        || !lower.contains("retry-after:")
+        || !lower.contains("connection: close")
+        || !text.contains("HTTP_MAX_CONNECTIONS_PER_ADDRESS")
+    {
+        return Err(format!("connection 257 was answered {text:?}"));
+    }
+    drop(open.pop());
+    eventually(
+        "a connection is served again once one closed",
+        SAGA,
+        || async {
+            match served_connection(&m.delivery, path).await? {
+                (200, _, _) => Ok(()),
+                (_, text, _) => Err(format!("answered {text:?}")),
+            }
+        },
+    )
+    .await
 }
 
 /// Slow uploads opened against orders, each sending its head and then a byte of its body at a
@@ -1038,12 +1211,20 @@ async fn run(stack: &Stack, setup: &Setup<'_>) -> (usize, usize) {
         a_retried_post_gives_one_order(&m).await,
     );
     record(
+        "retried keyed PATCHes of products and delivery act once",
+        retried_patches_act_once(&m).await,
+    );
+    record(
         "40 slow uploads do not hold ordinary POSTs",
         slow_uploads_do_not_hold_the_writes(&m).await,
     );
     record(
         "at most 64 event streams are open at once",
         event_streams_are_bounded(&m).await,
+    );
+    record(
+        "at most 256 connections per client address",
+        connections_per_address_are_capped(&m).await,
     );
     record(
         "the role matrix (MALL_TOKENS), the dashboard per token, no exposed start without tokens",
