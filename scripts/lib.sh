@@ -55,6 +55,12 @@ check_prerequisites() {
   done
   [[ -n "$cxx" ]] || { missing+=("a C++ compiler (c++, g++ or clang++: librdkafka's configure requires one)"); apt+=(build-essential); }
   command -v make >/dev/null 2>&1 || { missing+=("make (builds librdkafka)"); apt+=(build-essential); }
+  # librdkafka is built with OpenSSL (SASL/SCRAM and TLS to the broker), found by pkg-config.
+  if ! command -v pkg-config >/dev/null 2>&1; then
+    missing+=("pkg-config (finds OpenSSL for librdkafka)"); apt+=(pkg-config)
+  elif ! pkg-config --exists openssl 2>/dev/null; then
+    missing+=("OpenSSL's headers (librdkafka's SASL/SCRAM and TLS)"); apt+=(libssl-dev)
+  fi
   command -v curl >/dev/null 2>&1 || { missing+=("curl (up.sh polls /health)"); apt+=(curl); }
   [[ -r /proc/self/stat ]] || missing+=("a Linux /proc filesystem (the pid files are checked against it)")
   (( ${#missing[@]} == 0 )) && return 0
