@@ -143,6 +143,13 @@ struct ListQuery {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+struct PageQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct UpdateOrder {
     state: String,
 }
@@ -360,9 +367,14 @@ async fn events(
     ))
 }
 
-async fn products(db: web::Data<Database>) -> Result<HttpResponse, OrdersError> {
+/// `GET /products?after=&limit=`: a page of the catalog replica, like products' own list.
+async fn products(
+    db: web::Data<Database>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, OrdersError> {
+    let page = kafka::http::Page::parse(query.after, query.limit).map_err(OrdersError::Invalid)?;
     let replica = db
-        .read(|conn| store::replica(conn).map_err(OrdersError::from))
+        .read(move |conn| store::replica(conn, page).map_err(OrdersError::from))
         .await?;
     Ok(HttpResponse::Ok().json(replica))
 }

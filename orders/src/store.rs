@@ -448,9 +448,14 @@ pub fn upsert_product(conn: &mut DbConnection, p: &ProductChanged) -> QueryResul
 }
 
 /// The replica, by id.
-pub fn replica(conn: &mut DbConnection) -> QueryResult<Vec<ReplicaProduct>> {
+pub fn replica(
+    conn: &mut DbConnection,
+    page: kafka::http::Page,
+) -> QueryResult<Vec<ReplicaProduct>> {
     products::table
+        .filter(products::id.gt(page.after))
         .order(products::id)
+        .limit(page.limit)
         .select(ReplicaProduct::as_select())
         .load(conn)
 }
@@ -462,4 +467,40 @@ pub fn replica_product(conn: &mut DbConnection, id: i64) -> QueryResult<Option<R
         .select(ReplicaProduct::as_select())
         .first(conn)
         .optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::startup::MIGRATIONS;
+    use kafka::db::Database;
+    use kafka::http::Page;
+
+    #[tokio::test]
+    async fn the_catalog_replica_is_read_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("o.db").to_str().unwrap(), MIGRATIONS).unwrap();
+        let ids = db
+            .write(|conn| {
+                for id in 1..=5 {
+                    upsert_product(
+                        conn,
+                        &ProductChanged {
+                            product_id: id,
+                            product_name: format!("p{id}"),
+                            product_price: 100,
+                            product_stock: 10,
+                        },
+                    )?;
+                }
+                let page = replica(conn, Page::parse(Some(2), Some(2)).unwrap())?;
+                Ok::<_, kafka::db::DbError>((
+                    page.iter().map(|p| p.id).collect::<Vec<_>>(),
+                    Vec::new(),
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids, [3, 4]);
+    }
 }
