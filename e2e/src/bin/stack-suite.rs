@@ -1143,13 +1143,14 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         let _ = replayer.await;
         result
     });
-    if stack.proxy().is_some() {
+    if stack.proxy().is_some() && stack.instance_count() == 1 {
+        // It restarts single services on other listeners; other instances would carry on.
         scenario!(
             "a consumer whose connection hangs is reopened by the watchdog",
             a_hung_consumer_is_reopened_by_the_watchdog(stack)
         );
     }
-    if stack.sasl_listener().is_some() {
+    if stack.sasl_listener().is_some() && stack.instance_count() == 1 {
         scenario!(
             "a saga through the broker's SASL/SCRAM listener; a wrong password is refused",
             a_saga_through_the_sasl_scram_listener(stack)
