@@ -113,16 +113,64 @@ pub struct ExtraListeners {
     pub proxied_port: u16,
     /// Where the proxy listens.
     pub proxy_port: u16,
-    /// `SASL`: SASL/SCRAM-SHA-256 without TLS (loopback), for the services' credentials.
+    /// `SASL`: SASL/SCRAM-SHA-256 over TLS, for the services' credentials.
     pub sasl_port: u16,
     /// SCRAM users and passwords, written into the storage when it is formatted.
     pub scram_users: Vec<(String, String)>,
+    /// The `SASL` listener's TLS key and self-signed certificate (PKCS12), made by `keytool`.
+    pub keystore: PathBuf,
+    /// The keystore's password.
+    pub keystore_password: String,
+    /// The certificate in PEM, for the clients' `ssl.ca.location`.
+    pub ca_pem: PathBuf,
 }
 
 impl ExtraListeners {
-    /// Free ports for each listener, and one SCRAM user per `users` with a new password.
-    pub fn new(users: &[&str]) -> Result<ExtraListeners, String> {
+    /// Free ports for each listener, one SCRAM user per `users` with a new password, and a
+    /// TLS key with a certificate for 127.0.0.1 in `<dir>/tls/`.
+    pub fn new(users: &[&str], dir: &Path) -> Result<ExtraListeners, String> {
         let port = || crate::stack::free_port().map_err(|e| e.to_string());
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls).map_err(|e| format!("{}: {e}", tls.display()))?;
+        let (keystore, ca_pem) = (tls.join("broker.p12"), tls.join("ca.pem"));
+        let keystore_password = uuid::Uuid::new_v4().simple().to_string();
+        let keytool = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("keytool")
+                .args(args)
+                .args(["-keystore"])
+                .arg(&keystore)
+                .args(["-storepass", &keystore_password])
+                .output()
+                .map_err(|e| format!("cannot run keytool (it comes with Java): {e}"))?;
+            match out.status.success() {
+                true => Ok(()),
+                false => Err(format!(
+                    "keytool {}: {}{}",
+                    args.first().unwrap_or(&""),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )),
+            }
+        };
+        keytool(&[
+            "-genkeypair",
+            "-alias",
+            "broker",
+            "-keyalg",
+            "RSA",
+            "-keysize",
+            "2048",
+            "-validity",
+            "7",
+            "-dname",
+            "CN=127.0.0.1",
+            "-ext",
+            "SAN=ip:127.0.0.1,dns:localhost",
+            "-storetype",
+            "PKCS12",
+        ])?;
+        let ca = ca_pem.to_string_lossy().into_owned();
+        keytool(&["-exportcert", "-rfc", "-alias", "broker", "-file", &ca])?;
         Ok(ExtraListeners {
             proxied_port: port()?,
             proxy_port: port()?,
@@ -131,6 +179,9 @@ impl ExtraListeners {
                 .iter()
                 .map(|u| ((*u).to_owned(), uuid::Uuid::new_v4().simple().to_string()))
                 .collect(),
+            keystore,
+            keystore_password,
+            ca_pem,
         })
     }
 
@@ -153,11 +204,17 @@ impl ExtraListeners {
                 ",PROXIED://127.0.0.1:{},SASL://127.0.0.1:{}",
                 self.proxy_port, self.sasl_port
             ),
-            ",PROXIED:PLAINTEXT,SASL:SASL_PLAINTEXT".into(),
-            "listener.name.sasl.sasl.enabled.mechanisms=SCRAM-SHA-256\n\
-             listener.name.sasl.scram-sha-256.sasl.jaas.config=\
-             org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
-                .into(),
+            ",PROXIED:PLAINTEXT,SASL:SASL_SSL".into(),
+            format!(
+                "listener.name.sasl.sasl.enabled.mechanisms=SCRAM-SHA-256\n\
+                 listener.name.sasl.scram-sha-256.sasl.jaas.config=\
+                 org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+                 listener.name.sasl.ssl.keystore.type=PKCS12\n\
+                 listener.name.sasl.ssl.keystore.location={}\n\
+                 listener.name.sasl.ssl.keystore.password={}\n",
+                self.keystore.display(),
+                self.keystore_password
+            ),
         )
     }
 }

@@ -361,7 +361,7 @@ impl Stack {
         }
         // A single Kafka node also listens behind a proxy and with SASL/SCRAM.
         let extra = match broker {
-            BrokerKind::Kafka { nodes: 1, .. } => Some(ExtraListeners::new(&SERVICES)?),
+            BrokerKind::Kafka { nodes: 1, .. } => Some(ExtraListeners::new(&SERVICES, dir)?),
             _ => None,
         };
         let proxy = match &extra {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// the client away (wrong credentials, a TLS or protocol mismatch), what it said — a metadata
 /// request alone only reports "transport failure".
 #[derive(Debug, thiserror::Error)]
-#[error("{error}{}", .refused.as_deref().map(|r| format!("; the broker refused this client: {r}")).unwrap_or_default())]
+#[error("{error}{}", .refused.as_deref().map(|r| format!("; the connection to the broker was refused: {r}")).unwrap_or_default())]
 pub struct TopicsError {
     /// The failed request.
     pub error: KafkaError,

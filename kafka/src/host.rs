@@ -203,7 +203,8 @@ impl ServiceHost {
         .map_err(|e| match e.refused {
             Some(_) => broker(format!(
                 "{e}: check KAFKA_CLIENT_SECURITY_PROTOCOL, KAFKA_CLIENT_SASL_MECHANISMS, \
-                 KAFKA_CLIENT_SASL_USERNAME and KAFKA_SASL_PASSWORD_FILE"
+                 KAFKA_CLIENT_SASL_USERNAME, KAFKA_SASL_PASSWORD_FILE and (TLS) \
+                 KAFKA_CLIENT_SSL_CA_LOCATION"
             )),
             None => broker(format!(
                 "not reachable or refused to create the topics ({e}); \

@@ -384,13 +384,16 @@ fn sasl_env(
     let sasl = stack
         .sasl_listener()
         .ok_or("needs a single Kafka node (its SASL listener)")?;
-    let password = match password {
-        Some(p) => p,
-        None => sasl
-            .password(service)
-            .ok_or(format!("no SCRAM user {service}"))?,
+    // Another password goes to a file of its own: the right one's file stays right.
+    let (password, file) = match password {
+        Some(p) => (p, format!("{service}.other-kafka-password")),
+        None => (
+            sasl.password(service)
+                .ok_or(format!("no SCRAM user {service}"))?,
+            format!("{service}.kafka-password"),
+        ),
     };
-    let file = stack.dir().join(format!("{service}.kafka-password"));
+    let file = stack.dir().join(file);
     std::fs::write(&file, password).map_err(|e| format!("{}: {e}", file.display()))?;
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("{}: {e}", file.display()))?;
@@ -399,9 +402,10 @@ fn sasl_env(
             "KAFKA_BROKERS",
             Some(format!("127.0.0.1:{}", sasl.sasl_port)),
         ),
+        ("KAFKA_CLIENT_SECURITY_PROTOCOL", Some("SASL_SSL".into())),
         (
-            "KAFKA_CLIENT_SECURITY_PROTOCOL",
-            Some("SASL_PLAINTEXT".into()),
+            "KAFKA_CLIENT_SSL_CA_LOCATION",
+            Some(sasl.ca_pem.to_string_lossy().into_owned()),
         ),
         ("KAFKA_CLIENT_SASL_MECHANISMS", Some("SCRAM-SHA-256".into())),
         ("KAFKA_CLIENT_SASL_USERNAME", Some(service.into())),
@@ -412,10 +416,11 @@ fn sasl_env(
     ])
 }
 
-/// The services on the broker's SASL/SCRAM listener, each as its own user with its password
-/// in a file: a saga completes through it, every event on the topic. With a wrong password
-/// delivery refuses to start, naming the broker's refusal and the settings to check; an order
-/// placed meanwhile completes once delivery has the right one.
+/// The services on the broker's SASL/SCRAM listener over TLS (its certificate self-signed,
+/// given as `ssl.ca.location`), each as its own user with its password in a file: a saga
+/// completes through it, every event on the topic. With a wrong password, and without the
+/// certificate, delivery refuses to start, naming the refusal and the settings to check; the
+/// orders placed meanwhile complete once delivery has the right settings.
 async fn a_saga_through_the_sasl_scram_listener(stack: &mut Stack) -> Check {
     let plaintext = |env: Vec<(&'static str, Option<String>)>| {
         env.into_iter()
@@ -457,38 +462,52 @@ async fn saga_through_sasl(stack: &mut Stack) -> Check {
             ));
         }
     }
-    // A wrong password: delivery refuses to start and says why.
-    let wrong = sasl_env(stack, "delivery", Some("not-the-password"))?;
-    stack.terminate("delivery", Duration::from_secs(20)).await?;
-    for (name, value) in &wrong {
-        stack.set_env("delivery", name, value.as_deref().unwrap_or_default());
-    }
-    stack.start_service("delivery")?;
-    let waiting = m.place_order(product, 1).await?;
-    let status = stack.wait_exited("delivery", Duration::from_secs(45)).await;
-    let said = stack.log_line("delivery", "cannot start");
-    let right = sasl_env(stack, "delivery", None)?;
-    for (name, value) in &right {
-        stack.set_env("delivery", name, value.as_deref().unwrap_or_default());
-    }
-    stack.start_service("delivery")?;
-    m.wait_healthy().await?;
-    match (status, said) {
-        (Ok(status), Some(line))
-            if !status.success()
-                && line.contains("refused this client")
-                && line.contains("KAFKA_SASL_PASSWORD_FILE") =>
-        {
-            println!("    wrong password: {line}");
+    // Turned away: a password that is wrong, a certificate the client does not trust (no
+    // `ssl.ca.location`: the system's CAs). Delivery refuses to start each time, saying why.
+    let wrong_password = sasl_env(stack, "delivery", Some("not-the-password"))?;
+    let untrusted: Vec<_> = sasl_env(stack, "delivery", None)?
+        .into_iter()
+        .filter(|(name, _)| *name != "KAFKA_CLIENT_SSL_CA_LOCATION")
+        .collect();
+    let mut waiting = Vec::new();
+    for (what, env) in [
+        ("a wrong password", wrong_password),
+        ("an untrusted certificate", untrusted),
+    ] {
+        stack.terminate("delivery", Duration::from_secs(20)).await?;
+        stack.unset_env("delivery", "KAFKA_CLIENT_SSL_CA_LOCATION");
+        for (name, value) in &env {
+            stack.set_env("delivery", name, value.as_deref().unwrap_or_default());
         }
-        (status, said) => {
-            return Err(format!(
-                "with a wrong password delivery should refuse to start naming the refusal; \
-                 exit: {status:?}, said: {said:?}"
-            ));
+        stack.start_service("delivery")?;
+        waiting.push(m.place_order(product, 1).await?);
+        let status = stack.wait_exited("delivery", Duration::from_secs(45)).await;
+        let said = stack.log_line("delivery", "cannot start");
+        let right = sasl_env(stack, "delivery", None)?;
+        for (name, value) in &right {
+            stack.set_env("delivery", name, value.as_deref().unwrap_or_default());
+        }
+        stack.start_service("delivery")?;
+        m.wait_healthy().await?;
+        match (status, said) {
+            (Ok(status), Some(line))
+                if !status.success()
+                    && line.contains("connection to the broker was refused")
+                    && line.contains("KAFKA_SASL_PASSWORD_FILE") =>
+            {
+                println!("    {what}: {line}");
+            }
+            (status, said) => {
+                return Err(format!(
+                    "with {what} delivery should refuse to start naming the refusal; \
+                     exit: {status:?}, said: {said:?}"
+                ));
+            }
         }
     }
-    m.wait_order_state(waiting, "OrderCompleted").await?;
+    for order in waiting {
+        m.wait_order_state(order, "OrderCompleted").await?;
+    }
     Ok(())
 }
 
@@ -1152,7 +1171,7 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
     }
     if stack.sasl_listener().is_some() && stack.instance_count() == 1 {
         scenario!(
-            "a saga through the broker's SASL/SCRAM listener; a wrong password is refused",
+            "a saga through the broker's SASL/SCRAM listener over TLS; a wrong password or an untrusted certificate is refused",
             a_saga_through_the_sasl_scram_listener(stack)
         );
     }
