@@ -127,13 +127,14 @@ async fn orders_read_model_rebuilt_from_the_topic_answers_the_same() {
         ..kafka::KafkaSettings::new(&cluster.bootstrap_servers(), TOPIC, "orders")
     };
     let db = kafka::Database::open(&url, orders::startup::MIGRATIONS).expect("empty database");
-    let rebuilt = orders::rebuild::rebuild(&db, &kafka)
+    let rules = std::sync::Arc::new(orders::reactor::OrderReactor);
+    let rebuilt = kafka::rebuild::rebuild(&db, &kafka, rules.clone())
         .await
         .expect("rebuilt");
     assert!(rebuilt.applied > 20, "{rebuilt:?}");
-    let again = orders::rebuild::rebuild(&db, &kafka).await;
+    let again = kafka::rebuild::rebuild(&db, &kafka, rules).await;
     assert!(
-        matches!(again, Err(orders::rebuild::RebuildError::NotEmpty)),
+        matches!(again, Err(kafka::rebuild::RebuildError::NotEmpty)),
         "{again:?}"
     );
     drop(db);
