@@ -18,7 +18,11 @@
 //!   OrderCancelRequested with a new CancelRefused.
 //! - `--rebuild` ([`main`]): the same rebuild by hand into an empty database, then exit.
 //!
-//! What the topic no longer holds (past Kafka's retention) cannot come back.
+//! What the topic no longer holds (past Kafka's retention) cannot come back. Nor can what
+//! the lost database had decided but not yet published (its outbox went with it): an event
+//! the service never answered on the topic stays unanswered (no new event for an old saga),
+//! and the saga timeout settles such an order as cancelled, which the rebuilt services then
+//! agree on (a cancel before any decision voids the order).
 
 use crate::db::{DbConnection, Migrations};
 use crate::inbox::Reactor;
