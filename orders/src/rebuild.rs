@@ -1,11 +1,10 @@
 //! Orders' part of rebuilding its read model from the topic ([`kafka::rebuild`] reads the
-//! topic into an empty database and stores the positions at its ends): every event through the
-//! same rules that built it — products' and
-//! delivery's events through [`saga::react`] (their caused events are already on the topic and
-//! are not published again), orders' own decisions through [`saga::replay_own`], ProductChanged
-//! into the catalog replica, and every saga event into its order's history.
+//! topic into an empty database, leaves out what orders parked and stores the positions at the
+//! ends): every event through the same rules that built it — products' and delivery's events
+//! through [`saga::react`] (their caused events are already on the topic and are not published
+//! again), orders' own decisions through [`saga::replay_own`], ProductChanged into the catalog
+//! replica, and every saga event into its order's history.
 //!
-//! Events orders parked are left out, as they were live (a redrive's copy is applied).
 //! What the topic does not hold cannot come back: an order's `createdAt` becomes its
 //! OrderPlaced's timestamp and `updatedAt` the rebuild's; events that arrived together keep
 //! their topic order in the history.
