@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod reactor;
+pub mod rebuild;
 pub mod retention;
 pub mod routes;
 pub mod saga;

@@ -166,6 +166,47 @@ pub fn courier_update(
     }
 }
 
+/// A rebuild's rule ([`crate::rebuild`]): the order's delivery after `event` read back from
+/// the topic. Delivery's own DeliveryStarted (with its id), DeliveryCompleted and
+/// DeliveryCancelled are what it did, taken as facts; the other services' events go through
+/// [`react`] and count only where the rule publishes nothing — OrderCompleted confirming the
+/// order, an OrderCancelled before any delivery voiding it — since every decision that
+/// published something (a start, a cancel, a refusal) is on the topic itself.
+pub fn replay(current: OrderDelivery, event: &Envelope) -> OrderDelivery {
+    use OrderDelivery::Known;
+    match (&event.event, event.source, current) {
+        (Event::DeliveryStarted(s), Service::Delivery, current) => match current {
+            Known(d) => Known(d),
+            _ => Known(Delivery {
+                id: s.delivery_id,
+                order_id: s.order_id,
+                product_id: s.product_id,
+                quantity: s.quantity,
+                customer_id: s.customer_id.clone(),
+                customer_name: s.customer_name.clone(),
+                delivery_address: s.delivery_address.clone(),
+                state: DeliveryState::Started,
+                order_confirmed: false,
+                state_message: None,
+            }),
+        },
+        (Event::DeliveryCompleted(_), Service::Delivery, Known(mut d)) => {
+            d.state = DeliveryState::Completed;
+            Known(d)
+        }
+        (Event::DeliveryCancelled(c), Service::Delivery, Known(mut d)) => {
+            d.state = DeliveryState::Cancelled;
+            d.state_message = Some(c.state_message.clone());
+            Known(d)
+        }
+        (_, Service::Delivery, current) => current,
+        (_, _, current) => {
+            let (after, caused) = react(current.clone(), event, 0);
+            if caused.is_empty() { after } else { current }
+        }
+    }
+}
+
 fn start(order: &OrderPlaced, id: i64) -> Delivery {
     Delivery {
         id,

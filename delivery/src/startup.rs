@@ -22,9 +22,11 @@ pub fn settings_from_env() -> Result<Settings, kafka::ConfigError> {
     ServiceSettings::from_env(Service::Delivery, 8082)
 }
 
-/// Opens the database and starts the service with its retention rule.
+/// Opens the database, rebuilds it from the topic if it is new and the topic is not, and
+/// starts the service with its retention rule.
 pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     let db = Database::open(&settings.database_url, MIGRATIONS)?;
+    kafka::rebuild::rebuild_if_new(&db, &settings.kafka, Arc::new(DeliveryReactor)).await?;
     let prune = retention::rules(settings.retention.dedup_window);
     ServiceHost::start(settings, db, Arc::new(DeliveryReactor), prune, routes).await
 }

@@ -187,3 +187,10 @@ pub fn save(conn: &mut DbConnection, d: &Delivery) -> QueryResult<()> {
         .set(&row);
     kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
 }
+
+/// Whether the database holds no delivery and no voided order (a rebuild starts only then).
+pub fn is_empty(conn: &mut DbConnection) -> QueryResult<bool> {
+    let deliveries: i64 = deliveries::table.count().get_result(conn)?;
+    let voided: i64 = voided_orders::table.count().get_result(conn)?;
+    Ok(deliveries + voided == 0)
+}

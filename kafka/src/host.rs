@@ -194,23 +194,7 @@ impl ServiceHost {
             brokers: kafka.brokers.clone(),
             reason,
         };
-        tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            admin::ensure_topics(kafka),
-        )
-        .await
-        .map_err(|_| broker("not reachable within 30 s".into()))?
-        .map_err(|e| match e.refused {
-            Some(_) => broker(format!(
-                "{e}: check KAFKA_CLIENT_SECURITY_PROTOCOL, KAFKA_CLIENT_SASL_MECHANISMS, \
-                 KAFKA_CLIENT_SASL_USERNAME, KAFKA_SASL_PASSWORD_FILE and (TLS) \
-                 KAFKA_CLIENT_SSL_CA_LOCATION"
-            )),
-            None => broker(format!(
-                "not reachable or refused to create the topics ({e}); \
-                 is a broker running? scripts/up.sh starts one"
-            )),
-        })?;
+        ensure_topics_at_start(kafka).await?;
         let probe = Arc::new(create_probe(kafka).map_err(|e| broker(e.to_string()))?);
         check_broker_identity(kafka, &db, &probe).await?;
         let metrics = web::Data::new(Metrics::new());
@@ -418,4 +402,32 @@ where
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Makes sure the saga topics exist before a service starts (or rebuilds from them): a broker
+/// not reachable within 30 s, or one that refuses this client, fails the start with what to
+/// check.
+pub async fn ensure_topics_at_start(kafka: &crate::KafkaSettings) -> Result<(), StartError> {
+    let broker = |reason: String| StartError::Broker {
+        brokers: kafka.brokers.clone(),
+        reason,
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        admin::ensure_topics(kafka),
+    )
+    .await
+    .map_err(|_| broker("not reachable within 30 s".into()))?
+    .map_err(|e| match e.refused {
+        Some(_) => broker(format!(
+            "{e}: check KAFKA_CLIENT_SECURITY_PROTOCOL, KAFKA_CLIENT_SASL_MECHANISMS, \
+             KAFKA_CLIENT_SASL_USERNAME, KAFKA_SASL_PASSWORD_FILE and (TLS) \
+             KAFKA_CLIENT_SSL_CA_LOCATION"
+        )),
+        None => broker(format!(
+            "not reachable or refused to create the topics ({e}); \
+             is a broker running? scripts/up.sh starts one"
+        )),
+    })?;
+    Ok(())
 }

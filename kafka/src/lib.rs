@@ -13,6 +13,8 @@
 //!   a watchdog, and the status `/health` reports.
 //! - [`offsets`]: the consumer's position, committed with each event's effect.
 //! - [`parking`]: dead letters, committed with the position past the parked message.
+//! - [`rebuild`]: a new database beside a topic that holds events is rebuilt from the topic
+//!   before the service serves (and `--rebuild` by hand).
 //! - [`producer`], [`admin`]: the idempotent producer and topic creation.
 //! - [`idempotency`]: `Idempotency-Key`: a retried request acted on once.
 //! - [`identity`]: the cluster the stored positions belong to; another one is refused.
@@ -46,6 +48,7 @@ pub mod offsets;
 pub mod outbox;
 pub mod parking;
 pub mod producer;
+pub mod rebuild;
 pub mod replay;
 pub mod retention;
 pub mod settings;

@@ -5,7 +5,7 @@
 //! start again at ids other services already hold sagas for, and a new order would be taken
 //! for an old one. So before orders serves a request it reads what the topic holds beyond its
 //! stored positions and moves its id sequence past the highest order id found there, already
-//! stored, or seen by the rebuild a new database starts with ([`crate::rebuild`]: it inserts
+//! stored, or seen by the rebuild a new database starts with ([`kafka::rebuild`]: it inserts
 //! orders with their ids, which PostgreSQL's sequence does not follow). Normally the stored
 //! positions are at the ends and nothing is read.
 
@@ -99,35 +99,7 @@ fn highest_stored(conn: &mut DbConnection) -> diesel::QueryResult<Option<i64>> {
 
 /// Makes the next order id greater than `highest`; whether the sequence had to move.
 pub fn issue_after(conn: &mut DbConnection, highest: i64) -> Result<bool, DbError> {
-    use diesel::RunQueryDsl;
-    use diesel::sql_types::BigInt;
-    let moved = match conn {
-        // AUTOINCREMENT takes the next id after sqlite_sequence's (its row appears with the
-        // first order).
-        DbConnection::Sqlite(c) => {
-            let updated = diesel::sql_query(
-                "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'orders' AND seq < ?1",
-            )
-            .bind::<BigInt, _>(highest)
-            .execute(c)?;
-            let inserted = diesel::sql_query(
-                "INSERT INTO sqlite_sequence (name, seq) SELECT 'orders', ?1 \
-                 WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'orders')",
-            )
-            .bind::<BigInt, _>(highest)
-            .execute(c)?;
-            updated + inserted > 0
-        }
-        // Only forward: ids the sequence already handed out past `highest` stay used.
-        DbConnection::Postgres(c) => diesel::sql_query(
-            "SELECT setval(pg_get_serial_sequence('orders', 'id'), $1) \
-             WHERE $1 > COALESCE(pg_sequence_last_value(pg_get_serial_sequence('orders', 'id')::regclass), 0)",
-        )
-        .bind::<BigInt, _>(highest)
-        .execute(c)?
-            > 0,
-    };
-    Ok(moved)
+    Ok(kafka::rebuild::issue_after(conn, "orders", highest)?)
 }
 
 #[cfg(test)]

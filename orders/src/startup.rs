@@ -79,20 +79,8 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
     // Before any request is served: a new database beside an old topic is rebuilt from it,
     // and the topic must not hold ids this database would issue.
     let kafka = &settings.service.kafka;
-    let broker = |reason: String| StartError::Broker {
-        brokers: kafka.brokers.clone(),
-        reason,
-    };
-    tokio::time::timeout(Duration::from_secs(30), kafka::admin::ensure_topics(kafka))
-        .await
-        .map_err(|_| broker("not reachable within 30 s".into()))?
-        .map_err(|e| {
-            broker(format!(
-                "not reachable or refused to create the topics ({e})"
-            ))
-        })?;
-    let rebuilt = crate::rebuild::rebuild_if_new(&db, kafka).await?;
-    let seen = rebuilt.and_then(|r| r.highest_order_id);
+    let rebuilt = kafka::rebuild::rebuild_if_new(&db, kafka, Arc::new(OrderReactor)).await?;
+    let seen = rebuilt.and_then(|r| r.highest_id);
     ids::move_past_the_topic(&db, kafka, seen).await?;
     let mut host = ServiceHost::start(
         &settings.service,

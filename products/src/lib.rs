@@ -8,6 +8,7 @@
 pub mod domain;
 pub mod error;
 pub mod reactor;
+pub mod rebuild;
 pub mod retention;
 pub mod routes;
 pub mod saga;

@@ -251,6 +251,54 @@ fn settle(view: StockView) -> (StockView, Vec<Envelope>) {
     }
 }
 
+/// A rebuild's rule ([`crate::rebuild`]): an order's reservation after `event` read back from
+/// the topic. Products' own StockDecreased, StockIncreased and ProductOutOfStock are what it
+/// decided, taken as facts (in the order products committed them, so the last one stands);
+/// the other services' events go through [`react`] and count only where the rule publishes
+/// nothing — voiding an order cancelled before any decision, settling a delivered one —
+/// since every decision that published something is on the topic itself. Stock and the
+/// unit counters are not taken from here: the last ProductChanged carries the stock, and
+/// the counters follow from the reservations.
+pub fn replay(view: StockView, event: &Envelope) -> Option<StockReservation> {
+    let fact = |order_id, product_id, quantity, state| {
+        Some(StockReservation {
+            order_id,
+            product_id,
+            quantity,
+            state,
+        })
+    };
+    match (&event.event, event.source) {
+        (Event::StockDecreased(m), Service::Products) => fact(
+            m.order_id,
+            m.product_id,
+            m.quantity,
+            ReservationState::Reserved,
+        ),
+        (Event::StockIncreased(m), Service::Products) => fact(
+            m.order_id,
+            m.product_id,
+            m.quantity,
+            ReservationState::Released,
+        ),
+        (Event::ProductOutOfStock(e), Service::Products) => fact(
+            e.order_id,
+            e.product_id,
+            e.quantity,
+            ReservationState::Rejected,
+        ),
+        (_, Service::Products) => view.reservation,
+        _ => {
+            let (after, caused) = react(view.clone(), event);
+            if caused.is_empty() {
+                after.reservation
+            } else {
+                view.reservation
+            }
+        }
+    }
+}
+
 fn stock_moved(
     product: &Product,
     order_id: i64,

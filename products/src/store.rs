@@ -203,6 +203,53 @@ pub fn reservations(
         .collect()
 }
 
+/// Whether the database holds no product and no reservation (a rebuild starts only then).
+pub fn is_empty(conn: &mut DbConnection) -> QueryResult<bool> {
+    let products: i64 = products::table.count().get_result(conn)?;
+    let reservations: i64 = stock_reservations::table.count().get_result(conn)?;
+    Ok(products + reservations == 0)
+}
+
+/// Writes a product as a ProductChanged read back says it is (name, price, stock), inserting
+/// it with its id if it is new; its unit counters are left as they are.
+pub fn put_changed(conn: &mut DbConnection, p: &events::ProductChanged) -> QueryResult<()> {
+    let statement = diesel::insert_into(products::table)
+        .values((
+            products::id.eq(p.product_id),
+            products::name.eq(&p.product_name),
+            products::price.eq(p.product_price),
+            products::stock.eq(p.product_stock),
+        ))
+        .on_conflict(products::id)
+        .do_update()
+        .set((
+            products::name.eq(&p.product_name),
+            products::price.eq(p.product_price),
+            products::stock.eq(p.product_stock),
+        ));
+    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
+}
+
+/// Sets every product's `reserved` and `delivered` to the units of its `Reserved` and
+/// `Delivered` reservations (a rebuild, whose reservations are all there).
+pub fn recount_units(conn: &mut DbConnection) -> QueryResult<()> {
+    let statement = diesel::sql_query(
+        "UPDATE products SET \
+         reserved = (SELECT COALESCE(SUM(quantity), 0) FROM stock_reservations r \
+                     WHERE r.product_id = products.id AND r.state = 'Reserved'), \
+         delivered = (SELECT COALESCE(SUM(quantity), 0) FROM stock_reservations r \
+                      WHERE r.product_id = products.id AND r.state = 'Delivered')",
+    );
+    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
+}
+
+/// The highest product id, if any.
+pub fn highest_product_id(conn: &mut DbConnection) -> QueryResult<Option<i64>> {
+    products::table
+        .select(diesel::dsl::max(products::id))
+        .first(conn)
+}
+
 #[cfg(test)]
 mod tests {
     use diesel::connection::SimpleConnection;

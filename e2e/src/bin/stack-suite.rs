@@ -139,6 +139,244 @@ async fn a_new_orders_database_issues_no_id_the_topic_holds(stack: &mut Stack) -
     Ok(())
 }
 
+/// Every list a service shows through REST, page by page (`after` = the last id), without the
+/// fields that say when a row was written (a rebuild writes it again).
+async fn every_row(
+    m: &e2e::Mall,
+    base: &str,
+    path: &str,
+    id: &str,
+) -> Check<Vec<serde_json::Value>> {
+    let mut rows = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = m
+            .expect(
+                "GET",
+                &format!("{base}{path}?after={after}&limit=1000"),
+                None,
+                200,
+            )
+            .await?;
+        let page = page
+            .as_array()
+            .ok_or(format!("{path} is not a list"))?
+            .clone();
+        let Some(last) = page.last() else {
+            return Ok(rows);
+        };
+        after = e2e::field_i64(last, id)?;
+        for mut row in page {
+            if let Some(fields) = row.as_object_mut() {
+                fields.remove("createdAt");
+                fields.remove("updatedAt");
+            }
+            rows.push(row);
+        }
+    }
+}
+
+/// What the three services show: orders, catalog, reservations, deliveries.
+async fn everything(m: &e2e::Mall) -> Check<[Vec<serde_json::Value>; 4]> {
+    Ok([
+        every_row(m, &m.orders, "/orders", "id").await?,
+        every_row(m, &m.products, "/products", "id").await?,
+        every_row(m, &m.products, "/reservations", "orderId").await?,
+        every_row(m, &m.delivery, "/deliveries", "id").await?,
+    ])
+}
+
+/// All three databases lost while the broker keeps the topic (issue 23 item 2): each service
+/// rebuilds from the topic before it serves. Every old order, product, reservation and delivery
+/// reads as before; products and delivery agree with orders on each old saga (delivered,
+/// cancelled with the stock back, out of stock, a delivery started but not completed); the
+/// restarts publish nothing (the topic holds the same messages), so no old saga is decided
+/// again and the seed adds no catalog; a new order completes on one StockDecreased of its own
+/// with an order id and a delivery id the topic did not hold; stock is conserved.
+async fn all_three_databases_lost_are_rebuilt_from_the_topic(stack: &mut Stack) -> Check {
+    let m = mall(stack);
+    let product = m.create_product("all rebuilt", 20).await?;
+    let url = format!("{}/products/{product}", m.products);
+    let patch = serde_json::json!({ "name": "all rebuilt (patched)", "stockDelta": 5 });
+    m.expect("PATCH", &url, Some(patch), 200).await?;
+    let delivered = m.place_order(product, 2).await?;
+    m.wait_order_state(delivered, "OrderCompleted").await?;
+    let delivery = m.wait_delivery_confirmed(delivered).await?;
+    let id = e2e::field_i64(&delivery, "id")?;
+    let courier = serde_json::json!({ "deliveryState": "DeliveryCompleted" });
+    m.expect(
+        "PATCH",
+        &format!("{}/deliveries/{id}", m.delivery),
+        Some(courier),
+        200,
+    )
+    .await?;
+    m.wait_delivery_state(delivered, "DeliveryCompleted")
+        .await?;
+    let cancelled = m.place_order(product, 3).await?;
+    m.wait_order_state(cancelled, "OrderCompleted").await?;
+    let cancel = serde_json::json!({ "state": "OrderCancelled" });
+    m.expect(
+        "PATCH",
+        &format!("{}/orders/{cancelled}", m.orders),
+        Some(cancel),
+        202,
+    )
+    .await?;
+    m.wait_order_state(cancelled, "OrderCancelled").await?;
+    let refused = m.place_order(product, 1000).await?;
+    m.wait_order_state(refused, "OrderCancelled").await?;
+    let open = m.place_order(product, 4).await?;
+    m.wait_order_state(open, "OrderCompleted").await?;
+    m.wait_quiet().await?;
+    // 25 units: 2 delivered, 4 reserved, the cancelled 3 back on hand.
+    m.wait_stock(product, (19, 4)).await?;
+    let topic_before = read_topic(&m.brokers, &m.topic).await?;
+    let shown_before = everything(&m).await?;
+
+    for service in ["orders", "products", "delivery"] {
+        stack.terminate(service, Duration::from_secs(20)).await?;
+    }
+    for service in ["orders", "products", "delivery"] {
+        let path = stack
+            .database_url(service)
+            .ok_or(format!("{service} has no database"))?
+            .to_owned();
+        for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
+            match std::fs::remove_file(&file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("cannot remove {file}: {e}"));
+                }
+                _ => {}
+            }
+        }
+    }
+    for service in ["orders", "products", "delivery"] {
+        stack.start_service(service)?;
+    }
+    m.wait_healthy().await?;
+    m.wait_quiet().await?;
+
+    let shown_after = everything(&m).await?;
+    for (what, (before, after)) in ["orders", "products", "reservations", "deliveries"]
+        .iter()
+        .zip(shown_before.iter().zip(shown_after.iter()))
+    {
+        if before != after {
+            let gone: Vec<_> = before
+                .iter()
+                .filter(|r| !after.contains(r))
+                .take(3)
+                .collect();
+            let new: Vec<_> = after
+                .iter()
+                .filter(|r| !before.contains(r))
+                .take(3)
+                .collect();
+            return Err(format!(
+                "GET /{what} after the rebuild differs ({} rows before, {} after): before only \
+                 {gone:?}, after only {new:?}",
+                before.len(),
+                after.len()
+            ));
+        }
+    }
+    let topic_after = read_topic(&m.brokers, &m.topic).await?;
+    if topic_after.len() != topic_before.len() {
+        let new: Vec<_> = topic_after[topic_before.len().min(topic_after.len())..]
+            .iter()
+            .map(|msg| msg.value.to_string())
+            .take(5)
+            .collect();
+        return Err(format!(
+            "the restarts published: {} messages before, {} after: {new:?}",
+            topic_before.len(),
+            topic_after.len()
+        ));
+    }
+    // The three agree on each old saga.
+    for (order, state, reservation, delivery_state) in [
+        (
+            delivered,
+            "OrderCompleted",
+            "Delivered",
+            "DeliveryCompleted",
+        ),
+        (cancelled, "OrderCancelled", "Released", "DeliveryCancelled"),
+        (refused, "OrderCancelled", "Rejected", "DeliveryCancelled"),
+        (open, "OrderCompleted", "Reserved", "DeliveryStarted"),
+    ] {
+        let o = m.order(order).await?;
+        let r = m
+            .expect(
+                "GET",
+                &format!("{}/reservations/{order}", m.products),
+                None,
+                200,
+            )
+            .await?;
+        let d = m.delivery_of(order).await?;
+        let got = (
+            o["state"].as_str(),
+            r["state"].as_str(),
+            d["deliveryState"].as_str(),
+        );
+        if got != (Some(state), Some(reservation), Some(delivery_state)) {
+            return Err(format!(
+                "order {order}: orders, products, delivery say {got:?}, expected \
+                 ({state}, {reservation}, {delivery_state})"
+            ));
+        }
+    }
+
+    let highest_order = topic_before
+        .iter()
+        .filter_map(|msg| msg.value["orderId"].as_i64())
+        .max()
+        .ok_or("no order id on the topic")?;
+    let old_delivery_ids: std::collections::HashSet<i64> = topic_before
+        .iter()
+        .filter_map(|msg| msg.value["deliveryId"].as_i64())
+        .collect();
+    let new = m.place_order(product, 1).await?;
+    if new <= highest_order {
+        return Err(format!(
+            "order id {new} issued again; the topic holds ids up to {highest_order}"
+        ));
+    }
+    m.wait_order_state(new, "OrderCompleted").await?;
+    let new_delivery = e2e::field_i64(&m.delivery_of(new).await?, "id")?;
+    if old_delivery_ids.contains(&new_delivery) {
+        return Err(format!(
+            "the new order's delivery id {new_delivery} is already on the topic"
+        ));
+    }
+    m.wait_quiet().await?;
+    let after = read_topic(&m.brokers, &m.topic).await?;
+    let decreased: Vec<_> = after
+        .iter()
+        .filter(|msg| msg.value["orderId"] == new && msg.value["eventType"] == "StockDecreased")
+        .map(|msg| msg.value["quantity"].clone())
+        .collect();
+    if decreased != [serde_json::json!(1)] {
+        return Err(format!(
+            "the new order {new} should have one StockDecreased of 1 unit: {decreased:?}"
+        ));
+    }
+    let p = m.expect("GET", &url, None, 200).await?;
+    let units = (
+        e2e::field_i64(&p, "stock")?,
+        e2e::field_i64(&p, "reserved")?,
+        e2e::field_i64(&p, "delivered")?,
+    );
+    if units != (18, 5, 2) {
+        return Err(format!(
+            "product {product}: (stock, reserved, delivered) is {units:?}, expected (18, 5, 2) of 25"
+        ));
+    }
+    Ok(())
+}
+
 /// `kill -9` products while orders are being placed, restart it: every saga still ends, every
 /// order reserves its stock exactly once.
 async fn products_killed_mid_flight(stack: &mut Stack) -> Check {
@@ -1210,6 +1448,10 @@ async fn run(stack: &mut Stack) -> (usize, usize) {
         scenario!(
             "orders' database lost, the topic kept: rebuilt from the topic, no order id issued twice",
             a_new_orders_database_issues_no_id_the_topic_holds(stack)
+        );
+        scenario!(
+            "all three databases lost, the topic kept: each service rebuilt from the topic, all agree, nothing republished",
+            all_three_databases_lost_are_rebuilt_from_the_topic(stack)
         );
     }
     let on_kafka = matches!(stack.broker_kind(), BrokerKind::Kafka { .. });
