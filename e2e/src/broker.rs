@@ -220,10 +220,21 @@ impl ExtraListeners {
 }
 
 /// A Kafka cluster id: 16 random bytes in URL-safe base64 without padding, as Kafka's
-/// `StorageTool random-uuid` prints them.
+/// `StorageTool random-uuid` prints them — and, like Kafka's `Uuid.randomUuid`, never one that
+/// starts with `-`, which `kafka-storage format -t` would take for an option (seen: one
+/// bench start in 64 failed so).
 pub fn new_cluster_id() -> String {
+    loop {
+        let id = encode_cluster_id(*uuid::Uuid::new_v4().as_bytes());
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+/// `bytes` in URL-safe base64 without padding.
+fn encode_cluster_id(bytes: [u8; 16]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let bytes = *uuid::Uuid::new_v4().as_bytes();
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
         let n = chunk
@@ -438,5 +449,8 @@ mod tests {
             "{id}"
         );
         assert_ne!(id, new_cluster_id());
+        // 0xF8 encodes as '-' first: such an id is never handed out.
+        assert!(encode_cluster_id([0xF8; 16]).starts_with('-'));
+        assert!((0..2000).all(|_| !new_cluster_id().starts_with('-')));
     }
 }
