@@ -2,7 +2,9 @@
 //! one process; its jars fetched from Maven Central into `.tools/` by `scripts/lib.sh`) or
 //! tansu 0.6.0 (`BROKER=tansu`). [`BrokerKind`] says which and how many nodes;
 //! [`BrokerNode`] writes a node's configuration, formats its storage on first start and builds
-//! the command that runs it. [`crate::stack::Stack`] owns the processes.
+//! the command that runs it. [`crate::stack::Stack`] owns the processes. A single Kafka node
+//! also has the client listeners of [`ExtraListeners`]: one behind the test's proxy and one
+//! with SASL/SCRAM over TLS.
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
