@@ -7,7 +7,7 @@
 //! Each connection is known by the `client.id` of its first request (every Kafka request
 //! header carries it), which the services set to `<instance>/<role>` (`delivery/consumer`).
 //! The broker advertises the proxy's address on the listener behind it, so clients that
-//! bootstrap through the proxy stay on it ([`crate::broker::BrokerNode::proxied`]).
+//! bootstrap through the proxy stay on it ([`crate::broker::ExtraListeners::proxied_port`]).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
