@@ -26,22 +26,8 @@ impl Reactor for StockReactor {
         conn: &mut DbConnection,
         event: &Envelope,
     ) -> Result<Vec<Envelope>, ReactError> {
-        let Some(order_id) = event.event.order_id() else {
+        let Some(before) = view_of(conn, event)? else {
             return Ok(Vec::new());
-        };
-        let reservation = store::reservation(conn, order_id)?;
-        let product_id = match (&event.event, &reservation) {
-            (_, Some(r)) => Some(r.product_id),
-            (Event::OrderPlaced(placed), None) => Some(placed.product_id),
-            _ => None,
-        };
-        let product = match product_id {
-            Some(id) => store::product(conn, id)?,
-            None => None,
-        };
-        let before = StockView {
-            product,
-            reservation,
         };
         let (after, caused) = saga::react(before.clone(), event);
         if let Some(product) = after
@@ -60,4 +46,29 @@ impl Reactor for StockReactor {
         }
         Ok(caused)
     }
+}
+
+/// What products knows about `event`'s order: its reservation, and the product the rule reads
+/// (the reservation's, else the one an OrderPlaced names). `None` for an event of no order.
+pub(crate) fn view_of(
+    conn: &mut DbConnection,
+    event: &Envelope,
+) -> Result<Option<StockView>, ReactError> {
+    let Some(order_id) = event.event.order_id() else {
+        return Ok(None);
+    };
+    let reservation = store::reservation(conn, order_id)?;
+    let product_id = match (&event.event, &reservation) {
+        (_, Some(r)) => Some(r.product_id),
+        (Event::OrderPlaced(placed), None) => Some(placed.product_id),
+        _ => None,
+    };
+    let product = match product_id {
+        Some(id) => store::product(conn, id)?,
+        None => None,
+    };
+    Ok(Some(StockView {
+        product,
+        reservation,
+    }))
 }

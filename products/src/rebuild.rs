@@ -27,7 +27,7 @@
 //! whose events Kafka's retention deleted cannot.
 
 use crate::reactor::StockReactor;
-use crate::saga::{self, StockView};
+use crate::saga;
 use crate::store;
 use diesel::QueryResult;
 use events::{Envelope, Event, Service};
@@ -62,32 +62,16 @@ fn apply(conn: &mut DbConnection, event: &Envelope) -> QueryResult<()> {
     if let (Event::ProductChanged(p), Service::Products) = (&event.event, event.source) {
         return store::put_changed(conn, p);
     }
-    let Some(order_id) = event.event.order_id() else {
-        return Ok(());
-    };
-    let reservation = store::reservation(conn, order_id).map_err(|e| match e {
+    // The view the live rule saw (react's refusals read the product; its stock is not kept).
+    let view = crate::reactor::view_of(conn, event).map_err(|e| match e {
         kafka::ReactError::Db(kafka::DbError::Query(e)) => e,
         other => diesel::result::Error::DeserializationError(other.to_string().into()),
     })?;
-    // The product as the live rule saw it (react's refusals read it; its stock is not kept).
-    let product_id = match (&event.event, &reservation) {
-        (_, Some(r)) => Some(r.product_id),
-        (Event::OrderPlaced(placed), None) => Some(placed.product_id),
-        _ => None,
+    let Some(view) = view else {
+        return Ok(());
     };
-    let product = match product_id {
-        Some(id) => store::product(conn, id)?,
-        None => None,
-    };
-    let before = reservation.clone();
-    let after = saga::replay(
-        StockView {
-            product,
-            reservation,
-        },
-        event,
-    );
-    match after {
+    let before = view.reservation.clone();
+    match saga::replay(view, event) {
         Some(r) if Some(&r) != before.as_ref() => store::save_reservation(conn, &r),
         _ => Ok(()),
     }
