@@ -440,18 +440,7 @@ fn read_topic_blocking(brokers: &str, topic: &str, deadline: Duration) -> Check<
             .payload()
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
-        let headers = m
-            .headers()
-            .map(|h| {
-                use rdkafka::message::Headers;
-                h.iter()
-                    .map(|h| {
-                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
-                        (h.key.to_owned(), value.into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = kafka::replay::headers_of(&m);
         messages.push(TopicMessage {
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             value: serde_json::from_str(&raw).unwrap_or(Value::Null),

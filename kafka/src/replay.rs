@@ -10,6 +10,21 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// A message's headers as text pairs, in order (a value that is not UTF-8 is shown lossily).
+pub fn headers_of(message: &impl Message) -> Vec<(String, String)> {
+    message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                    (h.key.to_owned(), value.into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// One message read back.
 #[derive(Debug, Clone)]
 pub struct Replayed {
@@ -106,17 +121,7 @@ pub fn read_from(
             continue; // written after the call began
         }
         next.insert(partition, offset + 1);
-        let headers = message
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
-                        (h.key.to_owned(), value.into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = headers_of(&message);
         read.push(Replayed {
             partition,
             offset,
