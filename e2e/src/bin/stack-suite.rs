@@ -306,16 +306,7 @@ async fn all_three_databases_lost_are_rebuilt_from_the_topic(stack: &mut Stack) 
         (refused, "OrderCancelled", "Rejected", "DeliveryCancelled"),
         (open, "OrderCompleted", "Reserved", "DeliveryStarted"),
     ] {
-        let o = m.order(order).await?;
-        let r = m
-            .expect(
-                "GET",
-                &format!("{}/reservations/{order}", m.products),
-                None,
-                200,
-            )
-            .await?;
-        let d = m.delivery_of(order).await?;
+        let (o, d, r) = views_of(&m, order).await?;
         let got = (
             o["state"].as_str(),
             r["state"].as_str(),
@@ -947,6 +938,18 @@ async fn redrive(m: &e2e::Mall, base: &str, id: i64) -> Check {
     m.expect("POST", &url, None, 409).await.map(|_| ())
 }
 
+/// `order` as each service shows it: orders' order, delivery's delivery, products' reservation.
+async fn views_of(
+    m: &e2e::Mall,
+    order: i64,
+) -> Check<(serde_json::Value, serde_json::Value, serde_json::Value)> {
+    let o = m.order(order).await?;
+    let d = m.delivery_of(order).await?;
+    let reservation = format!("{}/reservations/{order}", m.products);
+    let r = m.expect("GET", &reservation, None, 200).await?;
+    Ok((o, d, r))
+}
+
 /// Waits until the three services agree on `order` — orders' state and delivery state,
 /// delivery's state, products' reservation — and orders shows no parked event on it.
 async fn wait_agreed(
@@ -958,16 +961,7 @@ async fn wait_agreed(
         &format!("order {order}: {state}, {delivery_state}, {reservation}, nothing parked"),
         Duration::from_secs(30),
         || async move {
-            let o = m.order(order).await?;
-            let d = m.delivery_of(order).await?;
-            let r = m
-                .expect(
-                    "GET",
-                    &format!("{}/reservations/{order}", m.products),
-                    None,
-                    200,
-                )
-                .await?;
+            let (o, d, r) = views_of(m, order).await?;
             let agreed = o["state"] == state
                 && o["deliveryState"] == delivery_state
                 && o["cancelRequested"] == false
