@@ -330,8 +330,15 @@ impl RelayStatus {
         s.last_error = Some(error.to_owned());
     }
 
+    /// Standing by is a healthy state whatever failed before: another instance publishes, so
+    /// a failure from when this one held the lease no longer stands.
     fn standby(&self, standby: bool) {
-        lock(&self.inner).standby = standby;
+        let mut s = lock(&self.inner);
+        s.standby = standby;
+        if standby {
+            s.failing_since = None;
+            s.waiting_since = None;
+        }
     }
 
     fn waiting(&self, waiting: bool) {
@@ -459,9 +466,14 @@ impl OutboxRelay {
             .await;
         let was_held = self.held_until.is_some();
         self.held_until = match held {
-            Ok(until) => until,
+            Ok(until) => {
+                self.status.standby(until.is_none());
+                until
+            }
             Err(e) => {
+                // Neither publishing nor standing by: a failure `/health` shows if it lasts.
                 log::warn!("outbox relay: cannot renew its lease: {e}");
+                self.status.failed(&format!("cannot hold the relay lease: {e}"));
                 None
             }
         };
@@ -470,7 +482,6 @@ impl OutboxRelay {
             (true, false) => log::warn!("outbox relay: lease lost; standing by"),
             _ => {}
         }
-        self.status.standby(self.held_until.is_none());
         if self.held_until.is_none() {
             self.unmarked.clear();
         }
@@ -608,6 +619,10 @@ impl OutboxRelay {
     pub async fn publish_pending(&mut self, stop: &CancellationToken) -> Result<usize, RelayError> {
         // What the last round sent but could not mark is marked, not sent again.
         self.mark_or_report().await?;
+        if self.held_until.is_none() {
+            // The mark found the lease moved: the rows are the new holder's to send.
+            return Ok(0);
+        }
         let rows = self
             .db
             .read(|conn| pending(conn, BATCH).map_err(DbError::from))
@@ -1236,6 +1251,65 @@ mod relay_tests {
             by_key(&read_topic(&s.cluster)),
             committed,
             "each event once"
+        );
+    }
+    /// A relay whose marks fail (the database refuses them) loses its lease to another
+    /// instance: it stops sending and stands by, and `/health` no longer calls it failing.
+    /// (Before, the failure from when it held the lease stood forever: an instance paused past
+    /// its lease answered 503 until restarted.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_relay_that_loses_its_lease_stands_by_healthy() {
+        let s = setup();
+        s.db.write(|conn| {
+            conn.batch_execute(
+                "CREATE TRIGGER refuse_mark BEFORE UPDATE OF published_at ON outbox \
+                 BEGIN SELECT RAISE(ABORT, 'marking refused by the test'); END;",
+            )?;
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+        .await
+        .unwrap();
+        commit(&s.db, vec![completed(1, "c".into())]).await;
+        let running = start(relay(&s, "a", Duration::from_secs(2)));
+        let failing = async {
+            while !running.status.snapshot()["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("marking refused"))
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), failing)
+            .await
+            .expect("the relay reports its failing marks");
+        // Another instance takes the lease (as after a pause past it).
+        s.db.write(|conn| {
+            conn.batch_execute(&format!(
+                "UPDATE leases SET holder = 'b', expires_at = {} WHERE name = '{}'",
+                leases::now_ms() + 60_000,
+                leases::RELAY
+            ))?;
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+        .await
+        .unwrap();
+        let healthy = async {
+            loop {
+                let health = running.status.snapshot();
+                if health["standby"] == true && running.status.problem(Duration::ZERO).is_none() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let stood_by = tokio::time::timeout(Duration::from_secs(10), healthy).await;
+        let health = running.status.snapshot();
+        running.stop.cancel();
+        running.task.await.unwrap();
+        assert!(
+            stood_by.is_ok(),
+            "still failing while standing by: {health} {:?}",
+            running.status.problem(Duration::ZERO)
         );
     }
 }

@@ -384,6 +384,7 @@ async fn run(
             topic_deadline,
             planned_orders: o.orders,
             offered: progress.offered.load(Ordering::Relaxed),
+            given_up: progress.unanswered.load(Ordering::Relaxed),
             follow_ups_applied: progress.follow_ups_applied.load(Ordering::Relaxed),
         })
         .await;

@@ -80,6 +80,18 @@ impl Client {
 
     /// Sends a request and records the outcome under `what` (e.g. `POST /orders`).
     pub async fn call(&self, what: &str, method: &str, url: &str, body: Option<Value>) -> Reply {
+        self.call_keyed(what, method, url, body, None).await
+    }
+
+    /// [`Client::call`] with an `Idempotency-Key`, when given.
+    pub async fn call_keyed(
+        &self,
+        what: &str,
+        method: &str,
+        url: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> Reply {
         let health = url.ends_with("/health");
         let client = if health { &self.quick } else { &self.http };
         let Ok(m) = reqwest::Method::from_bytes(method.as_bytes()) else {
@@ -88,6 +100,9 @@ impl Client {
         let mut request = client.request(m, url);
         if let Some(body) = body {
             request = request.json(&body);
+        }
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
         }
         let reply = match request.send().await {
             Err(e) => Reply::NoAnswer(e.to_string()),

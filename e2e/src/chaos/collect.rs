@@ -109,6 +109,8 @@ pub struct Context<'a> {
     pub planned_orders: u64,
     /// Orders it offered.
     pub offered: u64,
+    /// Offers it gave up.
+    pub given_up: u64,
     /// Follow-ups a service accepted.
     pub follow_ups_applied: u64,
 }
@@ -139,6 +141,7 @@ pub async fn snapshot(cx: Context<'_>) -> Snapshot {
         not_quiet,
         planned_orders: cx.planned_orders,
         offered: cx.offered,
+        given_up: cx.given_up,
         follow_ups_applied: cx.follow_ups_applied,
         ..Snapshot::default()
     };

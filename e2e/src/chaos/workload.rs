@@ -173,8 +173,10 @@ pub struct Progress {
     pub accepted: AtomicU64,
     /// POST /orders answered with something else.
     pub refused: AtomicU64,
-    /// POST /orders with no answer (given up).
+    /// POST /orders given up: no answer, or still 503/429, after [`PLACE_PATIENCE`].
     pub unanswered: AtomicU64,
+    /// POST /orders sent again (same `Idempotency-Key`) after no answer, a 503 or a 429.
+    pub retried: AtomicU64,
     /// Follow-ups finished (done, refused or skipped).
     pub follow_ups_done: AtomicU64,
     /// Follow-ups that reached the service and were answered 2xx.
@@ -197,11 +199,13 @@ impl Progress {
     /// One progress line.
     pub fn line(&self) -> String {
         format!(
-            "orders: {} offered, {} accepted, {} refused, {} unanswered; follow-ups: {} done",
+            "orders: {} offered, {} accepted, {} refused, {} given up ({} retries); \
+             follow-ups: {} done",
             self.offered.load(Ordering::Relaxed),
             self.accepted.load(Ordering::Relaxed),
             self.refused.load(Ordering::Relaxed),
             self.unanswered.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
             self.follow_ups_done.load(Ordering::Relaxed),
         )
     }
@@ -265,9 +269,11 @@ pub async fn run(
         };
         let (client, urls, jobs, progress) =
             (client.clone(), urls.clone(), jobs.clone(), progress.clone());
+        let seed = settings.seed;
         placing.spawn(async move {
             let when = Timing { start, horizon };
-            place(&client, &urls, product, plan, when, &jobs, &progress).await;
+            let key = (seed, index);
+            place(&client, &urls, product, plan, key, when, &jobs, &progress).await;
             drop(permit);
         });
     }
@@ -294,26 +300,67 @@ struct Timing {
     horizon: Duration,
 }
 
+/// How long a POST /orders is retried (same `Idempotency-Key`) while no instance answers or
+/// one answers 503/429: longer than any planned outage, so an order is given up only when
+/// orders did not come back.
+const PLACE_PATIENCE: Duration = Duration::from_secs(60);
+/// Pause between two attempts of one POST /orders.
+const PLACE_RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// The `Idempotency-Key` of the workload's `index`-th order: the same for every attempt, so a
+/// retry after a kill that lost the answer cannot place the order twice.
+pub fn idempotency_key(seed: u64, index: u64) -> String {
+    format!("chaos-{seed}-{index}")
+}
+
+/// The customer name of the `index`-th order: [`check`](super::check) finds the orders that
+/// came of one offer by it.
+pub fn customer_name(index: u64) -> String {
+    format!("Chaos #{index}")
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn place(
     client: &Client,
     urls: &Urls,
     product: Product,
     plan: OrderPlan,
+    key: (u64, u64),
     when: Timing,
     jobs: &mpsc::UnboundedSender<Job>,
     progress: &Progress,
 ) {
+    let (seed, index) = key;
     progress.offered.fetch_add(1, Ordering::Relaxed);
     let body = json!({ "productId": product.id, "quantity": plan.quantity,
-                       "customerId": "chaos@12st.mall", "customerName": "Chaos", "customerAddr": "Seoul" });
-    let reply = client
-        .call(
-            "POST /orders",
-            "POST",
-            &format!("{}/orders", urls.orders.pick()),
-            Some(body),
-        )
-        .await;
+                       "customerId": "chaos@12st.mall", "customerName": customer_name(index),
+                       "customerAddr": "Seoul" });
+    let key = idempotency_key(seed, index);
+    let first = Instant::now();
+    let mut attempt = 0u32;
+    let reply = loop {
+        if attempt > 0 {
+            progress.retried.fetch_add(1, Ordering::Relaxed);
+        }
+        attempt += 1;
+        let reply = client
+            .call_keyed(
+                "POST /orders",
+                "POST",
+                &format!("{}/orders", urls.orders.pick()),
+                Some(body.clone()),
+                Some(&key),
+            )
+            .await;
+        let again = match &reply {
+            Reply::NoAnswer(_) => true,
+            Reply::Status(s, _) => *s == 503 || *s == 429,
+        };
+        if !again || first.elapsed() >= PLACE_PATIENCE {
+            break reply;
+        }
+        tokio::time::sleep(PLACE_RETRY_AFTER).await;
+    };
     match reply {
         Reply::Status(201, order) => {
             let Some(id) = order["id"].as_i64() else {
