@@ -92,7 +92,7 @@ mod tests {
             db.write(move |conn| {
                 conn.set_instrumentation(move |e: diesel::connection::InstrumentationEvent<'_>| {
                     if let diesel::connection::InstrumentationEvent::StartQuery { query, .. } = e
-                        && query.to_string().contains("max(")
+                        && query.to_string().contains("sqlite_sequence")
                     {
                         counter.fetch_add(1, Ordering::SeqCst);
                     }

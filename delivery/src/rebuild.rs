@@ -17,9 +17,9 @@
 //!   delivery published DeliveryCancelled, applied as such.
 //! - Anything else: nothing.
 //!
-//! Delivery ids: a new delivery takes the highest id in the table plus one
-//! ([`store::next_id`]), and every DeliveryStarted on the topic is rebuilt with its id, so no
-//! id on the topic is issued again.
+//! Delivery ids: every DeliveryStarted on the topic is rebuilt with its id, and the table's
+//! sequence is moved past the highest ([`store::next_id`] draws from it), so no id on the
+//! topic is issued again.
 
 use crate::reactor::DeliveryReactor;
 use crate::saga::{self, OrderDelivery};
@@ -52,6 +52,15 @@ impl Rebuild for DeliveryReactor {
             OrderDelivery::Known(delivery) => store::save(conn, delivery),
             OrderDelivery::Voided => store::void(conn, order_id),
             OrderDelivery::Unknown => Ok(()),
+        }
+    }
+
+    /// The sequence goes past the ids the topic's deliveries were rebuilt with (PostgreSQL's
+    /// does not follow explicit ids; SQLite's high-water mark does, and is moved all the same).
+    fn finish(&self, conn: &mut DbConnection) -> QueryResult<()> {
+        match store::highest_id(conn)? {
+            Some(highest) => store::issue_after(conn, highest),
+            None => Ok(()),
         }
     }
 }

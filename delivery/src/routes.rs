@@ -98,7 +98,7 @@ async fn update(
             {
                 return Ok((Keyed::Replayed(replay), Vec::new()));
             }
-            let current = store::by_id(conn, id)?.ok_or(DeliveryError::NotFound(id))?;
+            let current = store::by_id_to_change(conn, id)?.ok_or(DeliveryError::NotFound(id))?;
             let (delivery, event) = saga::courier_update(current, target)?;
             store::save(conn, &delivery)?;
             if let Some(keyed) = &keyed {

@@ -157,12 +157,55 @@ pub fn void(conn: &mut DbConnection, order_id: i64) -> QueryResult<()> {
     kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
 }
 
-/// The id the next delivery gets; callers hold the write lock, so it cannot be taken twice.
+/// The id the next delivery gets, never one handed out before, even if that delivery was
+/// deleted since (retention) or its write rolled back: PostgreSQL's sequence of the table,
+/// SQLite's AUTOINCREMENT high-water mark (`sqlite_sequence`, which an insert with a larger
+/// explicit id moves). Two instances starting deliveries at once draw different ids.
 pub fn next_id(conn: &mut DbConnection) -> QueryResult<i64> {
-    let max: Option<i64> = deliveries::table
+    use diesel::sql_types::BigInt;
+    #[derive(QueryableByName)]
+    struct Next {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let sql = match conn {
+        DbConnection::Postgres(_) => {
+            "SELECT nextval(pg_get_serial_sequence('deliveries', 'id')) AS id"
+        }
+        DbConnection::Sqlite(_) => {
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'), 0), \
+                        COALESCE((SELECT MAX(id) FROM deliveries), 0)) + 1 AS id"
+        }
+    };
+    Ok(diesel::sql_query(sql).get_result::<Next>(conn)?.id)
+}
+
+/// The highest delivery id stored.
+pub fn highest_id(conn: &mut DbConnection) -> QueryResult<Option<i64>> {
+    deliveries::table
         .select(diesel::dsl::max(deliveries::id))
-        .first(conn)?;
-    Ok(max.unwrap_or(0) + 1)
+        .first(conn)
+}
+
+/// Moves the next delivery id past `highest` (after a rebuild inserted deliveries with the
+/// ids they had on the topic).
+pub fn issue_after(conn: &mut DbConnection, highest: i64) -> QueryResult<()> {
+    kafka::rebuild::issue_after(conn, "deliveries", highest).map(|_| ())
+}
+
+/// One delivery, for a write that decides on it: its order locked first
+/// ([`kafka::db::Lock::Order`], as the consumer locks it), then read again.
+pub fn by_id_to_change(conn: &mut DbConnection, id: i64) -> QueryResult<Option<Delivery>> {
+    let Some(order_id) = deliveries::table
+        .find(id)
+        .select(deliveries::order_id)
+        .first::<i64>(conn)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    kafka::db::lock(conn, kafka::db::Lock::Order(order_id))?;
+    by_id(conn, id)
 }
 
 /// Inserts or updates a delivery.

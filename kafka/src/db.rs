@@ -3,11 +3,14 @@
 //! which commits the events the change causes into the outbox in the same transaction and then
 //! wakes the [`OutboxRelay`](crate::OutboxRelay).
 //!
-//! Writes are serialized per service database on both backends: SQLite has one writer by
-//! design (`BEGIN IMMEDIATE`), and on PostgreSQL every write transaction first takes one
-//! transaction-scoped advisory lock. Every instance of a service therefore sees the same
-//! serial history, so the read-decide-write rules (a saga step, a PATCH that answers 409,
-//! the next delivery id) need no per-row locking, and outbox ids grow in commit order.
+//! Within an instance every write goes through one writer thread ([`crate::group_commit`]).
+//! Across the instances of a service on PostgreSQL, a write locks what it decides on before
+//! it reads it ([`lock`]: one order's saga state, one product's stock, one
+//! `Idempotency-Key`), so writes about different orders and products commit in parallel
+//! while two decisions about one order are made one after the other, each on the other's
+//! result. A consumer's write also takes its partition's lease in shared mode
+//! ([`crate::leases::fence`]); a takeover waits for it. SQLite has one writer by design
+//! (`BEGIN IMMEDIATE`), so there [`lock`] does nothing.
 
 use crate::outbox;
 use crate::settings::{PgLimits, SqliteSync};
@@ -86,9 +89,105 @@ impl Backend {
 /// a new file size (a truncated log grows again with every commit).
 const WAL_KEPT_BYTES: u64 = 64 * 1024 * 1024;
 
-/// The advisory lock every PostgreSQL write transaction takes first (one database per
-/// service, so one constant is enough).
-pub const WRITE_LOCK: i64 = 0x6d61_6c6c; // "mall"
+/// The advisory lock migrations take: two instances starting at once on one database would
+/// both migrate; the second waits and then finds nothing pending.
+pub const MIGRATION_LOCK: i64 = 0x6d61_6c6c; // "mall"
+
+/// What a PostgreSQL write locks before it reads what it decides on ([`lock`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock<'a> {
+    /// One order's saga state (the order in orders, its reservation in products, its delivery
+    /// in delivery).
+    Order(i64),
+    /// One product's stock and counters.
+    Product(i64),
+    /// One `Idempotency-Key` in its scope.
+    Key(&'a str),
+    /// One lease, by name ([`crate::leases`]).
+    Lease(&'a str),
+}
+
+impl Lock<'_> {
+    /// The two 32-bit halves of the advisory lock: a namespace, and the id folded or the
+    /// name hashed by the server.
+    fn sql(&self, shared: bool) -> String {
+        let function = if shared {
+            "pg_advisory_xact_lock_shared"
+        } else {
+            "pg_advisory_xact_lock"
+        };
+        let quoted = |name: &str| name.replace('\'', "''");
+        match self {
+            Lock::Order(id) => format!("SELECT {function}(1, {})", fold(*id)),
+            Lock::Product(id) => format!("SELECT {function}(2, {})", fold(*id)),
+            Lock::Key(name) => format!("SELECT {function}(3, hashtext('{}'))", quoted(name)),
+            Lock::Lease(name) => format!("SELECT {function}(4, hashtext('{}'))", quoted(name)),
+        }
+    }
+}
+
+/// An id as the second half of an advisory lock: two ids that fold alike only wait for each
+/// other.
+fn fold(id: i64) -> i32 {
+    (id ^ (id >> 32)) as i32
+}
+
+/// Locks `what` until the end of the write's transaction (PostgreSQL; SQLite's writer is
+/// alone anyway). Take it before reading what the write decides on: under READ COMMITTED the
+/// statements after it see whatever the previous holder committed. Lock orders before
+/// products; a deadlock left is retried (transient), never parked.
+pub fn lock(conn: &mut DbConnection, what: Lock<'_>) -> diesel::QueryResult<()> {
+    match conn {
+        DbConnection::Sqlite(_) => Ok(()),
+        DbConnection::Postgres(c) => c.batch_execute(&what.sql(false)),
+    }
+}
+
+/// [`lock`] on each of `orders` ([`Lock::Order`]), in ascending order, with one statement: a
+/// consumer's batch takes the orders it is about to react to in one round trip.
+pub fn lock_orders(
+    conn: &mut DbConnection,
+    orders: impl IntoIterator<Item = i64>,
+) -> diesel::QueryResult<()> {
+    match conn {
+        DbConnection::Sqlite(_) => Ok(()),
+        DbConnection::Postgres(c) => lock_orders_on(c, orders),
+    }
+}
+
+/// [`lock_orders`] on a PostgreSQL connection.
+pub(crate) fn lock_orders_on(
+    c: &mut PgConnection,
+    orders: impl IntoIterator<Item = i64>,
+) -> diesel::QueryResult<()> {
+    let keys: std::collections::BTreeSet<i32> = orders.into_iter().map(fold).collect();
+    match keys.len() {
+        0 => Ok(()),
+        1 => c.batch_execute(&format!(
+            "SELECT pg_advisory_xact_lock(1, {})",
+            keys.first().copied().unwrap_or_default()
+        )),
+        _ => {
+            let list = keys
+                .iter()
+                .map(i32::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            c.batch_execute(&format!(
+                "SELECT count(pg_advisory_xact_lock(1, k)) \
+                 FROM (SELECT k FROM unnest(ARRAY[{list}]::int4[]) AS k ORDER BY k) AS ascending"
+            ))
+        }
+    }
+}
+
+/// [`lock`] in shared mode: many holders at once, none while someone holds it exclusively.
+pub fn lock_shared(conn: &mut DbConnection, what: Lock<'_>) -> diesel::QueryResult<()> {
+    match conn {
+        DbConnection::Sqlite(_) => Ok(()),
+        DbConnection::Postgres(c) => c.batch_execute(&what.sql(true)),
+    }
+}
 
 /// The channel every PostgreSQL write notifies on commit, so live views on any instance wake
 /// for commits made by the others.
@@ -152,8 +251,8 @@ impl r2d2::ManageConnection for Manager {
 /// A pool of connections to one service database.
 pub(crate) type Pool = r2d2::Pool<Manager>;
 
-/// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite, `BEGIN` and the service's
-/// write lock on PostgreSQL (module docs).
+/// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite (the database's one writer),
+/// `BEGIN` on PostgreSQL, where `f` takes the [`lock`]s it needs (module docs).
 pub fn write_transaction<T, E, F>(conn: &mut DbConnection, f: F) -> Result<T, E>
 where
     F: FnOnce(&mut DbConnection) -> Result<T, E>,
@@ -163,14 +262,7 @@ where
         DbConnection::Sqlite(c) => {
             AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
         }
-        DbConnection::Postgres(c) => {
-            AnsiTransactionManager::begin_transaction(c)?;
-            if let Err(e) = c.batch_execute(&format!("SELECT pg_advisory_xact_lock({WRITE_LOCK})"))
-            {
-                AnsiTransactionManager::rollback_transaction(c)?;
-                return Err(e.into());
-            }
-        }
+        DbConnection::Postgres(c) => AnsiTransactionManager::begin_transaction(c)?,
     }
     let result = f(conn).and_then(|value| {
         if let DbConnection::Postgres(c) = conn {
@@ -354,12 +446,15 @@ impl Database {
                 Backend::Postgres(_) => set.postgres,
             };
             // Two instances starting at once on one PostgreSQL database would both migrate:
-            // the write lock makes the second wait and then find nothing pending. A migration
-            // may take long, and so may that wait: neither is bounded.
+            // the migration lock makes the second wait and then find nothing pending. A
+            // migration may take long, and so may that wait: neither is bounded.
             if let Backend::Postgres(_) = backend {
                 conn.batch_execute("SET lock_timeout = 0; SET statement_timeout = 0;")?;
             }
             write_transaction(&mut conn, |conn| {
+                if let DbConnection::Postgres(c) = conn {
+                    c.batch_execute(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))?;
+                }
                 conn.run_pending_migrations(source)
                     .map(|_| ())
                     .map_err(|e| DbError::Setup(format!("migrating {shown}: {e}")))
@@ -437,9 +532,8 @@ impl Database {
     /// the service's [`WriteHook`], if any, sees those events in the same transaction.
     ///
     /// The writer thread runs it in a savepoint of the transaction it shares with the writes
-    /// queued at the same moment ([`crate::group_commit`]), and answers after the commit. The
-    /// transaction takes the write lock up front ([`write_transaction`]) so writers never
-    /// deadlock upgrading a read lock, and every instance sees one serial history.
+    /// queued at the same moment ([`crate::group_commit`]), and answers after the commit. On
+    /// PostgreSQL `f` takes a [`lock`] on what it decides on before reading it.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut DbConnection) -> Result<(T, Vec<Envelope>), E> + Send + 'static,

@@ -140,6 +140,11 @@ pub fn recall(
     request: &IdempotentRequest,
 ) -> Result<Option<Replay>, IdempotencyError> {
     use idempotency_keys as k;
+    // Two instances retrying one key at once take turns: the second finds the first's answer.
+    crate::db::lock(
+        conn,
+        crate::db::Lock::Key(&format!("{}\n{}", request.scope, request.key)),
+    )?;
     let stored: Option<(String, i32, Option<String>, String)> = k::table
         .filter(k::scope.eq(&request.scope))
         .filter(k::idempotency_key.eq(&request.key))

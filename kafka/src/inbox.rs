@@ -97,6 +97,8 @@ pub fn apply_in<R: Reactor + ?Sized>(
     reactor: &R,
     event: &Envelope,
 ) -> Result<(Applied, Vec<Envelope>), ReactError> {
+    // The order first: another instance's write about it (a PATCH) waits, or is waited for.
+    crate::db::lock_orders(conn, event.event.order_id())?;
     // The id goes in first, in one statement that is also the duplicate check; a reaction
     // that fails rolls it back with everything else.
     if !record_processed(conn, event)? {
@@ -126,6 +128,9 @@ pub fn apply_all_in<R: Reactor + ?Sized>(
             .map(|event| apply_in(conn, reactor, event))
             .collect();
     };
+    // The orders the batch is about, in one statement, before anything is read: another
+    // instance's write about one of them (a PATCH) waits, or is waited for.
+    crate::db::lock_orders_on(pg, events.iter().filter_map(|e| e.event.order_id()))?;
     let now = chrono::Utc::now().to_rfc3339();
     let rows: Vec<_> = events
         .iter()

@@ -18,7 +18,7 @@
 //! port), so an instance restarted after a crash finds its leases still its own and resumes
 //! at once instead of waiting for them to expire. [`plan`] is the rule, without I/O.
 
-use crate::db::{DbConnection, DbError};
+use crate::db::{DbConnection, DbError, Lock};
 use diesel::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -187,10 +187,16 @@ impl Membership {
             )
             .execute(conn)?;
         }
-        for p in plan.keep.iter().chain(&plan.claim) {
+        for p in &plan.keep {
             take(conn, &partition_lease(topic, *p), &self.me, until)?;
         }
-        let holds = plan.holds();
+        let mut claimed = Vec::with_capacity(plan.claim.len());
+        for p in &plan.claim {
+            if self.claim(conn, &partition_lease(topic, *p), now, until)? {
+                claimed.push(*p);
+            }
+        }
+        let holds: BTreeSet<i32> = plan.keep.iter().chain(&claimed).copied().collect();
         let orphaned = partitions
             .iter()
             .copied()
@@ -212,17 +218,32 @@ impl Membership {
     /// returns until when it is held (milliseconds since the epoch), or `None`.
     pub fn hold(&self, conn: &mut DbConnection, name: &str) -> Result<Option<i64>, DbError> {
         let now = now_ms();
+        let until = self.expiry(now);
+        Ok(self.claim(conn, name, now, until)?.then_some(until))
+    }
+
+    /// Takes the lease `name` until `until` unless another instance holds it past `now`.
+    /// The lease is locked first ([`Lock::Lease`]): two instances claiming it at once take
+    /// turns, the second seeing the first's row, and a claim waits for the writes the old
+    /// holder has in flight ([`fence`] holds the same lock shared).
+    fn claim(
+        &self,
+        conn: &mut DbConnection,
+        name: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, DbError> {
+        crate::db::lock(conn, Lock::Lease(name))?;
         let current: Option<(String, i64)> = leases::table
             .find(name)
             .select((leases::holder, leases::expires_at))
             .first(conn)
             .optional()?;
         match current {
-            Some((holder, expires_at)) if holder != self.me && expires_at > now => Ok(None),
+            Some((holder, expires_at)) if holder != self.me && expires_at > now => Ok(false),
             _ => {
-                let until = self.expiry(now);
                 take(conn, name, &self.me, until)?;
-                Ok(Some(until))
+                Ok(true)
             }
         }
     }
@@ -253,8 +274,10 @@ impl Membership {
 }
 
 /// Fails with [`DbError::NotHolder`] unless `me` holds the lease `name`; called inside the
-/// transaction whose commit the lease guards.
+/// transaction whose commit the lease guards. It holds the lease's lock shared until that
+/// commit, so another instance cannot take the lease over while the write is in flight.
 pub fn fence(conn: &mut DbConnection, name: &str, me: &str) -> Result<(), DbError> {
+    crate::db::lock_shared(conn, Lock::Lease(name))?;
     let held: bool = diesel::select(diesel::dsl::exists(
         leases::table
             .filter(leases::name.eq(name))

@@ -473,7 +473,8 @@ impl OutboxRelay {
             Err(e) => {
                 // Neither publishing nor standing by: a failure `/health` shows if it lasts.
                 log::warn!("outbox relay: cannot renew its lease: {e}");
-                self.status.failed(&format!("cannot hold the relay lease: {e}"));
+                self.status
+                    .failed(&format!("cannot hold the relay lease: {e}"));
                 None
             }
         };

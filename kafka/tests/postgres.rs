@@ -6,7 +6,7 @@
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use kafka::db::{Database, DbError, PLUMBING_MIGRATIONS};
+use kafka::db::{Database, DbError, Lock, PLUMBING_MIGRATIONS};
 use kafka::leases::{self, Membership};
 use std::time::Duration;
 
@@ -70,12 +70,14 @@ async fn two_instances_never_lose_an_update_and_both_migrate_at_once() {
     })
     .await
     .unwrap();
-    // Read, decide, write: without the per-database write lock, READ COMMITTED loses updates.
+    // Read, decide, write: without the lock on what is decided on, READ COMMITTED loses
+    // updates.
     let mut tasks = Vec::new();
     for i in 0..100 {
         let db = if i % 2 == 0 { a.clone() } else { b.clone() };
         tasks.push(tokio::spawn(async move {
             db.write(|conn| {
+                kafka::db::lock(conn, Lock::Product(1))?;
                 let n: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT n FROM counter")
                     .get_result(conn)?;
                 std::thread::sleep(Duration::from_millis(1));
@@ -166,8 +168,8 @@ async fn leases_split_partitions_and_fence_the_old_holder() {
     let _ = leases::RELAY;
 }
 
-/// An instance stopped inside its write transaction (SIGSTOP, a VM pause) holds the service's
-/// write lock. Its siblings' writes must fail within `lock_timeout` (transient: retried, never
+/// An instance stopped inside its write transaction (SIGSTOP, a VM pause) holds the lock of
+/// the order it was deciding on. Its siblings' writes about that order must fail within `lock_timeout` (transient: retried, never
 /// parked) instead of waiting for ever, and once the server ends the stalled session
 /// (`idle_in_transaction_session_timeout`) the lock is free and writes go through again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,6 +193,7 @@ async fn a_stalled_holder_of_the_write_lock_costs_a_retry_not_a_hang() {
     assert_eq!(shown, "500ms", "every pooled connection carries the bounds");
     let write = || {
         db.write(|conn| {
+            kafka::db::lock(conn, Lock::Order(7))?;
             conn.batch_execute(
                 "INSERT INTO processed_events VALUES (gen_random_uuid()::text, 'T', 'now')",
             )?;
@@ -199,14 +202,12 @@ async fn a_stalled_holder_of_the_write_lock_costs_a_retry_not_a_hang() {
     };
     write().await.expect("a write before the stall");
 
-    // The stalled sibling: connected like an instance, then stopped inside its transaction.
+    // The stalled sibling: connected like an instance, then stopped inside its transaction
+    // while it holds order 7.
     let mut stalled = diesel::PgConnection::establish(&limits.with_keepalives(&url)).unwrap();
     stalled.batch_execute(&limits.session_sql()).unwrap();
     stalled
-        .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({})",
-            kafka::db::WRITE_LOCK
-        ))
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(1, 7)")
         .unwrap();
     let began = std::time::Instant::now();
     let blocked = tokio::time::timeout(Duration::from_secs(10), write())
@@ -413,4 +414,140 @@ async fn a_batch_records_its_event_ids_in_one_statement_and_applies_each_once() 
         counts.values().all(|n| *n == 1),
         "each event once: {counts:?}"
     );
+}
+
+/// Two instances write about different orders at the same moment: the second commits while
+/// the first is still inside its transaction (before, one lock per service database made it
+/// wait for the first's commit). About the same order, it waits and then sees the first's
+/// result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_about_different_orders_run_at_once_and_about_one_order_take_turns() {
+    let url = database_or_skip!("parallel");
+    let a = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    let b = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    a.write(|conn| {
+        conn.batch_execute(
+            "CREATE TABLE counts (id BIGINT PRIMARY KEY, n BIGINT NOT NULL); \
+                            INSERT INTO counts VALUES (1, 0), (2, 0)",
+        )?;
+        Ok::<_, DbError>(((), Vec::new()))
+    })
+    .await
+    .unwrap();
+    // A read-decide-write of one row, holding its transaction open `hold` long.
+    let bump = |db: &Database, order: i64, hold: Duration| {
+        let db = db.clone();
+        async move {
+            db.write(move |conn| {
+                kafka::db::lock(conn, Lock::Order(order))?;
+                let n: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+                    "SELECT n FROM counts WHERE id = {order}"
+                ))
+                .get_result(conn)?;
+                std::thread::sleep(hold);
+                conn.batch_execute(&format!(
+                    "UPDATE counts SET n = {} WHERE id = {order}",
+                    n + 1
+                ))?;
+                Ok::<_, DbError>((std::time::Instant::now(), Vec::new()))
+            })
+            .await
+        }
+    };
+    let slow = tokio::spawn(bump(&a, 1, Duration::from_millis(1500)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let began = std::time::Instant::now();
+    let other = bump(&b, 2, Duration::ZERO).await.unwrap();
+    let same = tokio::spawn(bump(&b, 1, Duration::ZERO));
+    let slow_committed = slow.await.unwrap().unwrap();
+    let same_committed = same.await.unwrap().unwrap();
+    assert!(
+        other < slow_committed && began.elapsed() > Duration::from_millis(1000),
+        "the write about order 2 committed while order 1's was in flight"
+    );
+    assert!(
+        same_committed >= slow_committed,
+        "the second write about order 1 waited for the first"
+    );
+    let counts: Vec<(i64, i64)> = a
+        .read(|conn| {
+            diesel::sql_query("SELECT id, n FROM counts ORDER BY id")
+                .load::<Count>(conn)
+                .map(|rows| rows.into_iter().map(|r| (r.id, r.n)).collect())
+                .map_err(DbError::from)
+        })
+        .await
+        .unwrap();
+    assert_eq!(counts, vec![(1, 2), (2, 1)], "no update lost");
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// A partition's lease does not move while its holder has a write in flight: the fence holds
+/// the lease's lock shared, the other instance's claim waits for that commit, and the old
+/// holder's next write fails with `NotHolder`. (Without the shared lock the claim commits in
+/// the middle, and both instances commit a position for the partition.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_does_not_move_under_a_write_in_flight() {
+    let url = database_or_skip!("takeover");
+    let a = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    let b = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    let membership = |me: &str, ttl_ms: u64| Membership {
+        me: me.into(),
+        ttl: Duration::from_millis(ttl_ms),
+    };
+    let (ma, mb) = (membership("a", 300), membership("b", 10_000));
+    a.write(move |conn| Ok::<_, DbError>((ma.balance(conn, "t", &[0])?, Vec::new())))
+        .await
+        .unwrap();
+    let at = |holder: &str, next_offset: i64| kafka::offsets::ConsumedAt {
+        topic: "t".into(),
+        partition: 0,
+        next_offset,
+        holder: holder.into(),
+    };
+    // a's write: fenced, then 1.5 s of work; its lease expires meanwhile.
+    let (at_a, at_b) = (at("a", 10), at("b", 20));
+    let writer = a.clone();
+    let in_flight = tokio::spawn(async move {
+        writer
+            .write(move |conn| {
+                kafka::offsets::store(conn, &at_a)?;
+                std::thread::sleep(Duration::from_millis(1500));
+                Ok::<_, DbError>((std::time::Instant::now(), Vec::new()))
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let claimed = b
+        .write(move |conn| {
+            let balanced = mb.balance(conn, "t", &[0])?;
+            Ok::<_, DbError>(((balanced, std::time::Instant::now()), Vec::new()))
+        })
+        .await
+        .unwrap();
+    let a_committed = in_flight
+        .await
+        .unwrap()
+        .expect("a still held the lease when it fenced");
+    assert!(claimed.0.holds.contains(&0), "b took the expired lease");
+    assert!(
+        claimed.1 >= a_committed,
+        "b's claim committed only after a's write in flight"
+    );
+    b.write(move |conn| Ok::<_, DbError>((kafka::offsets::store(conn, &at_b)?, Vec::new())))
+        .await
+        .expect("the new holder stores its position");
+    let stale = a
+        .write(move |conn| {
+            Ok::<_, DbError>((kafka::offsets::store(conn, &at("a", 11))?, Vec::new()))
+        })
+        .await;
+    assert!(matches!(stale, Err(DbError::NotHolder(_))), "{stale:?}");
 }

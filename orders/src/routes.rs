@@ -315,7 +315,8 @@ async fn update(
             {
                 return Ok((Keyed::Replayed(replay), Vec::new()));
             }
-            let mut stored = store::order(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
+            let mut stored =
+                store::order_to_change(conn, id)?.ok_or(OrdersError::OrderNotFound(id))?;
             if let Some(me) = Principal::customer(owner.as_ref())
                 && me != stored.order.customer_id
             {

@@ -3,7 +3,7 @@
 use crate::saga::{Order, OrderState};
 use diesel::prelude::*;
 use events::{DeadLetterNote, DeliveryState, Envelope, ProductChanged};
-use kafka::db::DbConnection;
+use kafka::db::{DbConnection, Lock};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -273,6 +273,13 @@ pub fn order(conn: &mut DbConnection, id: i64) -> QueryResult<Option<StoredOrder
         .optional()?
         .map(StoredOrder::try_from)
         .transpose()
+}
+
+/// One order, for a write that decides on it: locked first ([`Lock::Order`]), so a write
+/// about it on another instance waits for this one and then reads its result.
+pub fn order_to_change(conn: &mut DbConnection, id: i64) -> QueryResult<Option<StoredOrder>> {
+    kafka::db::lock(conn, Lock::Order(id))?;
+    order(conn, id)
 }
 
 /// When each of the orders that exist was placed (`created_at`), in one statement.

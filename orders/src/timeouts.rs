@@ -81,8 +81,8 @@ pub async fn pass(
         let secs = timeout.as_secs();
         let done = db
             .write(move |conn| {
-                // Re-read under the write lock: a confirmation may have just completed it.
-                let Some(mut stored) = store::order(conn, id)? else {
+                // Re-read under the order's lock: a confirmation may have just completed it.
+                let Some(mut stored) = store::order_to_change(conn, id)? else {
                     return Ok((false, Vec::new()));
                 };
                 if stored.created_at >= cutoff {
@@ -122,8 +122,8 @@ async fn expire_requests(db: &Database, timeout: Duration, cutoff: &str) -> Resu
         let (cutoff, secs) = (cutoff.to_owned(), timeout.as_secs());
         let done = db
             .write(move |conn| {
-                // Re-read under the write lock: delivery's answer may have just arrived.
-                let Some(stored) = store::order(conn, id)? else {
+                // Re-read under the order's lock: delivery's answer may have just arrived.
+                let Some(stored) = store::order_to_change(conn, id)? else {
                     return Ok((false, Vec::new()));
                 };
                 if stored.updated_at >= cutoff {

@@ -64,7 +64,7 @@ pub(crate) fn view_of(
         _ => None,
     };
     let product = match product_id {
-        Some(id) => store::product(conn, id)?,
+        Some(id) => store::product_to_change(conn, id)?,
         None => None,
     };
     Ok(Some(StockView {

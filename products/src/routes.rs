@@ -193,7 +193,7 @@ async fn update(
             {
                 return Ok((Keyed::Replayed(replay), Vec::new()));
             }
-            let mut p = store::product(conn, id)?.ok_or(ProductsError::NotFound(id))?;
+            let mut p = store::product_to_change(conn, id)?.ok_or(ProductsError::NotFound(id))?;
             if let Some(expected) = expected.filter(|e| *e != p.stock) {
                 return Err(ProductsError::Conflict(format!(
                     "expectedStock is {expected} but the stock is {} now (reservations or \

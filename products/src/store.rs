@@ -2,7 +2,7 @@
 
 use crate::saga::{Product, ReservationState, StockReservation};
 use diesel::prelude::*;
-use kafka::db::DbConnection;
+use kafka::db::{DbConnection, Lock};
 
 /// The schema, matching `migrations/`.
 pub mod schema {
@@ -126,6 +126,13 @@ pub fn product(conn: &mut DbConnection, id: i64) -> QueryResult<Option<Product>>
         .first(conn)
         .optional()
         .map(|row| row.map(Product::from))
+}
+
+/// One product, for a write that decides on its stock: locked first ([`Lock::Product`]), so
+/// a write about it on another instance waits for this one and then reads its result.
+pub fn product_to_change(conn: &mut DbConnection, id: i64) -> QueryResult<Option<Product>> {
+    kafka::db::lock(conn, Lock::Product(id))?;
+    product(conn, id)
 }
 
 /// Inserts a product and returns it with its id.
