@@ -6,7 +6,8 @@
 //! Within an instance every write goes through one writer thread ([`crate::group_commit`]).
 //! Across the instances of a service on PostgreSQL, a write locks what it decides on before
 //! it reads it ([`lock`]: one order's saga state, one product's stock, one
-//! `Idempotency-Key`), so writes about different orders and products commit in parallel
+//! `Idempotency-Key`; [`Lock`] lists them all), so writes about different orders and products
+//! commit in parallel
 //! while two decisions about one order are made one after the other, each on the other's
 //! result. A consumer's write also takes its partition's lease in shared mode
 //! ([`crate::leases::fence`]); a takeover waits for it. SQLite has one writer by design
@@ -105,6 +106,11 @@ pub enum Lock<'a> {
     Key(&'a str),
     /// One lease, by name ([`crate::leases`]).
     Lease(&'a str),
+    /// One dead letter being redriven or discarded.
+    DeadLetter(i64),
+    /// A decision made once for the service, at start-up: record the broker's identity, seed
+    /// the catalog. Two instances starting at once take turns, the second seeing it made.
+    Once(&'a str),
 }
 
 impl Lock<'_> {
@@ -122,6 +128,8 @@ impl Lock<'_> {
             Lock::Product(id) => format!("SELECT {function}(2, {})", fold(*id)),
             Lock::Key(name) => format!("SELECT {function}(3, hashtext('{}'))", quoted(name)),
             Lock::Lease(name) => format!("SELECT {function}(4, hashtext('{}'))", quoted(name)),
+            Lock::DeadLetter(id) => format!("SELECT {function}(5, {})", fold(*id)),
+            Lock::Once(name) => format!("SELECT {function}(6, hashtext('{}'))", quoted(name)),
         }
     }
 }
@@ -227,7 +235,7 @@ impl r2d2::ManageConnection for Manager {
                 Ok(DbConnection::Sqlite(conn))
             }
             Backend::Postgres(url) => {
-                // Every wait bounded (see PgLimits): a stalled sibling holding the write lock
+                // Every wait bounded (see PgLimits): a stalled sibling holding a lock
                 // costs a retry, not a hang.
                 let mut conn = PgConnection::establish(&self.1.with_keepalives(url))
                     .map_err(Error::ConnectionError)?;

@@ -90,6 +90,7 @@ pub fn check_cluster(
     cluster_id: &str,
     brokers: &str,
 ) -> Result<Known, IdentityError> {
+    crate::db::lock(conn, crate::db::Lock::Once("broker identity"))?;
     let stored: Option<String> = broker_identity::table
         .filter(broker_identity::topic.eq(topic))
         .select(broker_identity::cluster_id)

@@ -191,8 +191,8 @@ diesel::allow_tables_to_appear_in_same_query!(outbox, lease_rows);
 /// Marks rows as acknowledged by the broker, or refused for good (`error`), in one statement
 /// that holds only while `holder` holds the `relay` lease — the fence of the relay: a holder
 /// that paused past its lease and woke mid-batch marks nothing (0 rows), and the new holder
-/// publishes and marks those rows itself. One statement, so no write lock is needed for it
-/// to be atomic with the lease check.
+/// publishes and marks those rows itself. One statement, so it is atomic with the lease
+/// check without a lock.
 pub fn mark_as_holder(
     conn: &mut DbConnection,
     holder: &str,

@@ -310,6 +310,8 @@ fn open_letter(
     conn: &mut DbConnection,
     id: i64,
 ) -> Result<(ParkedRow, Option<String>), ResolveError> {
+    // Two instances resolving one letter at once take turns; the second finds it resolved.
+    crate::db::lock(conn, crate::db::Lock::DeadLetter(id))?;
     let (row, payload): (ParkedRow, Option<String>) = dead_letters::table
         .find(id)
         .select((ParkedRow::as_select(), dead_letters::payload))

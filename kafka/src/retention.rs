@@ -48,11 +48,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Rows a rule deletes per transaction at most: a few tens of milliseconds of write lock.
+/// Rows a rule deletes per transaction at most: a few tens of milliseconds of the writer.
 pub const BATCH: i64 = 5_000;
 
 /// The least pause between two batches; the pause is also at least as long as the batch took,
-/// so pruning holds the write lock at most half the time while it catches up.
+/// so pruning holds the writer at most half the time while it catches up.
 const MIN_PAUSE: Duration = Duration::from_millis(20);
 
 /// Rows deleted, by table.

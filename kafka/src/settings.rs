@@ -410,16 +410,16 @@ impl SqliteSync {
 }
 
 /// Bounds on every wait of a PostgreSQL connection, so one stalled instance (SIGSTOP, a VM
-/// pause, a cut network) cannot make its siblings wait for ever on the service's write lock:
+/// pause, a cut network) cannot make its siblings wait for ever on a lock it holds (an order's, a product's):
 /// a wait past a bound fails, and the write is retried (see [`crate::db::DbError::is_transient`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PgLimits {
-    /// `PG_LOCK_TIMEOUT_MS` (default 5,000): longest wait for a lock (the write lock included).
+    /// `PG_LOCK_TIMEOUT_MS` (default 5,000): longest wait for a lock (an order's, a product's, a lease's).
     pub lock_timeout: Duration,
     /// `PG_STATEMENT_TIMEOUT_MS` (default 30,000): longest statement, lock waits included.
     pub statement_timeout: Duration,
     /// `PG_IDLE_IN_TRANSACTION_TIMEOUT_MS` (default 3,000): a session idle that long inside a
-    /// transaction (its process stopped while holding the write lock) is ended by the server,
+    /// transaction (its process stopped while holding locks) is ended by the server,
     /// which rolls the transaction back and frees the lock.
     pub idle_in_transaction: Duration,
     /// `PG_KEEPALIVE_S` (default 10): TCP keepalive idle time and probe interval (3 probes), so

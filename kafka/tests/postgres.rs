@@ -173,7 +173,7 @@ async fn leases_split_partitions_and_fence_the_old_holder() {
 /// parked) instead of waiting for ever, and once the server ends the stalled session
 /// (`idle_in_transaction_session_timeout`) the lock is free and writes go through again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_holder_of_the_write_lock_costs_a_retry_not_a_hang() {
+async fn a_stalled_holder_of_a_lock_costs_a_retry_not_a_hang() {
     use kafka::settings::PgLimits;
     let url = database_or_skip!("stalled");
     let limits = PgLimits {

@@ -52,6 +52,7 @@ pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
 /// stock i×10, written only into an empty catalog and announced like any other change.
 async fn seed_catalog(db: &Database) -> Result<(), DbError> {
     db.write(|conn| {
+        kafka::db::lock(conn, kafka::db::Lock::Once("seed the catalog"))?;
         let first = kafka::http::Page { after: 0, limit: 1 };
         if !store::products_page(conn, first)?.is_empty() {
             return Ok((0, Vec::new()));
