@@ -39,7 +39,7 @@ while (( $# )); do
         done
         [[ -n "$pg_port" ]] || die "no free port for PostgreSQL"
         start_postgres "$pg_dir" "$pg_port"
-        args+=(--postgres "postgres://postgres@127.0.0.1:$pg_port/postgres")
+        args+=(--postgres "$(pg_local_url "$pg_dir" "$pg_port")")
       else
         args+=(--postgres "$2")
       fi
