@@ -999,11 +999,21 @@ async fn role_matrix_on(stack: &Stack, bin_dir: &Path) -> Check<(i64, i64)> {
         as_role(Method::GET, deliveries.clone(), ann, None).await?,
         403,
     )?;
-    let listed = expect(
-        "the courier lists deliveries",
-        as_role(Method::GET, deliveries, carl, None).await?,
-        200,
-    )?;
+    // The courier may complete only once delivery has heard OrderCompleted, which it consumes
+    // on its own time after orders shows it.
+    let listed = eventually("the courier sees the delivery confirmed", SAGA, || async {
+        let listed = expect(
+            "the courier lists deliveries",
+            as_role(Method::GET, deliveries.clone(), carl, None).await?,
+            200,
+        )?;
+        if listed[0]["orderConfirmed"] == true {
+            Ok(listed)
+        } else {
+            Err(format!("{listed}"))
+        }
+    })
+    .await?;
     let delivery = &listed[0]["id"];
     expect(
         "the courier completes the delivery",
