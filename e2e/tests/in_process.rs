@@ -274,3 +274,157 @@ async fn products_and_delivery_rebuilt_from_the_topic_hold_what_the_live_ones_ho
     assert_eq!(json(&reservations), live.1, "GET /reservations");
     assert_eq!(json(&deliveries), live.2, "GET /deliveries");
 }
+
+/// An empty products database for a rebuild: a fresh one on `TEST_POSTGRES_URL`'s server, or
+/// a SQLite file in `dir`. Its URL, so several instances can open it.
+fn empty_products_database(dir: &tempfile::TempDir, name: &str) -> String {
+    match std::env::var("TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
+        Some(server) => e2e::pg::fresh_database(&server, &e2e::pg::unique_name(name))
+            .unwrap_or_else(|e| panic!("{e}")),
+        None => dir
+            .path()
+            .join(format!("{name}.db"))
+            .to_string_lossy()
+            .into_owned(),
+    }
+}
+
+/// Products' catalog and reservations as JSON, as its GETs show them.
+async fn products_held(db: &kafka::Database) -> (serde_json::Value, serde_json::Value) {
+    let page = kafka::http::Page {
+        after: 0,
+        limit: 1000,
+    };
+    let (catalog, reservations) = db
+        .read(move |conn| {
+            Ok::<_, kafka::DbError>((
+                products::store::products_page(conn, page)?,
+                products::store::reservations(conn, page)?,
+            ))
+        })
+        .await
+        .expect("read");
+    (
+        serde_json::to_value(catalog).expect("json"),
+        serde_json::to_value(reservations).expect("json"),
+    )
+}
+
+/// Products' rules, failing at the very end of a rebuild (after every event was applied):
+/// a rebuild killed before it stored its positions.
+struct FailingAtTheEnd;
+
+impl kafka::inbox::Reactor for FailingAtTheEnd {
+    fn wants(&self, event: &events::Envelope) -> bool {
+        products::reactor::StockReactor.wants(event)
+    }
+
+    fn react(
+        &self,
+        conn: &mut kafka::db::DbConnection,
+        event: &events::Envelope,
+    ) -> Result<Vec<events::Envelope>, kafka::ReactError> {
+        products::reactor::StockReactor.react(conn, event)
+    }
+}
+
+impl kafka::rebuild::Rebuild for FailingAtTheEnd {
+    fn service(&self) -> events::Service {
+        events::Service::Products
+    }
+
+    fn is_empty(&self, conn: &mut kafka::db::DbConnection) -> diesel::QueryResult<bool> {
+        products::reactor::StockReactor.is_empty(conn)
+    }
+
+    fn apply_read_back(
+        &self,
+        conn: &mut kafka::db::DbConnection,
+        event: &events::Envelope,
+    ) -> diesel::QueryResult<()> {
+        products::reactor::StockReactor.apply_read_back(conn, event)
+    }
+
+    fn finish(&self, _conn: &mut kafka::db::DbConnection) -> diesel::QueryResult<()> {
+        Err(diesel::result::Error::NotFound)
+    }
+}
+
+/// A rebuild that fails (or is killed) before its end leaves the database empty — not half
+/// rebuilt without positions, which the next start would take for a database that needs no
+/// rebuild and whose consumer would then re-decide old sagas — and the next rebuild completes.
+/// Also two instances rebuilding one new database at once: one rebuilds, the other waits and
+/// finds it rebuilt (`NotEmpty`), and what they leave is what the live products holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_is_all_or_nothing_and_done_once_by_instances_starting_together() {
+    use kafka::rebuild::{RebuildError, rebuild};
+    use products::reactor::StockReactor;
+    use std::sync::Arc;
+    let (cluster, running) = mall().await;
+    let m = &running.mall;
+    for (name, result) in [
+        ("happy path", scenarios::happy_path(m).await),
+        ("out of stock", scenarios::out_of_stock(m).await),
+        ("customer cancel", scenarios::customer_cancel(m).await),
+    ] {
+        result.unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    m.wait_quiet().await.expect("quiet");
+    let live = (
+        m.expect("GET", &format!("{}/products?limit=1000", m.products), None, 200)
+            .await
+            .expect("GET /products"),
+        m.expect("GET", &format!("{}/reservations?limit=1000", m.products), None, 200)
+            .await
+            .expect("GET /reservations"),
+    );
+    let settings = |instance: &str| kafka::KafkaSettings {
+        partitions: 3,
+        instance: instance.into(),
+        ..kafka::KafkaSettings::new(&cluster.bootstrap_servers(), TOPIC, "products")
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let open = |url: &str| {
+        kafka::Database::open(url, products::startup::MIGRATIONS).expect("products database")
+    };
+
+    let url = empty_products_database(&dir, "rebuild_failed");
+    let db = open(&url);
+    let failed = rebuild(&db, &settings("products-a"), Arc::new(FailingAtTheEnd)).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let empty = db
+        .read(|conn| {
+            kafka::rebuild::Rebuild::is_empty(&StockReactor, conn).map_err(kafka::DbError::from)
+        })
+        .await
+        .expect("read");
+    assert!(empty, "a rebuild that failed at its end left rows behind");
+    rebuild(&db, &settings("products-a"), Arc::new(StockReactor))
+        .await
+        .expect("the next rebuild");
+    assert_eq!(products_held(&db).await, live, "rebuilt after a failed rebuild");
+
+    let url = empty_products_database(&dir, "rebuild_raced");
+    let (a, b) = (open(&url), open(&url));
+    let (as_a, as_b) = (settings("products-a"), settings("products-b"));
+    let (first, second) = tokio::join!(
+        rebuild(&a, &as_a, Arc::new(StockReactor)),
+        rebuild(&b, &as_b, Arc::new(StockReactor)),
+    );
+    let outcomes = [&first, &second].map(|r| match r {
+        Ok(_) => "rebuilt",
+        Err(RebuildError::NotEmpty) => "found it rebuilt",
+        Err(_) => "failed",
+    });
+    assert!(
+        matches!(
+            outcomes,
+            ["rebuilt", "found it rebuilt"] | ["found it rebuilt", "rebuilt"]
+        ),
+        "two instances rebuilding at once: {first:?} / {second:?}"
+    );
+    assert_eq!(products_held(&a).await, live, "rebuilt by two instances at once");
+}

@@ -151,6 +151,20 @@ pub fn lock(conn: &mut DbConnection, what: Lock<'_>) -> diesel::QueryResult<()> 
     }
 }
 
+/// [`lock`], waiting as long as the holder takes: the transaction's lock and statement
+/// timeouts are lifted (for its remaining statements too). For a start-up decision that may
+/// wait for another instance's long one (a rebuild from the topic); a holder that stops
+/// answering loses its session, and the lock, to `idle_in_transaction_session_timeout`.
+pub fn lock_patiently(conn: &mut DbConnection, what: Lock<'_>) -> diesel::QueryResult<()> {
+    match conn {
+        DbConnection::Sqlite(_) => Ok(()),
+        DbConnection::Postgres(c) => c.batch_execute(&format!(
+            "SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0; {}",
+            what.sql(false)
+        )),
+    }
+}
+
 /// [`lock`] on each of `orders` ([`Lock::Order`]), in ascending order, with one statement: a
 /// consumer's batch takes the orders it is about to react to in one round trip.
 pub fn lock_orders(

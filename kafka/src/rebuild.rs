@@ -7,7 +7,9 @@
 //! What every service does alike lives here:
 //! - [`rebuild_if_new`]: at start, an empty database beside a topic that holds events (the
 //!   database lost, deleted or replaced) is rebuilt before anything is served; another
-//!   instance rebuilding the same database at the same moment is not an error.
+//!   instance rebuilding the same database at the same moment waits and finds it rebuilt.
+//! - A rebuild is one transaction: killed halfway, it leaves the database empty, and the next
+//!   start rebuilds it again.
 //! - Events the service parked (its EventParked notes) stay unapplied, as they were live; a
 //!   redrive's copy is applied, and a copy redriven for another service is not (the original
 //!   was applied). An event id read twice (a relay's resend) is applied once.
@@ -34,9 +36,6 @@ use std::collections::HashSet;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Events applied per transaction.
-const BATCH: usize = 500;
 
 /// Longest wait for the broker to deliver the whole topic.
 const READ_WITHIN: Duration = Duration::from_secs(120);
@@ -146,7 +145,10 @@ pub async fn rebuild_if_new<R: Rebuild>(
             );
             Ok(Some(done))
         }
-        Err(RebuildError::NotEmpty) => Ok(None),
+        Err(RebuildError::NotEmpty) => {
+            log::warn!("another instance rebuilt the {service} database first");
+            Ok(None)
+        }
         Err(e) if !is_empty().await? => {
             log::warn!("another instance rebuilt the {service} database first ({e})");
             Ok(None)
@@ -183,19 +185,6 @@ pub async fn rebuild<R: Rebuild>(
         .max();
     let events = to_apply(&messages, rules.service(), &settings.group_id);
     let applied = events.len();
-    for chunk in events.chunks(BATCH) {
-        let (chunk, rules) = (chunk.to_vec(), rules.clone());
-        db.write(move |conn| {
-            for event in &chunk {
-                if rules.wants(event) {
-                    record_processed(conn, event)?;
-                }
-                rules.apply_read_back(conn, event)?;
-            }
-            Ok::<_, RebuildError>(((), Vec::new()))
-        })
-        .await?;
-    }
     let (membership, topic) = (
         crate::leases::Membership {
             me: settings.instance.clone(),
@@ -203,7 +192,21 @@ pub async fn rebuild<R: Rebuild>(
         },
         settings.topic.clone(),
     );
+    // One transaction, so the database is either still empty or rebuilt with its positions:
+    // a rebuild killed halfway leaves nothing for the next start to mistake for a database
+    // that needs none. Another instance rebuilding the same database waits for the lock and
+    // then finds it done.
     db.write(move |conn| {
+        crate::db::lock_patiently(conn, crate::db::Lock::Once("rebuild"))?;
+        if !rules.is_empty(conn)? {
+            return Err(RebuildError::NotEmpty);
+        }
+        for event in &events {
+            if rules.wants(event) {
+                record_processed(conn, event)?;
+            }
+            rules.apply_read_back(conn, event)?;
+        }
         rules.finish(conn)?;
         let partitions: Vec<i32> = ends.keys().copied().collect();
         membership.balance(conn, &topic, &partitions)?;
