@@ -374,12 +374,22 @@ async fn a_rebuild_is_all_or_nothing_and_done_once_by_instances_starting_togethe
     }
     m.wait_quiet().await.expect("quiet");
     let live = (
-        m.expect("GET", &format!("{}/products?limit=1000", m.products), None, 200)
-            .await
-            .expect("GET /products"),
-        m.expect("GET", &format!("{}/reservations?limit=1000", m.products), None, 200)
-            .await
-            .expect("GET /reservations"),
+        m.expect(
+            "GET",
+            &format!("{}/products?limit=1000", m.products),
+            None,
+            200,
+        )
+        .await
+        .expect("GET /products"),
+        m.expect(
+            "GET",
+            &format!("{}/reservations?limit=1000", m.products),
+            None,
+            200,
+        )
+        .await
+        .expect("GET /reservations"),
     );
     let settings = |instance: &str| kafka::KafkaSettings {
         partitions: 3,
@@ -405,7 +415,11 @@ async fn a_rebuild_is_all_or_nothing_and_done_once_by_instances_starting_togethe
     rebuild(&db, &settings("products-a"), Arc::new(StockReactor))
         .await
         .expect("the next rebuild");
-    assert_eq!(products_held(&db).await, live, "rebuilt after a failed rebuild");
+    assert_eq!(
+        products_held(&db).await,
+        live,
+        "rebuilt after a failed rebuild"
+    );
 
     let url = empty_products_database(&dir, "rebuild_raced");
     let (a, b) = (open(&url), open(&url));
@@ -426,5 +440,9 @@ async fn a_rebuild_is_all_or_nothing_and_done_once_by_instances_starting_togethe
         ),
         "two instances rebuilding at once: {first:?} / {second:?}"
     );
-    assert_eq!(products_held(&a).await, live, "rebuilt by two instances at once");
+    assert_eq!(
+        products_held(&a).await,
+        live,
+        "rebuilt by two instances at once"
+    );
 }
