@@ -150,6 +150,11 @@ impl Pool {
     /// The base URL of the next live instance, round-robin; when none is live, the next one
     /// anyway (the request then fails as it would have).
     pub fn pick(&self) -> String {
+        self.pick_instance().1
+    }
+
+    /// [`Pool::pick`] with the instance's name: `(instance, base URL)`.
+    pub fn pick_instance(&self) -> (String, String) {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let len = self.instances.len();
@@ -157,7 +162,6 @@ impl Pool {
             .map(|i| &self.instances[(n + i) % len])
             .find(|(name, _)| live.contains(name))
             .unwrap_or(&self.instances[n % len])
-            .1
             .clone()
     }
 

@@ -164,6 +164,8 @@ struct Outcome {
     held_after: Option<Duration>,
     /// How long the workload went on after the last restart (follow-ups).
     load_after: Duration,
+    /// The start of the workload, from which the faults' offsets count.
+    t0: Instant,
 }
 
 fn secs(d: Duration) -> String {
@@ -427,6 +429,7 @@ async fn run(
         quiet_after,
         held_after,
         load_after,
+        t0,
     })
 }
 
@@ -471,6 +474,65 @@ fn recovery(outcome: &Outcome) -> CheckResult {
         items: outcome.faults.len(),
         violations,
     }
+}
+
+/// POST /orders beside the long pauses: the attempts sent while two instances were paused to
+/// an instance that was not, against those sent and answered while no fault was on.
+fn posts_beside_pauses(outcome: &Outcome) -> CheckResult {
+    let t0 = outcome.t0;
+    let pauses: Vec<(Instant, Instant, &[String; 2])> = outcome
+        .faults
+        .iter()
+        .filter_map(|f| match &f.fault {
+            plan::Fault::StopTwo {
+                services,
+                stopped_for,
+            } => Some((t0 + f.offset, t0 + f.offset + *stopped_for, services)),
+            _ => None,
+        })
+        .collect();
+    // A fault's span: from its first signal until its services were healthy again, and a
+    // second either side (connections re-opened, leases re-balanced).
+    let faults: Vec<(Instant, Instant)> = outcome
+        .faults
+        .iter()
+        .map(|f| {
+            let began = t0 + f.offset;
+            let over = f.recovered_after.unwrap_or(f.fault.estimate());
+            (
+                began.checked_sub(Duration::from_secs(1)).unwrap_or(began),
+                began + over + Duration::from_secs(1),
+            )
+        })
+        .collect();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (mut beside, mut usual) = (Vec::new(), Vec::new());
+    for a in outcome.progress.attempts() {
+        let answered_at = a.sent + a.took;
+        let paused_elsewhere = pauses.iter().any(|(from, to, stopped)| {
+            a.sent >= *from && a.sent < *to && !stopped.contains(&a.instance)
+        });
+        if paused_elsewhere {
+            beside.push(a.answered.then(|| ms(a.took)));
+        } else if a.answered
+            && !faults
+                .iter()
+                .any(|(from, to)| a.sent < *to && answered_at > *from)
+        {
+            usual.push(ms(a.took));
+        }
+    }
+    let spread = |v: Vec<f64>| e2e::bench::stats::Spread::of(v);
+    let (during, normal) = (
+        spread(beside.iter().flatten().copied().collect()),
+        spread(usual.clone()),
+    );
+    println!(
+        "POST /orders to live instances: beside the pauses n {} p50 {:.0} ms p99 {:.0} ms max {:.0} ms; \
+         outside every fault n {} p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
+        during.n, during.p50, during.p99, during.max, normal.n, normal.p50, normal.p99, normal.max
+    );
+    check::beside_pauses(&beside, &usual)
 }
 
 fn report(o: &Options, outcome: &Outcome) -> (usize, usize) {
@@ -548,6 +610,9 @@ fn report(o: &Options, outcome: &Outcome) -> (usize, usize) {
 
     let mut results = outcome.results.clone();
     results.push(recovery(outcome));
+    if o.counts.long_pauses > 0 {
+        results.push(posts_beside_pauses(outcome));
+    }
     println!();
     println!("invariants:");
     println!("  {:<70} {:>7} {:>10}", "check", "items", "violations");

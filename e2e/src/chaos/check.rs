@@ -38,6 +38,10 @@ pub mod names {
     /// A POST /orders retried with its `Idempotency-Key` placed one order, whatever happened to
     /// the attempts before.
     pub const PLACED_ONCE: &str = "each offer placed once (POST retried with its Idempotency-Key)";
+    /// While two instances are paused (`--long-pauses`), the live orders instances answer
+    /// POSTs about as fast as when no fault is on.
+    pub const BESIDE_PAUSES: &str =
+        "POSTs to live instances answered in their usual time while two are paused";
 }
 
 /// The event types whose effect must happen at most once per order.
@@ -1029,10 +1033,83 @@ fn health(s: &Snapshot) -> CheckResult {
     }
 }
 
+/// A POST to a live instance beside a pause may be this many times slower at the 99th
+/// percentile than outside every fault ...
+pub const BESIDE_PAUSES_FACTOR: f64 = 3.0;
+/// ... or take this long, whichever is more: a usual p99 of a few milliseconds times any
+/// factor would fail on a scheduler's hiccup, while a write waiting on a paused instance's
+/// lock waits seconds (`PG_LOCK_TIMEOUT_MS`).
+pub const BESIDE_PAUSES_FLOOR_MS: f64 = 1000.0;
+
+/// POST /orders attempts to instances that stayed live while two instances were paused
+/// (`beside`: ms until the answer, `None` for none within the client's timeout), judged against
+/// the attempts made while no fault was on (`usual`, ms): every one answered, the 99th
+/// percentile within [`BESIDE_PAUSES_FACTOR`] × the usual one or [`BESIDE_PAUSES_FLOOR_MS`].
+pub fn beside_pauses(beside: &[Option<f64>], usual: &[f64]) -> CheckResult {
+    use crate::bench::stats::Spread;
+    let mut violations = Vec::new();
+    let mut fail = |what: String| {
+        violations.push(Violation {
+            order: None,
+            what,
+            events: Vec::new(),
+        })
+    };
+    let unanswered = beside.iter().filter(|t| t.is_none()).count();
+    if unanswered > 0 {
+        fail(format!(
+            "{unanswered} POSTs to a live instance got no answer while two instances were paused"
+        ));
+    }
+    let answered: Vec<f64> = beside.iter().flatten().copied().collect();
+    if answered.is_empty() || usual.is_empty() {
+        fail(format!(
+            "nothing to compare: {} POSTs answered beside the pauses, {} outside every fault",
+            answered.len(),
+            usual.len()
+        ));
+    } else {
+        let (during, normal) = (Spread::of(answered), Spread::of(usual.to_vec()));
+        let bound = (BESIDE_PAUSES_FACTOR * normal.p99).max(BESIDE_PAUSES_FLOOR_MS);
+        if during.p99 > bound {
+            fail(format!(
+                "beside the pauses p50 {:.0} ms, p99 {:.0} ms (max {:.0}); usual p50 {:.0} ms, \
+                 p99 {:.0} ms; p99 allowed {bound:.0} ms",
+                during.p50, during.p99, during.max, normal.p50, normal.p99
+            ));
+        }
+    }
+    CheckResult {
+        name: names::BESIDE_PAUSES,
+        items: beside.len(),
+        violations,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// POSTs beside a pause pass at their usual speed and within the floor; one live instance
+    /// stalled behind a paused one's lock (seconds), an unanswered POST or no data fail.
+    #[test]
+    fn posts_beside_pauses_must_keep_their_usual_time() {
+        let usual: Vec<f64> = (0..200).map(|i| 10.0 + f64::from(i % 20)).collect();
+        let quick: Vec<Option<f64>> = (0..200).map(|i| Some(12.0 + f64::from(i % 30))).collect();
+        assert!(beside_pauses(&quick, &usual).passed());
+        let mut stalled = quick.clone();
+        for t in stalled.iter_mut().take(10) {
+            *t = Some(5_000.0);
+        }
+        let r = beside_pauses(&stalled, &usual);
+        assert!(!r.passed() && r.violations[0].what.contains("p99"), "{r:?}");
+        let mut lost = quick.clone();
+        lost[0] = None;
+        assert!(!beside_pauses(&lost, &usual).passed());
+        assert!(!beside_pauses(&[], &usual).passed());
+        assert!(!beside_pauses(&quick, &[]).passed());
+    }
 
     fn ev(order: i64, t: &str, source: &str, id: &str, cause: Option<&str>) -> TopicEvent {
         TopicEvent {

@@ -185,9 +185,32 @@ pub struct Progress {
     pub follow_ups_skipped: AtomicU64,
     /// Ids of every accepted order.
     pub accepted_ids: Mutex<BTreeSet<i64>>,
+    /// Every attempt of a POST /orders: when, to which instance, how long until its answer.
+    pub attempts: Mutex<Vec<Attempt>>,
+}
+
+/// One attempt of a POST /orders.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// When it was sent.
+    pub sent: Instant,
+    /// The orders instance it went to.
+    pub instance: String,
+    /// Until the answer, or until the client gave up.
+    pub took: Duration,
+    /// Whether an answer came (any status).
+    pub answered: bool,
 }
 
 impl Progress {
+    /// The POST /orders attempts so far.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The accepted order ids so far.
     pub fn accepted_ids(&self) -> BTreeSet<i64> {
         self.accepted_ids
@@ -343,15 +366,27 @@ async fn place(
             progress.retried.fetch_add(1, Ordering::Relaxed);
         }
         attempt += 1;
+        let (instance, url) = urls.orders.pick_instance();
+        let sent = Instant::now();
         let reply = client
             .call_keyed(
                 "POST /orders",
                 "POST",
-                &format!("{}/orders", urls.orders.pick()),
+                &format!("{url}/orders"),
                 Some(body.clone()),
                 Some(&key),
             )
             .await;
+        progress
+            .attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Attempt {
+                sent,
+                instance,
+                took: sent.elapsed(),
+                answered: reply.status().is_some(),
+            });
         let again = match &reply {
             Reply::NoAnswer(_) => true,
             Reply::Status(s, _) => *s == 503 || *s == 429,
