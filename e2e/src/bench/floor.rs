@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 pub const FLOOR_TOPIC: &str = "bench.floor";
 /// Unmeasured round trips first, so connections and metadata are in place.
 const WARM_UP: usize = 5;
+/// Alongside a load, one round trip per this at most: back to back they were thousands a
+/// second, a load of their own that took most of a core of the broker's CPU the bench charges
+/// to the sagas.
+const SAMPLE_EVERY: Duration = Duration::from_millis(20);
 
 /// `n` sequential produce → consume round trips on [`FLOOR_TOPIC`], in milliseconds.
 pub async fn broker_floor(brokers: &str, fetch_wait_ms: u64, n: usize) -> Result<Spread, String> {
@@ -67,12 +71,14 @@ impl Probe {
         Ok(took.as_secs_f64() * 1000.0)
     }
 
-    /// Sequential round trips from `from` until `to`, ms.
+    /// Round trips from `from` until `to`, one per [`SAMPLE_EVERY`] at most, ms.
     pub async fn round_trips_between(&self, from: Instant, to: Instant) -> Result<Spread, String> {
         tokio::time::sleep_until(from.into()).await;
         let mut samples = Vec::new();
         while Instant::now() < to {
+            let next = Instant::now() + SAMPLE_EVERY;
             samples.push(self.round_trip_ms().await?);
+            tokio::time::sleep_until(next.into()).await;
         }
         Ok(Spread::of(samples))
     }

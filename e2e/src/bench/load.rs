@@ -64,15 +64,18 @@ pub struct Target {
     pub urls: Vec<String>,
     /// The next of `urls`.
     pub next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    /// The JSON body, the same for every order.
-    pub body: String,
+    /// The JSON bodies (one per product bought); orders take them in turn.
+    pub bodies: Vec<String>,
 }
 
 impl Target {
-    /// The URL the next order goes to.
-    pub fn url(&self) -> &str {
+    /// Where the next order goes and what it buys: instances in turn, and after each round
+    /// of instances the next body, so every instance sells every product.
+    pub fn next(&self) -> (&str, &str) {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        &self.urls[n % self.urls.len()]
+        let url = &self.urls[n % self.urls.len()];
+        let body = &self.bodies[(n / self.urls.len()) % self.bodies.len()];
+        (url, body)
     }
 }
 
@@ -131,11 +134,12 @@ pub async fn open_loop(target: &Target, rate: f64, duration: Duration) -> Load {
 async fn post_order(target: &Target) -> Post {
     let sent_ms = wall_ms();
     let sent = Instant::now();
+    let (url, body) = target.next();
     let response = target
         .client
-        .post(target.url())
+        .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(target.body.clone())
+        .body(body.to_owned())
         .send()
         .await;
     let outcome = match response {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
 usage: saga-bench [--rate R --duration S] [--find-max] [--fetch-wait-table] [--sync-table]
-                  [--preload N] [--keep]
+                  [--preload N] [--products N] [--keep]
                   [--fetch-wait MS] [--bin-dir DIR] (--kafka DIR | --tansu PATH)
                   [--postgres URL [--instances N | --compare-instances N] [--partitions P]
                    [--pg-delay MS]] [--broker-storage URL]
@@ -45,6 +45,8 @@ fetch-wait table.
   --sync-table           for SQLITE_SYNCHRONOUS NORMAL and FULL (a fresh stack each): 300, 1000 and
                          1500 orders/s for 20 s each; sagas ended per second, p50, p99, CPU per saga
   --preload N            first fill the databases with N completed orders (not for the table)
+  --products N           the orders buy N products in turn (default 1: every saga reserves the same
+                         product, whose decisions then take turns across instances)
   --fetch-wait MS        the services' KAFKA_FETCH_WAIT_MAX_MS for the floor and the open loops
                          (default: $KAFKA_FETCH_WAIT_MAX_MS, else the services' default, 500)
   --keep                 keep the run directories (databases, logs)
@@ -83,6 +85,8 @@ struct Options {
     fetch_wait_table: bool,
     sync_table: bool,
     preload: u64,
+    /// `--products N`: how many products the orders buy, in turn.
+    products: usize,
     fetch_wait_ms: u64,
     keep: bool,
     stack: StackOptions,
@@ -117,7 +121,8 @@ fn absolute(path: PathBuf) -> Result<PathBuf, String> {
 
 /// Parses the command line; `Err("")` asks for the usage text alone.
 fn parse(args: &[String]) -> Result<Options, String> {
-    const VALUED: [&str; 14] = [
+    const VALUED: [&str; 15] = [
+        "--products",
         "--compare-instances",
         "--pg-delay",
         "--postgres",
@@ -155,6 +160,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         fetch_wait_table: args.iter().any(|a| a == "--fetch-wait-table"),
         sync_table: args.iter().any(|a| a == "--sync-table"),
         preload: number(args, "--preload")?.unwrap_or(0),
+        products: number(args, "--products")?.unwrap_or(1),
         fetch_wait_ms: number(args, "--fetch-wait")?
             .or(env_wait)
             .unwrap_or(kafka::settings::DEFAULT_FETCH_WAIT_MS),
@@ -172,6 +178,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     if o.preload > 0 && o.stack.postgres.is_some() {
         return Err("--preload writes SQLite files; it does not go with --postgres".into());
     }
+    if o.products == 0 {
+        return Err("--products must be at least 1".into());
+    }
     if o.duration.is_some() && o.rate.is_none() {
         return Err("--duration goes with --rate".into());
     }
@@ -185,7 +194,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
 struct Session {
     stack: Stack,
     rig: Rig,
-    product: i64,
+    /// The products the orders buy, in turn (the preload's history is of the first).
+    products: Vec<i64>,
     dir: tempfile::TempDir,
     /// The delaying proxy to PostgreSQL (`--pg-delay`), for as long as the stack runs.
     _proxy: Option<DelayProxy>,
@@ -267,15 +277,18 @@ async fn start_session_with(
                 .map_err(|e| format!("start-up: {e}"))?;
         let mall = stack.mall();
         mall.wait_healthy().await?;
-        let product = bench_product(&mall).await?;
-        Ok::<_, String>((stack, product))
+        let mut products = Vec::with_capacity(o.products);
+        for _ in 0..o.products {
+            products.push(bench_product(&mall).await?);
+        }
+        Ok::<_, String>((stack, products))
     }
     .await;
     match started {
-        Ok((stack, product)) => Ok(Session {
-            rig: rig_of(&stack, fetch_wait_ms, product),
+        Ok((stack, products)) => Ok(Session {
+            rig: rig_of(&stack, fetch_wait_ms, &products),
             stack,
-            product,
+            products,
             dir,
             _proxy: proxy,
         }),
@@ -287,7 +300,7 @@ async fn start_session_with(
     }
 }
 
-/// Creates the product every order buys and waits until orders' replica knows it.
+/// Creates a product the orders buy and waits until orders' replica knows it.
 async fn bench_product(mall: &Mall) -> Check<i64> {
     let id = mall.create_product("bench", STOCK).await?;
     let url = format!("{}/products/{id}", mall.orders);
@@ -303,7 +316,7 @@ async fn bench_product(mall: &Mall) -> Check<i64> {
     Ok(id)
 }
 
-fn rig_of(stack: &Stack, fetch_wait_ms: u64, product: i64) -> Rig {
+fn rig_of(stack: &Stack, fetch_wait_ms: u64, products: &[i64]) -> Rig {
     let mut processes = stack.pids();
     processes.push(("saga-bench".to_owned(), std::process::id()));
     let databases: std::collections::HashMap<&'static str, String> = SERVICES
@@ -318,8 +331,14 @@ fn rig_of(stack: &Stack, fetch_wait_ms: u64, product: i64) -> Rig {
                 .map(|pid| ("postgres".to_owned(), pid)),
         );
     }
-    let body = serde_json::json!({ "productId": product, "quantity": 1, "customerId": "bench@12st.mall",
-                                   "customerName": "Bench", "customerAddr": "Seoul" });
+    let bodies = products
+        .iter()
+        .map(|product| {
+            serde_json::json!({ "productId": product, "quantity": 1, "customerId": "bench@12st.mall",
+                                "customerName": "Bench", "customerAddr": "Seoul" })
+            .to_string()
+        })
+        .collect();
     Rig {
         brokers: stack.brokers().to_owned(),
         dir: stack.dir().to_owned(),
@@ -334,7 +353,7 @@ fn rig_of(stack: &Stack, fetch_wait_ms: u64, product: i64) -> Rig {
                 .map(|i| format!("{}/orders", stack.url(i)))
                 .collect(),
             next: Default::default(),
-            body: body.to_string(),
+            bodies,
         },
         ticks_per_second: procfs::clock_ticks_per_second(),
     }
@@ -361,7 +380,7 @@ async fn preload_history(session: &mut Session, orders: u64) -> Result<(), Strin
             .await?;
     }
     let started = Instant::now();
-    let (dir, product) = (session.rig.dir.clone(), session.product);
+    let (dir, product) = (session.rig.dir.clone(), session.products[0]);
     let took = tokio::task::spawn_blocking(move || preload::fill(&dir, orders, product))
         .await
         .map_err(|e| e.to_string())??;
@@ -393,7 +412,7 @@ async fn preload_history(session: &mut Session, orders: u64) -> Result<(), Strin
         session.stack.restart_service(service)?;
     }
     session.stack.mall().wait_healthy().await?;
-    session.rig = rig_of(&session.stack, session.rig.fetch_wait_ms, session.product);
+    session.rig = rig_of(&session.stack, session.rig.fetch_wait_ms, &session.products);
     Ok(())
 }
 
