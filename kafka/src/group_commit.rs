@@ -9,9 +9,10 @@
 //!
 //! Nothing is weakened: a write is answered only after the transaction holding it committed;
 //! a write that fails (or panics) rolls back to its savepoint alone, as if it had been its own
-//! transaction; a failed commit fails every write in it, and nothing of them is kept. A write
-//! alone in its transaction needs no savepoint (the transaction rolls back as well), and gets
-//! none: SQLite copies every page a savepoint touches to a sub-journal first.
+//! transaction; a failed commit fails every write in it, and nothing of them is kept. The
+//! first write of a transaction needs no savepoint (the transaction rolls back as well, and the
+//! others then run in a new one), and gets none: a savepoint is two more statements, and SQLite
+//! copies every page a savepoint touches to a sub-journal first.
 
 use crate::db::{DbConnection, DbError, Pool, write_transaction};
 use diesel::Connection;
@@ -206,36 +207,70 @@ pub(crate) fn start(name: &str, pool: Pool) -> std::io::Result<Writer> {
     })
 }
 
-/// Runs `batch` in one transaction and answers every write once its fate is known.
-fn commit(conn: &mut DbConnection, mut batch: Vec<Box<dyn Write>>) {
-    if batch.len() == 1
-        && let Some(write) = batch.pop()
-    {
-        return commit_alone(conn, write);
+/// Why a group commit's transaction ended without committing.
+enum Broke {
+    /// The first write failed; nothing else had run in the transaction.
+    FirstWrite,
+    /// The transaction itself (or a savepoint) failed.
+    Db(DbError),
+}
+
+impl From<diesel::result::Error> for Broke {
+    fn from(e: diesel::result::Error) -> Self {
+        Broke::Db(DbError::Query(e))
     }
-    let mut answers: Vec<Box<dyn Answer>> = Vec::with_capacity(batch.len());
+}
+
+/// Runs `batch` in one transaction and answers every write once its fate is known. The first
+/// write runs without a savepoint, as [`commit_alone`] does: nothing ran before it, so when it
+/// fails the transaction's rollback is its own, and the others go on in a new transaction.
+fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>) {
     let mut pending = batch.into_iter();
+    let Some(first) = pending.next() else {
+        return;
+    };
+    if pending.len() == 0 {
+        return commit_alone(conn, first);
+    }
+    let mut first = Some(first);
+    let mut answers: Vec<Box<dyn Answer>> = Vec::with_capacity(pending.len() + 1);
     let committed = write_transaction(conn, |conn| {
+        if let Some(write) = first.take() {
+            let (ran, succeeded) = write.run_alone(conn);
+            answers.push(ran);
+            if !succeeded {
+                return Err(Broke::FirstWrite);
+            }
+        }
         for write in pending.by_ref() {
             match write.run(conn) {
                 Ok(answer) => answers.push(answer),
                 Err((answer, e)) => {
                     answers.push(answer);
-                    return Err(e);
+                    return Err(Broke::Db(e));
                 }
             }
         }
-        Ok::<_, DbError>(())
+        Ok(())
     });
-    let why = committed.err().map(|e| {
-        log::warn!("a group commit of {} write(s) failed: {e}", answers.len());
-        e.to_string()
-    });
+    let why = match committed {
+        Ok(()) => None,
+        Err(Broke::FirstWrite) => {
+            for answer in answers {
+                answer.answer(Some("the write failed"));
+            }
+            return commit(conn, pending.collect());
+        }
+        Err(Broke::Db(e)) => {
+            log::warn!("a group commit of {} write(s) failed: {e}", answers.len());
+            Some(e.to_string())
+        }
+    };
     for answer in answers {
         answer.answer(why.as_deref());
     }
     // Writes never run because the transaction broke before them.
-    for write in pending {
+    for write in first.into_iter().chain(pending) {
         write.fail(DbError::Batch(
             why.clone()
                 .unwrap_or_else(|| "the transaction broke".to_owned()),
@@ -417,6 +452,52 @@ mod tests {
         db.write(|conn| Ok::<_, DbError>((insert(conn, "f")?, Vec::new())))
             .await
             .unwrap();
+    }
+
+    /// The first write of a group runs without a savepoint: when it fails (or panics) after
+    /// changing something, nothing of it is kept, its caller gets its own error, and the writes
+    /// queued behind it still commit (in the next transaction).
+    #[tokio::test]
+    async fn the_first_write_of_a_group_fails_alone_and_the_others_commit_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        for fault in ["refused", "panicked"] {
+            let (started, first_runs) = tokio::sync::oneshot::channel();
+            let (release, hold) = mpsc::channel::<()>();
+            let holder = spawn_write(&db, move |_| {
+                let _ = started.send(());
+                let _ = hold.recv();
+                Ok(((), Vec::new()))
+            });
+            first_runs.await.unwrap();
+            let failing = queued(&db, move |conn| {
+                insert(conn, &format!("{fault}-x"))?;
+                if fault == "panicked" && conn.batch_execute("SELECT 1").is_ok() {
+                    panic!("a bug in a handler");
+                }
+                Err::<((), _), _>(DbError::Task("refused".into()))
+            });
+            let ok = |id: String| {
+                queued(&db, move |conn| {
+                    insert(conn, &id)?;
+                    Ok(((), Vec::new()))
+                })
+            };
+            let (y, z) = (ok(format!("{fault}-y")), ok(format!("{fault}-z")));
+            release.send(()).unwrap();
+            holder.await.unwrap().unwrap();
+            let failed = failing.await.unwrap_err();
+            assert!(
+                matches!(&failed, DbError::Task(m) if m.contains("refused") || m.contains("a bug")),
+                "{failed}"
+            );
+            y.await.unwrap();
+            z.await.unwrap();
+        }
+        assert_eq!(
+            db.read(ids).await.unwrap(),
+            ["panicked-y", "panicked-z", "refused-y", "refused-z"]
+        );
     }
 
     /// A write alone in its transaction (no savepoint) fails or panics just as alone: its own
