@@ -146,6 +146,106 @@ pub fn by_order(conn: &mut DbConnection, order_id: i64) -> QueryResult<OrderDeli
     })
 }
 
+/// What [`by_order_with_next_id`] reads in one statement: the order's delivery row, if any
+/// (every column null when there is none), whether the order was voided, and the next id.
+#[derive(QueryableByName)]
+struct OrderDeliveryRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    id: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    order_id: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    product_id: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    quantity: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    customer_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    customer_name: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    delivery_address: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    delivery_state: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bool>)]
+    order_confirmed: Option<bool>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    state_message: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    created_at: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    updated_at: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    voided: bool,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    next_id: Option<i64>,
+}
+
+/// [`by_order`] and, when `placing` (an OrderPlaced) finds neither a delivery nor a voided
+/// order — the one case that starts a delivery — the id the new delivery gets ([`next_id`]),
+/// all in one statement: on PostgreSQL each statement is a round trip, and this is every
+/// saga's first in delivery.
+pub fn by_order_with_next_id(
+    conn: &mut DbConnection,
+    order_id: i64,
+    placing: bool,
+) -> QueryResult<(OrderDelivery, Option<i64>)> {
+    use diesel::sql_types::{BigInt, Bool};
+    let (wanted, flag, next) = match conn {
+        DbConnection::Postgres(_) => (
+            "$1",
+            "$2",
+            "nextval(pg_get_serial_sequence('deliveries', 'id'))",
+        ),
+        DbConnection::Sqlite(_) => (
+            "?1",
+            "?2",
+            "MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'), 0), \
+                 COALESCE((SELECT MAX(id) FROM deliveries), 0)) + 1",
+        ),
+    };
+    // CASE evaluates only the branch it takes: no id is drawn from the sequence otherwise.
+    let sql = format!(
+        "SELECT d.id, d.order_id, d.product_id, d.quantity, d.customer_id, d.customer_name, \
+                d.delivery_address, d.delivery_state, d.order_confirmed, d.state_message, \
+                d.created_at, d.updated_at, \
+                EXISTS (SELECT 1 FROM voided_orders v WHERE v.order_id = w.wanted) AS voided, \
+                CASE WHEN {flag} AND d.id IS NULL \
+                      AND NOT EXISTS (SELECT 1 FROM voided_orders v WHERE v.order_id = w.wanted) \
+                     THEN {next} END AS next_id \
+         FROM (SELECT CAST({wanted} AS BIGINT) AS wanted) w \
+         LEFT JOIN deliveries d ON d.order_id = w.wanted"
+    );
+    let query = diesel::sql_query(sql)
+        .bind::<BigInt, _>(order_id)
+        .bind::<Bool, _>(placing);
+    let r: OrderDeliveryRow = kafka::on_backend!(conn, |c| query.get_result(c))?;
+    let known = match (r.id, r.order_id, r.product_id, r.quantity, r.customer_id) {
+        (Some(id), Some(order_id), Some(product_id), Some(quantity), Some(customer_id)) => {
+            Some(DeliveryRow {
+                id,
+                order_id,
+                product_id,
+                quantity,
+                customer_id,
+                customer_name: r.customer_name,
+                delivery_address: r.delivery_address,
+                delivery_state: r.delivery_state.unwrap_or_default(),
+                order_confirmed: r.order_confirmed.unwrap_or_default(),
+                state_message: r.state_message,
+                created_at: r.created_at.unwrap_or_default(),
+                updated_at: r.updated_at.unwrap_or_default(),
+            })
+        }
+        _ => None,
+    };
+    let delivery = match known {
+        Some(row) => OrderDelivery::Known(Delivery::try_from(row)?),
+        None if r.voided => OrderDelivery::Voided,
+        None => OrderDelivery::Unknown,
+    };
+    Ok((delivery, r.next_id))
+}
+
 /// Remembers that an order was cancelled before its OrderPlaced arrived.
 pub fn void(conn: &mut DbConnection, order_id: i64) -> QueryResult<()> {
     let statement = diesel::insert_into(voided_orders::table)
