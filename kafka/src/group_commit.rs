@@ -458,7 +458,7 @@ mod tests {
     /// changing something, nothing of it is kept, its caller gets its own error, and the writes
     /// queued behind it still commit (in the next transaction).
     #[tokio::test]
-    async fn the_first_write_of_a_group_fails_alone_and_the_others_commit_together() {
+    async fn the_first_write_of_a_group_fails_alone_and_the_others_commit() {
         let dir = tempfile::tempdir().unwrap();
         let db = open(&dir);
         for fault in ["refused", "panicked"] {
