@@ -12,7 +12,9 @@
 //! transaction; a failed commit fails every write in it, and nothing of them is kept. The
 //! first write of a transaction needs no savepoint (the transaction rolls back as well, and the
 //! others then run in a new one), and gets none: a savepoint is two more statements, and SQLite
-//! copies every page a savepoint touches to a sub-journal first.
+//! copies every page a savepoint touches to a sub-journal first. The writer keeps its
+//! connection while its transactions commit: a checkout from the pool tests the connection
+//! with a statement of its own.
 
 use crate::db::{DbConnection, DbError, Pool, write_transaction};
 use diesel::Connection;
@@ -173,6 +175,11 @@ pub(crate) fn start(name: &str, pool: Pool) -> std::io::Result<Writer> {
     let thread = std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
+            // The connection of the last transaction, kept while its transactions commit: a
+            // checkout tests the connection with a statement of its own (a round trip on
+            // PostgreSQL). After a failure it goes back to the pool, which tests it before
+            // it is handed out again.
+            let mut kept = None;
             while let Ok(first) = writes.recv() {
                 let mut batch = vec![first];
                 while batch.len() < MOST_PER_COMMIT
@@ -180,16 +187,19 @@ pub(crate) fn start(name: &str, pool: Pool) -> std::io::Result<Writer> {
                 {
                     batch.push(next);
                 }
-                match pool.get() {
+                match kept.take().map_or_else(|| pool.get(), Ok) {
                     Ok(mut conn) => {
                         // A write's own panic is caught around it; this catches one in the
                         // transaction's own handling, so the thread lives on. The batch's
                         // callers see their answers dropped (a transient error), and the
                         // connection, left in a transaction, is discarded by the pool.
-                        let committing =
-                            catch_unwind(AssertUnwindSafe(|| commit(&mut conn, batch)));
-                        if let Err(panic) = committing {
-                            log::error!("the database writer panicked: {}", panic_message(&*panic));
+                        match catch_unwind(AssertUnwindSafe(|| commit(&mut conn, batch))) {
+                            Ok(ConnectionAfter::Fine) => kept = Some(conn),
+                            Ok(ConnectionAfter::InDoubt) => {}
+                            Err(panic) => log::error!(
+                                "the database writer panicked: {}",
+                                panic_message(&*panic)
+                            ),
                         }
                     }
                     Err(e) => {
@@ -221,13 +231,22 @@ impl From<diesel::result::Error> for Broke {
     }
 }
 
+/// What a batch's outcome says of its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnectionAfter {
+    /// The transaction committed: the connection works.
+    Fine,
+    /// Something failed, maybe the connection itself.
+    InDoubt,
+}
+
 /// Runs `batch` in one transaction and answers every write once its fate is known. The first
 /// write runs without a savepoint, as [`commit_alone`] does: nothing ran before it, so when it
 /// fails the transaction's rollback is its own, and the others go on in a new transaction.
-fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>) {
+fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>) -> ConnectionAfter {
     let mut pending = batch.into_iter();
     let Some(first) = pending.next() else {
-        return;
+        return ConnectionAfter::Fine;
     };
     if pending.len() == 0 {
         return commit_alone(conn, first);
@@ -259,7 +278,13 @@ fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>) {
             for answer in answers {
                 answer.answer(Some("the write failed"));
             }
-            return commit(conn, pending.collect());
+            // The next transaction tells whether the connection still works.
+            let rest: Vec<_> = pending.collect();
+            return if rest.is_empty() {
+                ConnectionAfter::InDoubt
+            } else {
+                commit(conn, rest)
+            };
         }
         Err(Broke::Db(e)) => {
             log::warn!("a group commit of {} write(s) failed: {e}", answers.len());
@@ -270,18 +295,24 @@ fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>) {
         answer.answer(why.as_deref());
     }
     // Writes never run because the transaction broke before them.
+    let connection = if why.is_none() {
+        ConnectionAfter::Fine
+    } else {
+        ConnectionAfter::InDoubt
+    };
     for write in first.into_iter().chain(pending) {
         write.fail(DbError::Batch(
             why.clone()
                 .unwrap_or_else(|| "the transaction broke".to_owned()),
         ));
     }
+    connection
 }
 
 /// Runs a write that is alone in its transaction: its savepoint would only copy every page
 /// it touches to a sub-journal (measured: ~15 % of orders' writer thread at 300 sagas/s), and
 /// the transaction rolls back just as well.
-fn commit_alone(conn: &mut DbConnection, write: Box<dyn Write>) {
+fn commit_alone(conn: &mut DbConnection, write: Box<dyn Write>) -> ConnectionAfter {
     let mut waiting = Some(write);
     let mut answer = None;
     // Err(None): the write itself failed, and its answer says how.
@@ -305,11 +336,17 @@ fn commit_alone(conn: &mut DbConnection, write: Box<dyn Write>) {
     if let Some(answer) = answer {
         answer.answer(why.as_deref());
     }
+    let connection = if why.is_none() {
+        ConnectionAfter::Fine
+    } else {
+        ConnectionAfter::InDoubt
+    };
     // Never run: the transaction could not begin.
     if let Some(write) = waiting {
         let why = why.unwrap_or_else(|| "the transaction did not begin".to_owned());
         write.fail(DbError::Batch(why));
     }
+    connection
 }
 
 #[cfg(test)]
@@ -497,6 +534,47 @@ mod tests {
         assert_eq!(
             db.read(ids).await.unwrap(),
             ["panicked-y", "panicked-z", "refused-y", "refused-z"]
+        );
+    }
+
+    /// The writer keeps its connection from one transaction to the next (a checkout costs a
+    /// test statement): a temporary table, which only the connection that made it sees, is
+    /// there for the next write even while a read holds another connection of the pool — the
+    /// one the writer would have been handed back first had it returned its own.
+    #[tokio::test]
+    async fn the_writer_keeps_its_connection_between_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        db.write(|conn| {
+            conn.batch_execute("CREATE TEMP TABLE writer_mark (x)")?;
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+        .await
+        .unwrap();
+        let (holding, held) = tokio::sync::oneshot::channel();
+        let (release, hold) = mpsc::channel::<()>();
+        let reader = db.clone();
+        let reading = tokio::spawn(async move {
+            reader
+                .read(move |_| {
+                    let _ = holding.send(());
+                    let _ = hold.recv();
+                    Ok::<_, DbError>(())
+                })
+                .await
+        });
+        held.await.unwrap();
+        let marked = db
+            .write(|conn| {
+                conn.batch_execute("INSERT INTO writer_mark VALUES (1)")?;
+                Ok::<_, DbError>(((), Vec::new()))
+            })
+            .await;
+        release.send(()).unwrap();
+        reading.await.unwrap().unwrap();
+        assert!(
+            marked.is_ok(),
+            "the second write ran on another connection: {marked:?}"
         );
     }
 
