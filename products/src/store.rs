@@ -30,6 +30,8 @@ pub mod schema {
 
 use schema::{products, stock_reservations};
 
+diesel::allow_tables_to_appear_in_same_query!(products, stock_reservations);
+
 /// A product row.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = products)]
@@ -133,6 +135,35 @@ pub fn product(conn: &mut DbConnection, id: i64) -> QueryResult<Option<Product>>
 pub fn product_to_change(conn: &mut DbConnection, id: i64) -> QueryResult<Option<Product>> {
     kafka::db::lock(conn, Lock::Product(id))?;
     product(conn, id)
+}
+
+/// [`product_to_change`] and, in the same statement, the order's reservation: an OrderPlaced
+/// names its product before its reservation is read, so products' first statement of every
+/// saga after the lock reads both (on PostgreSQL each statement is a round trip). `None` when
+/// the product does not exist (the reservation is then not read).
+pub fn product_to_change_with_reservation(
+    conn: &mut DbConnection,
+    product_id: i64,
+    order_id: i64,
+) -> Result<Option<(Product, Option<StockReservation>)>, kafka::ReactError> {
+    kafka::db::lock(conn, Lock::Product(product_id))?;
+    let row: Option<(ProductRow, Option<ReservationRow>)> = products::table
+        .find(product_id)
+        .left_join(stock_reservations::table.on(stock_reservations::order_id.eq(order_id)))
+        .select((
+            ProductRow::as_select(),
+            Option::<ReservationRow>::as_select(),
+        ))
+        .first(conn)
+        .optional()?;
+    let Some((product, reservation)) = row else {
+        return Ok(None);
+    };
+    let reservation = reservation
+        .map(StockReservation::try_from)
+        .transpose()
+        .map_err(kafka::ReactError::Rejected)?;
+    Ok(Some((Product::from(product), reservation)))
 }
 
 /// Inserts a product and returns it with its id.
