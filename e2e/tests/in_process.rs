@@ -262,9 +262,9 @@ async fn products_and_delivery_rebuilt_from_the_topic_hold_what_the_live_ones_ho
     assert_eq!(json(&deliveries), live.2, "GET /deliveries");
 }
 
-/// An empty products database for a rebuild: a fresh one on `TEST_POSTGRES_URL`'s server, or
-/// a SQLite file in `dir`. Its URL, so several instances can open it.
-fn empty_products_database(dir: &tempfile::TempDir, name: &str) -> String {
+/// A new, empty database: a fresh one on `TEST_POSTGRES_URL`'s server, or a SQLite file in
+/// `dir`. Its URL, so several instances can open it.
+fn empty_database(dir: &tempfile::TempDir, name: &str) -> String {
     match std::env::var("TEST_POSTGRES_URL")
         .ok()
         .filter(|u| !u.is_empty())
@@ -381,7 +381,7 @@ async fn a_rebuild_is_all_or_nothing_and_done_once_by_instances_starting_togethe
         kafka::Database::open(url, products::startup::MIGRATIONS).expect("products database")
     };
 
-    let url = empty_products_database(&dir, "rebuild_failed");
+    let url = empty_database(&dir, "rebuild_failed");
     let db = open(&url);
     let failed = rebuild(&db, &settings("products-a"), Arc::new(FailingAtTheEnd)).await;
     assert!(failed.is_err(), "{failed:?}");
@@ -401,7 +401,7 @@ async fn a_rebuild_is_all_or_nothing_and_done_once_by_instances_starting_togethe
         "rebuilt after a failed rebuild"
     );
 
-    let url = empty_products_database(&dir, "rebuild_raced");
+    let url = empty_database(&dir, "rebuild_raced");
     let (a, b) = (open(&url), open(&url));
     let (as_a, as_b) = (settings("products-a"), settings("products-b"));
     let (first, second) = tokio::join!(
@@ -425,4 +425,92 @@ async fn a_rebuild_is_all_or_nothing_and_done_once_by_instances_starting_togethe
         live,
         "rebuilt by two instances at once"
     );
+}
+
+/// Orders records a consumed event in its order's history and loads the order with one
+/// statement on PostgreSQL (an insert in a `WITH`): the row is recorded once however often the
+/// event comes, and the order read is the stored one (on SQLite, two statements, the same).
+#[tokio::test]
+async fn a_consumed_event_is_recorded_and_its_order_loaded_at_once() {
+    use events::{Envelope, Event, Service, StockMoved};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = empty_database(&dir, "history_and_load");
+    let db = kafka::Database::open(&url, orders::startup::MIGRATIONS).expect("orders database");
+    let placed = db
+        .write(|conn| {
+            let now = chrono::Utc::now().to_rfc3339();
+            let order = orders::store::insert_order(
+                conn,
+                &orders::store::NewOrder {
+                    product_id: 1,
+                    product_name: Some("TV".into()),
+                    quantity: 2,
+                    price: Some(100),
+                    customer_id: "c".into(),
+                    customer_name: Some("Kim".into()),
+                    customer_addr: Some("Seoul".into()),
+                    state: "OrderPlaced",
+                    created_at: now.clone(),
+                    updated_at: now,
+                },
+            )?;
+            Ok::<_, kafka::DbError>((order, Vec::new()))
+        })
+        .await
+        .expect("an order");
+    let id = placed.order.id;
+    let decreased = Envelope::new(
+        Service::Products,
+        Event::StockDecreased(StockMoved {
+            order_id: id,
+            product_id: 1,
+            quantity: 2,
+            product_stock: 8,
+        }),
+    );
+    let on_postgres = url.starts_with("postgres");
+    for _ in 0..2 {
+        let event = decreased.clone();
+        let (loaded, statements) = db
+            .write(move |conn| {
+                use diesel::Connection;
+                let counted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let counter = counted.clone();
+                conn.set_instrumentation(move |e: diesel::connection::InstrumentationEvent<'_>| {
+                    if let diesel::connection::InstrumentationEvent::StartQuery { .. } = e {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+                let loaded = orders::store::record_history_and_load(conn, id, &event);
+                conn.set_instrumentation(None::<Box<dyn diesel::connection::Instrumentation>>);
+                let statements = counted.load(std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, kafka::DbError>(((loaded?, statements), Vec::new()))
+            })
+            .await
+            .expect("recorded and loaded");
+        let loaded = loaded.expect("the order");
+        assert_eq!(loaded.order, placed.order);
+        assert_eq!(loaded.created_at, placed.created_at);
+        assert_eq!(statements, if on_postgres { 1 } else { 2 });
+    }
+    let history = db
+        .read(move |conn| orders::store::history(conn, id).map_err(kafka::DbError::from))
+        .await
+        .expect("history");
+    let recorded: Vec<_> = history
+        .iter()
+        .map(|h| (h.event_type.as_str(), h.event_id.clone()))
+        .collect();
+    assert_eq!(
+        recorded,
+        [("StockDecreased", decreased.event_id.to_string())]
+    );
+    let missing = db
+        .write(move |conn| {
+            let loaded = orders::store::record_history_and_load(conn, id + 1, &decreased)?;
+            Ok::<_, kafka::DbError>((loaded.is_none(), Vec::new()))
+        })
+        .await
+        .expect("a missing order");
+    assert!(missing, "an order that does not exist loads as None");
 }

@@ -39,8 +39,7 @@ impl Reactor for OrderReactor {
         if note && store::order(conn, order_id)?.is_none() {
             return Ok(Vec::new());
         }
-        store::record_history(conn, order_id, event)?;
-        let Some(stored) = store::order(conn, order_id)? else {
+        let Some(stored) = store::record_history_and_load(conn, order_id, event)? else {
             return Err(ReactError::Rejected(format!(
                 "order {order_id} does not exist here"
             )));

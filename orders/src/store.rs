@@ -58,7 +58,7 @@ pub mod schema {
 use schema::{order_events, orders, products};
 
 /// An order row.
-#[derive(Debug, Clone, Queryable, Selectable)]
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = orders)]
 #[allow(missing_docs)]
 pub struct OrderRow {
@@ -344,6 +344,67 @@ pub fn record_history(conn: &mut DbConnection, order_id: i64, e: &Envelope) -> Q
     record_histories(conn, &[(order_id, e)])
 }
 
+/// A history row's values: the event as the history shows it.
+struct HistoryValues {
+    event_id: String,
+    causation_id: Option<String>,
+    timestamp: String,
+    /// The event's fields without `eventType` (a column of its own).
+    payload: String,
+}
+
+impl HistoryValues {
+    fn of(e: &Envelope) -> Self {
+        let mut payload = serde_json::to_value(&e.event).unwrap_or_default();
+        if let Some(fields) = payload.as_object_mut() {
+            fields.remove("eventType");
+        }
+        HistoryValues {
+            event_id: e.event_id.to_string(),
+            causation_id: e.causation_id.map(|id| id.to_string()),
+            timestamp: e
+                .timestamp
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            payload: payload.to_string(),
+        }
+    }
+}
+
+/// [`record_history`] of a consumed event, then [`order`]: one statement on PostgreSQL (the
+/// insert in a `WITH` clause; a statement is a round trip there), two on SQLite.
+pub fn record_history_and_load(
+    conn: &mut DbConnection,
+    order_id: i64,
+    e: &Envelope,
+) -> QueryResult<Option<StoredOrder>> {
+    use diesel::sql_types::{BigInt, Nullable, Text};
+    let DbConnection::Postgres(pg) = conn else {
+        record_history(conn, order_id, e)?;
+        return order(conn, order_id);
+    };
+    let v = HistoryValues::of(e);
+    // The SELECT does not see the row its WITH inserts (one snapshot), nor needs to.
+    diesel::sql_query(
+        "WITH recorded AS (INSERT INTO order_events \
+             (\"order_id\", \"event_id\", \"event_type\", \"source\", \"causation_id\", \"initiator\", \
+              \"timestamp\", \"payload\") \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING) \
+         SELECT * FROM orders WHERE id = $1",
+    )
+    .bind::<BigInt, _>(order_id)
+    .bind::<Text, _>(&v.event_id)
+    .bind::<Text, _>(e.event_type())
+    .bind::<Text, _>(e.source.as_str())
+    .bind::<Nullable<Text>, _>(v.causation_id.as_deref())
+    .bind::<Nullable<Text>, _>(e.initiator.map(|s| s.as_str()))
+    .bind::<Text, _>(&v.timestamp)
+    .bind::<Text, _>(&v.payload)
+    .get_result::<OrderRow>(pg)
+    .optional()?
+    .map(StoredOrder::try_from)
+    .transpose()
+}
+
 /// Appends events to their orders' histories, in the given order, with one statement.
 pub fn record_histories(conn: &mut DbConnection, events: &[(i64, &Envelope)]) -> QueryResult<()> {
     if events.is_empty() {
@@ -352,21 +413,16 @@ pub fn record_histories(conn: &mut DbConnection, events: &[(i64, &Envelope)]) ->
     let rows: Vec<_> = events
         .iter()
         .map(|(order_id, e)| {
-            let mut payload = serde_json::to_value(&e.event).unwrap_or_default();
-            if let Some(fields) = payload.as_object_mut() {
-                fields.remove("eventType");
-            }
+            let v = HistoryValues::of(e);
             (
                 order_events::order_id.eq(*order_id),
-                order_events::event_id.eq(e.event_id.to_string()),
+                order_events::event_id.eq(v.event_id),
                 order_events::event_type.eq(e.event_type()),
                 order_events::source.eq(e.source.as_str()),
-                order_events::causation_id.eq(e.causation_id.map(|id| id.to_string())),
+                order_events::causation_id.eq(v.causation_id),
                 order_events::initiator.eq(e.initiator.map(|s| s.as_str())),
-                order_events::timestamp.eq(e
-                    .timestamp
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-                order_events::payload.eq(payload.to_string()),
+                order_events::timestamp.eq(v.timestamp),
+                order_events::payload.eq(v.payload),
             )
         })
         .collect();
