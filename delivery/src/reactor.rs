@@ -29,15 +29,12 @@ impl Reactor for DeliveryReactor {
         let Some(order_id) = event.event.order_id() else {
             return Ok(Vec::new());
         };
-        // One statement: the order's delivery, and the next id only when the rule starts a
-        // delivery (no other rule reads it).
+        // One statement: the order's delivery, and the next id exactly when the rule starts
+        // a delivery (an OrderPlaced for an order with no delivery, not voided:
+        // `saga::starts_a_delivery`); no other rule reads it.
         let placing = matches!(event.event, Event::OrderPlaced(_));
         let (before, next_id) = store::by_order_with_next_id(conn, order_id, placing)?;
-        let next_id = match next_id {
-            Some(id) => id,
-            None if saga::starts_a_delivery(&before, event) => store::next_id(conn)?,
-            None => 0,
-        };
+        let next_id = next_id.unwrap_or_default();
         let (after, caused) = saga::react(before.clone(), event, next_id);
         if after != before {
             match &after {
@@ -53,10 +50,7 @@ impl Reactor for DeliveryReactor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diesel::Connection;
     use events::{OrderCompleted, OrderPlaced, Service};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Each event costs delivery one statement to read what it knows (the delivery, whether
     /// the order was voided and, for a new delivery, its id) and one to store the outcome: on
@@ -89,26 +83,17 @@ mod tests {
             }),
         );
         for event in [placed, completed] {
-            let statements = Arc::new(AtomicUsize::new(0));
-            let counter = statements.clone();
             let event_type = event.event_type();
-            db.write(move |conn| {
-                conn.set_instrumentation(move |e: diesel::connection::InstrumentationEvent<'_>| {
-                    if let diesel::connection::InstrumentationEvent::StartQuery { .. } = e {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                    }
-                });
-                let caused = DeliveryReactor.react(conn, &event);
-                conn.set_instrumentation(None::<Box<dyn diesel::connection::Instrumentation>>);
-                Ok::<_, ReactError>(((), caused?))
-            })
-            .await
-            .unwrap();
-            assert_eq!(
-                statements.load(Ordering::SeqCst),
-                2,
-                "{event_type}: one read, one write"
-            );
+            let statements = db
+                .write(move |conn| {
+                    let (caused, statements) = kafka::db::counting_statements(conn, |conn| {
+                        DeliveryReactor.react(conn, &event)
+                    });
+                    Ok::<_, ReactError>((statements, caused?))
+                })
+                .await
+                .unwrap();
+            assert_eq!(statements, 2, "{event_type}: one read, one write");
         }
         let delivery = db
             .read(|conn| store::by_id(conn, 1).map_err(kafka::DbError::from))

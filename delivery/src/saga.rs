@@ -54,8 +54,8 @@ pub enum OrderDelivery {
 pub struct IllegalTransition(pub String);
 
 /// Whether [`react`] starts a new delivery for `incoming` (and so uses its `next_id`): an
-/// OrderPlaced for an order delivery knows nothing of. The shell reads the next id only
-/// then, not for every event.
+/// OrderPlaced for an order delivery knows nothing of. The shell's one read draws the next
+/// id under the same condition ([`crate::store::by_order_with_next_id`]), not for every event.
 pub fn starts_a_delivery(current: &OrderDelivery, incoming: &Envelope) -> bool {
     matches!(
         (&incoming.event, current),

@@ -127,23 +127,7 @@ pub fn by_id(conn: &mut DbConnection, id: i64) -> QueryResult<Option<Delivery>> 
 
 /// What delivery knows about an order.
 pub fn by_order(conn: &mut DbConnection, order_id: i64) -> QueryResult<OrderDelivery> {
-    let row = deliveries::table
-        .filter(deliveries::order_id.eq(order_id))
-        .select(DeliveryRow::as_select())
-        .first(conn)
-        .optional()?;
-    if let Some(row) = row {
-        return Ok(OrderDelivery::Known(Delivery::try_from(row)?));
-    }
-    let voided: bool = diesel::select(diesel::dsl::exists(
-        voided_orders::table.filter(voided_orders::order_id.eq(order_id)),
-    ))
-    .get_result(conn)?;
-    Ok(if voided {
-        OrderDelivery::Voided
-    } else {
-        OrderDelivery::Unknown
-    })
+    by_order_with_next_id(conn, order_id, false).map(|(delivery, _)| delivery)
 }
 
 /// What [`by_order_with_next_id`] reads in one statement: the order's delivery row, if any
@@ -190,19 +174,11 @@ pub fn by_order_with_next_id(
     placing: bool,
 ) -> QueryResult<(OrderDelivery, Option<i64>)> {
     use diesel::sql_types::{BigInt, Bool};
-    let (wanted, flag, next) = match conn {
-        DbConnection::Postgres(_) => (
-            "$1",
-            "$2",
-            "nextval(pg_get_serial_sequence('deliveries', 'id'))",
-        ),
-        DbConnection::Sqlite(_) => (
-            "?1",
-            "?2",
-            "MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'), 0), \
-                 COALESCE((SELECT MAX(id) FROM deliveries), 0)) + 1",
-        ),
+    let (wanted, flag) = match conn {
+        DbConnection::Postgres(_) => ("$1", "$2"),
+        DbConnection::Sqlite(_) => ("?1", "?2"),
     };
+    let next = next_id_sql(conn);
     // CASE evaluates only the branch it takes: no id is drawn from the sequence otherwise.
     let sql = format!(
         "SELECT d.id, d.order_id, d.product_id, d.quantity, d.customer_id, d.customer_name, \
@@ -268,16 +244,19 @@ pub fn next_id(conn: &mut DbConnection) -> QueryResult<i64> {
         #[diesel(sql_type = BigInt)]
         id: i64,
     }
-    let sql = match conn {
-        DbConnection::Postgres(_) => {
-            "SELECT nextval(pg_get_serial_sequence('deliveries', 'id')) AS id"
-        }
-        DbConnection::Sqlite(_) => {
-            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'), 0), \
-                        COALESCE((SELECT MAX(id) FROM deliveries), 0)) + 1 AS id"
-        }
-    };
+    let sql = format!("SELECT {} AS id", next_id_sql(conn));
     Ok(diesel::sql_query(sql).get_result::<Next>(conn)?.id)
+}
+
+/// The SQL expression of [`next_id`], also drawn inside [`by_order_with_next_id`].
+fn next_id_sql(conn: &DbConnection) -> &'static str {
+    match conn {
+        DbConnection::Postgres(_) => "nextval(pg_get_serial_sequence('deliveries', 'id'))",
+        DbConnection::Sqlite(_) => {
+            "MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'), 0), \
+                 COALESCE((SELECT MAX(id) FROM deliveries), 0)) + 1"
+        }
+    }
 }
 
 /// The highest delivery id stored.

@@ -473,17 +473,9 @@ async fn a_consumed_event_is_recorded_and_its_order_loaded_at_once() {
         let event = decreased.clone();
         let (loaded, statements) = db
             .write(move |conn| {
-                use diesel::Connection;
-                let counted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                let counter = counted.clone();
-                conn.set_instrumentation(move |e: diesel::connection::InstrumentationEvent<'_>| {
-                    if let diesel::connection::InstrumentationEvent::StartQuery { .. } = e {
-                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    }
+                let (loaded, statements) = kafka::db::counting_statements(conn, |conn| {
+                    orders::store::record_history_and_load(conn, id, &event)
                 });
-                let loaded = orders::store::record_history_and_load(conn, id, &event);
-                conn.set_instrumentation(None::<Box<dyn diesel::connection::Instrumentation>>);
-                let statements = counted.load(std::sync::atomic::Ordering::SeqCst);
                 Ok::<_, kafka::DbError>(((loaded?, statements), Vec::new()))
             })
             .await

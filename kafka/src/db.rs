@@ -151,6 +151,26 @@ pub fn lock(conn: &mut DbConnection, what: Lock<'_>) -> diesel::QueryResult<()> 
     }
 }
 
+/// Runs `f` on `conn` and counts the statements it sent: on PostgreSQL each is a round
+/// trip, so tests of the shells' hot paths pin how many they take.
+pub fn counting_statements<T>(
+    conn: &mut DbConnection,
+    f: impl FnOnce(&mut DbConnection) -> T,
+) -> (T, usize) {
+    use diesel::connection::{Instrumentation, InstrumentationEvent};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let counted = Arc::new(AtomicUsize::new(0));
+    let counter = counted.clone();
+    conn.set_instrumentation(move |e: InstrumentationEvent<'_>| {
+        if let InstrumentationEvent::StartQuery { .. } = e {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let result = f(conn);
+    conn.set_instrumentation(None::<Box<dyn Instrumentation>>);
+    (result, counted.load(Ordering::SeqCst))
+}
+
 /// [`lock`], waiting as long as the holder takes: the transaction's lock and statement
 /// timeouts are lifted (for its remaining statements too). For a start-up decision that may
 /// wait for another instance's long one (a rebuild from the topic); a holder that stops

@@ -240,6 +240,16 @@ enum ConnectionAfter {
     InDoubt,
 }
 
+impl ConnectionAfter {
+    /// From why the transaction did not commit, if it did not.
+    fn of(why: Option<&str>) -> Self {
+        match why {
+            None => ConnectionAfter::Fine,
+            Some(_) => ConnectionAfter::InDoubt,
+        }
+    }
+}
+
 /// Runs `batch` in one transaction and answers every write once its fate is known. The first
 /// write runs without a savepoint, as [`commit_alone`] does: nothing ran before it, so when it
 /// fails the transaction's rollback is its own, and the others go on in a new transaction.
@@ -295,11 +305,7 @@ fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>) -> ConnectionAfte
         answer.answer(why.as_deref());
     }
     // Writes never run because the transaction broke before them.
-    let connection = if why.is_none() {
-        ConnectionAfter::Fine
-    } else {
-        ConnectionAfter::InDoubt
-    };
+    let connection = ConnectionAfter::of(why.as_deref());
     for write in first.into_iter().chain(pending) {
         write.fail(DbError::Batch(
             why.clone()
@@ -336,11 +342,7 @@ fn commit_alone(conn: &mut DbConnection, write: Box<dyn Write>) -> ConnectionAft
     if let Some(answer) = answer {
         answer.answer(why.as_deref());
     }
-    let connection = if why.is_none() {
-        ConnectionAfter::Fine
-    } else {
-        ConnectionAfter::InDoubt
-    };
+    let connection = ConnectionAfter::of(why.as_deref());
     // Never run: the transaction could not begin.
     if let Some(write) = waiting {
         let why = why.unwrap_or_else(|| "the transaction did not begin".to_owned());

@@ -92,15 +92,12 @@ pub(crate) fn view_of(
 mod tests {
     use super::*;
     use events::{OrderPlaced, Service};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// An OrderPlaced costs products one statement to read the product and the order's
     /// reservation (after the product's lock, a statement of its own on PostgreSQL only) and
     /// one to store each of them: on PostgreSQL a statement is a round trip.
     #[tokio::test]
     async fn an_order_placed_costs_one_read() {
-        use diesel::Connection;
         let dir = tempfile::tempdir().unwrap();
         let url = dir.path().join("p.db");
         let db = kafka::Database::open(url.to_str().unwrap(), crate::startup::MIGRATIONS).unwrap();
@@ -131,23 +128,16 @@ mod tests {
                 customer_addr: None,
             }),
         );
-        let statements = Arc::new(AtomicUsize::new(0));
-        let counter = statements.clone();
-        db.write(move |conn| {
-            conn.set_instrumentation(move |e: diesel::connection::InstrumentationEvent<'_>| {
-                if let diesel::connection::InstrumentationEvent::StartQuery { .. } = e {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                }
-            });
-            let caused = StockReactor.react(conn, &placed);
-            conn.set_instrumentation(None::<Box<dyn diesel::connection::Instrumentation>>);
-            Ok::<_, ReactError>(((), caused?))
-        })
-        .await
-        .unwrap();
+        let statements = db
+            .write(move |conn| {
+                let (caused, statements) =
+                    kafka::db::counting_statements(conn, |conn| StockReactor.react(conn, &placed));
+                Ok::<_, ReactError>((statements, caused?))
+            })
+            .await
+            .unwrap();
         assert_eq!(
-            statements.load(Ordering::SeqCst),
-            3,
+            statements, 3,
             "one read, the product and the reservation stored"
         );
         let (stock, reservation) = db

@@ -439,35 +439,23 @@ fn recovery(outcome: &Outcome) -> CheckResult {
     let mut violations = Vec::new();
     for f in &outcome.faults {
         if f.recovered_after.is_none() || !f.problems.is_empty() {
-            violations.push(Violation {
-                order: None,
-                what: format!(
-                    "{} at +{}: {}",
-                    f.fault,
-                    secs(f.offset),
-                    if f.problems.is_empty() {
-                        "did not recover".to_owned()
-                    } else {
-                        f.problems.join("; ")
-                    }
-                ),
-                events: Vec::new(),
-            });
+            violations.push(Violation::general(format!(
+                "{} at +{}: {}",
+                f.fault,
+                secs(f.offset),
+                if f.problems.is_empty() {
+                    "did not recover".to_owned()
+                } else {
+                    f.problems.join("; ")
+                }
+            )));
         }
     }
     for c in &outcome.crashes {
-        violations.push(Violation {
-            order: None,
-            what: c.clone(),
-            events: Vec::new(),
-        });
+        violations.push(Violation::general(c.clone()));
     }
     for e in &outcome.poison_errors {
-        violations.push(Violation {
-            order: None,
-            what: format!("poison not injected: {e}"),
-            events: Vec::new(),
-        });
+        violations.push(Violation::general(format!("poison not injected: {e}")));
     }
     CheckResult {
         name: "every fault recovered; no process died by itself",

@@ -329,6 +329,17 @@ pub struct Violation {
     pub events: Vec<String>,
 }
 
+impl Violation {
+    /// A violation about the run as a whole, not one order.
+    pub fn general(what: impl Into<String>) -> Self {
+        Violation {
+            order: None,
+            what: what.into(),
+            events: Vec::new(),
+        }
+    }
+}
+
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.order {
@@ -472,11 +483,7 @@ fn readable(s: &Snapshot) -> CheckResult {
         violations: s
             .read_errors
             .iter()
-            .map(|e| Violation {
-                order: None,
-                what: e.clone(),
-                events: Vec::new(),
-            })
+            .map(|e| Violation::general(e.clone()))
             .collect(),
     }
 }
@@ -490,11 +497,7 @@ fn quiet(s: &Snapshot) -> CheckResult {
         violations: s
             .not_quiet
             .iter()
-            .map(|why| Violation {
-                order: None,
-                what: format!("not quiet: {why}"),
-                events: Vec::new(),
-            })
+            .map(|why| Violation::general(format!("not quiet: {why}")))
             .collect(),
     }
 }
@@ -504,13 +507,7 @@ fn quiet(s: &Snapshot) -> CheckResult {
 /// up, and follow-ups applied for at least a tenth of them.
 fn workload(s: &Snapshot) -> CheckResult {
     let mut violations = Vec::new();
-    let mut fail = |what: String| {
-        violations.push(Violation {
-            order: None,
-            what,
-            events: Vec::new(),
-        })
-    };
+    let mut fail = |what: String| violations.push(Violation::general(what));
     if s.offered < s.planned_orders {
         fail(format!(
             "{} of {} orders offered",
@@ -630,11 +627,7 @@ fn complete(ix: &Index) -> CheckResult {
         }
     }
     if ids.is_empty() {
-        violations.push(Violation {
-            order: None,
-            what: "no orders at all: nothing to check".into(),
-            events: Vec::new(),
-        });
+        violations.push(Violation::general("no orders at all: nothing to check"));
     }
     CheckResult {
         name: names::COMPLETE,
@@ -844,11 +837,11 @@ fn stock(ix: &Index) -> CheckResult {
             ));
         }
         if !problems.is_empty() {
-            violations.push(Violation {
-                order: None,
-                what: format!("product {}: {}", p.id, problems.join("; ")),
-                events: Vec::new(),
-            });
+            violations.push(Violation::general(format!(
+                "product {}: {}",
+                p.id,
+                problems.join("; ")
+            )));
         }
     }
     CheckResult {
@@ -963,11 +956,7 @@ fn no_5xx(s: &Snapshot) -> CheckResult {
         violations: s
             .http_5xx
             .iter()
-            .map(|e| Violation {
-                order: None,
-                what: e.clone(),
-                events: Vec::new(),
-            })
+            .map(|e| Violation::general(e.clone()))
             .collect(),
     }
 }
@@ -996,11 +985,9 @@ fn dead_letters(s: &Snapshot) -> CheckResult {
                 l.key.as_deref() == Some(key.as_str()) && l.consumer_group.as_deref() == Some(group)
             });
             if !parked {
-                violations.push(Violation {
-                    order: None,
-                    what: format!("{key} was not parked by {group}"),
-                    events: Vec::new(),
-                });
+                violations.push(Violation::general(format!(
+                    "{key} was not parked by {group}"
+                )));
             }
         }
     }
@@ -1024,11 +1011,7 @@ fn health(s: &Snapshot) -> CheckResult {
                 Ok(code) => Some(format!("{service}/health answered {code}")),
                 Err(e) => Some(format!("{service}/health: {e}")),
             })
-            .map(|what| Violation {
-                order: None,
-                what,
-                events: Vec::new(),
-            })
+            .map(Violation::general)
             .collect(),
     }
 }
@@ -1048,13 +1031,7 @@ pub const BESIDE_PAUSES_FLOOR_MS: f64 = 1000.0;
 pub fn beside_pauses(beside: &[Option<f64>], usual: &[f64]) -> CheckResult {
     use crate::bench::stats::Spread;
     let mut violations = Vec::new();
-    let mut fail = |what: String| {
-        violations.push(Violation {
-            order: None,
-            what,
-            events: Vec::new(),
-        })
-    };
+    let mut fail = |what: String| violations.push(Violation::general(what));
     let unanswered = beside.iter().filter(|t| t.is_none()).count();
     if unanswered > 0 {
         fail(format!(
