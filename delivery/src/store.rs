@@ -3,6 +3,7 @@
 use crate::saga::{Delivery, DeliveryState, OrderDelivery};
 use diesel::prelude::*;
 use kafka::db::DbConnection;
+use kafka::prepared::PrepareOnce;
 
 /// The schema, matching `migrations/`.
 pub mod schema {
@@ -193,7 +194,8 @@ pub fn by_order_with_next_id(
     );
     let query = diesel::sql_query(sql)
         .bind::<BigInt, _>(order_id)
-        .bind::<Bool, _>(placing);
+        .bind::<Bool, _>(placing)
+        .prepared();
     let r: OrderDeliveryRow = kafka::on_backend!(conn, |c| query.get_result(c))?;
     let known = match (r.id, r.order_id, r.product_id, r.quantity, r.customer_id) {
         (Some(id), Some(order_id), Some(product_id), Some(quantity), Some(customer_id)) => {
@@ -230,7 +232,7 @@ pub fn void(conn: &mut DbConnection, order_id: i64) -> QueryResult<()> {
             voided_orders::voided_at.eq(chrono::Utc::now().to_rfc3339()),
         ))
         .on_conflict_do_nothing();
-    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
+    kafka::on_backend!(conn, |c| statement.prepared().execute(c))
 }
 
 /// The id the next delivery gets, never one handed out before, even if that delivery was
@@ -307,7 +309,7 @@ pub fn save(conn: &mut DbConnection, d: &Delivery) -> QueryResult<()> {
         .on_conflict(deliveries::id)
         .do_update()
         .set(&row);
-    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
+    kafka::on_backend!(conn, |c| statement.prepared().execute(c))
 }
 
 /// Whether the database holds no delivery and no voided order (a rebuild starts only then).

@@ -506,3 +506,76 @@ async fn a_consumed_event_is_recorded_and_its_order_loaded_at_once() {
         .expect("a missing order");
     assert!(missing, "an order that does not exist loads as None");
 }
+
+/// On PostgreSQL a kept statement runs on a generic plan after five runs. Orders' scans of
+/// its pending orders and open cancel requests name their partial indexes' predicates in
+/// their text, so even their generic plans read those indexes (with `state = $1`, most of a
+/// table of ended orders matched, and each count read the whole table every 200 ms); the
+/// ended sagas' placement times (`id = ANY($1)`) are planned for their ids every time, not
+/// kept.
+#[tokio::test]
+async fn orders_scans_read_their_indexes_on_generic_plans() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = empty_database(&dir, "generic_plans");
+    if !url.starts_with("postgres") {
+        eprintln!("orders_scans_read_their_indexes_on_generic_plans: PostgreSQL only, skipped");
+        return;
+    }
+    let db = kafka::Database::open(&url, orders::startup::MIGRATIONS).expect("orders database");
+    let plans = db
+        .read(|conn| {
+            use diesel::connection::SimpleConnection;
+            // Most orders ended, a few pending: what a running mall holds.
+            conn.batch_execute(
+                "INSERT INTO orders (product_id, quantity, customer_id, state, created_at, updated_at) \
+                 SELECT 1, 1, 'c', CASE WHEN i % 100 = 0 THEN 'OrderPlaced' ELSE 'OrderCompleted' END, \
+                        to_char(i, 'FM000000'), to_char(i, 'FM000000') \
+                 FROM generate_series(1, 5000) i; \
+                 ANALYZE orders; SET plan_cache_mode = force_generic_plan",
+            )?;
+            let (ran, texts) = kafka::prepared::statements_kept(conn, |c| {
+                orders::store::pending_count(c)?;
+                orders::store::pending_before(c, "999999", 5)?;
+                orders::store::cancel_requests_before(c, "999999", 5)?;
+                orders::store::placed_at_each(c, &[100, 200])
+            });
+            let placed = ran?;
+            #[derive(diesel::QueryableByName)]
+            struct Line {
+                #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
+                line: String,
+            }
+            let mut plans = Vec::new();
+            for (i, text) in texts.iter().enumerate() {
+                // The plan is generic whatever the values: NULL for each parameter.
+                let parameters = (1..).take_while(|n| text.contains(&format!("${n}"))).count();
+                let arguments = match parameters {
+                    0 => String::new(),
+                    n => format!("({})", vec!["NULL"; n].join(", ")),
+                };
+                conn.batch_execute(&format!("PREPARE scan{i} AS {text}"))?;
+                let lines: Vec<Line> =
+                    diesel::RunQueryDsl::load(diesel::sql_query(format!("EXPLAIN EXECUTE scan{i}{arguments}")), conn)?;
+                conn.batch_execute(&format!("DEALLOCATE scan{i}"))?;
+                plans.push((text.clone(), lines.into_iter().map(|l| l.line).collect::<Vec<_>>()));
+            }
+            conn.batch_execute("RESET plan_cache_mode")?;
+            Ok::<_, kafka::DbError>((plans, placed))
+        })
+        .await
+        .expect("plans");
+    let (plans, placed) = plans;
+    assert_eq!(placed.len(), 2, "{placed:?}");
+    assert_eq!(
+        plans.len(),
+        3,
+        "the three scans kept, the placement times not: {plans:?}"
+    );
+    for (text, lines) in plans {
+        assert!(
+            !lines.iter().any(|l| l.contains("Seq Scan on orders")),
+            "{text}\n{}",
+            lines.join("\n")
+        );
+    }
+}

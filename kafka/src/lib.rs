@@ -13,6 +13,7 @@
 //!   a watchdog, and the status `/health` reports.
 //! - [`offsets`]: the consumer's position, committed with each event's effect.
 //! - [`parking`]: dead letters, committed with the position past the parked message.
+//! - [`prepared`]: statements each connection prepares once (diesel re-parses most writes).
 //! - [`rebuild`]: a new database beside a topic that holds events is rebuilt from the topic
 //!   before the service serves (and `--rebuild` by hand).
 //! - [`producer`], [`admin`]: the idempotent producer and topic creation.
@@ -47,6 +48,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod outbox;
 pub mod parking;
+pub mod prepared;
 pub mod producer;
 pub mod rebuild;
 pub mod replay;

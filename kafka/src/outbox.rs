@@ -20,6 +20,7 @@ use crate::db::DbConnection;
 use crate::db::{Database, DbError};
 use crate::leases::{self, Membership};
 use crate::metrics::Metrics;
+use crate::prepared::{FEW_ROWS, PrepareOnce};
 use diesel::prelude::*;
 use events::Envelope;
 use prometheus::IntCounter;
@@ -112,7 +113,11 @@ pub fn enqueue(conn: &mut DbConnection, events: &[Envelope]) -> QueryResult<()> 
     }
     let rows: Vec<NewOutboxRow> = events.iter().map(NewOutboxRow::from).collect();
     let statement = diesel::insert_into(outbox::table).values(&rows);
-    crate::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
+    // SQLite inserts rows with defaults one by one (diesel's own path, which keeps them).
+    match conn {
+        DbConnection::Postgres(c) if rows.len() <= FEW_ROWS => statement.prepared().execute(c),
+        _ => crate::on_backend!(conn, |c| statement.execute(c)).map(|_| ()),
+    }
 }
 
 /// Adds a dead letter for `dead_letter_topic` to the outbox inside the caller's transaction.

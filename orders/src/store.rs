@@ -4,6 +4,7 @@ use crate::saga::{Order, OrderState};
 use diesel::prelude::*;
 use events::{DeadLetterNote, DeliveryState, Envelope, ProductChanged};
 use kafka::db::{DbConnection, Lock};
+use kafka::prepared::{FEW_ROWS, PrepareOnce};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -170,6 +171,7 @@ pub fn insert_order(conn: &mut DbConnection, new: &NewOrder) -> QueryResult<Stor
     let row: OrderRow = kafka::on_backend!(conn, |c| diesel::insert_into(orders::table)
         .values(new)
         .returning(OrderRow::as_returning())
+        .prepared()
         .get_result(c))?;
     row.try_into()
 }
@@ -228,23 +230,33 @@ pub fn list_orders(
         .collect()
 }
 
+/// The predicate of the partial index `orders_pending`, as SQL text. A planner uses a partial
+/// index only for a query whose text holds its predicate: `state = $1` (diesel's bind)
+/// reads the whole table on SQLite, and on PostgreSQL once the plan is generic.
+const PENDING: &str = "state = 'OrderPlaced'";
+
+/// The predicate of the partial index `orders_cancel_requested` (see [`PENDING`]).
+const CANCEL_REQUESTED: &str = "cancel_requested";
+
 /// How many orders are still pending (their saga not ended); the partial index
 /// `orders_pending` holds exactly these.
 pub fn pending_count(conn: &mut DbConnection) -> QueryResult<i64> {
     orders::table
-        .filter(orders::state.eq(OrderState::Placed.as_str()))
+        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(PENDING))
         .count()
+        .prepared()
         .get_result(conn)
 }
 
 /// Ids of orders still pending that were placed before `cutoff` (RFC 3339), oldest first.
 pub fn pending_before(conn: &mut DbConnection, cutoff: &str, limit: i64) -> QueryResult<Vec<i64>> {
     orders::table
-        .filter(orders::state.eq(OrderState::Placed.as_str()))
+        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(PENDING))
         .filter(orders::created_at.lt(cutoff))
         .order(orders::created_at)
         .limit(limit)
         .select(orders::id)
+        .prepared()
         .load(conn)
 }
 
@@ -256,11 +268,14 @@ pub fn cancel_requests_before(
     limit: i64,
 ) -> QueryResult<Vec<i64>> {
     orders::table
-        .filter(orders::cancel_requested.eq(true))
+        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
+            CANCEL_REQUESTED,
+        ))
         .filter(orders::updated_at.lt(cutoff))
         .order(orders::updated_at)
         .limit(limit)
         .select(orders::id)
+        .prepared()
         .load(conn)
 }
 
@@ -290,6 +305,7 @@ pub fn placed_at_each(
     Ok(orders::table
         .filter(orders::id.eq_any(ids))
         .select((orders::id, orders::created_at))
+        .planned_each_time()
         .load::<(i64, String)>(conn)?
         .into_iter()
         .collect())
@@ -319,8 +335,8 @@ pub fn save_order(conn: &mut DbConnection, o: &Order) -> QueryResult<()> {
             orders::state_message.eq(o.state_message.as_deref()),
             orders::updated_at.eq(chrono::Utc::now().to_rfc3339()),
         ))
+        .prepared()
         .execute(conn)
-        .map(|_| ())
 }
 
 /// One entry of `GET /orders/{id}/events`.
@@ -399,6 +415,7 @@ pub fn record_history_and_load(
     .bind::<Nullable<Text>, _>(e.initiator.map(|s| s.as_str()))
     .bind::<Text, _>(&v.timestamp)
     .bind::<Text, _>(&v.payload)
+    .prepared()
     .get_result::<OrderRow>(pg)
     .optional()?
     .map(StoredOrder::try_from)
@@ -426,10 +443,15 @@ pub fn record_histories(conn: &mut DbConnection, events: &[(i64, &Envelope)]) ->
             )
         })
         .collect();
+    let few = rows.len() <= FEW_ROWS;
     let statement = diesel::insert_into(order_events::table)
         .values(rows)
         .on_conflict_do_nothing();
-    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
+    // SQLite inserts many rows one by one (diesel's own path, which keeps them).
+    match conn {
+        DbConnection::Postgres(c) if few => statement.prepared().execute(c),
+        _ => kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ()),
+    }
 }
 
 /// An order's history, oldest first.
@@ -507,7 +529,7 @@ pub fn upsert_product(conn: &mut DbConnection, p: &ProductChanged) -> QueryResul
         .on_conflict(products::id)
         .do_update()
         .set(values);
-    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
+    kafka::on_backend!(conn, |c| statement.prepared().execute(c))
 }
 
 /// The replica, by id.

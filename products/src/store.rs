@@ -3,6 +3,7 @@
 use crate::saga::{Product, ReservationState, StockReservation};
 use diesel::prelude::*;
 use kafka::db::{DbConnection, Lock};
+use kafka::prepared::PrepareOnce;
 
 /// The schema, matching `migrations/`.
 pub mod schema {
@@ -186,8 +187,8 @@ pub fn save_product(conn: &mut DbConnection, p: &Product) -> QueryResult<()> {
             products::reserved.eq(p.reserved),
             products::delivered.eq(p.delivered),
         ))
+        .prepared()
         .execute(conn)
-        .map(|_| ())
 }
 
 /// The reservation decided for an order, if any.
@@ -219,7 +220,7 @@ pub fn save_reservation(conn: &mut DbConnection, r: &StockReservation) -> QueryR
         .on_conflict(stock_reservations::order_id)
         .do_update()
         .set(&row);
-    kafka::on_backend!(conn, |c| statement.execute(c)).map(|_| ())
+    kafka::on_backend!(conn, |c| statement.prepared().execute(c))
 }
 
 /// One page of reservations by order id.
