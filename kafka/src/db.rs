@@ -202,11 +202,34 @@ pub(crate) fn lock_orders_on(
     c: &mut PgConnection,
     orders: impl IntoIterator<Item = i64>,
 ) -> diesel::QueryResult<()> {
-    let keys: std::collections::BTreeSet<i32> = orders.into_iter().map(fold).collect();
+    lock_each_on(c, 1, orders)
+}
+
+/// [`lock`] on each of `products` ([`Lock::Product`]), in ascending order, with one
+/// statement: a consumer's batch takes the products it decides on in one round trip, after
+/// its orders (every writer that takes both takes them in that order).
+pub fn lock_products(
+    conn: &mut DbConnection,
+    products: impl IntoIterator<Item = i64>,
+) -> diesel::QueryResult<()> {
+    match conn {
+        DbConnection::Sqlite(_) => Ok(()),
+        DbConnection::Postgres(c) => lock_each_on(c, 2, products),
+    }
+}
+
+/// Exclusive advisory locks on `ids` folded, in `namespace` (as [`Lock::sql`] numbers them),
+/// ascending so that two writers never wait for each other in a circle.
+fn lock_each_on(
+    c: &mut PgConnection,
+    namespace: i32,
+    ids: impl IntoIterator<Item = i64>,
+) -> diesel::QueryResult<()> {
+    let keys: std::collections::BTreeSet<i32> = ids.into_iter().map(fold).collect();
     match keys.len() {
         0 => Ok(()),
         1 => c.batch_execute(&format!(
-            "SELECT pg_advisory_xact_lock(1, {})",
+            "SELECT pg_advisory_xact_lock({namespace}, {})",
             keys.first().copied().unwrap_or_default()
         )),
         _ => {
@@ -216,7 +239,7 @@ pub(crate) fn lock_orders_on(
                 .collect::<Vec<_>>()
                 .join(",");
             c.batch_execute(&format!(
-                "SELECT count(pg_advisory_xact_lock(1, k)) \
+                "SELECT count(pg_advisory_xact_lock({namespace}, k)) \
                  FROM (SELECT k FROM unnest(ARRAY[{list}]::int4[]) AS k ORDER BY k) AS ascending"
             ))
         }

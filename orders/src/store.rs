@@ -279,6 +279,24 @@ pub fn cancel_requests_before(
         .load(conn)
 }
 
+/// The orders of `ids` that exist, by id, in one statement.
+pub fn orders_by_ids(
+    conn: &mut DbConnection,
+    ids: &[i64],
+) -> QueryResult<std::collections::HashMap<i64, Order>> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    orders::table
+        .filter(orders::id.eq_any(ids))
+        .select(OrderRow::as_select())
+        .planned_each_time()
+        .load::<OrderRow>(conn)?
+        .into_iter()
+        .map(|row| StoredOrder::try_from(row).map(|s| (s.order.id, s.order)))
+        .collect()
+}
+
 /// One order.
 pub fn order(conn: &mut DbConnection, id: i64) -> QueryResult<Option<StoredOrder>> {
     orders::table

@@ -167,6 +167,50 @@ pub fn product_to_change_with_reservation(
     Ok(Some((Product::from(product), reservation)))
 }
 
+/// The products of `ids` that exist, for a batch that decides on their stock: all locked
+/// first in one statement, then read in one ([`product_to_change`] for many).
+pub fn products_to_change(
+    conn: &mut DbConnection,
+    ids: &std::collections::BTreeSet<i64>,
+) -> QueryResult<std::collections::HashMap<i64, Product>> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    kafka::db::lock_products(conn, ids.iter().copied())?;
+    let ids: Vec<i64> = ids.iter().copied().collect();
+    Ok(products::table
+        .filter(products::id.eq_any(ids))
+        .select(ProductRow::as_select())
+        .planned_each_time()
+        .load(conn)?
+        .into_iter()
+        .map(|row| (row.id, Product::from(row)))
+        .collect())
+}
+
+/// The reservations of `order_ids` that exist, in one statement (the caller holds the
+/// orders' locks).
+pub fn reservations_of(
+    conn: &mut DbConnection,
+    order_ids: &[i64],
+) -> Result<std::collections::HashMap<i64, StockReservation>, kafka::ReactError> {
+    if order_ids.is_empty() {
+        return Ok(Default::default());
+    }
+    stock_reservations::table
+        .filter(stock_reservations::order_id.eq_any(order_ids))
+        .select(ReservationRow::as_select())
+        .planned_each_time()
+        .load(conn)?
+        .into_iter()
+        .map(|row| {
+            StockReservation::try_from(row)
+                .map(|r| (r.order_id, r))
+                .map_err(kafka::ReactError::Rejected)
+        })
+        .collect()
+}
+
 /// Inserts a product and returns it with its id.
 pub fn insert_product(conn: &mut DbConnection, new: &NewProduct<'_>) -> QueryResult<Product> {
     // Returning a Selectable is built per backend: diesel cannot dispatch it at run time.
@@ -221,6 +265,45 @@ pub fn save_reservation(conn: &mut DbConnection, r: &StockReservation) -> QueryR
         .do_update()
         .set(&row);
     kafka::on_backend!(conn, |c| statement.prepared().execute(c))
+}
+
+/// Inserts or updates each of `reservations` (one per order), with one statement.
+pub fn save_reservations(
+    conn: &mut DbConnection,
+    reservations: &[&StockReservation],
+) -> QueryResult<()> {
+    use diesel::upsert::excluded;
+    let DbConnection::Postgres(pg) = conn else {
+        // SQLite answers in-process: a statement per row costs no round trip.
+        return reservations
+            .iter()
+            .try_for_each(|r| save_reservation(conn, r));
+    };
+    if reservations.is_empty() {
+        return Ok(());
+    }
+    let now = chrono::Utc::now().to_rfc3339();
+    let rows: Vec<ReservationRow> = reservations
+        .iter()
+        .map(|r| ReservationRow {
+            order_id: r.order_id,
+            product_id: r.product_id,
+            quantity: r.quantity,
+            state: r.state.as_str().to_owned(),
+            updated_at: now.clone(),
+        })
+        .collect();
+    let statement = diesel::insert_into(stock_reservations::table)
+        .values(rows)
+        .on_conflict(stock_reservations::order_id)
+        .do_update()
+        .set((
+            stock_reservations::product_id.eq(excluded(stock_reservations::product_id)),
+            stock_reservations::quantity.eq(excluded(stock_reservations::quantity)),
+            stock_reservations::state.eq(excluded(stock_reservations::state)),
+            stock_reservations::updated_at.eq(excluded(stock_reservations::updated_at)),
+        ));
+    statement.execute(pg).map(|_| ())
 }
 
 /// One page of reservations by order id.
