@@ -88,6 +88,9 @@ pub struct Report {
     pub to_terminal: Spread,
     /// POST sent (bench clock) → terminal stamped by orders, ms.
     pub post_to_terminal: Spread,
+    /// The same for the POSTs sent in the steady window: without the start, when several
+    /// instances are still sharing out their partitions, ms.
+    pub post_to_terminal_steady: Spread,
     /// Round trip of the 201 answers, ms.
     pub round_trip: Spread,
     /// The broker floor's round trip measured during the steady window, alongside the load:
@@ -364,6 +367,17 @@ fn summarise(
                 .filter_map(|(id, t)| Some(terminal_at(t)? - sent.get(id)?))
                 .collect(),
         ),
+        post_to_terminal_steady: Spread::of(
+            ids.iter()
+                .zip(times)
+                .filter_map(|(id, t)| {
+                    let sent = *sent.get(id)?;
+                    (steady_from..steady_to)
+                        .contains(&sent)
+                        .then_some(terminal_at(t)? - sent)
+                })
+                .collect(),
+        ),
         round_trip: Spread::of(
             load.posts
                 .iter()
@@ -483,6 +497,7 @@ fn print_latency(r: &Report) {
         ("  hop 1: → DeliveryStarted", r.to_delivery),
         ("  hop 2: later of both → end", r.to_terminal),
         ("POST sent → terminal", r.post_to_terminal),
+        ("  sent in the steady window", r.post_to_terminal_steady),
         ("POST round trip (201)", r.round_trip),
         ("broker floor, under this load", r.floor_under_load),
     ] {

@@ -772,17 +772,21 @@ async fn compare_instances(o: &Options, n: usize) -> Result<(), String> {
     println!();
     println!("instances compared (same offered rate, same partitions):");
     println!(
-        "  {:>9} {:>10} {:>10} {:>12} {:>12} {:>12}",
-        "instances", "offered/s", "ended/s", "p50 ms", "p99 ms", "× one's"
+        "  {:>9} {:>10} {:>10} {:>12} {:>12} {:>18} {:>12}",
+        "instances", "offered/s", "ended/s", "p50 ms", "p99 ms", "steady p50/p99 ms", "× one's"
     );
     let one = rows.first().map_or(1.0, |(_, r)| r.throughput());
     for (instances, r) in &rows {
         println!(
-            "  {instances:>9} {:>10.0} {:>10.1} {:>12.0} {:>12.0} {:>12.2}",
+            "  {instances:>9} {:>10.0} {:>10.1} {:>12.0} {:>12.0} {:>18} {:>12.2}",
             r.plan.rate,
             r.throughput(),
             r.post_to_terminal.p50,
             r.post_to_terminal.p99,
+            format!(
+                "{:.0} / {:.0}",
+                r.post_to_terminal_steady.p50, r.post_to_terminal_steady.p99
+            ),
             r.throughput() / one
         );
     }
