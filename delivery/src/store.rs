@@ -197,31 +197,114 @@ pub fn by_order_with_next_id(
         .bind::<Bool, _>(placing)
         .prepared();
     let r: OrderDeliveryRow = kafka::on_backend!(conn, |c| query.get_result(c))?;
-    let known = match (r.id, r.order_id, r.product_id, r.quantity, r.customer_id) {
-        (Some(id), Some(order_id), Some(product_id), Some(quantity), Some(customer_id)) => {
-            Some(DeliveryRow {
-                id,
-                order_id,
-                product_id,
-                quantity,
-                customer_id,
-                customer_name: r.customer_name,
-                delivery_address: r.delivery_address,
-                delivery_state: r.delivery_state.unwrap_or_default(),
-                order_confirmed: r.order_confirmed.unwrap_or_default(),
-                state_message: r.state_message,
-                created_at: r.created_at.unwrap_or_default(),
-                updated_at: r.updated_at.unwrap_or_default(),
-            })
+    let next_id = r.next_id;
+    Ok((r.into_order_delivery()?, next_id))
+}
+
+impl OrderDeliveryRow {
+    /// The order's delivery, voided mark, or nothing, as the row says.
+    fn into_order_delivery(self) -> QueryResult<OrderDelivery> {
+        let r = self;
+        let known = match (r.id, r.order_id, r.product_id, r.quantity, r.customer_id) {
+            (Some(id), Some(order_id), Some(product_id), Some(quantity), Some(customer_id)) => {
+                Some(DeliveryRow {
+                    id,
+                    order_id,
+                    product_id,
+                    quantity,
+                    customer_id,
+                    customer_name: r.customer_name,
+                    delivery_address: r.delivery_address,
+                    delivery_state: r.delivery_state.unwrap_or_default(),
+                    order_confirmed: r.order_confirmed.unwrap_or_default(),
+                    state_message: r.state_message,
+                    created_at: r.created_at.unwrap_or_default(),
+                    updated_at: r.updated_at.unwrap_or_default(),
+                })
+            }
+            _ => None,
+        };
+        Ok(match known {
+            Some(row) => OrderDelivery::Known(Delivery::try_from(row)?),
+            None if r.voided => OrderDelivery::Voided,
+            None => OrderDelivery::Unknown,
+        })
+    }
+}
+
+/// [`by_order`] for each of `order_ids`, in one statement on PostgreSQL (a consumer's batch;
+/// SQLite answers in-process, an order at a time).
+pub fn by_orders(
+    conn: &mut DbConnection,
+    order_ids: &[i64],
+) -> QueryResult<std::collections::HashMap<i64, OrderDelivery>> {
+    use diesel::sql_types::{Array, BigInt};
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
+        wanted: i64,
+        #[diesel(embed)]
+        delivery: OrderDeliveryRow,
+    }
+    let DbConnection::Postgres(pg) = conn else {
+        return order_ids
+            .iter()
+            .map(|&id| by_order(conn, id).map(|d| (id, d)))
+            .collect();
+    };
+    if order_ids.is_empty() {
+        return Ok(Default::default());
+    }
+    diesel::sql_query(
+        "SELECT w.wanted, d.id, d.order_id, d.product_id, d.quantity, d.customer_id, \
+                d.customer_name, d.delivery_address, d.delivery_state, d.order_confirmed, \
+                d.state_message, d.created_at, d.updated_at, \
+                EXISTS (SELECT 1 FROM voided_orders v WHERE v.order_id = w.wanted) AS voided, \
+                CAST(NULL AS BIGINT) AS next_id \
+         FROM unnest($1::bigint[]) AS w(wanted) \
+         LEFT JOIN deliveries d ON d.order_id = w.wanted",
+    )
+    .bind::<Array<BigInt>, _>(order_ids)
+    .prepared()
+    .load::<Row>(pg)?
+    .into_iter()
+    .map(|row| Ok((row.wanted, row.delivery.into_order_delivery()?)))
+    .collect()
+}
+
+/// `n` ids for new deliveries ([`next_id`]), ascending, in one statement: on PostgreSQL from
+/// the sequence; on SQLite (one writer) the next `n` after the high-water mark.
+pub fn next_ids(conn: &mut DbConnection, n: usize) -> QueryResult<Vec<i64>> {
+    use diesel::sql_types::BigInt;
+    #[derive(QueryableByName)]
+    struct Next {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let count = i64::try_from(n).unwrap_or(i64::MAX);
+    match conn {
+        DbConnection::Postgres(pg) => {
+            let mut ids: Vec<i64> = diesel::sql_query(
+                "SELECT nextval(pg_get_serial_sequence('deliveries', 'id')) AS id \
+                 FROM generate_series(1, $1)",
+            )
+            .bind::<BigInt, _>(count)
+            .prepared()
+            .load::<Next>(pg)?
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+            ids.sort_unstable();
+            Ok(ids)
         }
-        _ => None,
-    };
-    let delivery = match known {
-        Some(row) => OrderDelivery::Known(Delivery::try_from(row)?),
-        None if r.voided => OrderDelivery::Voided,
-        None => OrderDelivery::Unknown,
-    };
-    Ok((delivery, r.next_id))
+        DbConnection::Sqlite(_) => {
+            let first = next_id(conn)?;
+            Ok((first..first + count).collect())
+        }
+    }
 }
 
 /// Remembers that an order was cancelled before its OrderPlaced arrived.

@@ -579,3 +579,288 @@ async fn orders_scans_read_their_indexes_on_generic_plans() {
         );
     }
 }
+
+/// `events` applied once event by event and once as one batch (`Reactor::react_all`, how a
+/// consumer's batch runs on PostgreSQL), each on a new database prepared by `setup`; returns
+/// what each run caused (ids and times aside) and what `snapshot` read after it.
+async fn by_event_and_by_batch<R: kafka::Reactor>(
+    name: &str,
+    reactor: R,
+    migrations: fn() -> kafka::db::Migrations,
+    events: Vec<events::Envelope>,
+    setup: fn(&mut kafka::db::DbConnection) -> Result<(), kafka::ReactError>,
+    snapshot: fn(&mut kafka::db::DbConnection) -> Result<String, kafka::ReactError>,
+) -> [(Vec<Vec<String>>, String); 2] {
+    let reactor = std::sync::Arc::new(reactor);
+    let mut outcomes = Vec::new();
+    for at_once in [false, true] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = empty_database(&dir, &format!("{name}_{at_once}"));
+        let db = kafka::Database::open(&url, migrations()).expect("database");
+        let (reactor, events) = (reactor.clone(), events.clone());
+        let outcome = db
+            .write(move |conn| {
+                setup(conn)?;
+                let caused = if at_once {
+                    reactor.react_all(conn, &events.iter().collect::<Vec<_>>())?
+                } else {
+                    events
+                        .iter()
+                        .map(|e| reactor.react(conn, e))
+                        .collect::<Result<_, _>>()?
+                };
+                let caused = caused
+                    .into_iter()
+                    .map(|c| {
+                        c.into_iter()
+                            .map(|e| {
+                                format!("{:?} {:?} {:?}", e.event, e.causation_id, e.initiator)
+                            })
+                            .collect()
+                    })
+                    .collect();
+                Ok::<_, kafka::ReactError>(((caused, snapshot(conn)?), Vec::new()))
+            })
+            .await
+            .expect("the run");
+        outcomes.push(outcome);
+    }
+    outcomes.try_into().expect("two runs")
+}
+
+fn placed(order_id: i64, product_id: i64, quantity: i64) -> events::Envelope {
+    events::Envelope::new(
+        events::Service::Orders,
+        events::Event::OrderPlaced(events::OrderPlaced {
+            order_id,
+            product_id,
+            product_name: None,
+            quantity,
+            price: None,
+            customer_id: "c".into(),
+            customer_name: None,
+            customer_addr: None,
+        }),
+    )
+}
+
+fn order_cancelled(order_id: i64, product_id: i64, quantity: i64) -> events::Envelope {
+    events::Envelope::new(
+        events::Service::Orders,
+        events::Event::OrderCancelled(events::OrderCancelled {
+            order_id,
+            product_id,
+            quantity,
+            customer_id: "c".into(),
+            state_message: "x".into(),
+            reason: Some(events::CancelReason::Customer),
+        }),
+    )
+}
+
+/// The three services decide a consumer's batch at once with fewer statements than event by
+/// event; on both backends (PostgreSQL in step 5: its one-statement reads of many rows, its
+/// multi-row upsert, its ids drawn many at a time) the rows and the caused events are the
+/// same.
+#[tokio::test]
+async fn a_batch_decided_at_once_matches_its_events_one_by_one() {
+    use events::{DeliveryState, Envelope, Event, Service};
+    let completed = |order_id| {
+        Envelope::new(
+            Service::Orders,
+            Event::OrderCompleted(events::OrderCompleted {
+                order_id,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+            }),
+        )
+    };
+    let delivered = |order_id| {
+        Envelope::new(
+            Service::Delivery,
+            Event::DeliveryCompleted(events::DeliveryCompleted {
+                delivery_id: order_id,
+                order_id,
+                delivery_state: DeliveryState::Completed,
+            }),
+        )
+    };
+    let products_events = vec![
+        placed(1, 1, 2),
+        placed(2, 1, 4),
+        placed(3, 2, 1),
+        placed(4, 99, 1),
+        order_cancelled(1, 1, 2),
+        placed(5, 1, 3),
+        delivered(3),
+        order_cancelled(6, 2, 1),
+        placed(6, 2, 1),
+        placed(7, 2, 1),
+    ];
+    let [one_by_one, at_once] = by_event_and_by_batch(
+        "batch_products",
+        products::reactor::StockReactor,
+        || products::startup::MIGRATIONS,
+        products_events,
+        |conn| {
+            for (name, stock) in [("TV", 5), ("radio", 1)] {
+                products::store::insert_product(
+                    conn,
+                    &products::store::NewProduct {
+                        name,
+                        price: 1,
+                        stock,
+                    },
+                )?;
+            }
+            Ok(())
+        },
+        |conn| {
+            let page = kafka::http::Page {
+                after: 0,
+                limit: 100,
+            };
+            Ok(format!(
+                "{:?} {:?}",
+                products::store::products_page(conn, page)?,
+                products::store::reservations(conn, page)?
+            ))
+        },
+    )
+    .await;
+    assert_eq!(at_once, one_by_one, "products");
+    assert!(
+        one_by_one.1.contains("stock: 2, reserved: 3"),
+        "{}",
+        one_by_one.1
+    );
+
+    let delivery_events = vec![
+        placed(1, 1, 1),
+        order_cancelled(2, 1, 1),
+        placed(3, 1, 1),
+        completed(1),
+        placed(2, 1, 1),
+        placed(1, 1, 1),
+        placed(4, 1, 1),
+    ];
+    let [one_by_one, at_once] = by_event_and_by_batch(
+        "batch_delivery",
+        delivery::reactor::DeliveryReactor,
+        || delivery::startup::MIGRATIONS,
+        delivery_events,
+        |_| Ok(()),
+        |conn| {
+            let deliveries = (1..=4)
+                .map(|id| delivery::store::by_order(conn, id))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(format!("{deliveries:?}"))
+        },
+    )
+    .await;
+    assert_eq!(at_once, one_by_one, "delivery");
+    assert!(one_by_one.1.contains("Voided"), "{}", one_by_one.1);
+
+    let stock = |order_id| {
+        Envelope::new(
+            Service::Products,
+            Event::StockDecreased(events::StockMoved {
+                order_id,
+                product_id: 1,
+                quantity: 1,
+                product_stock: 3,
+            }),
+        )
+    };
+    let started = |order_id| {
+        Envelope::new(
+            Service::Delivery,
+            Event::DeliveryStarted(events::DeliveryStarted {
+                delivery_id: order_id,
+                order_id,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+                customer_name: None,
+                delivery_address: None,
+                delivery_state: DeliveryState::Started,
+            }),
+        )
+    };
+    let changed = |product_id, stock| {
+        Envelope::new(
+            Service::Products,
+            Event::ProductChanged(events::ProductChanged {
+                product_id,
+                product_name: "TV".into(),
+                product_price: 1,
+                product_stock: stock,
+            }),
+        )
+    };
+    let orders_events = vec![
+        stock(1),
+        changed(1, 9),
+        started(1),
+        started(2),
+        changed(1, 8),
+        stock(3),
+        started(1),
+    ];
+    let [one_by_one, at_once] = by_event_and_by_batch(
+        "batch_orders",
+        orders::reactor::OrderReactor,
+        || orders::startup::MIGRATIONS,
+        orders_events,
+        |conn| {
+            for _ in 1..=3 {
+                let now = chrono::Utc::now().to_rfc3339();
+                orders::store::insert_order(
+                    conn,
+                    &orders::store::NewOrder {
+                        product_id: 1,
+                        product_name: None,
+                        quantity: 1,
+                        price: None,
+                        customer_id: "c".into(),
+                        customer_name: None,
+                        customer_addr: None,
+                        state: "OrderPlaced",
+                        created_at: now.clone(),
+                        updated_at: now,
+                    },
+                )?;
+            }
+            Ok(())
+        },
+        |conn| {
+            let mut seen = Vec::new();
+            for id in 1..=3 {
+                let order = orders::store::order(conn, id)?.map(|o| o.order);
+                let history: Vec<String> = orders::store::history(conn, id)?
+                    .into_iter()
+                    .map(|h| h.event_id)
+                    .collect();
+                seen.push(format!("{order:?} {history:?}"));
+            }
+            let page = kafka::http::Page {
+                after: 0,
+                limit: 10,
+            };
+            let replica: Vec<(i64, i64)> = orders::store::replica(conn, page)?
+                .into_iter()
+                .map(|p| (p.id, p.stock))
+                .collect();
+            Ok(format!("{seen:?} {replica:?}"))
+        },
+    )
+    .await;
+    assert_eq!(at_once, one_by_one, "orders");
+    assert!(
+        one_by_one.1.contains("OrderCompleted") || one_by_one.1.contains("Completed"),
+        "{}",
+        one_by_one.1
+    );
+    assert!(one_by_one.1.ends_with("[(1, 8)]"), "{}", one_by_one.1);
+}

@@ -205,10 +205,7 @@ mod tests {
     );
 
     /// `events` applied by `apply` in one write, on four pending orders.
-    async fn run(
-        events: Vec<Envelope>,
-        apply: Apply,
-    ) -> Outcome {
+    async fn run(events: Vec<Envelope>, apply: Apply) -> Outcome {
         let dir = tempfile::tempdir().unwrap();
         let url = dir.path().join("o.db");
         let db = kafka::Database::open(url.to_str().unwrap(), crate::startup::MIGRATIONS).unwrap();

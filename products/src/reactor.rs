@@ -278,10 +278,7 @@ mod tests {
     );
 
     /// `events` applied by `apply` in one write on a new catalog (TV: 5, radio: 1).
-    async fn run(
-        events: Vec<Envelope>,
-        apply: Apply,
-    ) -> Outcome {
+    async fn run(events: Vec<Envelope>, apply: Apply) -> Outcome {
         let dir = tempfile::tempdir().unwrap();
         let url = dir.path().join("p.db");
         let db = kafka::Database::open(url.to_str().unwrap(), crate::startup::MIGRATIONS).unwrap();
