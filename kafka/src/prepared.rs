@@ -63,31 +63,6 @@ impl<Q> Prepared<Q> {
 #[derive(Debug, Clone, Copy)]
 pub struct PlannedEachTime<Q>(Q);
 
-impl<Q> QueryId for PlannedEachTime<Q> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl<Q: Query> Query for PlannedEachTime<Q> {
-    type SqlType = Q::SqlType;
-}
-
-impl<Q, DB> QueryFragment<DB> for PlannedEachTime<Q>
-where
-    DB: Backend,
-    Q: QueryFragment<DB>,
-{
-    fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        self.0.walk_ast(pass)
-    }
-
-    fn is_safe_to_cache_prepared(&self, _: &DB) -> QueryResult<bool> {
-        Ok(false)
-    }
-}
-
-impl<Q, Conn> RunQueryDsl<Conn> for PlannedEachTime<Q> {}
-
 /// A [`Prepared`] statement run for its effect: a query of no columns.
 #[derive(Debug)]
 pub struct RowsIgnored<Q>(Q);
@@ -96,57 +71,50 @@ pub struct RowsIgnored<Q>(Q);
 #[derive(Debug, QueryableByName)]
 pub struct NoRow {}
 
-impl<Q> QueryId for Prepared<Q> {
-    type QueryId = ();
-    // No id from the type: the cache is keyed by the SQL text.
-    const HAS_STATIC_QUERY_ID: bool = false;
+/// A wrapper that is the statement it wraps, with no id from its type (diesel then keys its
+/// cache by the SQL text), saying whether a connection may keep it.
+macro_rules! statement_wrapper {
+    ($wrapper:ident, keep: $keep:expr) => {
+        impl<Q> QueryId for $wrapper<Q> {
+            type QueryId = ();
+            const HAS_STATIC_QUERY_ID: bool = false;
+        }
+
+        impl<Q, DB> QueryFragment<DB> for $wrapper<Q>
+        where
+            DB: Backend,
+            Q: QueryFragment<DB>,
+        {
+            fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+                self.0.walk_ast(pass)
+            }
+
+            // diesel hides this method from its documentation (it is for backends); the
+            // tests below fail if a diesel release stops asking it.
+            fn is_safe_to_cache_prepared(&self, _: &DB) -> QueryResult<bool> {
+                Ok($keep)
+            }
+        }
+
+        impl<Q, Conn> RunQueryDsl<Conn> for $wrapper<Q> {}
+    };
 }
 
-impl<Q> QueryId for RowsIgnored<Q> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
+statement_wrapper!(Prepared, keep: true);
+statement_wrapper!(RowsIgnored, keep: true);
+statement_wrapper!(PlannedEachTime, keep: false);
 
 impl<Q: Query> Query for Prepared<Q> {
+    type SqlType = Q::SqlType;
+}
+
+impl<Q: Query> Query for PlannedEachTime<Q> {
     type SqlType = Q::SqlType;
 }
 
 impl<Q> Query for RowsIgnored<Q> {
     type SqlType = Untyped;
 }
-
-impl<Q, DB> QueryFragment<DB> for Prepared<Q>
-where
-    DB: Backend,
-    Q: QueryFragment<DB>,
-{
-    fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        self.0.walk_ast(pass)
-    }
-
-    // diesel hides this method from its documentation (it is for backends); the tests below
-    // fail if a diesel release stops asking it.
-    fn is_safe_to_cache_prepared(&self, _: &DB) -> QueryResult<bool> {
-        Ok(true)
-    }
-}
-
-impl<Q, DB> QueryFragment<DB> for RowsIgnored<Q>
-where
-    DB: Backend,
-    Q: QueryFragment<DB>,
-{
-    fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        self.0.walk_ast(pass)
-    }
-
-    fn is_safe_to_cache_prepared(&self, _: &DB) -> QueryResult<bool> {
-        Ok(true)
-    }
-}
-
-impl<Q, Conn> RunQueryDsl<Conn> for Prepared<Q> {}
-impl<Q, Conn> RunQueryDsl<Conn> for RowsIgnored<Q> {}
 
 /// Runs `f` on `conn` and returns the SQL of each statement it prepared and kept: on both
 /// backends a statement run twice is kept once, so a test sees whether it is prepared anew.

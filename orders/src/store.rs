@@ -231,8 +231,9 @@ pub fn list_orders(
 }
 
 /// The predicate of the partial index `orders_pending`, as SQL text. A planner uses a partial
-/// index only for a query whose text holds its predicate: `state = $1` (diesel's bind)
-/// reads the whole table on SQLite, and on PostgreSQL once the plan is generic.
+/// index only for a query whose text holds its predicate: with `state = $1` (diesel's bind)
+/// PostgreSQL's generic plan, the one a kept statement runs after five runs, read the whole
+/// table.
 const PENDING: &str = "state = 'OrderPlaced'";
 
 /// The predicate of the partial index `orders_cancel_requested` (see [`PENDING`]).
