@@ -25,7 +25,8 @@ pub fn settings_from_env() -> Result<Settings, kafka::ConfigError> {
 /// Opens the database, rebuilds it from the topic if it is new and the topic is not, and
 /// starts the service with its retention rule.
 pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
-    let db = Database::open(&settings.database_url, MIGRATIONS)?;
+    // No live views here: its commits need no announcing to the other instances.
+    let db = Database::open(&settings.database_url, MIGRATIONS)?.without_commit_notices();
     kafka::rebuild::rebuild_if_new(&db, &settings.kafka, Arc::new(DeliveryReactor)).await?;
     let prune = retention::rules(settings.retention.dedup_window);
     ServiceHost::start(settings, db, Arc::new(DeliveryReactor), prune, routes).await

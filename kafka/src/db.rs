@@ -22,6 +22,7 @@ use diesel::sqlite::SqliteConnection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use events::Envelope;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -317,8 +318,9 @@ impl r2d2::ManageConnection for Manager {
 pub(crate) type Pool = r2d2::Pool<Manager>;
 
 /// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite (the database's one writer),
-/// `BEGIN` on PostgreSQL, where `f` takes the [`lock`]s it needs (module docs).
-pub fn write_transaction<T, E, F>(conn: &mut DbConnection, f: F) -> Result<T, E>
+/// `BEGIN` on PostgreSQL, where `f` takes the [`lock`]s it needs (module docs) and, when
+/// `announce`, the commit is announced to every instance's live views ([`Database::commits`]).
+pub fn write_transaction<T, E, F>(conn: &mut DbConnection, announce: bool, f: F) -> Result<T, E>
 where
     F: FnOnce(&mut DbConnection) -> Result<T, E>,
     E: From<diesel::result::Error>,
@@ -330,7 +332,9 @@ where
         DbConnection::Postgres(c) => AnsiTransactionManager::begin_transaction(c)?,
     }
     let result = f(conn).and_then(|value| {
-        if let DbConnection::Postgres(c) = conn {
+        if let DbConnection::Postgres(c) = conn
+            && announce
+        {
             // Delivered at commit, to every instance listening (see Database::commits).
             c.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}"))?;
         }
@@ -450,6 +454,8 @@ pub struct Database {
     hook: Option<Arc<dyn WriteHook>>,
     /// The bounds of every PostgreSQL connection (the commit listener's too).
     limits: PgLimits,
+    /// Whether the writer announces its PostgreSQL commits ([`Database::without_commit_notices`]).
+    announces: Arc<AtomicBool>,
 }
 
 /// Work to do once a write has committed (and never if it did not).
@@ -516,7 +522,7 @@ impl Database {
             if let Backend::Postgres(_) = backend {
                 conn.batch_execute("SET lock_timeout = 0; SET statement_timeout = 0;")?;
             }
-            write_transaction(&mut conn, |conn| {
+            write_transaction(&mut conn, false, |conn| {
                 if let DbConnection::Postgres(c) = conn {
                     c.batch_execute(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))?;
                 }
@@ -528,7 +534,8 @@ impl Database {
         if let Backend::Postgres(_) = backend {
             conn.batch_execute(&limits.session_sql())?;
         }
-        let writes = crate::group_commit::start("db-writer", pool.clone())
+        let announces = Arc::new(AtomicBool::new(true));
+        let writes = crate::group_commit::start("db-writer", pool.clone(), announces.clone())
             .map(Arc::new)
             .map_err(|e| DbError::Setup(format!("cannot start the writer thread: {e}")))?;
         Ok(Database {
@@ -541,7 +548,16 @@ impl Database {
             listening: Arc::new(std::sync::Once::new()),
             hook: None,
             limits,
+            announces,
         })
+    }
+
+    /// This database with its PostgreSQL commits not announced (`NOTIFY`, a statement per
+    /// transaction): for a service with no live views, whose [`Database::commits`] then counts
+    /// only this instance's commits. Applies to the clones too.
+    pub fn without_commit_notices(self) -> Self {
+        self.announces.store(false, Ordering::Relaxed);
+        self
     }
 
     /// This database with `hook` run on the events of every write; set before the first

@@ -121,6 +121,51 @@ async fn a_commit_on_one_instance_wakes_the_live_views_of_the_other() {
         .unwrap();
 }
 
+/// A service with no live views (products, delivery) does not announce its commits: a
+/// statement per transaction saved. Notifications reach a listener in commit order, so once
+/// the announced commit made after the quiet one has arrived, an announcement of the quiet
+/// one would have arrived before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_without_commit_notices_announces_nothing() {
+    let url = database_or_skip!("quiet");
+    let quiet = Database::open(&url, PLUMBING_MIGRATIONS)
+        .unwrap()
+        .without_commit_notices();
+    let loud = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    let mut listener = diesel::PgConnection::establish(&url).unwrap();
+    listener.batch_execute("LISTEN mall_commits").unwrap();
+    let writer_pid = |db: Database| async move {
+        db.write(|conn| {
+            #[derive(diesel::QueryableByName)]
+            struct Pid {
+                #[diesel(sql_type = diesel::sql_types::Integer)]
+                pid: i32,
+            }
+            let pid =
+                diesel::sql_query("SELECT pg_backend_pid() AS pid").get_result::<Pid>(conn)?;
+            Ok::<_, DbError>((pid.pid, Vec::new()))
+        })
+        .await
+    };
+    let quiet_pid = writer_pid(quiet.clone()).await.unwrap();
+    let loud_pid = writer_pid(loud.clone()).await.unwrap();
+    let mut senders = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !senders.contains(&loud_pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no announcement of the loud commit"
+        );
+        listener.batch_execute("SELECT 1").unwrap(); // reads what the server sent
+        for notification in listener.notifications_iter() {
+            senders.push(notification.unwrap().process_id);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_ne!(quiet_pid, loud_pid);
+    assert_eq!(senders, [loud_pid], "the quiet writer is {quiet_pid}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_split_partitions_and_fence_the_old_holder() {
     let url = database_or_skip!("leases");

@@ -37,7 +37,8 @@ impl Settings {
 /// Opens the database, rebuilds it from the topic if it is new and the topic is not, seeds it
 /// if asked and starts the service with its retention rule.
 pub async fn build(settings: &Settings) -> Result<ServiceHost, StartError> {
-    let db = Database::open(&settings.service.database_url, MIGRATIONS)?;
+    // No live views here: its commits need no announcing to the other instances.
+    let db = Database::open(&settings.service.database_url, MIGRATIONS)?.without_commit_notices();
     // Before the seed: a new database beside an old topic gets its catalog and reservations
     // back from the topic, so the seed (into an empty catalog only) adds nothing then.
     kafka::rebuild::rebuild_if_new(&db, &settings.service.kafka, Arc::new(StockReactor)).await?;
