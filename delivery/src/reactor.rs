@@ -5,7 +5,7 @@ use crate::{saga, store};
 use events::{Envelope, Event};
 use kafka::db::DbConnection;
 use kafka::{ReactError, Reactor};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 /// Delivery's reaction to OrderPlaced, OrderCompleted, OrderCancelled and
 /// OrderCancelRequested.
@@ -55,12 +55,7 @@ impl Reactor for DeliveryReactor {
         conn: &mut DbConnection,
         events: &[&Envelope],
     ) -> Result<Vec<Vec<Envelope>>, ReactError> {
-        let ids: Vec<i64> = events
-            .iter()
-            .filter_map(|e| e.event.order_id())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let ids = kafka::inbox::orders_of(events);
         let stored = store::by_orders(conn, &ids)?;
         // The rule is pure: a dry run says how many deliveries the batch starts.
         let starts = run(stored.clone(), events, &mut std::iter::repeat(0)).1;

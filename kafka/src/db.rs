@@ -158,18 +158,37 @@ pub fn counting_statements<T>(
     conn: &mut DbConnection,
     f: impl FnOnce(&mut DbConnection) -> T,
 ) -> (T, usize) {
+    use diesel::connection::InstrumentationEvent;
+    let (result, started) = watching(conn, f, |e| {
+        matches!(e, InstrumentationEvent::StartQuery { .. }).then_some(())
+    });
+    (result, started.len())
+}
+
+/// Runs `f` on `conn` and returns, with its result, what `pick` took from each of the
+/// connection's instrumentation events (for tests of what reached the database).
+pub fn watching<C, T, S>(
+    conn: &mut C,
+    f: impl FnOnce(&mut C) -> T,
+    pick: impl Fn(&diesel::connection::InstrumentationEvent<'_>) -> Option<S> + Send + 'static,
+) -> (T, Vec<S>)
+where
+    C: Connection,
+    S: Send + 'static,
+{
     use diesel::connection::{Instrumentation, InstrumentationEvent};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let counted = Arc::new(AtomicUsize::new(0));
-    let counter = counted.clone();
+    use std::sync::Mutex;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
     conn.set_instrumentation(move |e: InstrumentationEvent<'_>| {
-        if let InstrumentationEvent::StartQuery { .. } = e {
-            counter.fetch_add(1, Ordering::SeqCst);
+        if let Some(s) = pick(&e) {
+            sink.lock().expect("not poisoned").push(s);
         }
     });
     let result = f(conn);
     conn.set_instrumentation(None::<Box<dyn Instrumentation>>);
-    (result, counted.load(Ordering::SeqCst))
+    let seen = std::mem::take(&mut *seen.lock().expect("not poisoned"));
+    (result, seen)
 }
 
 /// [`lock`], waiting as long as the holder takes: the transaction's lock and statement

@@ -40,6 +40,13 @@ pub trait Reactor: Send + Sync + 'static {
     }
 }
 
+/// The orders `events` concern, each once, ascending: what a [`Reactor::react_all`] reads.
+pub fn orders_of(events: &[&Envelope]) -> Vec<i64> {
+    let ids: std::collections::BTreeSet<i64> =
+        events.iter().filter_map(|e| e.event.order_id()).collect();
+    ids.into_iter().collect()
+}
+
 /// Why an event could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ReactError {
@@ -172,17 +179,20 @@ pub fn apply_all_in<R: Reactor + ?Sized>(
         .zip(&first)
         .filter_map(|(event, first)| first.then_some(event))
         .collect();
-    let mut caused = reactor.react_all(conn, &applied)?.into_iter();
-    first
+    let caused = reactor.react_all(conn, &applied)?;
+    if caused.len() != applied.len() {
+        return Err(ReactError::Rejected(
+            "the reactor answered for another number of events than it was given".into(),
+        ));
+    }
+    let mut caused = caused.into_iter();
+    Ok(first
         .into_iter()
-        .map(|first| match first.then(|| caused.next()) {
-            Some(Some(caused)) => Ok((Applied::Done(caused.len()), caused)),
-            Some(None) => Err(ReactError::Rejected(
-                "the reactor answered for fewer events than it was given".into(),
-            )),
-            None => Ok((Applied::Duplicate, Vec::new())),
+        .map(|first| match first.then(|| caused.next()).flatten() {
+            Some(caused) => (Applied::Done(caused.len()), caused),
+            None => (Applied::Duplicate, Vec::new()),
         })
-        .collect()
+        .collect())
 }
 
 /// Records `event`'s id; false when it was already there.

@@ -122,19 +122,11 @@ pub fn statements_kept<C, T>(conn: &mut C, f: impl FnOnce(&mut C) -> T) -> (T, V
 where
     C: diesel::Connection,
 {
-    use diesel::connection::{Instrumentation, InstrumentationEvent};
-    use std::sync::{Arc, Mutex};
-    let kept = Arc::new(Mutex::new(Vec::new()));
-    let sink = kept.clone();
-    conn.set_instrumentation(move |e: InstrumentationEvent<'_>| {
-        if let InstrumentationEvent::CacheQuery { sql, .. } = e {
-            sink.lock().expect("not poisoned").push(sql.to_owned());
-        }
-    });
-    let result = f(conn);
-    conn.set_instrumentation(None::<Box<dyn Instrumentation>>);
-    let kept = kept.lock().expect("not poisoned").clone();
-    (result, kept)
+    use diesel::connection::InstrumentationEvent;
+    crate::db::watching(conn, f, |e| match e {
+        InstrumentationEvent::CacheQuery { sql, .. } => Some((*sql).to_owned()),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use crate::store;
 use events::{Envelope, Event, Service};
 use kafka::db::DbConnection;
 use kafka::{ReactError, Reactor};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 /// Orders' reaction to the other services' events that concern an order or the catalog.
 pub struct OrderReactor;
@@ -57,12 +57,7 @@ impl Reactor for OrderReactor {
         conn: &mut DbConnection,
         events: &[&Envelope],
     ) -> Result<Vec<Vec<Envelope>>, ReactError> {
-        let ids: Vec<i64> = events
-            .iter()
-            .filter_map(|e| e.event.order_id())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let ids = kafka::inbox::orders_of(events);
         let stored = store::orders_by_ids(conn, &ids)?;
         let mut now = stored.clone();
         let last_change: HashMap<i64, usize> = events

@@ -58,8 +58,7 @@ impl Reactor for StockReactor {
         conn: &mut DbConnection,
         events: &[&Envelope],
     ) -> Result<Vec<Vec<Envelope>>, ReactError> {
-        let orders: Vec<i64> = events.iter().filter_map(|e| e.event.order_id()).collect();
-        let reservations = store::reservations_of(conn, &orders)?;
+        let reservations = store::reservations_of(conn, &kafka::inbox::orders_of(events))?;
         let wanted: BTreeSet<i64> = events
             .iter()
             .filter_map(|e| {
@@ -204,23 +203,7 @@ pub(crate) fn view_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use events::{OrderPlaced, Service};
-
-    fn placed(order_id: i64, product_id: i64, quantity: i64) -> Envelope {
-        Envelope::new(
-            Service::Orders,
-            Event::OrderPlaced(OrderPlaced {
-                order_id,
-                product_id,
-                product_name: None,
-                quantity,
-                price: None,
-                customer_id: "c".into(),
-                customer_name: None,
-                customer_addr: None,
-            }),
-        )
-    }
+    use crate::rebuild::tests::placed;
 
     /// A batch of OrderPlaced for one product reads the reservations and the product once,
     /// locks the product once, and stores each changed row once.
@@ -276,19 +259,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let placed = Envelope::new(
-            Service::Orders,
-            Event::OrderPlaced(OrderPlaced {
-                order_id: 7,
-                product_id: product,
-                product_name: None,
-                quantity: 2,
-                price: None,
-                customer_id: "c".into(),
-                customer_name: None,
-                customer_addr: None,
-            }),
-        );
+        let placed = placed(7, product, 2);
         let statements = db
             .write(move |conn| {
                 let (caused, statements) =

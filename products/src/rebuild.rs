@@ -78,7 +78,7 @@ fn apply(conn: &mut DbConnection, event: &Envelope) -> QueryResult<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::saga::{Product, StockReservation};
     use crate::store::NewProduct;
@@ -97,7 +97,8 @@ mod tests {
         .expect("database")
     }
 
-    fn placed(order_id: i64, product_id: i64, quantity: i64) -> Envelope {
+    /// An OrderPlaced for `quantity` units of `product_id` (the products tests' one).
+    pub(crate) fn placed(order_id: i64, product_id: i64, quantity: i64) -> Envelope {
         Envelope::new(
             Service::Orders,
             Event::OrderPlaced(OrderPlaced {
