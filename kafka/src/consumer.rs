@@ -616,7 +616,8 @@ pub struct EventConsumer {
     reactor: Arc<dyn Reactor>,
     /// Shared with `/health`; counts into the service's [`Metrics`].
     status: Arc<ConsumerStatus>,
-    /// This instance's partition leases; given up when the consumer stops.
+    /// This instance's partition leases; given up by the host after the consumer and the
+    /// relay have stopped ([`EventConsumer::leave`]).
     membership: Membership,
     /// TEST ONLY ([`TEST_PARK_ENV`]): event types parked on arrival unless redriven.
     test_park: BTreeSet<String>,
@@ -725,22 +726,33 @@ impl EventConsumer {
             }
         }
         monitor.abort();
-        let (membership, topic) = (self.membership.clone(), self.settings.topic.clone());
-        let left = self
-            .db
+        log::info!("consumer {} stopped", self.group());
+    }
+
+    /// Gives up this instance's partitions and membership (a graceful stop: the others take
+    /// over at once instead of after the lease time). Called by the host after the relay's
+    /// last pass, which publishes the rows of those partitions under their leases.
+    pub async fn leave(db: &Database, settings: &KafkaSettings) {
+        let membership = Membership {
+            me: settings.instance.clone(),
+            ttl: settings.session_timeout,
+        };
+        let topic = settings.topic.clone();
+        let left = db
             .write(move |conn| Ok::<_, DbError>((membership.leave(conn, &topic)?, Vec::new())))
             .await;
-        if let Err(e) = left {
-            log::warn!(
+        match left {
+            Ok(()) => db.routing().hold(&BTreeSet::new()),
+            Err(e) => log::warn!(
                 "consumer {}: leases not given up (they expire): {e}",
-                self.group()
-            );
+                settings.group_id
+            ),
         }
-        log::info!("consumer {} stopped", self.group());
     }
 
     /// One balancing round over `partitions` (see [`crate::leases`]).
     async fn balance(&self, partitions: &[i32]) -> Result<Balanced, DbError> {
+        let count = partitions.len();
         let (membership, topic, partitions) = (
             self.membership.clone(),
             self.settings.topic.clone(),
@@ -754,6 +766,10 @@ impl EventConsumer {
             })
             .await?;
         self.status.balanced(&balanced);
+        // The relay publishes the rows of the partitions held, under the same leases.
+        let routing = self.db.routing();
+        routing.set_partitions(i32::try_from(count).unwrap_or(i32::MAX));
+        routing.hold(&balanced.holds);
         Ok(balanced)
     }
 

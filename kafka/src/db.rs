@@ -14,6 +14,7 @@
 //! (`BEGIN IMMEDIATE`), so there [`lock`] does nothing.
 
 use crate::outbox;
+use crate::routing::Routing;
 use crate::settings::{PgLimits, SqliteSync};
 use diesel::Connection;
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
@@ -336,10 +337,42 @@ impl r2d2::ManageConnection for Manager {
 /// A pool of connections to one service database.
 pub(crate) type Pool = r2d2::Pool<Manager>;
 
+/// Which of a database's commits are announced to the other instances ([`COMMITS_CHANNEL`]),
+/// and how: with this process's own tag, which its listener skips.
+#[derive(Debug)]
+pub(crate) struct Notices {
+    /// Every commit (a service with live views); else only the commits that wrote a row
+    /// another instance publishes ([`Routing::take_foreign`]).
+    every: AtomicBool,
+    /// Where the writes mark a row another instance publishes.
+    routing: Arc<Routing>,
+    /// This process's tag: the payload of its notifications.
+    origin: String,
+}
+
+impl Notices {
+    fn new(routing: Arc<Routing>) -> Self {
+        Notices {
+            every: AtomicBool::new(true),
+            routing,
+            origin: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+
+    /// Whether the transaction now committing is announced (clears the routing's mark).
+    fn due(&self) -> bool {
+        self.routing.take_foreign() | self.every.load(Ordering::Relaxed)
+    }
+}
+
 /// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite (the database's one writer),
-/// `BEGIN` on PostgreSQL, where `f` takes the [`lock`]s it needs (module docs) and, when
-/// `announce`, the commit is announced to every instance's live views ([`Database::commits`]).
-pub fn write_transaction<T, E, F>(conn: &mut DbConnection, announce: bool, f: F) -> Result<T, E>
+/// `BEGIN` on PostgreSQL, where `f` takes the [`lock`]s it needs (module docs) and the commit
+/// is announced to the other instances when `notices` say so ([`Database::commits`]).
+pub(crate) fn write_transaction<T, E, F>(
+    conn: &mut DbConnection,
+    notices: Option<&Notices>,
+    f: F,
+) -> Result<T, E>
 where
     F: FnOnce(&mut DbConnection) -> Result<T, E>,
     E: From<diesel::result::Error>,
@@ -350,12 +383,16 @@ where
         }
         DbConnection::Postgres(c) => AnsiTransactionManager::begin_transaction(c)?,
     }
+    if let Some(notices) = notices {
+        // A mark left by a transaction that rolled back is not this one's.
+        notices.routing.take_foreign();
+    }
     let result = f(conn).and_then(|value| {
         if let DbConnection::Postgres(c) = conn
-            && announce
+            && let Some(notices) = notices.filter(|n| n.due())
         {
             // Delivered at commit, to every instance listening (see Database::commits).
-            c.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}"))?;
+            c.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}, '{}'", notices.origin))?;
         }
         Ok(value)
     });
@@ -473,8 +510,10 @@ pub struct Database {
     hook: Option<Arc<dyn WriteHook>>,
     /// The bounds of every PostgreSQL connection (the commit listener's too).
     limits: PgLimits,
-    /// Whether the writer announces its PostgreSQL commits ([`Database::without_commit_notices`]).
-    announces: Arc<AtomicBool>,
+    /// Which PostgreSQL commits the writer announces ([`Database::without_commit_notices`]).
+    notices: Arc<Notices>,
+    /// Where this instance's outbox rows go, and which it publishes ([`crate::routing`]).
+    routing: Arc<Routing>,
 }
 
 /// Work to do once a write has committed (and never if it did not).
@@ -541,7 +580,7 @@ impl Database {
             if let Backend::Postgres(_) = backend {
                 conn.batch_execute("SET lock_timeout = 0; SET statement_timeout = 0;")?;
             }
-            write_transaction(&mut conn, false, |conn| {
+            write_transaction(&mut conn, None, |conn| {
                 if let DbConnection::Postgres(c) = conn {
                     c.batch_execute(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))?;
                 }
@@ -553,8 +592,9 @@ impl Database {
         if let Backend::Postgres(_) = backend {
             conn.batch_execute(&limits.session_sql())?;
         }
-        let announces = Arc::new(AtomicBool::new(true));
-        let writes = crate::group_commit::start("db-writer", pool.clone(), announces.clone())
+        let routing = Arc::new(Routing::default());
+        let notices = Arc::new(Notices::new(routing.clone()));
+        let writes = crate::group_commit::start("db-writer", pool.clone(), notices.clone())
             .map(Arc::new)
             .map_err(|e| DbError::Setup(format!("cannot start the writer thread: {e}")))?;
         Ok(Database {
@@ -567,16 +607,23 @@ impl Database {
             listening: Arc::new(std::sync::Once::new()),
             hook: None,
             limits,
-            announces,
+            notices,
+            routing,
         })
     }
 
     /// This database with its PostgreSQL commits not announced (`NOTIFY`, a statement per
-    /// transaction): for a service with no live views, whose [`Database::commits`] then counts
-    /// only this instance's commits. Applies to the clones too.
+    /// transaction) unless they wrote a row another instance publishes: for a service with no
+    /// live views, whose [`Database::commits`] then counts this instance's commits and those.
+    /// Applies to the clones too.
     pub fn without_commit_notices(self) -> Self {
-        self.announces.store(false, Ordering::Relaxed);
+        self.notices.every.store(false, Ordering::Relaxed);
         self
+    }
+
+    /// Where this instance's outbox rows go and which it publishes ([`crate::routing`]).
+    pub fn routing(&self) -> &Arc<Routing> {
+        &self.routing
     }
 
     /// This database with `hook` run on the events of every write; set before the first
@@ -641,7 +688,7 @@ impl Database {
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let hook = self.hook.clone();
+        let (hook, routing) = (self.hook.clone(), self.routing.clone());
         let job = crate::group_commit::Job {
             work: move |conn: &mut DbConnection| {
                 let (value, events) = f(conn)?;
@@ -652,7 +699,7 @@ impl Database {
                     Some(hook) => hook.writing(conn, &events)?,
                     None => None,
                 };
-                outbox::enqueue(conn, &events)?;
+                outbox::enqueue(conn, &events, &routing)?;
                 Ok((value, true, after))
             },
             reply,
@@ -686,17 +733,28 @@ impl Database {
     /// (LISTEN/NOTIFY) — so a live view re-reads what it shows after `changed()`, instead of
     /// polling its tables.
     pub fn commits(&self) -> watch::Receiver<u64> {
+        self.listen_to_other_instances();
+        self.commits.subscribe()
+    }
+
+    /// Starts, once, the listener for the commits other instances announce (PostgreSQL): each
+    /// counts in [`Database::commits`] and wakes the relay, which may publish what it wrote.
+    pub(crate) fn listen_to_other_instances(&self) {
         if let Backend::Postgres(url) = &self.backend {
-            let (url, commits) = (self.limits.with_keepalives(url), self.commits.clone());
+            let url = self.limits.with_keepalives(url);
+            let heard = Heard {
+                commits: self.commits.clone(),
+                relay: self.outbox_committed.clone(),
+                origin: self.notices.origin.clone(),
+            };
             self.listening.call_once(move || {
                 std::thread::Builder::new()
                     .name("commit-listener".into())
-                    .spawn(move || listen_for_commits(&url, &commits))
+                    .spawn(move || listen_for_commits(&url, &heard))
                     .map(|_| ())
                     .unwrap_or_else(|e| log::warn!("no commit listener: {e}"));
             });
         }
-        self.commits.subscribe()
     }
 
     /// Answers when the database can run a statement (for `/health`).
@@ -749,10 +807,24 @@ impl Database {
     }
 }
 
-/// Counts the commits announced on [`COMMITS_CHANNEL`] into `commits`, for the life of the
+/// Where the listener passes on another instance's commit.
+struct Heard {
+    /// Counted here, for live views.
+    commits: Arc<watch::Sender<u64>>,
+    /// The relay, woken.
+    relay: Arc<Notify>,
+    /// This process's own tag, skipped: its commits were counted when they were made.
+    origin: String,
+}
+
+/// How often the listener looks for notifications: a commit of another instance reaches the
+/// relay and live views within this.
+const LISTEN_EVERY: Duration = Duration::from_millis(20);
+
+/// Passes on the commits other instances announce on [`COMMITS_CHANNEL`], for the life of the
 /// process; reconnects after a lost connection. Checking for a notification reads only what
-/// the server already sent, so the 100 ms poll costs no query.
-fn listen_for_commits(url: &str, commits: &watch::Sender<u64>) {
+/// the server already sent, so the poll costs no query.
+fn listen_for_commits(url: &str, heard: &Heard) {
     let mut failures = 0u32;
     loop {
         let listening: Result<std::convert::Infallible, String> = PgConnection::establish(url)
@@ -764,13 +836,14 @@ fn listen_for_commits(url: &str, commits: &watch::Sender<u64>) {
                 loop {
                     let mut woke = false;
                     for notification in conn.notifications_iter() {
-                        notification.map_err(|e| e.to_string())?;
-                        woke = true;
+                        let notification = notification.map_err(|e| e.to_string())?;
+                        woke |= notification.payload != heard.origin;
                     }
                     if woke {
-                        commits.send_modify(|n| *n = n.wrapping_add(1));
+                        heard.commits.send_modify(|n| *n = n.wrapping_add(1));
+                        heard.relay.notify_one();
                     }
-                    std::thread::sleep(Duration::from_millis(100));
+                    std::thread::sleep(LISTEN_EVERY);
                 }
             });
         let Err(e) = listening;

@@ -16,11 +16,10 @@
 //! connection while its transactions commit: a checkout from the pool tests the connection
 //! with a statement of its own.
 
-use crate::db::{DbConnection, DbError, Pool, write_transaction};
+use crate::db::{DbConnection, DbError, Notices, Pool, write_transaction};
 use diesel::Connection;
 use diesel::connection::TransactionManager;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 
 /// Most writes in one transaction: enough to absorb a burst of POSTs with the consumer's
@@ -171,8 +170,8 @@ impl Drop for Writer {
 }
 
 /// Starts the writer thread, which takes a connection from `pool` for each transaction.
-/// Its transactions announce their PostgreSQL commits while `announces` holds.
-pub(crate) fn start(name: &str, pool: Pool, announces: Arc<AtomicBool>) -> std::io::Result<Writer> {
+/// Its transactions announce their PostgreSQL commits as `notices` say.
+pub(crate) fn start(name: &str, pool: Pool, notices: Arc<Notices>) -> std::io::Result<Writer> {
     let (queue, writes) = mpsc::channel::<Box<dyn Write>>();
     let thread = std::thread::Builder::new()
         .name(name.to_owned())
@@ -195,8 +194,7 @@ pub(crate) fn start(name: &str, pool: Pool, announces: Arc<AtomicBool>) -> std::
                         // transaction's own handling, so the thread lives on. The batch's
                         // callers see their answers dropped (a transient error), and the
                         // connection, left in a transaction, is discarded by the pool.
-                        let announce = announces.load(Ordering::Relaxed);
-                        let transaction = || commit(&mut conn, batch, announce);
+                        let transaction = || commit(&mut conn, batch, &notices);
                         match catch_unwind(AssertUnwindSafe(transaction)) {
                             Ok(ConnectionAfter::Fine) => kept = Some(conn),
                             Ok(ConnectionAfter::InDoubt) => {}
@@ -257,17 +255,21 @@ impl ConnectionAfter {
 /// Runs `batch` in one transaction and answers every write once its fate is known. The first
 /// write runs without a savepoint, as [`commit_alone`] does: nothing ran before it, so when it
 /// fails the transaction's rollback is its own, and the others go on in a new transaction.
-fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>, announce: bool) -> ConnectionAfter {
+fn commit(
+    conn: &mut DbConnection,
+    batch: Vec<Box<dyn Write>>,
+    notices: &Notices,
+) -> ConnectionAfter {
     let mut pending = batch.into_iter();
     let Some(first) = pending.next() else {
         return ConnectionAfter::Fine;
     };
     if pending.len() == 0 {
-        return commit_alone(conn, first, announce);
+        return commit_alone(conn, first, notices);
     }
     let mut first = Some(first);
     let mut answers: Vec<Box<dyn Answer>> = Vec::with_capacity(pending.len() + 1);
-    let committed = write_transaction(conn, announce, |conn| {
+    let committed = write_transaction(conn, Some(notices), |conn| {
         if let Some(write) = first.take() {
             let (ran, succeeded) = write.run_alone(conn);
             answers.push(ran);
@@ -297,7 +299,7 @@ fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>, announce: bool) -
             return if rest.is_empty() {
                 ConnectionAfter::InDoubt
             } else {
-                commit(conn, rest, announce)
+                commit(conn, rest, notices)
             };
         }
         Err(Broke::Db(e)) => {
@@ -322,11 +324,15 @@ fn commit(conn: &mut DbConnection, batch: Vec<Box<dyn Write>>, announce: bool) -
 /// Runs a write that is alone in its transaction: its savepoint would only copy every page
 /// it touches to a sub-journal (measured: ~15 % of orders' writer thread at 300 sagas/s), and
 /// the transaction rolls back just as well.
-fn commit_alone(conn: &mut DbConnection, write: Box<dyn Write>, announce: bool) -> ConnectionAfter {
+fn commit_alone(
+    conn: &mut DbConnection,
+    write: Box<dyn Write>,
+    notices: &Notices,
+) -> ConnectionAfter {
     let mut waiting = Some(write);
     let mut answer = None;
     // Err(None): the write itself failed, and its answer says how.
-    let committed = write_transaction(conn, announce, |conn| {
+    let committed = write_transaction(conn, Some(notices), |conn| {
         let Some(write) = waiting.take() else {
             return Ok(());
         };

@@ -158,6 +158,8 @@ pub struct ServiceHost {
     stop_relay: CancellationToken,
     /// The relay task.
     relay: JoinHandle<()>,
+    /// Where the partitions are given up once the relay has stopped ([`EventConsumer::leave`]).
+    leaving: (Database, KafkaSettings),
 }
 
 impl ServiceHost {
@@ -194,7 +196,7 @@ impl ServiceHost {
             brokers: kafka.brokers.clone(),
             reason,
         };
-        ensure_topics_at_start(kafka).await?;
+        connect(kafka, &db).await?;
         let probe = Arc::new(create_probe(kafka).map_err(|e| broker(e.to_string()))?);
         check_broker_identity(kafka, &db, &probe).await?;
         let metrics = web::Data::new(Metrics::new());
@@ -212,6 +214,7 @@ impl ServiceHost {
         .map_err(|e| broker(e.to_string()))?;
         let retention = Retention::new(db.clone(), &settings.retention, prune, &metrics);
         let checkpoints = db.clone();
+        let db_for_leaving = db.clone();
         let consumer = EventConsumer::new(kafka, probe.clone(), db.clone(), reactor, &metrics);
         let consumer_status = consumer.status();
         let health = web::Data::new(Health {
@@ -286,6 +289,7 @@ impl ServiceHost {
             tasks: vec![retention, checkpoints],
             stop_relay,
             relay,
+            leaving: (db_for_leaving, kafka.clone()),
         })
     }
 
@@ -352,6 +356,8 @@ impl ServiceHost {
         }
         self.stop_relay.cancel();
         let _ = self.relay.await;
+        let (db, kafka) = &self.leaving;
+        EventConsumer::leave(db, kafka).await;
         log::info!("stopped");
         served.map_err(std::io::Error::other)?
     }
@@ -402,6 +408,27 @@ where
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Makes sure the saga topics exist ([`ensure_topics_at_start`]) and tells `db` how many
+/// partitions the saga topic has, so every outbox row written from now on carries its
+/// partition ([`crate::routing`]). Before anything is written: a service calls it before
+/// rebuilding or seeding, and [`ServiceHost::start`] again.
+pub async fn connect(kafka: &crate::KafkaSettings, db: &Database) -> Result<(), StartError> {
+    ensure_topics_at_start(kafka).await?;
+    let probing = kafka.clone();
+    let partitions = crate::consumer::read_retrying("reading the topic's partitions", move || {
+        let probe = create_probe(&probing).map_err(|e| e.to_string())?;
+        crate::consumer::partitions_of(&probe, &probing.topic)
+    })
+    .await
+    .map_err(|reason| StartError::Broker {
+        brokers: kafka.brokers.clone(),
+        reason: format!("cannot read the partitions of {}: {reason}", kafka.topic),
+    })?;
+    db.routing()
+        .set_partitions(i32::try_from(partitions.len()).unwrap_or(i32::MAX));
+    Ok(())
 }
 
 /// Makes sure the saga topics exist before a service starts (or rebuilds from them): a broker

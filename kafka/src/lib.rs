@@ -53,6 +53,7 @@ pub mod producer;
 pub mod rebuild;
 pub mod replay;
 pub mod retention;
+pub mod routing;
 pub mod settings;
 
 pub use db::{Database, DbError};

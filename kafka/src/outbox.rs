@@ -21,6 +21,7 @@ use crate::db::{Database, DbError};
 use crate::leases::{self, Membership};
 use crate::metrics::Metrics;
 use crate::prepared::{FEW_ROWS, PrepareOnce};
+use crate::routing::Routing;
 use diesel::prelude::*;
 use events::Envelope;
 use prometheus::IntCounter;
@@ -43,6 +44,7 @@ diesel::table! {
         topic -> Nullable<Text>,
         error -> Nullable<Text>,
         headers -> Nullable<Text>,
+        topic_partition -> Nullable<Integer>,
     }
 }
 
@@ -70,6 +72,9 @@ pub struct OutboxRow {
     pub error: Option<String>,
     /// Kafka headers, a JSON object of strings (a redriven event names its original).
     pub headers: Option<String>,
+    /// The saga topic's partition it is produced to, and whose holder publishes it
+    /// ([`crate::routing`]); null: the holder of the `relay` lease publishes it.
+    pub topic_partition: Option<i32>,
 }
 
 /// The insert form of [`OutboxRow`].
@@ -90,6 +95,8 @@ pub struct NewOutboxRow {
     pub topic: Option<String>,
     /// See [`OutboxRow::headers`].
     pub headers: Option<String>,
+    /// See [`OutboxRow::topic_partition`].
+    pub topic_partition: Option<i32>,
 }
 
 impl From<&Envelope> for NewOutboxRow {
@@ -102,16 +109,29 @@ impl From<&Envelope> for NewOutboxRow {
             created_at: chrono::Utc::now().to_rfc3339(),
             topic: None,
             headers: None,
+            topic_partition: None,
         }
     }
 }
 
-/// Adds `events` to the outbox inside the caller's transaction.
-pub fn enqueue(conn: &mut DbConnection, events: &[Envelope]) -> QueryResult<()> {
+/// Adds `events` to the outbox inside the caller's transaction, each stamped with the
+/// partition `routing` gives its key.
+pub fn enqueue(conn: &mut DbConnection, events: &[Envelope], routing: &Routing) -> QueryResult<()> {
     if events.is_empty() {
         return Ok(());
     }
-    let rows: Vec<NewOutboxRow> = events.iter().map(NewOutboxRow::from).collect();
+    let rows: Vec<NewOutboxRow> = events
+        .iter()
+        .map(|event| {
+            let row = NewOutboxRow::from(event);
+            let topic_partition = routing.partition_of(&row.message_key);
+            routing.written(topic_partition);
+            NewOutboxRow {
+                topic_partition,
+                ..row
+            }
+        })
+        .collect();
     let statement = diesel::insert_into(outbox::table).values(&rows);
     // SQLite inserts rows with defaults one by one (diesel's own path, which keeps them).
     match conn {
@@ -134,6 +154,7 @@ pub fn enqueue_dead_letter(
         created_at: chrono::Utc::now().to_rfc3339(),
         topic: Some(dead_letter_topic.to_owned()),
         headers: None,
+        topic_partition: None,
     };
     diesel::insert_into(outbox::table)
         .values(&row)
@@ -142,7 +163,8 @@ pub fn enqueue_dead_letter(
 }
 
 /// Adds `event` for the saga topic with Kafka `headers` (name, value) inside the caller's
-/// transaction.
+/// transaction. Of no partition: a redriven copy is published by the `relay` lease's holder
+/// (to the partition of its key all the same).
 pub fn enqueue_with_headers(
     conn: &mut DbConnection,
     event: &Envelope,
@@ -190,23 +212,69 @@ pub fn pending(conn: &mut DbConnection, limit: i64) -> QueryResult<Vec<OutboxRow
         .load(conn)
 }
 
+/// What one relay publishes: the rows of the saga topic's partitions it holds, and with the
+/// `relay` lease the rows of no partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Share {
+    /// The partitions whose rows it publishes.
+    pub partitions: Vec<i32>,
+    /// Whether it holds the `relay` lease (rows of no partition).
+    pub unpartitioned: bool,
+}
+
+impl Share {
+    /// Nothing to publish: another instance publishes everything.
+    pub fn is_empty(&self) -> bool {
+        self.partitions.is_empty() && !self.unpartitioned
+    }
+}
+
+/// The oldest `limit` unpublished rows of `share`, in commit order.
+pub fn pending_of(
+    conn: &mut DbConnection,
+    share: &Share,
+    limit: i64,
+) -> QueryResult<Vec<OutboxRow>> {
+    let mine = outbox::topic_partition.eq_any(share.partitions.clone());
+    let rows = outbox::table
+        .filter(outbox::published_at.is_null())
+        .order(outbox::id)
+        .limit(limit)
+        .select(OutboxRow::as_select());
+    if share.unpartitioned {
+        rows.filter(mine.or(outbox::topic_partition.is_null()))
+            .load(conn)
+    } else {
+        rows.filter(mine).load(conn)
+    }
+}
+
 use crate::leases::leases as lease_rows;
 diesel::allow_tables_to_appear_in_same_query!(outbox, lease_rows);
 
 /// Marks rows as acknowledged by the broker, or refused for good (`error`), in one statement
-/// that holds only while `holder` holds the `relay` lease — the fence of the relay: a holder
-/// that paused past its lease and woke mid-batch marks nothing (0 rows), and the new holder
+/// that marks a row only while `holder` holds its lease — its partition of `topic`'s, or the
+/// `relay` lease for a row of no partition: the fence of the relays. A holder that paused
+/// past its lease and woke mid-batch marks nothing of that partition, and the new holder
 /// publishes and marks those rows itself. One statement, so it is atomic with the lease
 /// check without a lock.
 pub fn mark_as_holder(
     conn: &mut DbConnection,
     holder: &str,
+    topic: &str,
     ids: &[i64],
     error: Option<&str>,
 ) -> QueryResult<usize> {
+    use diesel::sql_types::Text;
+    // The row's lease, named as crate::leases::partition_lease names it.
+    let lease_of_row = diesel::dsl::sql::<Text>("CASE WHEN outbox.topic_partition IS NULL THEN ")
+        .bind::<Text, _>(leases::RELAY)
+        .sql(" ELSE ")
+        .bind::<Text, _>(format!("{topic}/"))
+        .sql(" || outbox.topic_partition END");
     let holds = diesel::dsl::exists(
         lease_rows::table
-            .filter(lease_rows::name.eq(leases::RELAY))
+            .filter(lease_rows::name.eq(lease_of_row))
             .filter(lease_rows::holder.eq(holder)),
     );
     diesel::update(outbox::table.filter(outbox::id.eq_any(ids)).filter(holds))
@@ -308,8 +376,8 @@ struct RelayState {
     waiting_since: Option<Instant>,
     last_error: Option<String>,
     last_fatal: Option<String>,
-    /// Another instance holds the `relay` lease.
-    standby: bool,
+    /// What this instance publishes, as of the relay's last round.
+    share: Share,
 }
 
 impl RelayStatus {
@@ -335,12 +403,12 @@ impl RelayStatus {
         s.last_error = Some(error.to_owned());
     }
 
-    /// Standing by is a healthy state whatever failed before: another instance publishes, so
-    /// a failure from when this one held the lease no longer stands.
-    fn standby(&self, standby: bool) {
+    /// Standing by (publishing nothing) is a healthy state whatever failed before: other
+    /// instances publish, so a failure from when this one had rows of its own no longer stands.
+    fn publishing(&self, share: &Share) {
         let mut s = lock(&self.inner);
-        s.standby = standby;
-        if standby {
+        s.share.clone_from(share);
+        if share.is_empty() {
             s.failing_since = None;
             s.waiting_since = None;
         }
@@ -388,7 +456,9 @@ impl RelayStatus {
     pub fn snapshot(&self) -> serde_json::Value {
         let s = lock(&self.inner);
         serde_json::json!({
-            "standby": s.standby,
+            "standby": s.share.is_empty(),
+            "partitions": s.share.partitions,
+            "unpartitioned": s.share.unpartitioned,
             "published": self.published.get(),
             "refusedByBroker": self.refused.get(),
             "failingForSeconds": s.failing_since.map(|t| t.elapsed().as_secs()),
@@ -404,13 +474,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Publishes outbox rows in commit order, as soon as they are committed.
+/// Publishes this instance's share of the outbox rows ([`Share`]) in commit order, as soon as
+/// they are committed.
 ///
 /// Stops when its token is cancelled, which the host does only after the consumer's last
-/// commit, so events committed on the way out are published before the process exits.
+/// commit and before the consumer gives up its partitions, so events committed on the way out
+/// are published before the process exits.
 pub struct OutboxRelay {
     /// The database whose outbox it publishes.
     db: Database,
+    /// The database's routing: the partitions the consumer holds are the ones it publishes.
+    routing: Arc<Routing>,
     /// Makes the producer; used again after a fatal producer error.
     make_producer: ProducerFactory,
     /// The idempotent producer in use.
@@ -421,11 +495,12 @@ pub struct OutboxRelay {
     status: Arc<RelayStatus>,
     /// This instance, for the `relay` lease; released after the final drain.
     membership: Membership,
-    /// Until when (ms since the epoch) this instance holds the lease, as it last wrote it.
+    /// Until when (ms since the epoch) this instance holds the `relay` lease, as it last
+    /// wrote it.
     held_until: Option<i64>,
     /// Rows the broker acknowledged (or refused for good, with the reason) whose marking
-    /// failed: marked first in the next round and never sent again. Dropped with the lease
-    /// (the new holder decides about them).
+    /// failed: marked first in the next round and never sent again (each only while its lease
+    /// is still this instance's; the new holder decides about the others).
     unmarked: Vec<(i64, Option<String>)>,
 }
 
@@ -441,6 +516,7 @@ impl OutboxRelay {
     ) -> KafkaResult<Self> {
         let producer = make_producer()?;
         Ok(OutboxRelay {
+            routing: db.routing().clone(),
             db,
             make_producer,
             producer,
@@ -452,8 +528,21 @@ impl OutboxRelay {
         })
     }
 
-    /// Whether this instance may publish: it holds the `relay` lease with at least half its
-    /// time left, renewing it when less is left (one write per half lease time).
+    /// What this instance publishes now: the partitions its consumer holds, and the rows of
+    /// no partition while it holds the `relay` lease.
+    async fn share(&mut self) -> Share {
+        let unpartitioned = self.holds_lease().await;
+        self.routing.set_relay_lease(unpartitioned);
+        let share = Share {
+            partitions: self.routing.held().into_iter().collect(),
+            unpartitioned,
+        };
+        self.status.publishing(&share);
+        share
+    }
+
+    /// Whether this instance holds the `relay` lease with at least half its time left,
+    /// renewing it when less is left (one write per half lease time).
     async fn holds_lease(&mut self) -> bool {
         let half = self.membership.ttl.as_millis() as i64 / 2;
         if self
@@ -471,10 +560,7 @@ impl OutboxRelay {
             .await;
         let was_held = self.held_until.is_some();
         self.held_until = match held {
-            Ok(until) => {
-                self.status.standby(until.is_none());
-                until
-            }
+            Ok(until) => until,
             Err(e) => {
                 // Neither publishing nor standing by: a failure `/health` shows if it lasts.
                 log::warn!("outbox relay: cannot renew its lease: {e}");
@@ -484,18 +570,19 @@ impl OutboxRelay {
             }
         };
         match (was_held, self.held_until.is_some()) {
-            (false, true) => log::info!("outbox relay: this instance publishes"),
-            (true, false) => log::warn!("outbox relay: lease lost; standing by"),
+            (false, true) => {
+                log::info!("outbox relay: this instance publishes the rows of no partition")
+            }
+            (true, false) => log::warn!(
+                "outbox relay: relay lease lost; another instance publishes the rows of no partition"
+            ),
             _ => {}
-        }
-        if self.held_until.is_none() {
-            self.unmarked.clear();
         }
         self.held_until.is_some()
     }
 
     /// [`OutboxRelay::mark_unmarked`], a failure shown in the status.
-    async fn mark_or_report(&mut self) -> Result<(), RelayError> {
+    async fn mark_or_report(&mut self) -> Result<bool, RelayError> {
         let marked = self.mark_unmarked().await;
         if let Err(e) = &marked {
             self.status.failed(&e.to_string());
@@ -503,13 +590,15 @@ impl OutboxRelay {
         marked
     }
 
-    /// Marks [`OutboxRelay::unmarked`] through the writer, fenced by the lease: one
-    /// transaction with the service's other writes, not a statement racing them.
-    async fn mark_unmarked(&mut self) -> Result<(), RelayError> {
+    /// Marks [`OutboxRelay::unmarked`] through the writer, fenced by the rows' leases: one
+    /// transaction with the service's other writes, not a statement racing them. Whether every
+    /// row was marked (else a lease moved: the share is read again before the next rows).
+    async fn mark_unmarked(&mut self) -> Result<bool, RelayError> {
         if self.unmarked.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let (me, rows) = (self.membership.me.clone(), self.unmarked.clone());
+        let topic = self.topic.clone();
         let expected = rows.len();
         let marked = self
             .db
@@ -519,10 +608,10 @@ impl OutboxRelay {
                     .filter(|(_, error)| error.is_none())
                     .map(|(id, _)| *id)
                     .collect();
-                let mut marked = mark_as_holder(conn, &me, &acknowledged, None)?;
+                let mut marked = mark_as_holder(conn, &me, &topic, &acknowledged, None)?;
                 for (id, error) in &rows {
                     if let Some(error) = error {
-                        marked += mark_as_holder(conn, &me, &[*id], Some(error))?;
+                        marked += mark_as_holder(conn, &me, &topic, &[*id], Some(error))?;
                     }
                 }
                 Ok::<_, DbError>((marked, Vec::new()))
@@ -530,16 +619,16 @@ impl OutboxRelay {
             .await?;
         self.unmarked.clear();
         if marked < expected {
-            // The lease moved while this batch was out (a pause past the lease): the new
-            // holder owns these rows; the copies just sent are absorbed by event id.
+            // A lease moved while this batch was out (a rebalance, a pause past the lease):
+            // the new holder owns these rows; the copies just sent are absorbed by event id.
             log::warn!(
-                "outbox relay: lease lost mid-batch; {} row(s) left to the new holder",
+                "outbox relay: a lease moved mid-batch; {} row(s) left to the new holder",
                 expected - marked
             );
-            self.held_until = None;
-            self.status.standby(true);
+            self.held_until = None; // the relay lease too is checked again
+            return Ok(false);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The status `/health` reads.
@@ -554,16 +643,22 @@ impl OutboxRelay {
     /// crash or a failed send are retried.
     pub async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
         let committed = self.db.outbox_committed();
+        // Another instance's commit of a row this one publishes wakes it too.
+        self.db.listen_to_other_instances();
+        let mut held = self.routing.watch_held();
         let mut failures = 0u32;
         loop {
-            if !self.holds_lease().await {
-                // Another instance publishes; take over when its lease lapses.
+            let share = self.share().await;
+            if share.is_empty() {
+                // Other instances publish; take over when the consumer takes partitions or
+                // the relay lease lapses.
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = held.changed() => continue,
                     _ = shutdown.cancelled() => break,
                 }
             }
-            match self.publish_pending(&shutdown).await {
+            match self.publish_pending(&share, &shutdown).await {
                 Ok(n) if n as i64 == BATCH => continue,
                 Ok(_) => failures = 0,
                 Err(RelayError::Interrupted) => break,
@@ -580,6 +675,7 @@ impl OutboxRelay {
             }
             tokio::select! {
                 _ = committed.notified() => {}
+                _ = held.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.cancelled() => break,
             }
@@ -593,8 +689,12 @@ impl OutboxRelay {
                 deadline.cancel();
             })
         };
-        while self.holds_lease().await {
-            match self.publish_pending(&deadline).await {
+        loop {
+            let share = self.share().await;
+            if share.is_empty() {
+                break;
+            }
+            match self.publish_pending(&share, &deadline).await {
                 Ok(n) if n as i64 == BATCH => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -619,19 +719,24 @@ impl OutboxRelay {
         log::info!("outbox relay stopped");
     }
 
-    /// Sends one batch of pending rows and marks those the broker acknowledged; returns how many
-    /// were published. Sends are pipelined; the idempotent producer keeps them in order and,
-    /// with no message timeout, never leaves a gap that a resend could fill out of order.
-    pub async fn publish_pending(&mut self, stop: &CancellationToken) -> Result<usize, RelayError> {
+    /// Sends one batch of `share`'s pending rows and marks those the broker acknowledged;
+    /// returns how many were published. Sends are pipelined; the idempotent producer keeps them
+    /// in order and, with no message timeout, never leaves a gap that a resend could fill out
+    /// of order.
+    async fn publish_pending(
+        &mut self,
+        share: &Share,
+        stop: &CancellationToken,
+    ) -> Result<usize, RelayError> {
         // What the last round sent but could not mark is marked, not sent again.
-        self.mark_or_report().await?;
-        if self.held_until.is_none() {
-            // The mark found the lease moved: the rows are the new holder's to send.
+        if !self.mark_or_report().await? {
+            // A lease moved: its rows are the new holder's to send; read the share again.
             return Ok(0);
         }
+        let share = share.clone();
         let rows = self
             .db
-            .read(|conn| pending(conn, BATCH).map_err(DbError::from))
+            .read(move |conn| pending_of(conn, &share, BATCH).map_err(DbError::from))
             .await?;
         if rows.is_empty() {
             self.status.succeeded(0);
@@ -643,6 +748,9 @@ impl OutboxRelay {
             let mut record = FutureRecord::to(topic)
                 .key(&row.message_key)
                 .payload(&row.payload);
+            if let Some(partition) = row.topic_partition {
+                record = record.partition(partition);
+            }
             if let Some(headers) = row.headers.as_deref().map(kafka_headers) {
                 record = record.headers(headers);
             }
@@ -792,7 +900,67 @@ mod tests {
             created_at: (chrono::Utc::now() - chrono::Duration::seconds(age_seconds)).to_rfc3339(),
             topic: None,
             headers: None,
+            topic_partition: None,
         }
+    }
+
+    /// The relays' fence: a relay that lost a lease (paused past it, woken mid-batch, or the
+    /// partition moved) marks none of its rows; only the holder's marks land.
+    #[tokio::test]
+    async fn a_row_is_marked_only_by_the_holder_of_its_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("o.db").to_str().unwrap(), PLUMBING).unwrap();
+        let member = |me: &str| Membership {
+            me: me.into(),
+            ttl: Duration::from_secs(60),
+        };
+        let (a, b) = (member("a"), member("b"));
+        let marked = db
+            .write(move |conn| {
+                let in_partition = |n, p| NewOutboxRow {
+                    topic_partition: Some(p),
+                    ..row(n, 0)
+                };
+                // Rows of no partition (the relay lease's: b's), of partition 1 (a's), of 2 (b's).
+                let rows = [
+                    row(1, 0),
+                    in_partition(2, 1),
+                    in_partition(3, 2),
+                    in_partition(4, 1),
+                ];
+                let statement = diesel::insert_into(outbox::table).values(&rows[..]);
+                crate::on_backend!(conn, |c| statement.execute(c))?;
+                let ids: Vec<i64> = outbox::table
+                    .order(outbox::id)
+                    .select(outbox::id)
+                    .load(conn)?;
+                b.hold(conn, leases::RELAY)?;
+                a.hold(conn, &leases::partition_lease("t", 1))?;
+                b.hold(conn, &leases::partition_lease("t", 2))?;
+                let by_a = mark_as_holder(conn, "a", "t", &ids, None)?;
+                let other_topic = mark_as_holder(conn, "b", "u", &ids, None)?;
+                let by_b = mark_as_holder(conn, "b", "t", &ids, Some("too large"))?;
+                let marked: Vec<(i64, Option<String>)> = outbox::table
+                    .order(outbox::id)
+                    .filter(outbox::published_at.is_not_null())
+                    .select((outbox::id, outbox::error))
+                    .load(conn)?;
+                let refused = |id: i64| (id, Some("too large".to_owned()));
+                let expected = vec![
+                    refused(ids[0]),
+                    (ids[1], None),
+                    refused(ids[2]),
+                    (ids[3], None),
+                ];
+                Ok::<_, DbError>(((by_a, other_topic, by_b, marked == expected), Vec::new()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            marked,
+            (2, 1, 2, true),
+            "a marks its partition's two rows; b the rest (of another topic's partitions, none)"
+        );
     }
 
     /// The relay's fence: a relay that lost its lease (paused past it, woken mid-batch)
@@ -812,9 +980,9 @@ mod tests {
                 crate::on_backend!(conn, |c| statement.execute(c))?;
                 let ids: Vec<i64> = outbox::table.select(outbox::id).load(conn)?;
                 b.hold(conn, leases::RELAY)?;
-                let stale = mark_as_holder(conn, "a", &ids, None)?;
-                let stale_refusal = mark_as_holder(conn, "a", &ids[..1], Some("too large"))?;
-                let holder = mark_as_holder(conn, "b", &ids, None)?;
+                let stale = mark_as_holder(conn, "a", "t", &ids, None)?;
+                let stale_refusal = mark_as_holder(conn, "a", "t", &ids[..1], Some("too large"))?;
+                let holder = mark_as_holder(conn, "b", "t", &ids, None)?;
                 Ok::<_, DbError>(((stale, stale_refusal, holder), Vec::new()))
             })
             .await
@@ -881,7 +1049,7 @@ mod relay_tests {
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::DefaultProducerContext;
     use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     const TOPIC: &str = "t";
 
@@ -910,9 +1078,14 @@ mod relay_tests {
 
     /// A relay of `db` as instance `me` with lease time `ttl`, through the service's producer.
     fn relay(s: &Setup, me: &str, ttl: Duration) -> OutboxRelay {
+        relay_of(s, s.db.clone(), me, ttl)
+    }
+
+    /// [`relay`] of another handle on the database (another instance's).
+    fn relay_of(s: &Setup, db: Database, me: &str, ttl: Duration) -> OutboxRelay {
         let settings = KafkaSettings::new(&s.cluster.bootstrap_servers(), TOPIC, "test");
         OutboxRelay::new(
-            s.db.clone(),
+            db,
             Box::new(move || crate::producer::create_producer(&settings)),
             TOPIC.into(),
             Membership { me: me.into(), ttl },
@@ -975,6 +1148,17 @@ mod relay_tests {
 
     /// Every message of the topic as `(key, eventId)`, partition by partition, in order.
     fn read_topic(cluster: &MockCluster<'static, DefaultProducerContext>) -> Vec<(String, String)> {
+        read_partitions(cluster)
+            .into_iter()
+            .map(|(_, key, id)| (key, id))
+            .collect()
+    }
+
+    /// Every message of the topic as `(partition, key, eventId)`, partition by partition, in
+    /// order.
+    fn read_partitions(
+        cluster: &MockCluster<'static, DefaultProducerContext>,
+    ) -> Vec<(i32, String, String)> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", cluster.bootstrap_servers())
             .set("group.id", "reader")
@@ -1007,6 +1191,7 @@ mod relay_tests {
                 let value: serde_json::Value =
                     serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
                 messages.push((
+                    partition,
                     key,
                     value["eventId"].as_str().unwrap_or_default().to_owned(),
                 ));
@@ -1080,6 +1265,86 @@ mod relay_tests {
         let error = refused.error.unwrap_or_default();
         assert!(error.to_lowercase().contains("too large"), "{error}");
         assert_eq!(health["refusedByBroker"], 1, "{health}");
+    }
+
+    /// The partition a row is stamped with is the one librdkafka's default partitioner gives
+    /// its key: a producer sending by key and the relay sending to the stamped partition agree.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stamped_partitions_are_the_ones_the_producer_picks_by_key() {
+        let s = setup();
+        let settings = KafkaSettings::new(&s.cluster.bootstrap_servers(), TOPIC, "test");
+        let producer = crate::producer::create_producer(&settings).unwrap();
+        for order in 1..=40 {
+            let key = order.to_string();
+            let sent = producer
+                .send(
+                    FutureRecord::to(TOPIC).key(&key).payload("{}"),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                sent.partition,
+                crate::routing::partition_for(&key, 3),
+                "key {key}"
+            );
+        }
+    }
+
+    /// Two instances on one database, each holding some of the topic's partitions: each
+    /// publishes the rows of its own partitions — whichever instance wrote them — to those
+    /// partitions, and every event reaches the topic once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_instance_publishes_the_partitions_it_holds() {
+        let s = setup();
+        let path = s._dir.path().join("r.db");
+        let other = Database::open(path.to_str().unwrap(), crate::db::PLUMBING_MIGRATIONS).unwrap();
+        let (a_held, b_held) = (BTreeSet::from([0]), BTreeSet::from([1, 2]));
+        for (db, held, me) in [(&s.db, &a_held, "a"), (&other, &b_held, "b")] {
+            db.routing().set_partitions(3);
+            db.routing().hold(held);
+            for p in held {
+                leases::grant(db, TOPIC, *p, me).await;
+            }
+        }
+        let mut committed = BTreeMap::new();
+        for order in 1..=24i64 {
+            let writer = if order % 2 == 0 { &s.db } else { &other };
+            let ids = commit(writer, vec![completed(order, "c".into())]).await;
+            committed.insert(ids[0].clone(), order.to_string());
+        }
+        let a = start(relay(&s, "a", Duration::from_secs(10)));
+        let b = start(relay_of(&s, other.clone(), "b", Duration::from_secs(10)));
+        drained(&s.db, Duration::from_secs(20)).await.unwrap();
+        let (a_health, b_health) = (a.status.snapshot(), b.status.snapshot());
+        for running in [a, b] {
+            running.stop.cancel();
+            running.task.await.unwrap();
+        }
+        let messages = read_partitions(&s.cluster);
+        let published: BTreeMap<String, String> = messages
+            .iter()
+            .map(|(_, key, id)| (id.clone(), key.clone()))
+            .collect();
+        assert_eq!(published, committed, "each event once");
+        assert_eq!(messages.len(), committed.len(), "no copies");
+        for (partition, key, _) in &messages {
+            assert_eq!(
+                *partition,
+                crate::routing::partition_for(key, 3),
+                "key {key}"
+            );
+        }
+        let in_partition_0 = messages.iter().filter(|(p, _, _)| *p == 0).count();
+        assert!(in_partition_0 > 0 && in_partition_0 < messages.len());
+        assert_eq!(a_health["published"], in_partition_0, "{a_health}");
+        assert_eq!(a_health["partitions"], serde_json::json!([0]));
+        assert_eq!(
+            b_health["published"],
+            messages.len() - in_partition_0,
+            "{b_health}"
+        );
+        assert_eq!(b_health["partitions"], serde_json::json!([1, 2]));
     }
 
     /// Two instances' relays on one database: one publishes, the other stands by

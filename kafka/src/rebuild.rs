@@ -105,7 +105,7 @@ pub async fn rebuild_if_new<R: Rebuild>(
     settings: &KafkaSettings,
     rules: Arc<R>,
 ) -> Result<Option<Rebuilt>, StartError> {
-    crate::host::ensure_topics_at_start(settings).await?;
+    crate::host::connect(settings, db).await?;
     let checking = rules.clone();
     let is_empty = move || {
         let rules = checking.clone();

@@ -596,3 +596,112 @@ async fn a_lease_does_not_move_under_a_write_in_flight() {
         .await;
     assert!(matches!(stale, Err(DbError::NotHolder(_))), "{stale:?}");
 }
+
+/// Each instance publishes the outbox rows of the partitions it holds. A write stamps each row
+/// with its key's partition; a commit that wrote a row another instance publishes is announced
+/// (so that instance's relay wakes at once), one that wrote only its own rows is not; and the
+/// relays' fence marks a row only for the holder of its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_go_to_their_partitions_holder_who_alone_marks_them() {
+    use events::{Envelope, Event, OrderCompleted, Service};
+    use kafka::routing::partition_for;
+    let url = database_or_skip!("routing");
+    let a = Database::open(&url, PLUMBING_MIGRATIONS)
+        .unwrap()
+        .without_commit_notices();
+    let b = Database::open(&url, PLUMBING_MIGRATIONS)
+        .unwrap()
+        .without_commit_notices();
+    for (db, held, me) in [(&a, vec![0], "a"), (&b, vec![1, 2], "b")] {
+        db.routing().set_partitions(3);
+        db.routing().hold(&held.iter().copied().collect());
+        let member = Membership {
+            me: me.into(),
+            ttl: Duration::from_secs(60),
+        };
+        db.write(move |conn| {
+            for p in held {
+                member.hold(conn, &leases::partition_lease("t", p))?;
+            }
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+        .await
+        .unwrap();
+    }
+    let order_in = |partition: i32| {
+        (1..)
+            .find(|o: &i64| partition_for(&o.to_string(), 3) == partition)
+            .unwrap()
+    };
+    let event = |order_id| {
+        Envelope::new(
+            Service::Orders,
+            Event::OrderCompleted(OrderCompleted {
+                order_id,
+                product_id: 1,
+                quantity: 1,
+                customer_id: "c".into(),
+            }),
+        )
+    };
+    let mut listener = diesel::PgConnection::establish(&url).unwrap();
+    listener.batch_execute("LISTEN mall_commits").unwrap();
+    // b writes a row of its own partition 1, then one of a's partition 0.
+    for order in [order_in(1), order_in(0)] {
+        let events = vec![event(order)];
+        b.write(move |_| Ok::<_, DbError>(((), events)))
+            .await
+            .unwrap();
+    }
+    // Then a service that announces every commit: notifications arrive in commit order, so
+    // once its own has arrived, every announcement of b's two commits has too.
+    let loud = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    loud.write(|_| Ok::<_, DbError>(((), Vec::new())))
+        .await
+        .unwrap();
+    let mut payloads: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while payloads
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "announced: {payloads:?}"
+        );
+        listener.batch_execute("SELECT 1").unwrap(); // reads what the server sent
+        for notification in listener.notifications_iter() {
+            payloads.push(notification.unwrap().payload);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        payloads.len(),
+        2,
+        "b's commit of a's row, then the loud one: {payloads:?}"
+    );
+
+    let (stamped, marked_by_a) = a
+        .write(|conn| {
+            let rows = kafka::outbox::pending(conn, 10)?;
+            let stamped: Vec<(String, Option<i32>)> = rows
+                .iter()
+                .map(|r| (r.message_key.clone(), r.topic_partition))
+                .collect();
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            let marked = kafka::outbox::mark_as_holder(conn, "a", "t", &ids, None)?;
+            Ok::<_, DbError>(((stamped, marked), Vec::new()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        stamped,
+        [
+            (order_in(1).to_string(), Some(1)),
+            (order_in(0).to_string(), Some(0))
+        ]
+    );
+    assert_eq!(marked_by_a, 1, "a marks its partition's row, not b's");
+}
