@@ -656,6 +656,22 @@ impl Database {
         .await
     }
 
+    /// Runs `f` on a pooled connection of its own, outside the writer, on PostgreSQL: for a
+    /// statement that decides and writes by itself (the relay's fenced mark), which needs no
+    /// turn in the writer's transactions. On SQLite, the database's one writer, it goes
+    /// through [`Database::write`].
+    pub async fn write_alone<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+    {
+        match self.backend {
+            Backend::Postgres(_) => self.read(f).await,
+            Backend::Sqlite(_) => self.write(|conn| Ok((f(conn)?, Vec::new()))).await,
+        }
+    }
+
     /// Runs a read on a blocking thread.
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where

@@ -1,10 +1,12 @@
 //! Who does what among the instances of one service, decided in the service's own database.
 //!
 //! The instances of a service share one database (PostgreSQL; an SQLite file has one). Each
-//! partition of the saga topic (`eventTopic/3`) and the outbox relay (`relay`) is a lease row
-//! held by one instance until `expires_at`; holders renew, a lease not renewed in time (the
-//! holder died, or is stopped) may be taken by another instance. Live instances renew a row
-//! in `members`, so each takes its fair share of the partitions: ⌈partitions / live⌉.
+//! partition of the saga topic (`eventTopic/3`) and the relay of the outbox rows of no
+//! partition (`relay`) is a lease row held by one instance until `expires_at`; holders renew, a
+//! lease not renewed in time (the holder died, or is stopped) may be taken by another instance.
+//! Live instances renew a row in `members`, so each takes its fair share of the partitions:
+//! ⌈partitions / live⌉. A partition's lease is also what lets the instance publish the outbox
+//! rows of that partition ([`crate::routing`]).
 //!
 //! A lease alone would not be safe — a holder paused past its expiry does not know it lost the
 //! lease — so it is also a **fence**: the consumer stores its position in the same transaction
@@ -40,7 +42,7 @@ diesel::table! {
     }
 }
 
-/// The outbox relay's lease.
+/// The lease of the relay that publishes the outbox rows of no partition (dead letters).
 pub const RELAY: &str = "relay";
 
 /// The lease name of one partition of `topic`.
