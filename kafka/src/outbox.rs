@@ -433,6 +433,8 @@ impl Floor {
 /// How late a row may commit after drawing its id and still be found by the next poll
 /// ([`Floor`]); later ones wait for the next poll from the first id.
 const LATE_COMMIT: Duration = Duration::from_secs(3);
+/// How soon rows just published are marked when no commit wakes the relay first.
+const MARK_WITHIN: Duration = Duration::from_millis(20);
 /// How often a poll starts from the first id ([`Floor`]).
 const FULL_POLL_EVERY: Duration = Duration::from_secs(5);
 
@@ -622,6 +624,10 @@ impl OutboxRelay {
             partitions: self.routing.held().into_iter().collect(),
             unpartitioned,
         };
+        if share.is_empty() {
+            // Every lease is another instance's now, and so are the rows not marked yet.
+            self.unmarked.clear();
+        }
         self.status.publishing(&share);
         share
     }
@@ -666,45 +672,61 @@ impl OutboxRelay {
         self.held_until.is_some()
     }
 
-    /// [`OutboxRelay::mark_unmarked`], a failure shown in the status.
+    /// [`OutboxRelay::mark_and_read`] without a read.
     async fn mark_or_report(&mut self) -> Result<bool, RelayError> {
-        let marked = self.mark_unmarked().await;
-        if let Err(e) = &marked {
-            self.status.failed(&e.to_string());
-        }
-        marked
+        self.mark_and_read(None)
+            .await
+            .map(|(all_marked, _)| all_marked)
     }
 
-    /// Marks [`OutboxRelay::unmarked`], fenced by the rows' leases: each statement checks the
-    /// leases and marks at once, so on PostgreSQL it needs no turn in the writer's transactions
-    /// ([`Database::write_alone`]). Against a takeover committing meanwhile it is safe either
-    /// way: marked first, the new holder may send the rows again (absorbed by event id); marked
-    /// after, nothing is marked. Whether every row was marked (else a lease moved: the share
-    /// is read again before the next rows).
-    async fn mark_unmarked(&mut self) -> Result<bool, RelayError> {
-        if self.unmarked.is_empty() {
-            return Ok(true);
-        }
+    /// Marks [`OutboxRelay::unmarked`], fenced by the rows' leases, then reads the pending rows
+    /// of `next` (a share, past an id), on one connection: a round of the relay is one checkout.
+    /// Each mark statement checks the leases and marks at once, so on PostgreSQL it needs no turn
+    /// in the writer's transactions ([`Database::write_alone`]); against a takeover committing
+    /// meanwhile it is safe either way: marked first, the new holder may send the rows again
+    /// (absorbed by event id); marked after, nothing is marked. Returns whether every row was
+    /// marked — if not, a lease moved, nothing is read, and the share is read again first — and
+    /// the rows read. A failure is shown in the status; the rows stay to be marked.
+    async fn mark_and_read(
+        &mut self,
+        next: Option<(Share, i64)>,
+    ) -> Result<(bool, Vec<OutboxRow>), RelayError> {
         let (me, rows) = (self.membership.me.clone(), self.unmarked.clone());
         let topic = self.topic.clone();
         let expected = rows.len();
-        let marked = self
+        let done = self
             .db
             .write_alone(move |conn| {
-                let acknowledged: Vec<i64> = rows
-                    .iter()
-                    .filter(|(_, error)| error.is_none())
-                    .map(|(id, _)| *id)
-                    .collect();
-                let mut marked = mark_as_holder(conn, &me, &topic, &acknowledged, None)?;
-                for (id, error) in &rows {
-                    if let Some(error) = error {
-                        marked += mark_as_holder(conn, &me, &topic, &[*id], Some(error))?;
+                let mut marked = 0;
+                if !rows.is_empty() {
+                    let acknowledged: Vec<i64> = rows
+                        .iter()
+                        .filter(|(_, error)| error.is_none())
+                        .map(|(id, _)| *id)
+                        .collect();
+                    marked = mark_as_holder(conn, &me, &topic, &acknowledged, None)?;
+                    for (id, error) in &rows {
+                        if let Some(error) = error {
+                            marked += mark_as_holder(conn, &me, &topic, &[*id], Some(error))?;
+                        }
                     }
                 }
-                Ok::<_, DbError>(marked)
+                let read = match next {
+                    Some((share, after)) if marked == expected => {
+                        pending_of(conn, &share, after, BATCH)?
+                    }
+                    _ => Vec::new(),
+                };
+                Ok::<_, DbError>((marked, read))
             })
-            .await?;
+            .await;
+        let (marked, read) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                self.status.failed(&e.to_string());
+                return Err(e.into());
+            }
+        };
         self.unmarked.clear();
         if marked < expected {
             // A lease moved while this batch was out (a rebalance, a pause past the lease):
@@ -714,9 +736,9 @@ impl OutboxRelay {
                 expected - marked
             );
             self.held_until = None; // the relay lease too is checked again
-            return Ok(false);
+            return Ok((false, Vec::new()));
         }
-        Ok(true)
+        Ok((true, read))
     }
 
     /// This relay with its polls' [`Floor`] timings shortened (tests).
@@ -768,10 +790,16 @@ impl OutboxRelay {
                     }
                 }
             }
+            // Rows just sent are marked by the next round; soon, if no commit brings one.
+            let next_round = if self.unmarked.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                MARK_WITHIN
+            };
             tokio::select! {
                 _ = committed.notified() => {}
                 _ = held.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(next_round) => {}
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -798,6 +826,9 @@ impl OutboxRelay {
                 }
             }
         }
+        if let Err(e) = self.mark_or_report().await {
+            log::warn!("outbox relay: last marks failed, those rows are sent again later: {e}");
+        }
         timer.abort();
         if self.held_until.is_some() {
             let membership = self.membership.clone();
@@ -823,18 +854,14 @@ impl OutboxRelay {
         share: &Share,
         stop: &CancellationToken,
     ) -> Result<usize, RelayError> {
-        // What the last round sent but could not mark is marked, not sent again.
-        if !self.mark_or_report().await? {
+        // What the last round sent is marked (with the read: one checkout), never sent again.
+        let polled = Instant::now();
+        let after = self.floor.after(share, polled);
+        let (all_marked, rows) = self.mark_and_read(Some((share.clone(), after))).await?;
+        if !all_marked {
             // A lease moved: its rows are the new holder's to send; read the share again.
             return Ok(0);
         }
-        let polled = Instant::now();
-        let after = self.floor.after(share, polled);
-        let share = share.clone();
-        let rows = self
-            .db
-            .read(move |conn| pending_of(conn, &share, after, BATCH).map_err(DbError::from))
-            .await?;
         if rows.is_empty() {
             self.status.succeeded(0);
             return Ok(0);
@@ -914,12 +941,12 @@ impl OutboxRelay {
             for _ in &refused {
                 self.status.refused();
             }
+            // Marked by the next round, with its read.
             self.unmarked = acknowledged
                 .into_iter()
                 .map(|id| (id, None))
                 .chain(refused.into_iter().map(|(id, error)| (id, Some(error))))
                 .collect();
-            self.mark_or_report().await?;
         }
         match failure {
             Some(RelayError::Interrupted) => Err(RelayError::Interrupted),
