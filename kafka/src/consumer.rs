@@ -1056,9 +1056,7 @@ impl EventConsumer {
                     outcomes.push((applied, what));
                     caused.extend(events);
                 }
-                for at in &positions {
-                    offsets::store(conn, at)?;
-                }
+                offsets::store_all(conn, &positions)?;
                 Ok::<_, ReactError>((outcomes, caused))
             })
             .await;

@@ -275,6 +275,23 @@ pub fn lock_shared(conn: &mut DbConnection, what: Lock<'_>) -> diesel::QueryResu
     }
 }
 
+/// Takes the locks of the leases `names` shared, in the order given, in one statement
+/// (PostgreSQL; nothing to take on SQLite, whose writes are serialized): [`Lock::Lease`] each.
+pub fn lock_leases_shared(conn: &mut DbConnection, names: &[String]) -> diesel::QueryResult<()> {
+    let DbConnection::Postgres(c) = conn else {
+        return Ok(());
+    };
+    let locks: Vec<String> = names
+        .iter()
+        .map(|name| {
+            let sql = Lock::Lease(name).sql(true);
+            sql.trim_start_matches("SELECT ").to_owned()
+        })
+        .collect();
+    // The target list is evaluated left to right: the locks are taken in the order given.
+    c.batch_execute(&format!("SELECT {}", locks.join(", ")))
+}
+
 /// The channel every PostgreSQL write notifies on commit, so live views on any instance wake
 /// for commits made by the others.
 const COMMITS_CHANNEL: &str = "mall_commits";

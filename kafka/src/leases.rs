@@ -293,6 +293,25 @@ pub fn fence(conn: &mut DbConnection, name: &str, me: &str) -> Result<(), DbErro
     }
 }
 
+/// [`fence`] for several leases at once, in two statements whatever their number (a consumer's
+/// batch of several partitions): their locks taken shared in the order given (ascending
+/// partitions, as claims take them), then whether `me` holds every one.
+pub fn fence_all(conn: &mut DbConnection, names: &[String], me: &str) -> Result<(), DbError> {
+    if let [name] = names {
+        return fence(conn, name, me);
+    }
+    crate::db::lock_leases_shared(conn, names)?;
+    let held: Vec<String> = leases::table
+        .filter(leases::name.eq_any(names))
+        .filter(leases::holder.eq(me))
+        .select(leases::name)
+        .load(conn)?;
+    match names.iter().find(|name| !held.contains(name)) {
+        Some(lost) => Err(DbError::NotHolder(lost.clone())),
+        None => Ok(()),
+    }
+}
+
 /// Gives `me` the lease of `topic`'s `partition` (tests of what the fence guards).
 #[cfg(test)]
 pub(crate) async fn grant(db: &crate::db::Database, topic: &str, partition: i32, me: &str) {
@@ -426,6 +445,31 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(balance(&db, &b).await.holds.len(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_fence_of_several_leases_holds_only_while_every_one_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(&dir).await;
+        for p in [0, 1] {
+            grant(&db, "t", p, "a").await;
+        }
+        grant(&db, "t", 2, "b").await;
+        let fenced = db
+            .write(|conn| {
+                let names = |ps: &[i32]| -> Vec<String> {
+                    ps.iter().map(|p| partition_lease("t", *p)).collect()
+                };
+                let both = fence_all(conn, &names(&[0, 1]), "a").is_ok();
+                let lost = match fence_all(conn, &names(&[0, 1, 2]), "a") {
+                    Err(DbError::NotHolder(name)) => name,
+                    other => format!("{other:?}"),
+                };
+                Ok::<_, DbError>(((both, lost), Vec::new()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(fenced, (true, "t/2".to_owned()));
     }
 
     #[tokio::test]

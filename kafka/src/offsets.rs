@@ -60,6 +60,46 @@ pub fn store(conn: &mut DbConnection, at: &ConsumedAt) -> Result<(), DbError> {
     Ok(())
 }
 
+/// [`store`] for the partitions of one batch (read by one instance), in three statements
+/// whatever their number: the fence of all their leases ([`crate::leases::fence_all`]) and
+/// one upsert of their positions.
+pub fn store_all(conn: &mut DbConnection, ats: &[ConsumedAt]) -> Result<(), DbError> {
+    let (first, more) = match ats {
+        [] => return Ok(()),
+        [one] => return store(conn, one),
+        [first, more @ ..] => (first, more),
+    };
+    debug_assert!(more.iter().all(|at| at.holder == first.holder));
+    let names: Vec<String> = ats
+        .iter()
+        .map(|at| crate::leases::partition_lease(&at.topic, at.partition))
+        .collect();
+    crate::leases::fence_all(conn, &names, &first.holder)?;
+    let now = chrono::Utc::now().to_rfc3339();
+    let rows: Vec<_> = ats
+        .iter()
+        .map(|at| {
+            (
+                consumer_offsets::topic.eq(&at.topic),
+                consumer_offsets::partition.eq(at.partition),
+                consumer_offsets::next_offset.eq(at.next_offset),
+                consumer_offsets::updated_at.eq(&now),
+            )
+        })
+        .collect();
+    use diesel::upsert::excluded;
+    let statement = diesel::insert_into(consumer_offsets::table)
+        .values(&rows)
+        .on_conflict((consumer_offsets::topic, consumer_offsets::partition))
+        .do_update()
+        .set((
+            consumer_offsets::next_offset.eq(excluded(consumer_offsets::next_offset)),
+            consumer_offsets::updated_at.eq(excluded(consumer_offsets::updated_at)),
+        ));
+    crate::on_backend!(conn, |c| statement.execute(c))?;
+    Ok(())
+}
+
 /// The next offset to read for every partition of `topic` this service has read.
 pub fn load(conn: &mut DbConnection, topic: &str) -> QueryResult<BTreeMap<i32, i64>> {
     let rows: Vec<(i32, i64)> = consumer_offsets::table
@@ -67,4 +107,55 @@ pub fn load(conn: &mut DbConnection, topic: &str) -> QueryResult<BTreeMap<i32, i
         .select((consumer_offsets::partition, consumer_offsets::next_offset))
         .load(conn)?;
     Ok(rows.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{Database, PLUMBING_MIGRATIONS};
+
+    fn at(partition: i32, next_offset: i64) -> ConsumedAt {
+        ConsumedAt {
+            topic: "t".into(),
+            partition,
+            next_offset,
+            holder: "a".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_partitions_stores_every_position_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(
+            dir.path().join("o.db").to_str().unwrap(),
+            PLUMBING_MIGRATIONS,
+        )
+        .unwrap();
+        for p in [0, 1, 2] {
+            crate::leases::grant(&db, "t", p, "a").await;
+        }
+        let store = |ats: Vec<ConsumedAt>| {
+            db.write(move |conn| {
+                store_all(conn, &ats)?;
+                Ok::<_, DbError>(((), Vec::new()))
+            })
+        };
+        store(vec![at(0, 5), at(1, 7)]).await.unwrap();
+        store(vec![at(0, 6), at(2, 3)]).await.unwrap();
+        crate::leases::grant(&db, "t", 2, "b").await;
+        let refused = store(vec![at(0, 9), at(1, 9), at(2, 9)]).await;
+        assert!(
+            matches!(&refused, Err(DbError::NotHolder(lease)) if lease == "t/2"),
+            "{refused:?}"
+        );
+        let positions = db
+            .read(|conn| load(conn, "t").map_err(DbError::from))
+            .await
+            .unwrap();
+        assert_eq!(
+            positions,
+            BTreeMap::from([(0, 6), (1, 7), (2, 3)]),
+            "the refused batch stored nothing"
+        );
+    }
 }

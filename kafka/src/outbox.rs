@@ -433,6 +433,8 @@ impl Floor {
 /// How late a row may commit after drawing its id and still be found by the next poll
 /// ([`Floor`]); later ones wait for the next poll from the first id.
 const LATE_COMMIT: Duration = Duration::from_secs(3);
+/// How often a relay without the `relay` lease tries to take it.
+const CLAIM_EVERY: Duration = Duration::from_secs(1);
 /// How soon rows just published are marked when no commit wakes the relay first.
 const MARK_WITHIN: Duration = Duration::from_millis(20);
 /// How often a poll starts from the first id ([`Floor`]).
@@ -588,6 +590,8 @@ pub struct OutboxRelay {
     unmarked: Vec<(i64, Option<String>)>,
     /// Where its polls start.
     floor: Floor,
+    /// When it may next try to take the `relay` lease, while another instance holds it.
+    next_claim: Option<Instant>,
 }
 
 impl OutboxRelay {
@@ -612,6 +616,7 @@ impl OutboxRelay {
             held_until: None,
             unmarked: Vec::new(),
             floor: Floor::new(LATE_COMMIT, FULL_POLL_EVERY),
+            next_claim: None,
         })
     }
 
@@ -633,7 +638,9 @@ impl OutboxRelay {
     }
 
     /// Whether this instance holds the `relay` lease with at least half its time left,
-    /// renewing it when less is left (one write per half lease time).
+    /// renewing it when less is left (one write per half lease time). Without it, it tries to
+    /// take it once a [`CLAIM_EVERY`], not at every round: the rounds of a relay publishing its
+    /// partitions come many a second, and each try is a write.
     async fn holds_lease(&mut self) -> bool {
         let half = self.membership.ttl.as_millis() as i64 / 2;
         if self
@@ -642,6 +649,10 @@ impl OutboxRelay {
         {
             return true;
         }
+        if self.held_until.is_none() && self.next_claim.is_some_and(|at| Instant::now() < at) {
+            return false;
+        }
+        self.next_claim = Some(Instant::now() + CLAIM_EVERY);
         let membership = self.membership.clone();
         let held = self
             .db
@@ -735,7 +746,8 @@ impl OutboxRelay {
                 "outbox relay: a lease moved mid-batch; {} row(s) left to the new holder",
                 expected - marked
             );
-            self.held_until = None; // the relay lease too is checked again
+            // The relay lease too is checked again, at once.
+            (self.held_until, self.next_claim) = (None, None);
             return Ok((false, Vec::new()));
         }
         Ok((true, read))

@@ -705,3 +705,57 @@ async fn rows_go_to_their_partitions_holder_who_alone_marks_them() {
     );
     assert_eq!(marked_by_a, 1, "a marks its partition's row, not b's");
 }
+
+/// A consumer's batch of several partitions stores its positions with one fence of all their
+/// leases (their locks shared in one statement): every position while each lease is held, none
+/// once one moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_partitions_is_fenced_by_all_its_leases_at_once() {
+    use kafka::offsets::{ConsumedAt, load, store_all};
+    let url = database_or_skip!("fence_all");
+    let db = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    let member = Membership {
+        me: "a".into(),
+        ttl: Duration::from_secs(60),
+    };
+    db.write(move |conn| {
+        for p in 0..3 {
+            member.hold(conn, &leases::partition_lease("t", p))?;
+        }
+        Ok::<_, DbError>(((), Vec::new()))
+    })
+    .await
+    .unwrap();
+    let at = |partition, next_offset| ConsumedAt {
+        topic: "t".into(),
+        partition,
+        next_offset,
+        holder: "a".into(),
+    };
+    let store = |ats: Vec<ConsumedAt>| {
+        db.write(move |conn| {
+            store_all(conn, &ats)?;
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+    };
+    store(vec![at(0, 4), at(1, 5), at(2, 6)]).await.unwrap();
+    db.write(|conn| {
+        conn.batch_execute("UPDATE leases SET holder = 'b' WHERE name = 't/1'")?;
+        Ok::<_, DbError>(((), Vec::new()))
+    })
+    .await
+    .unwrap();
+    let refused = store(vec![at(0, 9), at(1, 9), at(2, 9)]).await;
+    assert!(
+        matches!(&refused, Err(DbError::NotHolder(lease)) if lease == "t/1"),
+        "{refused:?}"
+    );
+    let positions = db
+        .read(|conn| load(conn, "t").map_err(DbError::from))
+        .await
+        .unwrap();
+    assert_eq!(
+        positions,
+        std::collections::BTreeMap::from([(0, 4), (1, 5), (2, 6)])
+    );
+}
