@@ -116,9 +116,14 @@ pub enum Lock<'a> {
 }
 
 impl Lock<'_> {
-    /// The two 32-bit halves of the advisory lock: a namespace, and the id folded or the
-    /// name hashed by the server.
+    /// The statement taking the lock.
     fn sql(&self, shared: bool) -> String {
+        format!("SELECT {}", self.call(shared))
+    }
+
+    /// The call taking the lock, with its two 32-bit halves: a namespace, and the id folded or
+    /// the name hashed by the server.
+    fn call(&self, shared: bool) -> String {
         let function = if shared {
             "pg_advisory_xact_lock_shared"
         } else {
@@ -126,12 +131,12 @@ impl Lock<'_> {
         };
         let quoted = |name: &str| name.replace('\'', "''");
         match self {
-            Lock::Order(id) => format!("SELECT {function}(1, {})", fold(*id)),
-            Lock::Product(id) => format!("SELECT {function}(2, {})", fold(*id)),
-            Lock::Key(name) => format!("SELECT {function}(3, hashtext('{}'))", quoted(name)),
-            Lock::Lease(name) => format!("SELECT {function}(4, hashtext('{}'))", quoted(name)),
-            Lock::DeadLetter(id) => format!("SELECT {function}(5, {})", fold(*id)),
-            Lock::Once(name) => format!("SELECT {function}(6, hashtext('{}'))", quoted(name)),
+            Lock::Order(id) => format!("{function}(1, {})", fold(*id)),
+            Lock::Product(id) => format!("{function}(2, {})", fold(*id)),
+            Lock::Key(name) => format!("{function}(3, hashtext('{}'))", quoted(name)),
+            Lock::Lease(name) => format!("{function}(4, hashtext('{}'))", quoted(name)),
+            Lock::DeadLetter(id) => format!("{function}(5, {})", fold(*id)),
+            Lock::Once(name) => format!("{function}(6, hashtext('{}'))", quoted(name)),
         }
     }
 }
@@ -283,10 +288,7 @@ pub fn lock_leases_shared(conn: &mut DbConnection, names: &[String]) -> diesel::
     };
     let locks: Vec<String> = names
         .iter()
-        .map(|name| {
-            let sql = Lock::Lease(name).sql(true);
-            sql.trim_start_matches("SELECT ").to_owned()
-        })
+        .map(|name| Lock::Lease(name).call(true))
         .collect();
     // The target list is evaluated left to right: the locks are taken in the order given.
     c.batch_execute(&format!("SELECT {}", locks.join(", ")))

@@ -838,8 +838,13 @@ impl OutboxRelay {
                 }
             }
         }
-        if let Err(e) = self.mark_or_report().await {
-            log::warn!("outbox relay: last marks failed, those rows are sent again later: {e}");
+        // The last round's marks, within the drain's time: a row left unmarked is sent again by
+        // the partition's next holder, and absorbed by event id.
+        tokio::select! {
+            marked = self.mark_or_report() => if let Err(e) = marked {
+                log::warn!("outbox relay: last marks failed, those rows are sent again later: {e}");
+            },
+            _ = deadline.cancelled() => log::warn!("outbox relay: no time left for the last marks"),
         }
         timer.abort();
         if self.held_until.is_some() {
@@ -857,10 +862,11 @@ impl OutboxRelay {
         log::info!("outbox relay stopped");
     }
 
-    /// Sends one batch of `share`'s pending rows and marks those the broker acknowledged;
-    /// returns how many were published. Sends are pipelined; the idempotent producer keeps them
-    /// in order and, with no message timeout, never leaves a gap that a resend could fill out
-    /// of order.
+    /// Marks what the last round published, then sends one batch of `share`'s pending rows;
+    /// the ones the broker acknowledged are marked by the next round (or the last marks on the
+    /// way out). Returns how many were published. Sends are pipelined; the idempotent producer
+    /// keeps them in order and, with no message timeout, never leaves a gap that a resend could
+    /// fill out of order.
     async fn publish_pending(
         &mut self,
         share: &Share,
