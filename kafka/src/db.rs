@@ -529,10 +529,9 @@ pub struct Database {
     hook: Option<Arc<dyn WriteHook>>,
     /// The bounds of every PostgreSQL connection (the commit listener's too).
     limits: PgLimits,
-    /// Which PostgreSQL commits the writer announces ([`Database::without_commit_notices`]).
+    /// Which PostgreSQL commits the writer announces ([`Database::without_commit_notices`]),
+    /// and where this instance's outbox rows go ([`Database::routing`]).
     notices: Arc<Notices>,
-    /// Where this instance's outbox rows go, and which it publishes ([`crate::routing`]).
-    routing: Arc<Routing>,
 }
 
 /// Work to do once a write has committed (and never if it did not).
@@ -611,8 +610,7 @@ impl Database {
         if let Backend::Postgres(_) = backend {
             conn.batch_execute(&limits.session_sql())?;
         }
-        let routing = Arc::new(Routing::default());
-        let notices = Arc::new(Notices::new(routing.clone()));
+        let notices = Arc::new(Notices::new(Arc::new(Routing::default())));
         let writes = crate::group_commit::start("db-writer", pool.clone(), notices.clone())
             .map(Arc::new)
             .map_err(|e| DbError::Setup(format!("cannot start the writer thread: {e}")))?;
@@ -627,7 +625,6 @@ impl Database {
             hook: None,
             limits,
             notices,
-            routing,
         })
     }
 
@@ -642,7 +639,7 @@ impl Database {
 
     /// Where this instance's outbox rows go and which it publishes ([`crate::routing`]).
     pub fn routing(&self) -> &Arc<Routing> {
-        &self.routing
+        &self.notices.routing
     }
 
     /// This database with `hook` run on the events of every write; set before the first
@@ -723,7 +720,7 @@ impl Database {
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let (hook, routing) = (self.hook.clone(), self.routing.clone());
+        let (hook, routing) = (self.hook.clone(), self.routing().clone());
         let job = crate::group_commit::Job {
             work: move |conn: &mut DbConnection| {
                 let (value, events) = f(conn)?;

@@ -567,10 +567,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// commit and before the consumer gives up its partitions, so events committed on the way out
 /// are published before the process exits.
 pub struct OutboxRelay {
-    /// The database whose outbox it publishes.
+    /// The database whose outbox it publishes; its routing names the partitions the consumer
+    /// holds, whose rows it publishes.
     db: Database,
-    /// The database's routing: the partitions the consumer holds are the ones it publishes.
-    routing: Arc<Routing>,
     /// Makes the producer; used again after a fatal producer error.
     make_producer: ProducerFactory,
     /// The idempotent producer in use.
@@ -584,9 +583,10 @@ pub struct OutboxRelay {
     /// Until when (ms since the epoch) this instance holds the `relay` lease, as it last
     /// wrote it.
     held_until: Option<i64>,
-    /// Rows the broker acknowledged (or refused for good, with the reason) whose marking
-    /// failed: marked first in the next round and never sent again (each only while its lease
-    /// is still this instance's; the new holder decides about the others).
+    /// Rows the broker acknowledged (or refused for good, with the reason) and not marked yet:
+    /// the last round's, or ones whose marking failed. Marked first in the next round and never
+    /// sent again (each only while its lease is still this instance's; the new holder decides
+    /// about the others).
     unmarked: Vec<(i64, Option<String>)>,
     /// Where its polls start.
     floor: Floor,
@@ -606,7 +606,6 @@ impl OutboxRelay {
     ) -> KafkaResult<Self> {
         let producer = make_producer()?;
         Ok(OutboxRelay {
-            routing: db.routing().clone(),
             db,
             make_producer,
             producer,
@@ -624,9 +623,9 @@ impl OutboxRelay {
     /// no partition while it holds the `relay` lease.
     async fn share(&mut self) -> Share {
         let unpartitioned = self.holds_lease().await;
-        self.routing.set_relay_lease(unpartitioned);
+        self.db.routing().set_relay_lease(unpartitioned);
         let share = Share {
-            partitions: self.routing.held().into_iter().collect(),
+            partitions: self.db.routing().held().into_iter().collect(),
             unpartitioned,
         };
         if share.is_empty() {
@@ -683,8 +682,8 @@ impl OutboxRelay {
         self.held_until.is_some()
     }
 
-    /// [`OutboxRelay::mark_and_read`] without a read.
-    async fn mark_or_report(&mut self) -> Result<bool, RelayError> {
+    /// [`OutboxRelay::unmarked`] marked: [`OutboxRelay::mark_and_read`] without a read.
+    async fn mark_sent(&mut self) -> Result<bool, RelayError> {
         self.mark_and_read(None)
             .await
             .map(|(all_marked, _)| all_marked)
@@ -774,7 +773,7 @@ impl OutboxRelay {
         let committed = self.db.outbox_committed();
         // Another instance's commit of a row this one publishes wakes it too.
         self.db.listen_to_other_instances();
-        let mut held = self.routing.watch_held();
+        let mut held = self.db.routing().watch_held();
         let mut failures = 0u32;
         loop {
             let share = self.share().await;
@@ -841,7 +840,7 @@ impl OutboxRelay {
         // The last round's marks, within the drain's time: a row left unmarked is sent again by
         // the partition's next holder, and absorbed by event id.
         tokio::select! {
-            marked = self.mark_or_report() => if let Err(e) = marked {
+            marked = self.mark_sent() => if let Err(e) = marked {
                 log::warn!("outbox relay: last marks failed, those rows are sent again later: {e}");
             },
             _ = deadline.cancelled() => log::warn!("outbox relay: no time left for the last marks"),
