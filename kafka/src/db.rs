@@ -3,9 +3,10 @@
 //! which commits the events the change causes into the outbox in the same transaction and then
 //! wakes the [`OutboxRelay`](crate::OutboxRelay).
 //!
-//! Within an instance every write goes through one writer thread ([`crate::group_commit`]).
-//! Across the instances of a service on PostgreSQL, a write locks what it decides on before
-//! it reads it ([`lock`]: one order's saga state, one product's stock, one
+//! Within an instance every write goes through the writer threads ([`crate::group_commit`]):
+//! one on SQLite; on PostgreSQL `PG_WRITERS` (default 3), which take the writes the first
+//! leaves waiting. Across those threads and the instances of a service on PostgreSQL, a write
+//! locks what it decides on before it reads it ([`lock`]: one order's saga state, one product's stock, one
 //! `Idempotency-Key`; [`Lock`] lists them all), so writes about different orders and products
 //! commit in parallel
 //! while two decisions about one order are made one after the other, each on the other's
@@ -297,9 +298,9 @@ pub fn lock_leases_shared(conn: &mut DbConnection, names: &[String]) -> diesel::
 /// The channel every PostgreSQL write notifies on commit, so live views on any instance wake
 /// for commits made by the others.
 const COMMITS_CHANNEL: &str = "mall_commits";
-/// Connections per service instance: one for the writer thread, the rest for reads (and so
-/// at most that many blocking threads doing database work at once).
-const POOL_SIZE: u32 = 8;
+/// Connections per service instance for reads (and so at most that many blocking threads
+/// reading at once); the pool has one more for each writer thread.
+const READ_CONNECTIONS: u32 = 7;
 
 /// Opens connections of the configured backend. diesel's own manager would try each backend
 /// in turn, and SQLite accepts any string as a file name: a PostgreSQL URL with the server
@@ -516,8 +517,8 @@ pub struct Database {
     /// request in the pool (tokio allows 512; measured: 538 threads and 110 MiB RSS at 1,000
     /// orders/s offered).
     connections: Arc<Semaphore>,
-    /// The writer thread ([`crate::group_commit`]): every write goes through it, and the writes
-    /// waiting together commit together. Declared after `pool`: the last clone drops the pool
+    /// The writer threads ([`crate::group_commit`]): every write goes through them, and the
+    /// writes waiting together commit together. Declared after `pool`: the last clone drops the pool
     /// handle first, then stops the thread, which holds the other one.
     writes: Arc<crate::group_commit::Writer>,
     outbox_committed: Arc<Notify>,
@@ -581,8 +582,13 @@ impl Database {
             Backend::Postgres(_) => SqliteSync::default(),
         };
         let shown = redacted(url);
+        // SQLite has one writer at a time whatever its connections do.
+        let writers = match backend {
+            Backend::Sqlite(_) => 1,
+            Backend::Postgres(_) => limits.writers,
+        };
         let pool = r2d2::Pool::builder()
-            .max_size(POOL_SIZE)
+            .max_size(READ_CONNECTIONS + writers as u32)
             .connection_timeout(Duration::from_secs(10))
             .build(Manager(backend.clone(), limits, sync))
             .map_err(|e| DbError::Setup(format!("cannot open {shown}: {e}")))?;
@@ -611,14 +617,14 @@ impl Database {
             conn.batch_execute(&limits.session_sql())?;
         }
         let notices = Arc::new(Notices::new(Arc::new(Routing::default())));
-        let writes = crate::group_commit::start("db-writer", pool.clone(), notices.clone())
+        let writes = crate::group_commit::start("db-writer", writers, pool.clone(), notices.clone())
             .map(Arc::new)
             .map_err(|e| DbError::Setup(format!("cannot start the writer thread: {e}")))?;
         Ok(Database {
             backend,
             pool,
             writes,
-            connections: Arc::new(Semaphore::new(POOL_SIZE as usize - 1)),
+            connections: Arc::new(Semaphore::new(READ_CONNECTIONS as usize)),
             outbox_committed: Arc::new(Notify::new()),
             commits: Arc::new(watch::Sender::new(0)),
             listening: Arc::new(std::sync::Once::new()),

@@ -1,11 +1,18 @@
 //! Group commit: the writes waiting at one moment share one transaction, each in its own
-//! savepoint, on one writer thread.
+//! savepoint, on a writer thread.
 //!
-//! A service's writes are serialized anyway (see [`crate::db`]), so a write mostly waits for
-//! the ones before it; what it pays on its own is the transaction around it — taking the write
-//! lock, revalidating the connection's page cache after another connection's commit, and the
-//! commit writing every page it touched to the log. Under load a dozen POSTs and a consumer
-//! batch touch the same few pages: committed together, they write them once.
+//! On SQLite a service's writes are serialized anyway (see [`crate::db`]), so a write mostly
+//! waits for the ones before it; what it pays on its own is the transaction around it — taking
+//! the write lock, revalidating the connection's page cache after another connection's commit,
+//! and the commit writing every page it touched to the log. Under load a dozen POSTs and a
+//! consumer batch touch the same few pages: committed together, they write them once.
+//!
+//! On PostgreSQL a write locks only what it decides on, and every statement is a round trip:
+//! with the server a millisecond away, one writer's transactions, one at a time, cap an
+//! instance near 25 sagas/s with its CPU idle. So there are several writer threads: the first
+//! takes every write waiting when it is free, and the others take those it leaves waiting
+//! past [`SPILL_AFTER`] — a local server, whose transactions take a millisecond or two, keeps
+//! the grouping (and the commits) of one writer; a distant one gets the writers side by side.
 //!
 //! Nothing is weakened: a write is answered only after the transaction holding it committed;
 //! a write that fails (or panics) rolls back to its savepoint alone, as if it had been its own
@@ -20,7 +27,9 @@ use crate::db::{DbConnection, DbError, Notices, Pool, write_transaction};
 use diesel::Connection;
 use diesel::connection::TransactionManager;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, mpsc};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Most writes in one transaction: enough to absorb a burst of POSTs with the consumer's
 /// batch, few enough that one commit stays short.
@@ -140,83 +149,170 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
-/// The writer thread and where [`crate::Database::write`] queues its writes. Dropping it (with
-/// the last `Database` clone) closes the queue and waits for the thread to finish the batch it
-/// is on and drop its pool handle, so the database's connections are closed when the last
+/// How long a write waits for the first writer thread before a free one of the others takes
+/// it. The first takes every write at once when it is free, so while it keeps up (short
+/// transactions: a local server) the writes of a moment share its transactions, and their
+/// commits; when its transaction takes longer (a round trip per statement to a distant server,
+/// a lock wait), the writes queued behind it go to another writer instead of waiting for it.
+const SPILL_AFTER: Duration = Duration::from_millis(5);
+
+/// The writes waiting for a writer thread, oldest first.
+struct Queue {
+    waiting: Mutex<Waiting>,
+    /// Signalled when a write arrives or the queue closes.
+    changed: Condvar,
+}
+
+struct Waiting {
+    writes: VecDeque<(Instant, Box<dyn Write>)>,
+    /// No more writes come; the writers finish what waits, then stop.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        // A panic never happens while it is held (the writes run outside it).
+        self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn push(&self, write: Box<dyn Write>) -> Result<(), ()> {
+        let mut waiting = self.lock();
+        if waiting.closed {
+            return Err(());
+        }
+        waiting.writes.push_back((Instant::now(), write));
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    /// The next batch (up to [`MOST_PER_COMMIT`]) for a writer: the first writer takes what
+    /// waits at once, the others only once the oldest has waited [`SPILL_AFTER`]. `None`
+    /// once the queue is closed and empty.
+    fn take(&self, first_writer: bool) -> Option<Vec<Box<dyn Write>>> {
+        let mut waiting = self.lock();
+        loop {
+            let waited = waiting.writes.front().map(|(since, _)| since.elapsed());
+            waiting = match waited {
+                Some(waited) if first_writer || waited >= SPILL_AFTER => {
+                    let n = waiting.writes.len().min(MOST_PER_COMMIT);
+                    return Some(waiting.writes.drain(..n).map(|(_, write)| write).collect());
+                }
+                Some(waited) => {
+                    let wait = SPILL_AFTER - waited;
+                    self.changed.wait_timeout(waiting, wait).map_or_else(
+                        |poisoned| poisoned.into_inner().0,
+                        |(waiting, _)| waiting,
+                    )
+                }
+                None if waiting.closed => return None,
+                None => self
+                    .changed
+                    .wait(waiting)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            };
+        }
+    }
+}
+
+/// The writer threads and where [`crate::Database::write`] queues its writes. Dropping it
+/// (with the last `Database` clone) closes the queue and waits for the threads to finish what
+/// waits and drop their pool handles, so the database's connections are closed when the last
 /// `Database` is gone, as before the writer existed (a test reopening the file relies on it).
 pub(crate) struct Writer {
-    queue: Option<mpsc::Sender<Box<dyn Write>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Where writes wait for a writer thread; closed first when the last handle goes.
+    queue: Arc<Queue>,
+    /// The writer threads, joined after the queue closed: each commits what still waits,
+    /// then drops its pool handle.
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
-    /// Queues a write; `Err` when the thread is gone.
+    /// Queues a write; `Err` when the writers are stopping.
     pub(crate) fn send(&self, write: Box<dyn Write>) -> Result<(), ()> {
-        let queue = self.queue.as_ref().ok_or(())?;
-        queue.send(write).map_err(|_| ())
+        self.queue.push(write)
     }
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        self.queue.take();
-        if let Some(thread) = self.thread.take()
-            // The last handle may go inside a write, on the thread itself.
-            && thread.thread().id() != std::thread::current().id()
-        {
-            let _ = thread.join();
+        self.queue.close();
+        for thread in self.threads.drain(..) {
+            // The last handle may go inside a write, on a writer thread itself.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
         }
     }
 }
 
-/// Starts the writer thread, which takes a connection from `pool` for each transaction.
-/// Its transactions announce their PostgreSQL commits as `notices` say.
-pub(crate) fn start(name: &str, pool: Pool, notices: Arc<Notices>) -> std::io::Result<Writer> {
-    let (queue, writes) = mpsc::channel::<Box<dyn Write>>();
-    let thread = std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            // The connection of the last transaction, kept while its transactions commit: a
-            // checkout tests the connection with a statement of its own (a round trip on
-            // PostgreSQL). After a failure it goes back to the pool, which tests it before
-            // it is handed out again.
-            let mut kept = None;
-            while let Ok(first) = writes.recv() {
-                let mut batch = vec![first];
-                while batch.len() < MOST_PER_COMMIT
-                    && let Ok(next) = writes.try_recv()
-                {
-                    batch.push(next);
-                }
-                match kept.take().map_or_else(|| pool.get(), Ok) {
-                    Ok(mut conn) => {
-                        // A write's own panic is caught around it; this catches one in the
-                        // transaction's own handling, so the thread lives on. The batch's
-                        // callers see their answers dropped (a transient error), and the
-                        // connection, left in a transaction, is discarded by the pool.
-                        let transaction = || commit(&mut conn, batch, &notices);
-                        match catch_unwind(AssertUnwindSafe(transaction)) {
-                            Ok(ConnectionAfter::Fine) => kept = Some(conn),
-                            Ok(ConnectionAfter::InDoubt) => {}
-                            Err(panic) => log::error!(
-                                "the database writer panicked: {}",
-                                panic_message(&*panic)
-                            ),
-                        }
-                    }
-                    Err(e) => {
-                        let why = e.to_string();
-                        for write in batch {
-                            write.fail(DbError::Batch(format!("no connection: {why}")));
-                        }
-                    }
+/// Starts `writers` writer threads (at least one), which take a connection from `pool` for
+/// each transaction and announce their PostgreSQL commits as `notices` say. With one, every
+/// write of a moment shares its transaction; more (PostgreSQL, whose writes lock only what
+/// they decide on) take the writes the first leaves waiting ([`SPILL_AFTER`]).
+pub(crate) fn start(
+    name: &str,
+    writers: usize,
+    pool: Pool,
+    notices: Arc<Notices>,
+) -> std::io::Result<Writer> {
+    let queue = Arc::new(Queue {
+        waiting: Mutex::new(Waiting {
+            writes: VecDeque::new(),
+            closed: false,
+        }),
+        changed: Condvar::new(),
+    });
+    let mut writer = Writer {
+        queue,
+        threads: Vec::with_capacity(writers),
+    };
+    for n in 0..writers.max(1) {
+        let (queue, pool, notices) = (writer.queue.clone(), pool.clone(), notices.clone());
+        // On a failure, dropping `writer` stops the threads already started.
+        let thread = std::thread::Builder::new()
+            .name(if writers > 1 { format!("{name}-{n}") } else { name.to_owned() })
+            .spawn(move || write_until_closed(&queue, n == 0, &pool, &notices))?;
+        writer.threads.push(thread);
+    }
+    Ok(writer)
+}
+
+/// One writer thread: commits the batches it takes from `queue`, until it is closed and empty.
+fn write_until_closed(queue: &Queue, first_writer: bool, pool: &Pool, notices: &Notices) {
+    // The connection of the last transaction, kept while its transactions commit: a checkout
+    // tests the connection with a statement of its own (a round trip on PostgreSQL). After a
+    // failure it goes back to the pool, which tests it before it is handed out again.
+    let mut kept = None;
+    while let Some(batch) = queue.take(first_writer) {
+        match kept.take().map_or_else(|| pool.get(), Ok) {
+            Ok(mut conn) => {
+                // A write's own panic is caught around it; this catches one in the
+                // transaction's own handling, so the thread lives on. The batch's callers
+                // see their answers dropped (a transient error), and the connection, left in
+                // a transaction, is discarded by the pool.
+                let transaction = || commit(&mut conn, batch, notices);
+                match catch_unwind(AssertUnwindSafe(transaction)) {
+                    Ok(ConnectionAfter::Fine) => kept = Some(conn),
+                    Ok(ConnectionAfter::InDoubt) => {}
+                    Err(panic) => log::error!(
+                        "the database writer panicked: {}",
+                        panic_message(&*panic)
+                    ),
                 }
             }
-        })?;
-    Ok(Writer {
-        queue: Some(queue),
-        thread: Some(thread),
-    })
+            Err(e) => {
+                let why = e.to_string();
+                for write in batch {
+                    write.fail(DbError::Batch(format!("no connection: {why}")));
+                }
+            }
+        }
+    }
 }
 
 /// Why a group commit's transaction ended without committing.
@@ -427,6 +523,67 @@ mod tests {
     fn unanswered<T>(write: &mut Pin<Box<dyn Future<Output = T> + Send>>) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         write.as_mut().poll(&mut cx).is_pending()
+    }
+
+    /// A write that does nothing; the queue's tests only move it around.
+    struct Idle;
+
+    impl super::Write for Idle {
+        fn run(
+            self: Box<Self>,
+            _: &mut DbConnection,
+        ) -> Result<Box<dyn super::Answer>, (Box<dyn super::Answer>, DbError)> {
+            unreachable!("the queue's tests run no write")
+        }
+        fn run_alone(self: Box<Self>, _: &mut DbConnection) -> (Box<dyn super::Answer>, bool) {
+            unreachable!("the queue's tests run no write")
+        }
+        fn fail(self: Box<Self>, _: DbError) {}
+    }
+
+    fn queue() -> std::sync::Arc<super::Queue> {
+        std::sync::Arc::new(super::Queue {
+            waiting: std::sync::Mutex::new(super::Waiting {
+                writes: Default::default(),
+                closed: false,
+            }),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+
+    /// The first writer takes every write waiting (up to a transaction's worth) as soon as it
+    /// asks; another writer takes a write only once it has waited `SPILL_AFTER` for the first.
+    #[test]
+    fn other_writers_take_only_what_the_first_left_waiting() {
+        let q = queue();
+        for _ in 0..super::MOST_PER_COMMIT + 6 {
+            q.push(Box::new(Idle)).unwrap();
+        }
+        assert_eq!(q.take(true).unwrap().len(), super::MOST_PER_COMMIT);
+        assert_eq!(q.take(true).unwrap().len(), 6);
+
+        let spilled = {
+            let q = q.clone();
+            std::thread::spawn(move || q.take(false).map(|batch| batch.len()))
+        };
+        let pushed = std::time::Instant::now();
+        q.push(Box::new(Idle)).unwrap();
+        assert_eq!(spilled.join().unwrap(), Some(1));
+        assert!(
+            pushed.elapsed() >= super::SPILL_AFTER,
+            "another writer took a write the first could still take"
+        );
+    }
+
+    /// A closed queue refuses new writes; its writers take what still waits, then stop.
+    #[test]
+    fn a_closed_queue_is_drained_then_ends() {
+        let q = queue();
+        q.push(Box::new(Idle)).unwrap();
+        q.close();
+        assert!(q.push(Box::new(Idle)).is_err(), "accepted after closing");
+        assert_eq!(q.take(false).map(|batch| batch.len()), Some(1));
+        assert!(q.take(true).is_none() && q.take(false).is_none());
     }
 
     /// Writes queued behind a busy writer run in one transaction, each in its own savepoint:

@@ -14,6 +14,7 @@
 //! order whose partition another holds) marks its transaction, and the writer announces that
 //! commit: the holder's relay wakes at once instead of at its next poll.
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use tokio::sync::watch;
@@ -38,9 +39,13 @@ pub struct Routing {
     held: watch::Sender<BTreeSet<i32>>,
     /// Whether this instance holds the `relay` lease (rows of no partition).
     relay_lease: AtomicBool,
-    /// Set by a write that stamped a row another instance publishes; the writer announces
-    /// its transaction's commit, and clears it.
-    foreign: AtomicBool,
+}
+
+thread_local! {
+    /// Set by a write that stamped a row another instance publishes; the writer announces its
+    /// transaction's commit, and clears it. The thread's own: a writer thread runs one
+    /// transaction at a time, and the writers of one instance run theirs side by side.
+    static FOREIGN: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Default for Routing {
@@ -49,7 +54,6 @@ impl Default for Routing {
             partitions: AtomicI32::new(0),
             held: watch::Sender::new(BTreeSet::new()),
             relay_lease: AtomicBool::new(false),
-            foreign: AtomicBool::new(false),
         }
     }
 }
@@ -103,14 +107,14 @@ impl Routing {
             None => !self.relay_lease.load(Ordering::Relaxed),
         };
         if elsewhere {
-            self.foreign.store(true, Ordering::Relaxed);
+            FOREIGN.set(true);
         }
     }
 
-    /// Whether the transaction now committing wrote a row another instance publishes; clears
-    /// the mark for the next one.
+    /// Whether the transaction now committing on this thread wrote a row another instance
+    /// publishes; clears the mark for the next one.
     pub(crate) fn take_foreign(&self) -> bool {
-        self.foreign.swap(false, Ordering::Relaxed)
+        FOREIGN.replace(false)
     }
 }
 

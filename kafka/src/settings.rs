@@ -425,6 +425,10 @@ pub struct PgLimits {
     /// `PG_KEEPALIVE_S` (default 10): TCP keepalive idle time and probe interval (3 probes), so
     /// a connection to a vanished peer is noticed in about 40 s rather than hours.
     pub keepalive: Duration,
+    /// `PG_WRITERS` (default 3): write transactions one instance runs at once, each on a
+    /// connection of its own. A write locks only what it decides on, so a write need not wait
+    /// for a transaction in flight (a round trip per statement) to commit.
+    pub writers: usize,
 }
 
 impl Default for PgLimits {
@@ -434,6 +438,7 @@ impl Default for PgLimits {
             statement_timeout: Duration::from_millis(30_000),
             idle_in_transaction: Duration::from_millis(3_000),
             keepalive: Duration::from_secs(10),
+            writers: 3,
         }
     }
 }
@@ -460,7 +465,7 @@ fn positive_ms(name: &str, default: Duration) -> Result<Duration, ConfigError> {
 
 impl PgLimits {
     /// Reads `PG_LOCK_TIMEOUT_MS`, `PG_STATEMENT_TIMEOUT_MS`,
-    /// `PG_IDLE_IN_TRANSACTION_TIMEOUT_MS` and `PG_KEEPALIVE_S`.
+    /// `PG_IDLE_IN_TRANSACTION_TIMEOUT_MS`, `PG_KEEPALIVE_S` and `PG_WRITERS`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let d = PgLimits::default();
         Ok(PgLimits {
@@ -471,6 +476,7 @@ impl PgLimits {
                 d.idle_in_transaction,
             )?,
             keepalive: positive_secs("PG_KEEPALIVE_S", d.keepalive)?,
+            writers: at_least_one("PG_WRITERS", env_or("PG_WRITERS", d.writers)?)?,
         })
     }
 

@@ -470,42 +470,70 @@ async fn writes_about_different_orders_run_at_once_and_about_one_order_take_turn
     let url = database_or_skip!("parallel");
     let a = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
     let b = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
-    a.write(|conn| {
-        conn.batch_execute(
-            "CREATE TABLE counts (id BIGINT PRIMARY KEY, n BIGINT NOT NULL); \
-                            INSERT INTO counts VALUES (1, 0), (2, 0)",
-        )?;
-        Ok::<_, DbError>(((), Vec::new()))
+    different_orders_at_once_one_order_in_turns(&a, &b).await;
+}
+
+/// The same within one instance: its writer threads (`PG_WRITERS`) run side by side, so a
+/// write left waiting behind a long transaction is taken by another writer and commits first
+/// (with one writer it would wait for that commit), and writes about one order still take
+/// turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_instances_writers_commit_side_by_side() {
+    use kafka::settings::PgLimits;
+    let url = database_or_skip!("writers");
+    let limits = PgLimits {
+        writers: 2,
+        ..PgLimits::default()
+    };
+    let a = Database::open_with(&url, PLUMBING_MIGRATIONS, limits).unwrap();
+    different_orders_at_once_one_order_in_turns(&a, &a.clone()).await;
+}
+
+/// A read-decide-write of one row of `counts`, holding its transaction open `hold` long;
+/// returns when it was decided.
+async fn bump(db: &Database, order: i64, hold: Duration) -> Result<std::time::Instant, DbError> {
+    db.write(move |conn| {
+        kafka::db::lock(conn, Lock::Order(order))?;
+        let n: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+            "SELECT n FROM counts WHERE id = {order}"
+        ))
+        .get_result(conn)?;
+        std::thread::sleep(hold);
+        conn.batch_execute(&format!(
+            "UPDATE counts SET n = {} WHERE id = {order}",
+            n + 1
+        ))?;
+        Ok::<_, DbError>((std::time::Instant::now(), Vec::new()))
     })
     .await
-    .unwrap();
-    // A read-decide-write of one row, holding its transaction open `hold` long.
-    let bump = |db: &Database, order: i64, hold: Duration| {
-        let db = db.clone();
-        async move {
-            db.write(move |conn| {
-                kafka::db::lock(conn, Lock::Order(order))?;
-                let n: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
-                    "SELECT n FROM counts WHERE id = {order}"
-                ))
-                .get_result(conn)?;
-                std::thread::sleep(hold);
-                conn.batch_execute(&format!(
-                    "UPDATE counts SET n = {} WHERE id = {order}",
-                    n + 1
-                ))?;
-                Ok::<_, DbError>((std::time::Instant::now(), Vec::new()))
-            })
-            .await
-        }
+}
+
+/// `first` holds a write about order 1 open; `second` writes about order 2 (committed while
+/// the first is in flight), then about order 1 (after the first's commit, on its result).
+async fn different_orders_at_once_one_order_in_turns(first: &Database, second: &Database) {
+    first
+        .write(|conn| {
+            conn.batch_execute(
+                "CREATE TABLE counts (id BIGINT PRIMARY KEY, n BIGINT NOT NULL); \
+                 INSERT INTO counts VALUES (1, 0), (2, 0)",
+            )?;
+            Ok::<_, DbError>(((), Vec::new()))
+        })
+        .await
+        .expect("table made");
+    let slow = {
+        let first = first.clone();
+        tokio::spawn(async move { bump(&first, 1, Duration::from_millis(1500)).await })
     };
-    let slow = tokio::spawn(bump(&a, 1, Duration::from_millis(1500)));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let began = std::time::Instant::now();
-    let other = bump(&b, 2, Duration::ZERO).await.unwrap();
-    let same = tokio::spawn(bump(&b, 1, Duration::ZERO));
-    let slow_committed = slow.await.unwrap().unwrap();
-    let same_committed = same.await.unwrap().unwrap();
+    let other = bump(second, 2, Duration::ZERO).await.expect("order 2 bumped");
+    let same = {
+        let second = second.clone();
+        tokio::spawn(async move { bump(&second, 1, Duration::ZERO).await })
+    };
+    let slow_committed = slow.await.expect("joined").expect("order 1 bumped");
+    let same_committed = same.await.expect("joined").expect("order 1 bumped again");
     assert!(
         other < slow_committed && began.elapsed() > Duration::from_millis(1000),
         "the write about order 2 committed while order 1's was in flight"
@@ -514,7 +542,7 @@ async fn writes_about_different_orders_run_at_once_and_about_one_order_take_turn
         same_committed >= slow_committed,
         "the second write about order 1 waited for the first"
     );
-    let counts: Vec<(i64, i64)> = a
+    let counts: Vec<(i64, i64)> = first
         .read(|conn| {
             diesel::sql_query("SELECT id, n FROM counts ORDER BY id")
                 .load::<Count>(conn)
@@ -522,7 +550,7 @@ async fn writes_about_different_orders_run_at_once_and_about_one_order_take_turn
                 .map_err(DbError::from)
         })
         .await
-        .unwrap();
+        .expect("counts read");
     assert_eq!(counts, vec![(1, 2), (2, 1)], "no update lost");
 }
 
