@@ -379,9 +379,9 @@ impl Notices {
         }
     }
 
-    /// Whether the transaction now committing is announced (clears the routing's mark).
-    fn due(&self) -> bool {
-        self.routing.take_foreign() | self.every.load(Ordering::Relaxed)
+    /// Whether every commit is announced (else only those [`Routing::take_foreign`] names).
+    fn every(&self) -> bool {
+        self.every.load(Ordering::Relaxed)
     }
 }
 
@@ -397,11 +397,20 @@ where
     F: FnOnce(&mut DbConnection) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
+    // Announced whatever it writes: the NOTIFY goes with the BEGIN, in one round trip (a
+    // notification is delivered at commit, and dropped with a rollback).
+    let announced = notices.filter(|n| n.every());
     match conn {
         DbConnection::Sqlite(c) => {
             AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
         }
-        DbConnection::Postgres(c) => AnsiTransactionManager::begin_transaction(c)?,
+        DbConnection::Postgres(c) => match announced {
+            Some(notices) => AnsiTransactionManager::begin_transaction_sql(
+                c,
+                &format!("BEGIN; NOTIFY {COMMITS_CHANNEL}, '{}'", notices.origin),
+            )?,
+            None => AnsiTransactionManager::begin_transaction(c)?,
+        },
     }
     if let Some(notices) = notices {
         // A mark left by a transaction that rolled back is not this one's.
@@ -409,7 +418,8 @@ where
     }
     let result = f(conn).and_then(|value| {
         if let DbConnection::Postgres(c) = conn
-            && let Some(notices) = notices.filter(|n| n.due())
+            && announced.is_none()
+            && let Some(notices) = notices.filter(|n| n.routing.take_foreign())
         {
             // Delivered at commit, to every instance listening (see Database::commits).
             c.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}, '{}'", notices.origin))?;
@@ -617,9 +627,10 @@ impl Database {
             conn.batch_execute(&limits.session_sql())?;
         }
         let notices = Arc::new(Notices::new(Arc::new(Routing::default())));
-        let writes = crate::group_commit::start("db-writer", writers, pool.clone(), notices.clone())
-            .map(Arc::new)
-            .map_err(|e| DbError::Setup(format!("cannot start the writer thread: {e}")))?;
+        let writes =
+            crate::group_commit::start("db-writer", writers, pool.clone(), notices.clone())
+                .map(Arc::new)
+                .map_err(|e| DbError::Setup(format!("cannot start the writer thread: {e}")))?;
         Ok(Database {
             backend,
             pool,

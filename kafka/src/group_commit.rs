@@ -18,22 +18,56 @@
 //! a write that fails (or panics) rolls back to its savepoint alone, as if it had been its own
 //! transaction; a failed commit fails every write in it, and nothing of them is kept. The
 //! first write of a transaction needs no savepoint (the transaction rolls back as well, and the
-//! others then run in a new one), and gets none: a savepoint is two more statements, and SQLite
-//! copies every page a savepoint touches to a sub-journal first. The writer keeps its
+//! others then run in a new one), and gets none: a savepoint is a statement more, and SQLite
+//! copies every page a savepoint touches to a sub-journal first. A write's savepoint is
+//! released with the next one's `SAVEPOINT` (one round trip), or by the `COMMIT`. The writer keeps its
 //! connection while its transactions commit: a checkout from the pool tests the connection
 //! with a statement of its own.
 
 use crate::db::{DbConnection, DbError, Notices, Pool, write_transaction};
-use diesel::Connection;
-use diesel::connection::TransactionManager;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use diesel::connection::SimpleConnection;
 use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Most writes in one transaction: enough to absorb a burst of POSTs with the consumer's
 /// batch, few enough that one commit stays short.
 const MOST_PER_COMMIT: usize = 64;
+
+/// The savepoint of each write after a transaction's first; one name, as one is open at a time.
+const SAVEPOINT: &str = "group_write";
+
+/// Whether the transaction has a write's savepoint still open (the write succeeded): the
+/// next write's `SAVEPOINT` releases it in the same round trip, and the `COMMIT` releases the
+/// last.
+#[derive(Debug, Default)]
+pub(crate) struct Savepoint {
+    open: bool,
+}
+
+impl Savepoint {
+    /// Opens the next write's savepoint, releasing the last one's.
+    fn open(&mut self, conn: &mut DbConnection) -> diesel::QueryResult<()> {
+        if self.open {
+            conn.batch_execute(&format!(
+                "RELEASE SAVEPOINT {SAVEPOINT}; SAVEPOINT {SAVEPOINT}"
+            ))?;
+        } else {
+            conn.batch_execute(&format!("SAVEPOINT {SAVEPOINT}"))?;
+        }
+        self.open = true;
+        Ok(())
+    }
+
+    /// Undoes the write since its savepoint, and drops the savepoint.
+    fn roll_back(&mut self, conn: &mut DbConnection) -> diesel::QueryResult<()> {
+        self.open = false;
+        conn.batch_execute(&format!(
+            "ROLLBACK TO SAVEPOINT {SAVEPOINT}; RELEASE SAVEPOINT {SAVEPOINT}"
+        ))
+    }
+}
 
 /// One write waiting for the writer thread.
 pub(crate) trait Write: Send {
@@ -43,6 +77,7 @@ pub(crate) trait Write: Send {
     fn run(
         self: Box<Self>,
         conn: &mut DbConnection,
+        savepoint: &mut Savepoint,
     ) -> Result<Box<dyn Answer>, (Box<dyn Answer>, DbError)>;
 
     /// Runs the write as the only one of the open transaction, without a savepoint: the
@@ -84,8 +119,6 @@ impl<T: Send, E: From<DbError> + Send> Answer for Ran<T, E> {
     }
 }
 
-type Tm = <DbConnection as Connection>::TransactionManager;
-
 impl<F, T, E> Write for Job<F, T, E>
 where
     F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
@@ -95,16 +128,17 @@ where
     fn run(
         self: Box<Self>,
         conn: &mut DbConnection,
+        savepoint: &mut Savepoint,
     ) -> Result<Box<dyn Answer>, (Box<dyn Answer>, DbError)> {
         let Job { work, reply } = *self;
-        if let Err(e) = Tm::begin_transaction(conn) {
+        if let Err(e) = savepoint.open(conn) {
             let outcome = Err(E::from(DbError::Batch(e.to_string())));
             return Err((Box::new(Ran { outcome, reply }), DbError::Query(e)));
         }
         let outcome = run_caught(work, conn);
         let closed = match &outcome {
-            Ok(_) => Tm::commit_transaction(conn),
-            Err(_) => Tm::rollback_transaction(conn),
+            Ok(_) => Ok(()),
+            Err(_) => savepoint.roll_back(conn),
         };
         let ran = Box::new(Ran { outcome, reply });
         match closed {
@@ -172,7 +206,9 @@ struct Waiting {
 impl Queue {
     fn lock(&self) -> MutexGuard<'_, Waiting> {
         // A panic never happens while it is held (the writes run outside it).
-        self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn push(&self, write: Box<dyn Write>) -> Result<(), ()> {
@@ -204,10 +240,9 @@ impl Queue {
                 }
                 Some(waited) => {
                     let wait = SPILL_AFTER - waited;
-                    self.changed.wait_timeout(waiting, wait).map_or_else(
-                        |poisoned| poisoned.into_inner().0,
-                        |(waiting, _)| waiting,
-                    )
+                    self.changed
+                        .wait_timeout(waiting, wait)
+                        .map_or_else(|poisoned| poisoned.into_inner().0, |(waiting, _)| waiting)
                 }
                 None if waiting.closed => return None,
                 None => self
@@ -275,7 +310,11 @@ pub(crate) fn start(
         let (queue, pool, notices) = (writer.queue.clone(), pool.clone(), notices.clone());
         // On a failure, dropping `writer` stops the threads already started.
         let thread = std::thread::Builder::new()
-            .name(if writers > 1 { format!("{name}-{n}") } else { name.to_owned() })
+            .name(if writers > 1 {
+                format!("{name}-{n}")
+            } else {
+                name.to_owned()
+            })
             .spawn(move || write_until_closed(&queue, n == 0, &pool, &notices))?;
         writer.threads.push(thread);
     }
@@ -299,10 +338,9 @@ fn write_until_closed(queue: &Queue, first_writer: bool, pool: &Pool, notices: &
                 match catch_unwind(AssertUnwindSafe(transaction)) {
                     Ok(ConnectionAfter::Fine) => kept = Some(conn),
                     Ok(ConnectionAfter::InDoubt) => {}
-                    Err(panic) => log::error!(
-                        "the database writer panicked: {}",
-                        panic_message(&*panic)
-                    ),
+                    Err(panic) => {
+                        log::error!("the database writer panicked: {}", panic_message(&*panic))
+                    }
                 }
             }
             Err(e) => {
@@ -373,8 +411,9 @@ fn commit(
                 return Err(Broke::FirstWrite);
             }
         }
+        let mut savepoint = Savepoint::default();
         for write in pending.by_ref() {
-            match write.run(conn) {
+            match write.run(conn, &mut savepoint) {
                 Ok(answer) => answers.push(answer),
                 Err((answer, e)) => {
                     answers.push(answer);
@@ -532,6 +571,7 @@ mod tests {
         fn run(
             self: Box<Self>,
             _: &mut DbConnection,
+            _: &mut super::Savepoint,
         ) -> Result<Box<dyn super::Answer>, (Box<dyn super::Answer>, DbError)> {
             unreachable!("the queue's tests run no write")
         }

@@ -527,7 +527,9 @@ async fn different_orders_at_once_one_order_in_turns(first: &Database, second: &
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let began = std::time::Instant::now();
-    let other = bump(second, 2, Duration::ZERO).await.expect("order 2 bumped");
+    let other = bump(second, 2, Duration::ZERO)
+        .await
+        .expect("order 2 bumped");
     let same = {
         let second = second.clone();
         tokio::spawn(async move { bump(&second, 1, Duration::ZERO).await })
@@ -786,4 +788,83 @@ async fn a_batch_of_partitions_is_fenced_by_all_its_leases_at_once() {
         positions,
         std::collections::BTreeMap::from([(0, 4), (1, 5), (2, 6)])
     );
+}
+
+/// Writes queued behind a busy writer share its next transaction, each in a savepoint: one
+/// whose statement fails (PostgreSQL then refuses every statement until the savepoint is
+/// rolled back) is undone alone, and the writes before and after it commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_in_a_group_is_undone_alone() {
+    use kafka::settings::PgLimits;
+    let url = database_or_skip!("group");
+    let limits = PgLimits {
+        writers: 1,
+        ..PgLimits::default()
+    };
+    let db = Database::open_with(&url, PLUMBING_MIGRATIONS, limits).unwrap();
+    db.write(|conn| {
+        conn.batch_execute("CREATE TABLE marks (id BIGINT PRIMARY KEY)")?;
+        Ok::<_, DbError>(((), Vec::new()))
+    })
+    .await
+    .unwrap();
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            db.write(move |_| {
+                let _ = hold.recv();
+                Ok::<_, DbError>(((), Vec::new()))
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 2 is written twice: the second fails on the primary key. Each write says which
+    // transaction it ran in.
+    let mut writes = Vec::new();
+    for id in [1, 2, 2, 3, 4] {
+        let db = db.clone();
+        writes.push(tokio::spawn(async move {
+            db.write(move |conn| {
+                conn.batch_execute(&format!("INSERT INTO marks VALUES ({id})"))?;
+                let transaction: i64 =
+                    diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT txid_current()")
+                        .get_result(conn)?;
+                Ok::<_, DbError>((transaction, Vec::new()))
+            })
+            .await
+        }));
+        // Queued in this order behind the holder.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    release.send(()).unwrap();
+    holder.await.unwrap().unwrap();
+    let mut failed = 0;
+    let mut transactions = std::collections::BTreeSet::new();
+    for write in writes {
+        match write.await.unwrap() {
+            Ok(transaction) => {
+                transactions.insert(transaction);
+            }
+            Err(e) => {
+                assert!(
+                    !e.is_transient(),
+                    "a duplicate key is the write's own fault: {e}"
+                );
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 1, "only the duplicate failed");
+    assert_eq!(transactions.len(), 1, "the writes shared one transaction");
+    let kept: Vec<i64> = db
+        .read(|conn| {
+            diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT id FROM marks ORDER BY id")
+                .load(conn)
+                .map_err(DbError::from)
+        })
+        .await
+        .unwrap();
+    assert_eq!(kept, [1, 2, 3, 4]);
 }
