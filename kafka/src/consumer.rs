@@ -1051,12 +1051,15 @@ impl EventConsumer {
                 let (events, whats): (Vec<Envelope>, Vec<String>) = wanted.into_iter().unzip();
                 let mut outcomes = Vec::with_capacity(events.len());
                 let mut caused = Vec::new();
+                // The positions, and their leases' fence, first: the locks of what the batch
+                // decides on (a product's stock, which instances take turns on) are then held
+                // three round trips less before the commit.
+                offsets::store_all(conn, &positions)?;
                 let applied = inbox::apply_all_in(conn, &*reactor, &events)?;
                 for ((applied, events), what) in applied.into_iter().zip(whats) {
                     outcomes.push((applied, what));
                     caused.extend(events);
                 }
-                offsets::store_all(conn, &positions)?;
                 Ok::<_, ReactError>((outcomes, caused))
             })
             .await;
