@@ -97,11 +97,12 @@ impl Reactor for OrderReactor {
             caused.push(events);
         }
         store::record_histories(conn, &history)?;
-        for (id, order) in &now {
-            if stored.get(id) != Some(order) {
-                store::save_order(conn, order)?;
-            }
-        }
+        let changed: Vec<&saga::Order> = now
+            .iter()
+            .filter(|(id, order)| stored.get(id) != Some(*order))
+            .map(|(_, order)| order)
+            .collect();
+        store::save_orders(conn, &changed)?;
         Ok(caused)
     }
 }

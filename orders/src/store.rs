@@ -342,6 +342,45 @@ pub fn was_completed(conn: &mut DbConnection, id: i64) -> QueryResult<bool> {
     .get_result(conn)
 }
 
+/// [`save_order`] for each of `changed`: one statement on PostgreSQL, whatever their number (a
+/// consumer's batch changes many orders, and a statement is a round trip there), one per
+/// order on SQLite.
+pub fn save_orders(conn: &mut DbConnection, changed: &[&Order]) -> QueryResult<()> {
+    use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
+    let (DbConnection::Postgres(pg), [_, _, ..]) = (&mut *conn, changed) else {
+        return changed.iter().try_for_each(|o| save_order(conn, o));
+    };
+    let column = |f: fn(&Order) -> Option<String>| changed.iter().map(|o| f(o)).collect::<Vec<_>>();
+    let ids: Vec<i64> = changed.iter().map(|o| o.id).collect();
+    let states: Vec<&str> = changed.iter().map(|o| o.state.as_str()).collect();
+    let reserved: Vec<bool> = changed.iter().map(|o| o.stock_reserved).collect();
+    let delivery_ids: Vec<Option<i64>> = changed.iter().map(|o| o.delivery_id).collect();
+    let delivery_states = column(|o| o.delivery_state.map(|s| s.as_str().to_owned()));
+    let cancels: Vec<bool> = changed.iter().map(|o| o.cancel_requested).collect();
+    let messages = column(|o| o.state_message.clone());
+    diesel::sql_query(
+        "UPDATE orders SET state = v.state, stock_reserved = v.stock_reserved, \
+             delivery_id = v.delivery_id, delivery_state = v.delivery_state, \
+             cancel_requested = v.cancel_requested, state_message = v.state_message, \
+             updated_at = $8 \
+         FROM unnest($1, $2, $3, $4, $5, $6, $7) \
+             AS v(id, state, stock_reserved, delivery_id, delivery_state, cancel_requested, \
+                  state_message) \
+         WHERE orders.id = v.id",
+    )
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<Array<Text>, _>(states)
+    .bind::<Array<Bool>, _>(reserved)
+    .bind::<Array<Nullable<BigInt>>, _>(delivery_ids)
+    .bind::<Array<Nullable<Text>>, _>(delivery_states)
+    .bind::<Array<Bool>, _>(cancels)
+    .bind::<Array<Nullable<Text>>, _>(messages)
+    .bind::<Text, _>(chrono::Utc::now().to_rfc3339())
+    .prepared()
+    .execute(pg)
+    .map(|_| ())
+}
+
 /// Writes the saga-owned fields of an order.
 pub fn save_order(conn: &mut DbConnection, o: &Order) -> QueryResult<()> {
     diesel::update(orders::table.find(o.id))
