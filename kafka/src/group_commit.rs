@@ -190,6 +190,42 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 /// a lock wait), the writes queued behind it go to another writer instead of waiting for it.
 const SPILL_AFTER: Duration = Duration::from_millis(5);
 
+/// How long one transaction's writes should take together, when there are other writers to
+/// take the rest: a writer takes no more writes than its last transactions ran in that time
+/// ([`Pace`]). With a local server that is [`MOST_PER_COMMIT`]; with a round trip of a few
+/// milliseconds per statement, a handful, so that no write waits behind sixty others'
+/// statements while another writer is free. One writer alone takes all it may: the rest
+/// would only wait for it.
+const TRANSACTION_BUDGET: Duration = Duration::from_millis(100);
+
+/// How long a writer's writes take, one with another, by its last transactions.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pace {
+    per_write: Option<Duration>,
+}
+
+impl Pace {
+    /// The most writes the next transaction takes.
+    fn most(&self) -> usize {
+        let Some(per_write) = self.per_write else {
+            return MOST_PER_COMMIT;
+        };
+        let fit = TRANSACTION_BUDGET.as_micros() / per_write.as_micros().max(1);
+        usize::try_from(fit)
+            .unwrap_or(MOST_PER_COMMIT)
+            .clamp(1, MOST_PER_COMMIT)
+    }
+
+    /// A transaction of `writes` took `took`, begin to commit: weighs in by a quarter.
+    fn ran(&mut self, writes: usize, took: Duration) {
+        let sample = took / u32::try_from(writes.max(1)).unwrap_or(u32::MAX);
+        self.per_write = Some(match self.per_write {
+            None => sample,
+            Some(before) => (before * 3 + sample) / 4,
+        });
+    }
+}
+
 /// The writes waiting for a writer thread, oldest first.
 struct Queue {
     waiting: Mutex<Waiting>,
@@ -226,16 +262,16 @@ impl Queue {
         self.changed.notify_all();
     }
 
-    /// The next batch (up to [`MOST_PER_COMMIT`]) for a writer: the first writer takes what
-    /// waits at once, the others only once the oldest has waited [`SPILL_AFTER`]. `None`
-    /// once the queue is closed and empty.
-    fn take(&self, first_writer: bool) -> Option<Vec<Box<dyn Write>>> {
+    /// The next batch (up to `most`) for a writer: the first writer takes what waits at
+    /// once, the others only once the oldest has waited [`SPILL_AFTER`]. `None` once the
+    /// queue is closed and empty.
+    fn take(&self, first_writer: bool, most: usize) -> Option<Vec<Box<dyn Write>>> {
         let mut waiting = self.lock();
         loop {
             let waited = waiting.writes.front().map(|(since, _)| since.elapsed());
             waiting = match waited {
                 Some(waited) if first_writer || waited >= SPILL_AFTER => {
-                    let n = waiting.writes.len().min(MOST_PER_COMMIT);
+                    let n = waiting.writes.len().min(most.max(1));
                     return Some(waiting.writes.drain(..n).map(|(_, write)| write).collect());
                 }
                 Some(waited) => {
@@ -315,19 +351,32 @@ pub(crate) fn start(
             } else {
                 name.to_owned()
             })
-            .spawn(move || write_until_closed(&queue, n == 0, &pool, &notices))?;
+            .spawn(move || write_until_closed(&queue, n == 0, writers > 1, &pool, &notices))?;
         writer.threads.push(thread);
     }
     Ok(writer)
 }
 
-/// One writer thread: commits the batches it takes from `queue`, until it is closed and empty.
-fn write_until_closed(queue: &Queue, first_writer: bool, pool: &Pool, notices: &Notices) {
+/// One writer thread: commits the batches it takes from `queue`, until it is closed and empty;
+/// `paced` (there are other writers): no more than [`TRANSACTION_BUDGET`] allows.
+fn write_until_closed(
+    queue: &Queue,
+    first_writer: bool,
+    paced: bool,
+    pool: &Pool,
+    notices: &Notices,
+) {
     // The connection of the last transaction, kept while its transactions commit: a checkout
     // tests the connection with a statement of its own (a round trip on PostgreSQL). After a
     // failure it goes back to the pool, which tests it before it is handed out again.
     let mut kept = None;
-    while let Some(batch) = queue.take(first_writer) {
+    let mut pace = Pace::default();
+    loop {
+        let most = if paced { pace.most() } else { MOST_PER_COMMIT };
+        let Some(batch) = queue.take(first_writer, most) else {
+            return;
+        };
+        let (writes, began) = (batch.len(), Instant::now());
         match kept.take().map_or_else(|| pool.get(), Ok) {
             Ok(mut conn) => {
                 // A write's own panic is caught around it; this catches one in the
@@ -336,7 +385,10 @@ fn write_until_closed(queue: &Queue, first_writer: bool, pool: &Pool, notices: &
                 // a transaction, is discarded by the pool.
                 let transaction = || commit(&mut conn, batch, notices);
                 match catch_unwind(AssertUnwindSafe(transaction)) {
-                    Ok(ConnectionAfter::Fine) => kept = Some(conn),
+                    Ok(ConnectionAfter::Fine) => {
+                        pace.ran(writes, began.elapsed());
+                        kept = Some(conn);
+                    }
                     Ok(ConnectionAfter::InDoubt) => {}
                     Err(panic) => {
                         log::error!("the database writer panicked: {}", panic_message(&*panic))
@@ -599,12 +651,15 @@ mod tests {
         for _ in 0..super::MOST_PER_COMMIT + 6 {
             q.push(Box::new(Idle)).unwrap();
         }
-        assert_eq!(q.take(true).unwrap().len(), super::MOST_PER_COMMIT);
-        assert_eq!(q.take(true).unwrap().len(), 6);
+        assert_eq!(
+            q.take(true, super::MOST_PER_COMMIT).unwrap().len(),
+            super::MOST_PER_COMMIT
+        );
+        assert_eq!(q.take(true, super::MOST_PER_COMMIT).unwrap().len(), 6);
 
         let spilled = {
             let q = q.clone();
-            std::thread::spawn(move || q.take(false).map(|batch| batch.len()))
+            std::thread::spawn(move || q.take(false, 1).map(|batch| batch.len()))
         };
         let pushed = std::time::Instant::now();
         q.push(Box::new(Idle)).unwrap();
@@ -615,6 +670,29 @@ mod tests {
         );
     }
 
+    /// A writer whose writes take long takes few at a time (the others go to another writer);
+    /// one whose writes take a fraction of a millisecond takes a full transaction's worth.
+    #[test]
+    fn a_writer_takes_as_many_writes_as_fit_its_budget() {
+        use super::{MOST_PER_COMMIT, Pace};
+        use std::time::Duration;
+        let mut pace = Pace::default();
+        assert_eq!(pace.most(), MOST_PER_COMMIT, "nothing known yet");
+        pace.ran(40, Duration::from_millis(8));
+        assert_eq!(pace.most(), MOST_PER_COMMIT, "0.2 ms a write");
+        let mut distant = Pace::default();
+        distant.ran(4, Duration::from_millis(80));
+        assert_eq!(distant.most(), 5, "20 ms a write");
+        distant.ran(1, Duration::from_millis(2_000));
+        assert_eq!(distant.most(), 1, "one at a time at worst");
+        let q = queue();
+        for _ in 0..5 {
+            q.push(Box::new(Idle)).unwrap();
+        }
+        assert_eq!(q.take(true, distant.most()).unwrap().len(), 1);
+        assert_eq!(q.take(true, 3).unwrap().len(), 3);
+    }
+
     /// A closed queue refuses new writes; its writers take what still waits, then stop.
     #[test]
     fn a_closed_queue_is_drained_then_ends() {
@@ -622,8 +700,8 @@ mod tests {
         q.push(Box::new(Idle)).unwrap();
         q.close();
         assert!(q.push(Box::new(Idle)).is_err(), "accepted after closing");
-        assert_eq!(q.take(false).map(|batch| batch.len()), Some(1));
-        assert!(q.take(true).is_none() && q.take(false).is_none());
+        assert_eq!(q.take(false, 4).map(|batch| batch.len()), Some(1));
+        assert!(q.take(true, 4).is_none() && q.take(false, 4).is_none());
     }
 
     /// Writes queued behind a busy writer run in one transaction, each in its own savepoint:
