@@ -6,9 +6,9 @@
 //! Within an instance every write goes through the writer threads ([`crate::group_commit`]):
 //! one on SQLite; on PostgreSQL `PG_WRITERS` (default 3), which take the writes the first
 //! leaves waiting. Across those threads and the instances of a service on PostgreSQL, a write
-//! locks what it decides on before it reads it ([`lock`]: one order's saga state, one product's stock, one
-//! `Idempotency-Key`; [`Lock`] lists them all), so writes about different orders and products
-//! commit in parallel
+//! locks what it decides on before it reads it ([`lock`]: one order's saga state, one
+//! product's stock, one `Idempotency-Key`; [`Lock`] lists them all), so writes about different
+//! orders and products commit in parallel
 //! while two decisions about one order are made one after the other, each on the other's
 //! result. A consumer's write also takes its partition's lease in shared mode
 //! ([`crate::leases::fence`]); a takeover waits for it. SQLite has one writer by design
@@ -528,8 +528,8 @@ pub struct Database {
     /// orders/s offered).
     connections: Arc<Semaphore>,
     /// The writer threads ([`crate::group_commit`]): every write goes through them, and the
-    /// writes waiting together commit together. Declared after `pool`: the last clone drops the pool
-    /// handle first, then stops the thread, which holds the other one.
+    /// writes waiting together commit together. Declared after `pool`: the last clone drops
+    /// the pool handle first, then stops the threads, which hold the others.
     writes: Arc<crate::group_commit::Writer>,
     outbox_committed: Arc<Notify>,
     /// Counts committed writes; live views (the dashboard's event stream) wait on it.

@@ -20,9 +20,9 @@
 //! first write of a transaction needs no savepoint (the transaction rolls back as well, and the
 //! others then run in a new one), and gets none: a savepoint is a statement more, and SQLite
 //! copies every page a savepoint touches to a sub-journal first. A write's savepoint is
-//! released with the next one's `SAVEPOINT` (one round trip), or by the `COMMIT`. The writer keeps its
-//! connection while its transactions commit: a checkout from the pool tests the connection
-//! with a statement of its own.
+//! released with the next one's `SAVEPOINT` (one round trip), or by the `COMMIT`. A writer
+//! keeps its connection while its transactions commit: a checkout from the pool tests the
+//! connection with a statement of its own.
 
 use crate::db::{DbConnection, DbError, Notices, Pool, write_transaction};
 use diesel::connection::SimpleConnection;

@@ -350,14 +350,17 @@ pub fn save_orders(conn: &mut DbConnection, changed: &[&Order]) -> QueryResult<(
     let (DbConnection::Postgres(pg), [_, _, ..]) = (&mut *conn, changed) else {
         return changed.iter().try_for_each(|o| save_order(conn, o));
     };
-    let column = |f: fn(&Order) -> Option<String>| changed.iter().map(|o| f(o)).collect::<Vec<_>>();
+    // One array per column, the orders in the same order in each.
     let ids: Vec<i64> = changed.iter().map(|o| o.id).collect();
     let states: Vec<&str> = changed.iter().map(|o| o.state.as_str()).collect();
     let reserved: Vec<bool> = changed.iter().map(|o| o.stock_reserved).collect();
     let delivery_ids: Vec<Option<i64>> = changed.iter().map(|o| o.delivery_id).collect();
-    let delivery_states = column(|o| o.delivery_state.map(|s| s.as_str().to_owned()));
+    let delivery_states: Vec<Option<&str>> = changed
+        .iter()
+        .map(|o| o.delivery_state.map(DeliveryState::as_str))
+        .collect();
     let cancels: Vec<bool> = changed.iter().map(|o| o.cancel_requested).collect();
-    let messages = column(|o| o.state_message.clone());
+    let messages: Vec<Option<&str>> = changed.iter().map(|o| o.state_message.as_deref()).collect();
     diesel::sql_query(
         "UPDATE orders SET state = v.state, stock_reserved = v.stock_reserved, \
              delivery_id = v.delivery_id, delivery_state = v.delivery_state, \
