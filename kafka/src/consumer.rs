@@ -1113,9 +1113,7 @@ impl EventConsumer {
         let saved = self
             .db
             .write(move |conn| {
-                for at in &moved {
-                    offsets::store(conn, at)?;
-                }
+                offsets::store_all(conn, &moved)?;
                 Ok::<_, DbError>(((), Vec::new()))
             })
             .await;

@@ -37,39 +37,17 @@ pub struct ConsumedAt {
 /// when `at.holder` lost the partition's lease ([`crate::leases`]): the effects read with a
 /// lost lease never commit.
 pub fn store(conn: &mut DbConnection, at: &ConsumedAt) -> Result<(), DbError> {
-    crate::leases::fence(
-        conn,
-        &crate::leases::partition_lease(&at.topic, at.partition),
-        &at.holder,
-    )?;
-    let now = chrono::Utc::now().to_rfc3339();
-    let statement = diesel::insert_into(consumer_offsets::table)
-        .values((
-            consumer_offsets::topic.eq(&at.topic),
-            consumer_offsets::partition.eq(at.partition),
-            consumer_offsets::next_offset.eq(at.next_offset),
-            consumer_offsets::updated_at.eq(&now),
-        ))
-        .on_conflict((consumer_offsets::topic, consumer_offsets::partition))
-        .do_update()
-        .set((
-            consumer_offsets::next_offset.eq(at.next_offset),
-            consumer_offsets::updated_at.eq(&now),
-        ));
-    crate::on_backend!(conn, |c| statement.execute(c))?;
-    Ok(())
+    store_all(conn, std::slice::from_ref(at))
 }
 
-/// [`store`] for the partitions of one batch (read by one instance), in three statements
-/// whatever their number: the fence of all their leases ([`crate::leases::fence_all`]) and
-/// one upsert of their positions.
+/// [`store`] for the partitions of one batch (read by one instance), in two statements for
+/// one partition and three for more, whatever their number: the fence of their leases
+/// ([`crate::leases::fence_all`]) and one upsert of their positions.
 pub fn store_all(conn: &mut DbConnection, ats: &[ConsumedAt]) -> Result<(), DbError> {
-    let (first, more) = match ats {
-        [] => return Ok(()),
-        [one] => return store(conn, one),
-        [first, more @ ..] => (first, more),
+    let Some(first) = ats.first() else {
+        return Ok(());
     };
-    debug_assert!(more.iter().all(|at| at.holder == first.holder));
+    debug_assert!(ats.iter().all(|at| at.holder == first.holder));
     let names: Vec<String> = ats
         .iter()
         .map(|at| crate::leases::partition_lease(&at.topic, at.partition))
