@@ -48,8 +48,8 @@ impl Reactor for DeliveryReactor {
     }
 
     /// The batch's deliveries (and voided marks) read in one statement, the ids of the
-    /// deliveries it starts drawn in one, the rule run on each event in memory, and each
-    /// changed delivery stored once.
+    /// deliveries it starts drawn in one, the rule run on each event in memory, and the
+    /// changed deliveries stored at once ([`store::save_all`]).
     fn react_all(
         &self,
         conn: &mut DbConnection,
@@ -62,16 +62,19 @@ impl Reactor for DeliveryReactor {
         let mut new_ids = store::next_ids(conn, starts)?.into_iter();
         let (now, drawn, caused) = run(stored.clone(), events, &mut new_ids);
         debug_assert_eq!(drawn, starts);
+        let mut changed = Vec::new();
         for (order_id, delivery) in &now {
             if stored.get(order_id) == Some(delivery) {
                 continue;
             }
             match delivery {
-                OrderDelivery::Known(delivery) => store::save(conn, delivery)?,
+                OrderDelivery::Known(delivery) => changed.push(delivery),
                 OrderDelivery::Voided => store::void(conn, *order_id)?,
                 OrderDelivery::Unknown => {}
             }
         }
+        changed.sort_by_key(|d| d.id);
+        store::save_all(conn, &changed)?;
         Ok(caused)
     }
 }

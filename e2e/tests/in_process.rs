@@ -580,14 +580,15 @@ async fn orders_scans_read_their_indexes_on_generic_plans() {
     }
 }
 
-/// `events` applied once event by event and once as one batch (`Reactor::react_all`, how a
-/// consumer's batch runs on PostgreSQL), each on a new database prepared by `setup`; returns
-/// what each run caused (ids and times aside) and what `snapshot` read after it.
+/// `batches` applied once event by event and once batch by batch (`Reactor::react_all`, how
+/// a consumer's batch runs on PostgreSQL), a transaction per batch, each run on a new database
+/// prepared by `setup`; returns what each run caused (ids and times aside) and what `snapshot`
+/// read after it.
 async fn by_event_and_by_batch<R: kafka::Reactor>(
     name: &str,
     reactor: R,
     migrations: fn() -> kafka::db::Migrations,
-    events: Vec<events::Envelope>,
+    batches: Vec<Vec<events::Envelope>>,
     setup: fn(&mut kafka::db::DbConnection) -> Result<(), kafka::ReactError>,
     snapshot: fn(&mut kafka::db::DbConnection) -> Result<String, kafka::ReactError>,
 ) -> [(Vec<Vec<String>>, String); 2] {
@@ -597,33 +598,37 @@ async fn by_event_and_by_batch<R: kafka::Reactor>(
         let dir = tempfile::tempdir().expect("temp dir");
         let url = empty_database(&dir, &format!("{name}_{at_once}"));
         let db = kafka::Database::open(&url, migrations()).expect("database");
-        let (reactor, events) = (reactor.clone(), events.clone());
-        let outcome = db
-            .write(move |conn| {
-                setup(conn)?;
-                let caused = if at_once {
-                    reactor.react_all(conn, &events.iter().collect::<Vec<_>>())?
-                } else {
-                    events
-                        .iter()
-                        .map(|e| reactor.react(conn, e))
-                        .collect::<Result<_, _>>()?
-                };
-                let caused = caused
-                    .into_iter()
-                    .map(|c| {
-                        c.into_iter()
-                            .map(|e| {
-                                format!("{:?} {:?} {:?}", e.event, e.causation_id, e.initiator)
-                            })
-                            .collect()
-                    })
-                    .collect();
-                Ok::<_, kafka::ReactError>(((caused, snapshot(conn)?), Vec::new()))
-            })
+        db.write(move |conn| Ok::<_, kafka::ReactError>((setup(conn)?, Vec::new())))
             .await
-            .expect("the run");
-        outcomes.push(outcome);
+            .expect("the setup");
+        let mut caused = Vec::new();
+        for events in batches.clone() {
+            let reactor = reactor.clone();
+            let batch = db
+                .write(move |conn| {
+                    let caused = if at_once {
+                        reactor.react_all(conn, &events.iter().collect::<Vec<_>>())?
+                    } else {
+                        events
+                            .iter()
+                            .map(|e| reactor.react(conn, e))
+                            .collect::<Result<_, _>>()?
+                    };
+                    Ok::<_, kafka::ReactError>((caused, Vec::new()))
+                })
+                .await
+                .expect("the batch");
+            caused.extend(batch.into_iter().map(|c| {
+                c.into_iter()
+                    .map(|e| format!("{:?} {:?} {:?}", e.event, e.causation_id, e.initiator))
+                    .collect()
+            }));
+        }
+        let seen = db
+            .read(move |conn| snapshot(conn))
+            .await
+            .expect("the snapshot");
+        outcomes.push((caused, seen));
     }
     outcomes.try_into().expect("two runs")
 }
@@ -660,8 +665,8 @@ fn order_cancelled(order_id: i64, product_id: i64, quantity: i64) -> events::Env
 
 /// The three services decide a consumer's batch at once with fewer statements than event by
 /// event; on both backends (PostgreSQL in step 5: its one-statement reads of many rows, its
-/// multi-row upsert, its ids drawn many at a time) the rows and the caused events are the
-/// same.
+/// multi-row upserts and updates, its ids drawn many at a time) the rows and the caused events
+/// are the same, over two batches, the second changing what the first stored.
 #[tokio::test]
 async fn a_batch_decided_at_once_matches_its_events_one_by_one() {
     use events::{DeliveryState, Envelope, Event, Service};
@@ -710,6 +715,8 @@ async fn a_batch_decided_at_once_matches_its_events_one_by_one() {
         placed(3, 2, 1),
         placed(4, 99, 1),
         order_cancelled(1, 1, 2),
+    ];
+    let products_later = vec![
         placed(5, 1, 3),
         delivered(3),
         order_cancelled(6, 2, 1),
@@ -724,7 +731,7 @@ async fn a_batch_decided_at_once_matches_its_events_one_by_one() {
         "batch_products",
         products::reactor::StockReactor,
         || products::startup::MIGRATIONS,
-        products_events,
+        vec![products_events, products_later],
         |conn| {
             for (name, stock) in [("TV", 5), ("radio", 1)] {
                 products::store::insert_product(
@@ -778,10 +785,9 @@ async fn a_batch_decided_at_once_matches_its_events_one_by_one() {
     };
     // Starts, a confirmation, a cancel before its OrderPlaced, a requested cancel, a repeated
     // OrderPlaced, a completion of an order delivery never saw.
-    let delivery_events = vec![
-        placed(1, 1, 1),
-        order_cancelled(2, 1, 1),
-        placed(3, 1, 1),
+    let delivery_events = vec![placed(1, 1, 1), order_cancelled(2, 1, 1), placed(3, 1, 1)];
+    // The next batch changes stored deliveries (the upsert's update).
+    let delivery_later = vec![
         completed(1),
         placed(2, 1, 1),
         cancel_requested(3),
@@ -793,7 +799,7 @@ async fn a_batch_decided_at_once_matches_its_events_one_by_one() {
         "batch_delivery",
         delivery::reactor::DeliveryReactor,
         || delivery::startup::MIGRATIONS,
-        delivery_events,
+        vec![delivery_events, delivery_later],
         |_| Ok(()),
         |conn| {
             let deliveries = (1..=4)
@@ -876,11 +882,8 @@ async fn a_batch_decided_at_once_matches_its_events_one_by_one() {
     };
     // A completion from both confirmations, an out-of-stock cancel, a courier's cancel after
     // a start, a repeated DeliveryStarted, ProductChanged in a row.
-    let orders_events = vec![
-        stock(1),
-        changed(1, 9),
-        started(1),
-        out_of_stock(2),
+    let orders_events = vec![stock(1), changed(1, 9), started(1), out_of_stock(2)];
+    let orders_later = vec![
         changed(2, 5),
         started(3),
         changed(1, 8),
@@ -891,7 +894,7 @@ async fn a_batch_decided_at_once_matches_its_events_one_by_one() {
         "batch_orders",
         orders::reactor::OrderReactor,
         || orders::startup::MIGRATIONS,
-        orders_events,
+        vec![orders_events, orders_later],
         |conn| {
             for _ in 1..=3 {
                 let now = chrono::Utc::now().to_rfc3339();
