@@ -299,8 +299,10 @@ pub fn lock_leases_shared(conn: &mut DbConnection, names: &[String]) -> diesel::
 /// for commits made by the others.
 const COMMITS_CHANNEL: &str = "mall_commits";
 /// Connections per service instance for reads (and so at most that many blocking threads
-/// reading at once); the pool has one more for each writer thread.
+/// reading at once); the pool has one more for each writer thread, and [`KEPT_CONNECTIONS`].
 const READ_CONNECTIONS: u32 = 7;
+/// Connections kept out of the pool between uses ([`KeptConnection`]): the outbox relay's.
+const KEPT_CONNECTIONS: u32 = 1;
 
 /// Opens connections of the configured backend. diesel's own manager would try each backend
 /// in turn, and SQLite accepts any string as a file name: a PostgreSQL URL with the server
@@ -356,6 +358,11 @@ impl r2d2::ManageConnection for Manager {
 
 /// A pool of connections to one service database.
 pub(crate) type Pool = r2d2::Pool<Manager>;
+
+/// A connection its user keeps from one use to the next ([`Database::write_alone_kept`]);
+/// empty at first and after a failure.
+#[derive(Default)]
+pub struct KeptConnection(Option<r2d2::PooledConnection<Manager>>);
 
 /// Which of a database's commits are announced to the other instances ([`COMMITS_CHANNEL`]),
 /// and how: with this process's own tag, which its listener skips.
@@ -598,7 +605,7 @@ impl Database {
             Backend::Postgres(_) => limits.writers,
         };
         let pool = r2d2::Pool::builder()
-            .max_size(READ_CONNECTIONS + writers as u32)
+            .max_size(READ_CONNECTIONS + writers as u32 + KEPT_CONNECTIONS)
             .connection_timeout(Duration::from_secs(10))
             .build(Manager(backend.clone(), limits, sync))
             .map_err(|e| DbError::Setup(format!("cannot open {shown}: {e}")))?;
@@ -703,6 +710,41 @@ impl Database {
             Backend::Postgres(_) => self.read(f).await,
             Backend::Sqlite(_) => self.write(|conn| Ok((f(conn)?, Vec::new()))).await,
         }
+    }
+
+    /// [`Database::write_alone`] on the connection `kept` holds, which keeps it after `f`
+    /// succeeds: a checkout tests its connection with a statement of its own, a round trip
+    /// on PostgreSQL, which a caller running one statement or two each time (the relay's
+    /// round) would pay as often as its own. After a failure the connection goes back to the
+    /// pool, which tests it before handing it out again.
+    pub async fn write_alone_kept<T, E, F>(&self, kept: &mut KeptConnection, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+    {
+        if let Backend::Sqlite(_) = self.backend {
+            return self.write_alone(f).await;
+        }
+        let (pool, held) = (self.pool.clone(), kept.0.take());
+        let permit = self.connection().await?;
+        let (result, back) = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut conn = match held {
+                Some(conn) => conn,
+                None => match pool.get() {
+                    Ok(conn) => conn,
+                    Err(e) => return (Err(E::from(DbError::from(e))), None),
+                },
+            };
+            let result = f(&mut conn);
+            let back = result.is_ok().then_some(conn);
+            (result, back)
+        })
+        .await
+        .map_err(|e| E::from(DbError::Task(e.to_string())))?;
+        kept.0 = back;
+        result
     }
 
     /// Runs a read on a blocking thread.

@@ -868,3 +868,46 @@ async fn a_failed_write_in_a_group_is_undone_alone() {
         .unwrap();
     assert_eq!(kept, [1, 2, 3, 4]);
 }
+
+/// The relay's connection is kept from one round to the next, untested (a checkout's test is
+/// a round trip): one that died costs one failed round, and the next round gets a tested
+/// connection from the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_is_used_untested_and_replaced_after_a_failure() {
+    use kafka::db::KeptConnection;
+    let url = database_or_skip!("kept");
+    let db = Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    let mut kept = KeptConnection::default();
+    let first = pid(&db, &mut kept).await.unwrap();
+    assert_eq!(
+        pid(&db, &mut kept).await.unwrap(),
+        first,
+        "the same connection"
+    );
+    db.read(move |conn| {
+        conn.batch_execute(&format!("SELECT pg_terminate_backend({first})"))
+            .map_err(DbError::from)
+    })
+    .await
+    .unwrap();
+    // Untested: the dead connection is used, and fails.
+    assert!(
+        pid(&db, &mut kept).await.is_err(),
+        "the kept connection died"
+    );
+    let next = pid(&db, &mut kept).await.unwrap();
+    assert_ne!(next, first, "a new connection after the failure");
+    assert_eq!(pid(&db, &mut kept).await.unwrap(), next, "kept in turn");
+}
+
+/// The server process of the connection `kept` holds (or takes).
+async fn pid(db: &Database, kept: &mut kafka::db::KeptConnection) -> Result<i32, DbError> {
+    db.write_alone_kept(kept, |conn| {
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>(
+            "pg_backend_pid()",
+        ))
+        .get_result::<i32>(conn)
+        .map_err(DbError::from)
+    })
+    .await
+}
