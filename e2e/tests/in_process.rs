@@ -652,10 +652,7 @@ async fn by_event_and_by_batch<R: kafka::Reactor>(
                     .collect()
             }));
         }
-        let seen = db
-            .read(snapshot)
-            .await
-            .expect("the snapshot");
+        let seen = db.read(snapshot).await.expect("the snapshot");
         outcomes.push((caused, seen));
     }
     outcomes.try_into().expect("two runs")
@@ -980,4 +977,62 @@ async fn a_batch_decided_at_once_matches_its_events_one_by_one() {
         "{}",
         one_by_one.1
     );
+}
+
+/// A new order is named and priced from orders' catalog replica (on PostgreSQL inside the
+/// insert), the same on both backends: price × quantity, none past 64 bits, neither for a
+/// product the replica does not know.
+#[tokio::test]
+async fn a_placed_order_is_named_and_priced_from_the_replica() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = empty_database(&dir, "placement");
+    let db = kafka::Database::open(&url, orders::startup::MIGRATIONS).expect("orders database");
+    let placed = db
+        .write(|conn| {
+            for (id, price) in [(1, 250), (2, i64::MAX / 2 + 1)] {
+                orders::store::upsert_product(
+                    conn,
+                    &events::ProductChanged {
+                        product_id: id,
+                        product_name: format!("p{id}"),
+                        product_price: price,
+                        product_stock: 5,
+                    },
+                )?;
+            }
+            let mut placed = Vec::new();
+            for (product_id, quantity) in [(1, 3), (2, 2), (2, 1), (9, 1)] {
+                let stored = orders::store::place_order(
+                    conn,
+                    orders::store::Placement {
+                        product_id,
+                        quantity,
+                        customer_id: "c".into(),
+                        customer_name: Some("n".into()),
+                        customer_addr: None,
+                    },
+                )?;
+                let again = orders::store::order(conn, stored.order.id)?.expect("stored");
+                assert_eq!(again.order, stored.order, "returned as stored");
+                placed.push(stored.order);
+            }
+            Ok::<_, kafka::DbError>((placed, Vec::new()))
+        })
+        .await
+        .expect("placed");
+    let seen: Vec<_> = placed
+        .iter()
+        .map(|o| (o.product_name.as_deref(), o.price, o.quantity, o.state))
+        .collect();
+    use orders::saga::OrderState::Placed;
+    assert_eq!(
+        seen,
+        [
+            (Some("p1"), Some(750), 3, Placed),
+            (Some("p2"), None, 2, Placed),
+            (Some("p2"), Some(i64::MAX / 2 + 1), 1, Placed),
+            (None, None, 1, Placed),
+        ]
+    );
+    assert_eq!(placed[0].customer_name.as_deref(), Some("n"));
 }

@@ -5,7 +5,7 @@ use crate::domain::OrderRequest;
 use crate::error::OrdersError;
 use crate::pending::PendingOrders;
 use crate::saga::{self, CustomerCancel, Order, OrderState};
-use crate::store::{self, HistoryRow, NewOrder, StoredOrder};
+use crate::store::{self, HistoryRow, StoredOrder};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use events::DeadLetterNote;
@@ -208,24 +208,16 @@ async fn place(
             {
                 return Ok((Keyed::Replayed(replay), Vec::new()));
             }
-            // The replica may lag or not know the product: products decides, not orders.
-            let known = store::replica_product(conn, request.product_id)?;
-            let now = chrono::Utc::now().to_rfc3339();
-            let new = NewOrder {
-                product_id: request.product_id,
-                product_name: known.as_ref().map(|p| p.name.clone()),
-                quantity: request.quantity,
-                price: known
-                    .as_ref()
-                    .and_then(|p| p.price.checked_mul(request.quantity)),
-                customer_id: request.customer_id,
-                customer_name: request.customer_name,
-                customer_addr: request.customer_addr,
-                state: OrderState::Placed.as_str(),
-                created_at: now.clone(),
-                updated_at: now,
-            };
-            let stored = store::insert_order(conn, &new)?;
+            let stored = store::place_order(
+                conn,
+                store::Placement {
+                    product_id: request.product_id,
+                    quantity: request.quantity,
+                    customer_id: request.customer_id,
+                    customer_name: request.customer_name,
+                    customer_addr: request.customer_addr,
+                },
+            )?;
             let event = saga::placed(&stored.order);
             let location = format!("/orders/{}", stored.order.id);
             let answer = OrderJson::from(stored);

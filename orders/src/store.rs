@@ -165,6 +165,64 @@ impl TryFrom<OrderRow> for StoredOrder {
     }
 }
 
+/// A new order as the customer asked for it, which [`place_order`] names and prices.
+#[derive(Debug)]
+#[allow(missing_docs)]
+pub struct Placement {
+    pub product_id: i64,
+    pub quantity: i64,
+    pub customer_id: String,
+    pub customer_name: Option<String>,
+    pub customer_addr: Option<String>,
+}
+
+/// Stores a new pending order, named and priced (price × quantity; none past 64 bits) from
+/// the catalog replica as it is now. The replica may lag or not know the product — products
+/// decides, not orders — and the order then has neither. On PostgreSQL the lookup is inside
+/// the insert: one round trip per order, not two.
+pub fn place_order(conn: &mut DbConnection, p: Placement) -> QueryResult<StoredOrder> {
+    use diesel::sql_types::{BigInt, Nullable, Text};
+    let now = chrono::Utc::now().to_rfc3339();
+    let DbConnection::Postgres(pg) = conn else {
+        let known = replica_product(conn, p.product_id)?;
+        return insert_order(
+            conn,
+            &NewOrder {
+                product_id: p.product_id,
+                product_name: known.as_ref().map(|k| k.name.clone()),
+                quantity: p.quantity,
+                price: known.and_then(|k| k.price.checked_mul(p.quantity)),
+                customer_id: p.customer_id,
+                customer_name: p.customer_name,
+                customer_addr: p.customer_addr,
+                state: OrderState::Placed.as_str(),
+                created_at: now.clone(),
+                updated_at: now,
+            },
+        );
+    };
+    let row: OrderRow = diesel::sql_query(
+        "INSERT INTO orders (product_id, product_name, quantity, price, customer_id, \
+             customer_name, customer_addr, state, created_at, updated_at) \
+         SELECT $1, p.name, $2, \
+             CASE WHEN p.price::numeric * $2 \
+                 BETWEEN -9223372036854775808 AND 9223372036854775807 THEN p.price * $2 END, \
+             $3, $4, $5, $6, $7, $7 \
+         FROM (VALUES (1)) AS one (x) LEFT JOIN products p ON p.id = $1 \
+         RETURNING *",
+    )
+    .bind::<BigInt, _>(p.product_id)
+    .bind::<BigInt, _>(p.quantity)
+    .bind::<Text, _>(p.customer_id)
+    .bind::<Nullable<Text>, _>(p.customer_name)
+    .bind::<Nullable<Text>, _>(p.customer_addr)
+    .bind::<Text, _>(OrderState::Placed.as_str())
+    .bind::<Text, _>(now)
+    .prepared()
+    .get_result(pg)?;
+    row.try_into()
+}
+
 /// Stores a new order and returns it with its id.
 pub fn insert_order(conn: &mut DbConnection, new: &NewOrder) -> QueryResult<StoredOrder> {
     // Returning a Selectable is built per backend: diesel cannot dispatch it at run time.
