@@ -544,7 +544,7 @@ $out"
     printf '%s\n' "# written by scripts/lib.sh's start_postgres at each start" \
       "port = $port" "listen_addresses = '127.0.0.1'" \
       "unix_socket_directories = '${socket_dir//\'/\'\'}'" \
-      "max_connections = 500   # 8 pooled connections per service instance" \
+      "max_connections = 500   # 11 connections per service instance (7 reads, 3 writers, the relay)" \
       "shared_preload_libraries = 'pg_stat_statements'   # statements per saga (saga-bench)" \
       >"$dir/mall.conf"
     (( EUID == 0 )) && chown postgres: "$dir/mall.conf" "$dir/pg_hba.conf"
