@@ -284,9 +284,17 @@ pub fn lock_shared(conn: &mut DbConnection, what: Lock<'_>) -> diesel::QueryResu
 /// Takes the locks of the leases `names` shared, in the order given, in one statement
 /// (PostgreSQL; nothing to take on SQLite, whose writes are serialized): [`Lock::Lease`] each.
 pub fn lock_leases_shared(conn: &mut DbConnection, names: &[String]) -> diesel::QueryResult<()> {
-    let DbConnection::Postgres(c) = conn else {
-        return Ok(());
-    };
+    match conn {
+        DbConnection::Postgres(c) => lock_leases_shared_on(c, names),
+        DbConnection::Sqlite(_) => Ok(()),
+    }
+}
+
+/// [`lock_leases_shared`] on a PostgreSQL connection.
+pub(crate) fn lock_leases_shared_on(
+    c: &mut PgConnection,
+    names: &[String],
+) -> diesel::QueryResult<()> {
     let locks: Vec<String> = names
         .iter()
         .map(|name| Lock::Lease(name).call(true))

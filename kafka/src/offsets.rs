@@ -7,6 +7,7 @@
 //! the lease is still this instance's ([`crate::leases`]).
 
 use crate::db::{DbConnection, DbError};
+use crate::prepared::PrepareOnce;
 use diesel::prelude::*;
 use std::collections::BTreeMap;
 
@@ -40,9 +41,11 @@ pub fn store(conn: &mut DbConnection, at: &ConsumedAt) -> Result<(), DbError> {
     store_all(conn, std::slice::from_ref(at))
 }
 
-/// [`store`] for the partitions of one batch (read by one instance), in two statements for
-/// one partition and three for more, whatever their number: the fence of their leases
-/// ([`crate::leases::fence_all`]) and one upsert of their positions.
+/// [`store`] for the partitions of one batch (read by one instance), whatever their number:
+/// on PostgreSQL two statements, their leases' locks taken shared
+/// ([`crate::db::lock_leases_shared`]), then their positions upserted only if `holder` holds
+/// every lease (the check and the upsert in one statement, seeing what committed before the
+/// locks were granted); on SQLite the fence ([`crate::leases::fence_all`]) and the upsert.
 pub fn store_all(conn: &mut DbConnection, ats: &[ConsumedAt]) -> Result<(), DbError> {
     let Some(first) = ats.first() else {
         return Ok(());
@@ -52,6 +55,16 @@ pub fn store_all(conn: &mut DbConnection, ats: &[ConsumedAt]) -> Result<(), DbEr
         .iter()
         .map(|at| crate::leases::partition_lease(&at.topic, at.partition))
         .collect();
+    if let DbConnection::Postgres(pg) = &mut *conn {
+        crate::db::lock_leases_shared_on(pg, &names)?;
+        if store_if_held(pg, ats, &names, &first.holder)? == ats.len() {
+            return Ok(());
+        }
+        // The locks are still held: no claim has committed since, so the fence names the
+        // lease the upsert found lost.
+        crate::leases::fence_all(conn, &names, &first.holder)?;
+        return Err(DbError::NotHolder(names[0].clone()));
+    }
     crate::leases::fence_all(conn, &names, &first.holder)?;
     let now = chrono::Utc::now().to_rfc3339();
     let rows: Vec<_> = ats
@@ -76,6 +89,42 @@ pub fn store_all(conn: &mut DbConnection, ats: &[ConsumedAt]) -> Result<(), DbEr
         ));
     crate::on_backend!(conn, |c| statement.execute(c))?;
     Ok(())
+}
+
+/// Upserts the positions `ats` if `me` holds every lease of `names`, in one statement; how
+/// many it stored: all or none.
+fn store_if_held(
+    pg: &mut diesel::PgConnection,
+    ats: &[ConsumedAt],
+    names: &[String],
+    me: &str,
+) -> QueryResult<usize> {
+    use diesel::sql_types::{Array, BigInt, Integer, Text};
+    #[derive(QueryableByName)]
+    struct Stored {
+        #[diesel(sql_type = Integer)]
+        #[allow(dead_code)]
+        partition: i32,
+    }
+    let stored: Vec<Stored> = diesel::sql_query(
+        "WITH held AS (SELECT count(*) AS n FROM leases WHERE name = ANY($1) AND holder = $2) \
+         INSERT INTO consumer_offsets (topic, partition, next_offset, updated_at) \
+         SELECT v.topic, v.partition, v.next_offset, $6 \
+         FROM unnest($3, $4, $5) AS v (topic, partition, next_offset), held \
+         WHERE held.n = cardinality($1) \
+         ON CONFLICT (topic, partition) DO UPDATE \
+             SET next_offset = excluded.next_offset, updated_at = excluded.updated_at \
+         RETURNING partition",
+    )
+    .bind::<Array<Text>, _>(names)
+    .bind::<Text, _>(me)
+    .bind::<Array<Text>, _>(ats.iter().map(|at| at.topic.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Integer>, _>(ats.iter().map(|at| at.partition).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(ats.iter().map(|at| at.next_offset).collect::<Vec<_>>())
+    .bind::<Text, _>(chrono::Utc::now().to_rfc3339())
+    .prepared()
+    .load(pg)?;
+    Ok(stored.len())
 }
 
 /// The next offset to read for every partition of `topic` this service has read.
