@@ -240,6 +240,16 @@ struct Waiting {
 }
 
 impl Queue {
+    fn new() -> Self {
+        Queue {
+            waiting: Mutex::new(Waiting {
+                writes: VecDeque::new(),
+                closed: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Waiting> {
         // A panic never happens while it is held (the writes run outside it).
         self.waiting
@@ -331,15 +341,8 @@ pub(crate) fn start(
     pool: Pool,
     notices: Arc<Notices>,
 ) -> std::io::Result<Writer> {
-    let queue = Arc::new(Queue {
-        waiting: Mutex::new(Waiting {
-            writes: VecDeque::new(),
-            closed: false,
-        }),
-        changed: Condvar::new(),
-    });
     let mut writer = Writer {
-        queue,
+        queue: Arc::new(Queue::new()),
         threads: Vec::with_capacity(writers),
     };
     for n in 0..writers.max(1) {
@@ -634,13 +637,7 @@ mod tests {
     }
 
     fn queue() -> std::sync::Arc<super::Queue> {
-        std::sync::Arc::new(super::Queue {
-            waiting: std::sync::Mutex::new(super::Waiting {
-                writes: Default::default(),
-                closed: false,
-            }),
-            changed: std::sync::Condvar::new(),
-        })
+        std::sync::Arc::new(super::Queue::new())
     }
 
     /// The first writer takes every write waiting (up to a transaction's worth) as soon as it

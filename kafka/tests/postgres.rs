@@ -479,14 +479,18 @@ async fn writes_about_different_orders_run_at_once_and_about_one_order_take_turn
 /// turns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_instances_writers_commit_side_by_side() {
-    use kafka::settings::PgLimits;
     let url = database_or_skip!("writers");
-    let limits = PgLimits {
-        writers: 2,
-        ..PgLimits::default()
-    };
-    let a = Database::open_with(&url, PLUMBING_MIGRATIONS, limits).unwrap();
+    let a = with_writers(&url, 2);
     different_orders_at_once_one_order_in_turns(&a, &a.clone()).await;
+}
+
+/// The plumbing's database at `url` with `writers` writer threads.
+fn with_writers(url: &str, writers: usize) -> Database {
+    let limits = kafka::settings::PgLimits {
+        writers,
+        ..kafka::settings::PgLimits::default()
+    };
+    Database::open_with(url, PLUMBING_MIGRATIONS, limits).expect("database with its writers")
 }
 
 /// A read-decide-write of one row of `counts`, holding its transaction open `hold` long;
@@ -795,13 +799,8 @@ async fn a_batch_of_partitions_is_fenced_by_all_its_leases_at_once() {
 /// rolled back) is undone alone, and the writes before and after it commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_in_a_group_is_undone_alone() {
-    use kafka::settings::PgLimits;
     let url = database_or_skip!("group");
-    let limits = PgLimits {
-        writers: 1,
-        ..PgLimits::default()
-    };
-    let db = Database::open_with(&url, PLUMBING_MIGRATIONS, limits).unwrap();
+    let db = with_writers(&url, 1);
     db.write(|conn| {
         conn.batch_execute("CREATE TABLE marks (id BIGINT PRIMARY KEY)")?;
         Ok::<_, DbError>(((), Vec::new()))
