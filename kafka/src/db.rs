@@ -563,11 +563,49 @@ pub struct Database {
 /// Work to do once a write has committed (and never if it did not).
 pub type AfterCommit = Box<dyn FnOnce() + Send>;
 
+/// How the events of a write enter its transaction: the service's [`WriteHook`], then the
+/// outbox. The writer records the events of every write of a transaction at once, just before
+/// the commit ([`crate::group_commit`]): a statement per table for the lot, not per write.
+#[derive(Clone)]
+pub(crate) struct Recorder {
+    hook: Option<Arc<dyn WriteHook>>,
+    routing: Arc<Routing>,
+}
+
+impl Recorder {
+    /// Records `events` (never empty) in the open transaction; what it returns runs after the
+    /// commit, once.
+    pub(crate) fn record(
+        &self,
+        conn: &mut DbConnection,
+        events: &[Envelope],
+    ) -> diesel::QueryResult<Option<AfterCommit>> {
+        let after = match &self.hook {
+            Some(hook) => hook.writing(conn, events)?,
+            None => None,
+        };
+        outbox::enqueue(conn, events, &self.routing)?;
+        Ok(after)
+    }
+
+    /// Whether `other` records as this one does (clones of one database share both parts), so
+    /// their writes' events may be recorded together.
+    pub(crate) fn same_as(&self, other: &Recorder) -> bool {
+        let hooks = match (&self.hook, &other.hook) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        hooks && Arc::ptr_eq(&self.routing, &other.routing)
+    }
+}
+
 /// What a service does with every event it writes, so it need not read its own events back
 /// from the topic: orders keeps each order's history with the events that change it.
 pub trait WriteHook: Send + Sync + 'static {
-    /// Runs in the write's transaction just before `events` (never empty) enter the outbox;
-    /// an error rolls the write back. What it returns runs after the commit, once.
+    /// Runs in the write's transaction just before `events` (never empty) enter the outbox:
+    /// the events of every write of a group commit at once, in their order; an error rolls
+    /// them back. What it returns runs after the commit, once.
     fn writing(
         &self,
         conn: &mut DbConnection,
@@ -778,8 +816,10 @@ impl Database {
     /// the service's [`WriteHook`], if any, sees those events in the same transaction.
     ///
     /// The writer thread runs it in a savepoint of the transaction it shares with the writes
-    /// queued at the same moment ([`crate::group_commit`]), and answers after the commit. On
-    /// PostgreSQL `f` takes a [`lock`] on what it decides on before reading it.
+    /// queued at the same moment ([`crate::group_commit`]), records the events of them all
+    /// before the commit, and answers after it. On PostgreSQL `f` takes a [`lock`] on what it
+    /// decides on before reading it. `f` does not see its events in the outbox or the hook's
+    /// tables: they are written after it.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut DbConnection) -> Result<(T, Vec<Envelope>), E> + Send + 'static,
@@ -787,19 +827,11 @@ impl Database {
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let (hook, routing) = (self.hook.clone(), self.routing().clone());
         let job = crate::group_commit::Job {
-            work: move |conn: &mut DbConnection| {
-                let (value, events) = f(conn)?;
-                if events.is_empty() {
-                    return Ok::<_, E>((value, false, None));
-                }
-                let after = match &hook {
-                    Some(hook) => hook.writing(conn, &events)?,
-                    None => None,
-                };
-                outbox::enqueue(conn, &events, &routing)?;
-                Ok((value, true, after))
+            work: f,
+            recorder: Recorder {
+                hook: self.hook.clone(),
+                routing: self.routing().clone(),
             },
             reply,
         };
@@ -807,12 +839,9 @@ impl Database {
         // Transient, so a consumer retries rather than parks; the retry finds out by its id.
         let unanswered = || DbError::Batch("the database writer dropped this write".into());
         self.writes.send(Box::new(job)).map_err(|_| unanswered())?;
-        let (value, published, after) = answer.await.map_err(|_| unanswered())??;
+        let (value, published) = answer.await.map_err(|_| unanswered())??;
         if published {
             self.outbox_committed.notify_one();
-        }
-        if let Some(after) = after {
-            after();
         }
         self.commits.send_modify(|n| *n = n.wrapping_add(1));
         Ok(value)

@@ -14,6 +14,11 @@
 //! past [`SPILL_AFTER`] — a local server, whose transactions take a millisecond or two, keeps
 //! the grouping (and the commits) of one writer; a distant one gets the writers side by side.
 //!
+//! The events the writes cause (the service's history rows, the outbox rows) are recorded
+//! once for the whole transaction, after its last write and before its commit, in the writes'
+//! order: a statement per table rather than per write. If they cannot be recorded, the writes
+//! whose own events are refused fail as if alone, and the others with a transient error.
+//!
 //! Nothing is weakened: a write is answered only after the transaction holding it committed;
 //! a write that fails (or panics) rolls back to its savepoint alone, as if it had been its own
 //! transaction; a failed commit fails every write in it, and nothing of them is kept. The
@@ -24,8 +29,9 @@
 //! keeps its connection while its transactions commit: a checkout from the pool tests the
 //! connection with a statement of its own.
 
-use crate::db::{DbConnection, DbError, Notices, Pool, write_transaction};
+use crate::db::{AfterCommit, DbConnection, DbError, Notices, Pool, Recorder, write_transaction};
 use diesel::connection::SimpleConnection;
+use events::Envelope;
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -91,28 +97,85 @@ pub(crate) trait Write: Send {
 
 /// How a write that ran is answered.
 pub(crate) trait Answer: Send {
-    /// `committed`: `None` when the transaction committed, else why it did not.
-    fn answer(self: Box<Self>, committed: Option<&str>);
+    /// The events the write caused, if it succeeded and caused any, and how they are
+    /// recorded: taken by the writer, which records those of every write of the transaction
+    /// at once before the commit.
+    fn take_events(&mut self) -> Option<(Recorder, Vec<Envelope>)>;
+
+    /// Answers with the transaction's outcome.
+    fn answer(self: Box<Self>, outcome: Outcome);
 }
 
-/// A write of [`crate::Database::write`]: the caller's closure and where to send its result.
+/// What became of the transaction a write ran in.
+pub(crate) enum Outcome<'a> {
+    /// It committed.
+    Committed,
+    /// It rolled back: why.
+    RolledBack(&'a str),
+    /// It rolled back because this write's own events could not be recorded: the write's
+    /// failure, as if the write had failed itself.
+    EventsRefused(diesel::result::Error),
+}
+
+/// A write of [`crate::Database::write`]: the caller's closure, which returns its result and
+/// the events it caused, how those are recorded, and where to send the result (and whether
+/// it caused events).
 pub(crate) struct Job<F, T, E> {
     pub(crate) work: F,
-    pub(crate) reply: tokio::sync::oneshot::Sender<Result<T, E>>,
+    pub(crate) recorder: Recorder,
+    pub(crate) reply: tokio::sync::oneshot::Sender<Result<(T, bool), E>>,
 }
 
 struct Ran<T, E> {
-    outcome: Result<T, E>,
-    reply: tokio::sync::oneshot::Sender<Result<T, E>>,
+    outcome: Result<(T, Vec<Envelope>), E>,
+    /// Whether it caused events (taken from `outcome` to be recorded).
+    caused: bool,
+    recorder: Recorder,
+    reply: tokio::sync::oneshot::Sender<Result<(T, bool), E>>,
 }
 
-impl<T: Send, E: From<DbError> + Send> Answer for Ran<T, E> {
-    fn answer(self: Box<Self>, committed: Option<&str>) {
-        let result = match committed {
-            None => self.outcome,
-            // Its own failure says more than the batch's.
-            Some(_) if self.outcome.is_err() => self.outcome,
-            Some(why) => Err(E::from(DbError::Batch(why.to_owned()))),
+impl<T, E> Ran<T, E> {
+    fn new(
+        outcome: Result<(T, Vec<Envelope>), E>,
+        recorder: Recorder,
+        reply: tokio::sync::oneshot::Sender<Result<(T, bool), E>>,
+    ) -> Self {
+        Ran {
+            outcome,
+            caused: false,
+            recorder,
+            reply,
+        }
+    }
+}
+
+impl<T, E> Answer for Ran<T, E>
+where
+    T: Send,
+    E: From<DbError> + From<diesel::result::Error> + Send,
+{
+    fn take_events(&mut self) -> Option<(Recorder, Vec<Envelope>)> {
+        match &mut self.outcome {
+            Ok((_, events)) if !events.is_empty() => {
+                self.caused = true;
+                Some((self.recorder.clone(), std::mem::take(events)))
+            }
+            _ => None,
+        }
+    }
+
+    fn answer(self: Box<Self>, outcome: Outcome) {
+        let caused = self.caused;
+        let result = match outcome {
+            Outcome::Committed => self
+                .outcome
+                .map(|(value, events)| (value, caused || !events.is_empty())),
+            // Its own failure says more than the transaction's.
+            Outcome::RolledBack(_) if self.outcome.is_err() => {
+                self.outcome.map(|(value, _)| (value, false))
+            }
+            Outcome::RolledBack(why) => Err(E::from(DbError::Batch(why.to_owned()))),
+            Outcome::EventsRefused(e) => Err(E::from(e)),
         };
         // The caller may have stopped waiting; the write's fate is decided all the same.
         let _ = self.reply.send(result);
@@ -121,7 +184,7 @@ impl<T: Send, E: From<DbError> + Send> Answer for Ran<T, E> {
 
 impl<F, T, E> Write for Job<F, T, E>
 where
-    F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+    F: FnOnce(&mut DbConnection) -> Result<(T, Vec<Envelope>), E> + Send + 'static,
     T: Send + 'static,
     E: From<DbError> + From<diesel::result::Error> + Send + 'static,
 {
@@ -130,17 +193,24 @@ where
         conn: &mut DbConnection,
         savepoint: &mut Savepoint,
     ) -> Result<Box<dyn Answer>, (Box<dyn Answer>, DbError)> {
-        let Job { work, reply } = *self;
+        let Job {
+            work,
+            recorder,
+            reply,
+        } = *self;
         if let Err(e) = savepoint.open(conn) {
             let outcome = Err(E::from(DbError::Batch(e.to_string())));
-            return Err((Box::new(Ran { outcome, reply }), DbError::Query(e)));
+            return Err((
+                Box::new(Ran::new(outcome, recorder, reply)),
+                DbError::Query(e),
+            ));
         }
         let outcome = run_caught(work, conn);
         let closed = match &outcome {
             Ok(_) => Ok(()),
             Err(_) => savepoint.roll_back(conn),
         };
-        let ran = Box::new(Ran { outcome, reply });
+        let ran = Box::new(Ran::new(outcome, recorder, reply));
         match closed {
             Ok(()) => Ok(ran),
             Err(e) => Err((ran, DbError::Query(e))),
@@ -148,10 +218,14 @@ where
     }
 
     fn run_alone(self: Box<Self>, conn: &mut DbConnection) -> (Box<dyn Answer>, bool) {
-        let Job { work, reply } = *self;
+        let Job {
+            work,
+            recorder,
+            reply,
+        } = *self;
         let outcome = run_caught(work, conn);
         let succeeded = outcome.is_ok();
-        (Box::new(Ran { outcome, reply }), succeeded)
+        (Box::new(Ran::new(outcome, recorder, reply)), succeeded)
     }
 
     fn fail(self: Box<Self>, cause: DbError) {
@@ -412,6 +486,8 @@ fn write_until_closed(
 enum Broke {
     /// The first write failed; nothing else had run in the transaction.
     FirstWrite,
+    /// The writes ran, and their events could not be recorded.
+    Events(diesel::result::Error),
     /// The transaction itself (or a savepoint) failed.
     Db(DbError),
 }
@@ -441,6 +517,85 @@ impl ConnectionAfter {
     }
 }
 
+/// The events of a transaction's writes, in the writes' order, recorded together just before
+/// the commit: on PostgreSQL a statement per table for all of them rather than per write (a
+/// POST was four round trips in its writer's transaction, two of them its history and outbox
+/// rows).
+#[derive(Default)]
+struct Caused {
+    all: Vec<Envelope>,
+    /// Per write that caused events: its answer's index, its recorder, its events in `all`.
+    by_write: Vec<(usize, Recorder, std::ops::Range<usize>)>,
+}
+
+impl Caused {
+    /// Takes the events of the writes that succeeded.
+    fn take(answers: &mut [Box<dyn Answer>]) -> Self {
+        let mut caused = Caused::default();
+        for (i, answer) in answers.iter_mut().enumerate() {
+            if let Some((recorder, events)) = answer.take_events() {
+                let start = caused.all.len();
+                caused.all.extend(events);
+                caused.by_write.push((i, recorder, start..caused.all.len()));
+            }
+        }
+        caused
+    }
+
+    /// Records them, each run of writes with one recorder at once; returns what runs after the
+    /// commit.
+    fn record(&self, conn: &mut DbConnection) -> diesel::QueryResult<Vec<AfterCommit>> {
+        let mut after = Vec::new();
+        let mut writes = self.by_write.iter().peekable();
+        while let Some((_, recorder, range)) = writes.next() {
+            let mut end = range.end;
+            while let Some((_, _, more)) = writes.next_if(|(_, next, _)| next.same_as(recorder)) {
+                end = more.end;
+            }
+            after.extend(recorder.record(conn, &self.all[range.start..end])?);
+        }
+        Ok(after)
+    }
+
+    /// After [`Caused::record`] failed with `e` and the transaction rolled back: the writes
+    /// whose own events are refused, with why, so that each fails as if alone and the others
+    /// are retried (a poison event must not fail its neighbours forever). A transient failure
+    /// is no write's; a lone write's is its own; else each write's events are tried in a
+    /// transaction of their own, rolled back whatever happens (the failure path only).
+    fn refused(
+        &self,
+        conn: &mut DbConnection,
+        e: diesel::result::Error,
+    ) -> Vec<(usize, diesel::result::Error)> {
+        if let [(i, _, _)] = self.by_write[..] {
+            return vec![(i, e)];
+        }
+        if DbError::Query(e).is_transient() {
+            return Vec::new();
+        }
+        enum Tried {
+            Recorded,
+            Refused(diesel::result::Error),
+        }
+        impl From<diesel::result::Error> for Tried {
+            fn from(e: diesel::result::Error) -> Self {
+                Tried::Refused(e)
+            }
+        }
+        let mut refused = Vec::new();
+        for (i, recorder, range) in &self.by_write {
+            let tried = write_transaction(conn, None, |conn| {
+                recorder.record(conn, &self.all[range.clone()])?;
+                Err::<(), _>(Tried::Recorded)
+            });
+            if let Err(Tried::Refused(e)) = tried {
+                refused.push((*i, e));
+            }
+        }
+        refused
+    }
+}
+
 /// Runs `batch` in one transaction and answers every write once its fate is known. The first
 /// write runs without a savepoint, as [`commit_alone`] does: nothing ran before it, so when it
 /// fails the transaction's rollback is its own, and the others go on in a new transaction.
@@ -458,6 +613,7 @@ fn commit(
     }
     let mut first = Some(first);
     let mut answers: Vec<Box<dyn Answer>> = Vec::with_capacity(pending.len() + 1);
+    let mut caused = Caused::default();
     let committed = write_transaction(conn, Some(notices), |conn| {
         if let Some(write) = first.take() {
             let (ran, succeeded) = write.run_alone(conn);
@@ -476,13 +632,17 @@ fn commit(
                 }
             }
         }
-        Ok(())
+        caused = Caused::take(&mut answers);
+        caused.record(conn).map_err(Broke::Events)
     });
     let why = match committed {
-        Ok(()) => None,
+        Ok(after) => {
+            after.into_iter().for_each(|after| after());
+            None
+        }
         Err(Broke::FirstWrite) => {
             for answer in answers {
-                answer.answer(Some("the write failed"));
+                answer.answer(Outcome::RolledBack("the write failed"));
             }
             // The next transaction tells whether the connection still works.
             let rest: Vec<_> = pending.collect();
@@ -492,13 +652,32 @@ fn commit(
                 commit(conn, rest, notices)
             };
         }
+        Err(Broke::Events(e)) => {
+            log::warn!(
+                "a group commit of {} write(s) failed recording their events: {e}",
+                answers.len()
+            );
+            let why = format!("another write's events could not be recorded: {e}");
+            let mut refused: std::collections::HashMap<_, _> =
+                caused.refused(conn, e).into_iter().collect();
+            for (i, answer) in answers.into_iter().enumerate() {
+                answer.answer(match refused.remove(&i) {
+                    Some(e) => Outcome::EventsRefused(e),
+                    None => Outcome::RolledBack(&why),
+                });
+            }
+            return ConnectionAfter::InDoubt;
+        }
         Err(Broke::Db(e)) => {
             log::warn!("a group commit of {} write(s) failed: {e}", answers.len());
             Some(e.to_string())
         }
     };
     for answer in answers {
-        answer.answer(why.as_deref());
+        answer.answer(
+            why.as_deref()
+                .map_or(Outcome::Committed, Outcome::RolledBack),
+        );
     }
     // Writes never run because the transaction broke before them.
     let connection = ConnectionAfter::of(why.as_deref());
@@ -511,6 +690,22 @@ fn commit(
     connection
 }
 
+/// Why a transaction of one write ended without committing.
+enum BrokeAlone {
+    /// The write failed (its answer says how).
+    Write,
+    /// The write ran, and its events could not be recorded.
+    Events(diesel::result::Error),
+    /// The transaction itself failed.
+    Db(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for BrokeAlone {
+    fn from(e: diesel::result::Error) -> Self {
+        BrokeAlone::Db(e)
+    }
+}
+
 /// Runs a write that is alone in its transaction: its savepoint would only copy every page
 /// it touches to a sub-journal (measured: ~15 % of orders' writer thread at 300 sagas/s), and
 /// the transaction rolls back just as well.
@@ -520,29 +715,50 @@ fn commit_alone(
     notices: &Notices,
 ) -> ConnectionAfter {
     let mut waiting = Some(write);
-    let mut answer = None;
-    // Err(None): the write itself failed, and its answer says how.
+    let mut answer: Option<Box<dyn Answer>> = None;
     let committed = write_transaction(conn, Some(notices), |conn| {
         let Some(write) = waiting.take() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        let (ran, succeeded) = write.run_alone(conn);
+        let (mut ran, succeeded) = write.run_alone(conn);
+        let events = ran.take_events();
         answer = Some(ran);
-        if succeeded { Ok(()) } else { Err(None) }
+        if !succeeded {
+            return Err(BrokeAlone::Write);
+        }
+        match events {
+            Some((recorder, events)) => recorder
+                .record(conn, &events)
+                .map(|after| after.into_iter().collect())
+                .map_err(BrokeAlone::Events),
+            None => Ok(Vec::new()),
+        }
     });
+    let mut refused = None;
     let why = match committed {
-        Ok(()) => None,
-        Err(None) => Some("the write failed".to_owned()),
-        Err(Some(e)) => {
-            let e: diesel::result::Error = e;
+        Ok(after) => {
+            after.into_iter().for_each(|after: AfterCommit| after());
+            None
+        }
+        Err(BrokeAlone::Write) => Some("the write failed".to_owned()),
+        Err(BrokeAlone::Events(e)) => {
+            let why = format!("its events could not be recorded: {e}");
+            refused = Some(e);
+            Some(why)
+        }
+        Err(BrokeAlone::Db(e)) => {
             log::warn!("a write failed to commit: {e}");
             Some(e.to_string())
         }
     };
-    if let Some(answer) = answer {
-        answer.answer(why.as_deref());
-    }
     let connection = ConnectionAfter::of(why.as_deref());
+    if let Some(answer) = answer {
+        answer.answer(match (refused, &why) {
+            (Some(e), _) => Outcome::EventsRefused(e),
+            (None, Some(why)) => Outcome::RolledBack(why),
+            (None, None) => Outcome::Committed,
+        });
+    }
     // Never run: the transaction could not begin.
     if let Some(write) = waiting {
         let why = why.unwrap_or_else(|| "the transaction did not begin".to_owned());
@@ -898,5 +1114,139 @@ mod tests {
             .unwrap();
         assert_eq!(kept, ["c"]);
         assert_eq!(db.read(ids).await.unwrap(), ["c"]);
+    }
+
+    /// The order ids of each call of the hook; the events of order 666 it cannot record (a
+    /// real constraint violation, as a NUL that slipped past the edges would be on PostgreSQL).
+    struct Seen(std::sync::Arc<std::sync::Mutex<Vec<Vec<i64>>>>);
+
+    impl crate::db::WriteHook for Seen {
+        fn writing(
+            &self,
+            conn: &mut DbConnection,
+            events: &[events::Envelope],
+        ) -> diesel::QueryResult<Option<crate::db::AfterCommit>> {
+            let orders: Vec<i64> = events.iter().filter_map(|e| e.event.order_id()).collect();
+            if orders.contains(&666) {
+                conn.batch_execute(
+                    "INSERT INTO processed_events VALUES ('twice', 'T', 'now'); \
+                     INSERT INTO processed_events VALUES ('twice', 'T', 'now')",
+                )?;
+            }
+            self.0.lock().unwrap().push(orders);
+            Ok(None)
+        }
+    }
+
+    fn completed(order_id: i64) -> events::Envelope {
+        use events::{Event, OrderCompleted, Service};
+        let e = OrderCompleted {
+            order_id,
+            product_id: 1,
+            quantity: 1,
+            customer_id: "c".into(),
+        };
+        events::Envelope::new(Service::Orders, Event::OrderCompleted(e))
+    }
+
+    /// The outbox's pending rows, as their keys in commit order.
+    fn outbox_keys(conn: &mut DbConnection) -> Result<Vec<String>, DbError> {
+        Ok(crate::outbox::pending(conn, 100)?
+            .into_iter()
+            .map(|row| row.message_key)
+            .collect())
+    }
+
+    /// Holds the writer with a write of its own until the returned sender is used, so the
+    /// writes queued meanwhile share the next transaction.
+    async fn hold_writer(
+        db: &Database,
+    ) -> (
+        mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), DbError>>,
+    ) {
+        let (started, runs) = tokio::sync::oneshot::channel();
+        let (release, hold) = mpsc::channel::<()>();
+        let holder = spawn_write(db, move |_| {
+            let _ = started.send(());
+            let _ = hold.recv();
+            Ok(((), Vec::new()))
+        });
+        runs.await.unwrap();
+        (release, holder)
+    }
+
+    /// The events of the writes of one transaction are recorded together, once, in the writes'
+    /// order (the hook sees them in one call; the outbox numbers them in that order), and
+    /// commit with them.
+    #[tokio::test]
+    async fn the_events_of_writes_queued_together_are_recorded_at_once_in_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = std::sync::Arc::default();
+        let db =
+            open(&dir).with_write_hook(std::sync::Arc::new(Seen(std::sync::Arc::clone(&calls))));
+        let (release, holder) = hold_writer(&db).await;
+        let causing = |orders: Vec<i64>| {
+            queued(&db, move |conn| {
+                insert(conn, &format!("w{}", orders.first().unwrap_or(&0)))?;
+                Ok(((), orders.into_iter().map(completed).collect()))
+            })
+        };
+        let writes = [causing(vec![1]), causing(Vec::new()), causing(vec![2, 3])];
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        for write in writes {
+            write.await.unwrap();
+        }
+        assert_eq!(*calls.lock().unwrap(), [vec![1, 2, 3]]);
+        assert_eq!(db.read(outbox_keys).await.unwrap(), ["1", "2", "3"]);
+        assert_eq!(db.read(ids).await.unwrap(), ["w0", "w1", "w2"]);
+    }
+
+    /// When the events of one write of a transaction cannot be recorded, nothing of the
+    /// transaction commits; that write gets its own error (not transient: a consumer parks
+    /// its event), the others a transient one, and retried they commit.
+    #[tokio::test]
+    async fn a_write_whose_events_cannot_be_recorded_fails_alone_and_the_others_are_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir).with_write_hook(std::sync::Arc::new(Seen(Default::default())));
+        let work = |order: i64| {
+            move |conn: &mut DbConnection| {
+                insert(conn, &format!("w{order}"))?;
+                Ok(((), vec![completed(order)]))
+            }
+        };
+        let (first, poison, last) = (
+            || queued(&db, work(1)),
+            || queued(&db, work(666)),
+            || queued(&db, work(2)),
+        );
+        let (release, holder) = hold_writer(&db).await;
+        let writes = [first(), poison(), last()];
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        let [first_failed, poison_failed, last_failed] = futures_util::future::join_all(writes)
+            .await
+            .try_into()
+            .unwrap();
+        let poison_failed = poison_failed.unwrap_err();
+        assert!(!poison_failed.is_transient(), "{poison_failed}");
+        for neighbour in [first_failed, last_failed] {
+            let e = neighbour.unwrap_err();
+            assert!(matches!(e, DbError::Batch(_)) && e.is_transient(), "{e}");
+        }
+        assert!(db.read(ids).await.unwrap().is_empty(), "a write committed");
+        assert!(db.read(outbox_keys).await.unwrap().is_empty());
+        // Retried, each alone or together, the neighbours commit; the poison fails alike.
+        let (release, holder) = hold_writer(&db).await;
+        let writes = [first(), last()];
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        for write in writes {
+            write.await.unwrap();
+        }
+        assert!(!db.write(work(666)).await.unwrap_err().is_transient());
+        assert_eq!(db.read(outbox_keys).await.unwrap(), ["1", "2"]);
+        assert_eq!(db.read(ids).await.unwrap(), ["w1", "w2"]);
     }
 }

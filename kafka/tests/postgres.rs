@@ -868,6 +868,112 @@ async fn a_failed_write_in_a_group_is_undone_alone() {
     assert_eq!(kept, [1, 2, 3, 4]);
 }
 
+/// A service hook that cannot record order 666's events: it asks PostgreSQL for a NUL, the
+/// class-22 error a NUL that slipped past the edges would raise.
+struct RefusesOrder666;
+
+impl kafka::db::WriteHook for RefusesOrder666 {
+    fn writing(
+        &self,
+        conn: &mut kafka::db::DbConnection,
+        events: &[events::Envelope],
+    ) -> diesel::QueryResult<Option<kafka::db::AfterCommit>> {
+        if events.iter().any(|e| e.event.order_id() == Some(666)) {
+            conn.batch_execute("SELECT chr(0)")?;
+        }
+        Ok(None)
+    }
+}
+
+/// The events of a group's writes are recorded together before the commit. When one write's
+/// cannot be (PostgreSQL then refuses every statement of the transaction), nothing commits;
+/// that write gets its own error, a data error a consumer parks, and the others a transient
+/// one; retried, they commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_events_cannot_be_recorded_fails_alone_and_the_others_are_retried() {
+    let url = database_or_skip!("recorded");
+    let db = with_writers(&url, 1).with_write_hook(std::sync::Arc::new(RefusesOrder666));
+    db.write(|conn| {
+        conn.batch_execute("CREATE TABLE marks (id BIGINT PRIMARY KEY)")?;
+        Ok::<_, DbError>(((), Vec::new()))
+    })
+    .await
+    .unwrap();
+    let completed = |order_id| {
+        let e = events::OrderCompleted {
+            order_id,
+            product_id: 1,
+            quantity: 1,
+            customer_id: "c".into(),
+        };
+        events::Envelope::new(events::Service::Orders, events::Event::OrderCompleted(e))
+    };
+    let group = |ids: Vec<i64>| {
+        let db = db.clone();
+        async move {
+            let (release, hold) = std::sync::mpsc::channel::<()>();
+            let holder = {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    db.write(move |_| {
+                        let _ = hold.recv();
+                        Ok::<_, DbError>(((), Vec::new()))
+                    })
+                    .await
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut writes = Vec::new();
+            for id in ids {
+                let db = db.clone();
+                writes.push(tokio::spawn(async move {
+                    db.write(move |conn| {
+                        conn.batch_execute(&format!("INSERT INTO marks VALUES ({id})"))?;
+                        Ok::<_, DbError>(((), vec![completed(id)]))
+                    })
+                    .await
+                }));
+                // Queued in this order behind the holder.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            release.send(()).unwrap();
+            holder.await.unwrap().unwrap();
+            let mut outcomes = Vec::new();
+            for write in writes {
+                outcomes.push(write.await.unwrap());
+            }
+            outcomes
+        }
+    };
+    let marks = || {
+        db.read(|conn| {
+            diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                "SELECT id FROM marks UNION ALL SELECT message_key::bigint FROM outbox ORDER BY 1",
+            )
+            .load::<i64>(conn)
+            .map_err(DbError::from)
+        })
+    };
+    let [first, poison, last]: [Result<(), DbError>; 3] =
+        group(vec![1, 666, 2]).await.try_into().unwrap();
+    let poison = poison.unwrap_err();
+    assert!(!poison.is_transient(), "{poison}");
+    for neighbour in [first, last] {
+        let e = neighbour.unwrap_err();
+        assert!(matches!(e, DbError::Batch(_)) && e.is_transient(), "{e}");
+    }
+    assert_eq!(
+        marks().await.unwrap(),
+        Vec::<i64>::new(),
+        "something committed"
+    );
+    for retried in group(vec![1, 2]).await {
+        retried.unwrap();
+    }
+    // Each order's mark and its event's outbox row.
+    assert_eq!(marks().await.unwrap(), [1, 1, 2, 2]);
+}
+
 /// The relay's connection is kept from one round to the next, untested (a checkout's test is
 /// a round trip): one that died costs one failed round, and the next round gets a tested
 /// connection from the pool.
