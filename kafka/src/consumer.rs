@@ -9,7 +9,10 @@
 //! no partitions for good (tansu 0.6.0; see the README). A crash at any instant loses nothing
 //! and doubles nothing: the position and the effect commit together, and the inbox absorbs
 //! any repeat anyway. Every 3 s (`BALANCE_EVERY`) the consumer renews its leases and takes its
-//! fair share; when what it holds changes it reassigns itself.
+//! fair share — every second while it is short of its share and another instance is to
+//! release partitions (an instance joined) or took one it wanted in the same moment, so a
+//! released partition is unread for about a second rather than up to three;
+//! when what it holds changes it reassigns itself.
 //!
 //! A message that cannot be decoded or is refused by the service's rules is parked
 //! ([`crate::parking`]); every other failure (the database busy, full, read-only…) is
@@ -593,6 +596,9 @@ struct Session {
     /// The partitions this instance holds and reads.
     holds: BTreeSet<i32>,
     balanced_at: Instant,
+    /// This instance should have more partitions soon ([`Balanced::rebalance_soon`]): it
+    /// balances every tick until it has them.
+    rebalance_soon: bool,
     /// The positions last committed to the broker's group, for display.
     shown: BTreeMap<i32, i64>,
 }
@@ -824,6 +830,7 @@ impl EventConsumer {
             partitions,
             holds: balanced.holds,
             balanced_at: Instant::now(),
+            rebalance_soon: balanced.rebalance_soon,
             shown: BTreeMap::new(),
         })
     }
@@ -845,7 +852,8 @@ impl EventConsumer {
                     if let Some(reason) = self.status.reopen_reason() {
                         return Exit::Reopen(reason);
                     }
-                    if session.balanced_at.elapsed() >= BALANCE_EVERY
+                    let due = if session.rebalance_soon { Duration::ZERO } else { BALANCE_EVERY };
+                    if session.balanced_at.elapsed() >= due
                         && self.rebalance(&mut session).await
                     {
                         return Exit::Rebalanced;
@@ -939,6 +947,7 @@ impl EventConsumer {
         match self.balance(&partitions).await {
             Ok(balanced) => {
                 session.balanced_at = Instant::now();
+                session.rebalance_soon = balanced.rebalance_soon;
                 session.partitions = partitions;
                 if balanced.holds == session.holds {
                     return false;
@@ -1493,6 +1502,7 @@ mod tests {
             holds: BTreeSet::new(),
             orphaned,
             members: 2,
+            rebalance_soon: false,
         }
     }
 

@@ -129,6 +129,26 @@ pub fn plan(
     }
 }
 
+/// Whether `me`, holding `holds` partitions of a `share` each, waits for another live
+/// instance to release some: it holds fewer than its share, and another holds more (it gives
+/// up the surplus at its next round). An instance idle because there are more instances than
+/// partitions waits for nobody.
+pub fn awaits_release(
+    me: &str,
+    now_ms: i64,
+    share: usize,
+    holds: usize,
+    leases: &BTreeMap<i32, Held>,
+) -> bool {
+    let mut others: BTreeMap<&str, usize> = BTreeMap::new();
+    for lease in leases.values() {
+        if lease.holder != me && lease.expires_at > now_ms {
+            *others.entry(lease.holder.as_str()).or_default() += 1;
+        }
+    }
+    holds < share && others.values().any(|&n| n > share)
+}
+
 /// One instance's view of its leases.
 #[derive(Debug, Clone)]
 pub struct Membership {
@@ -148,6 +168,12 @@ pub struct Balanced {
     pub orphaned: Vec<i32>,
     /// Live instances, this one included.
     pub members: usize,
+    /// This instance holds less than its share and should look again soon rather than leave
+    /// partitions unread until its next round: another live instance holds more than its
+    /// share and releases the surplus at its next round ([`awaits_release`]), or another
+    /// instance claimed a free partition this one wanted in the same moment (two joining at
+    /// once pick the same lowest ones).
+    pub rebalance_soon: bool,
 }
 
 impl Membership {
@@ -209,7 +235,11 @@ impl Membership {
                         .is_none_or(|l| l.holder == self.me || l.expires_at <= now)
             })
             .collect();
+        let share = partitions.len().div_ceil((live as usize).max(1));
         Ok(Balanced {
+            rebalance_soon: holds.len() < share
+                && (claimed.len() < plan.claim.len()
+                    || awaits_release(&self.me, now, share, holds.len(), &current)),
             holds,
             orphaned,
             members: live as usize,
@@ -395,6 +425,30 @@ mod tests {
     fn more_instances_than_partitions_leave_some_idle() {
         let leases = BTreeMap::from([(0, held("a", 500)), (1, held("b", 500))]);
         assert_eq!(plan("c", 100, &[0, 1], &leases, 3), Plan::default());
+        assert!(
+            !awaits_release("c", 100, 1, 0, &leases),
+            "nobody has a surplus"
+        );
+    }
+
+    #[test]
+    fn an_instance_short_of_its_share_awaits_a_live_surplus_only() {
+        let a_holds_three = BTreeMap::from([
+            (0, held("a", 500)),
+            (1, held("a", 500)),
+            (2, held("a", 500)),
+            (3, held("b", 500)),
+        ]);
+        assert!(awaits_release("c", 100, 2, 0, &a_holds_three));
+        assert!(
+            !awaits_release("c", 100, 2, 2, &a_holds_three),
+            "c has its share"
+        );
+        assert!(
+            !awaits_release("c", 600, 2, 0, &a_holds_three),
+            "expired: claimed, not awaited"
+        );
+        assert!(!awaits_release("a", 100, 3, 3, &a_holds_three));
     }
 
     async fn database(dir: &tempfile::TempDir) -> Database {
@@ -424,12 +478,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = database(&dir).await;
         let (a, b) = (member("a"), member("b"));
-        assert_eq!(balance(&db, &a).await.holds.len(), 6);
-        assert!(balance(&db, &b).await.holds.is_empty(), "nothing free yet");
-        assert_eq!(balance(&db, &a).await.holds, BTreeSet::from([0, 1, 2]));
+        let got_a = balance(&db, &a).await;
+        assert_eq!(got_a.holds.len(), 6);
+        assert!(!got_a.rebalance_soon, "alone, a waits for nobody");
+        let waiting_b = balance(&db, &b).await;
+        assert!(waiting_b.holds.is_empty(), "nothing free yet");
+        assert!(waiting_b.rebalance_soon, "a holds more than its share");
+        let got_a = balance(&db, &a).await;
+        assert_eq!(got_a.holds, BTreeSet::from([0, 1, 2]));
+        assert!(!got_a.rebalance_soon);
         let got_b = balance(&db, &b).await;
         assert_eq!(got_b.holds, BTreeSet::from([3, 4, 5]));
         assert!(got_b.orphaned.is_empty());
+        assert!(!got_b.rebalance_soon, "b has its share");
         let fenced = db
             .write(|conn| {
                 let a_on_4 = fence(conn, &partition_lease("t", 4), "a");
