@@ -114,7 +114,37 @@ pub(crate) enum Outcome<'a> {
     RolledBack(&'a str),
     /// It rolled back because this write's own events could not be recorded: the write's
     /// failure, as if the write had failed itself.
-    EventsRefused(diesel::result::Error),
+    EventsRefused(Refused),
+}
+
+/// Why a write's events could not be recorded.
+pub(crate) enum Refused {
+    /// The database refused them.
+    Query(diesel::result::Error),
+    /// The service's write hook panicked on them: a bug, which fails the write as a panic in
+    /// the write itself would (`DbError::Task`, so a consumer parks the event).
+    Panicked(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Query(e) => e.fmt(f),
+            Refused::Panicked(message) => write!(f, "the write hook panicked: {message}"),
+        }
+    }
+}
+
+/// [`Recorder::record`], a panic in the service's hook caught as the write's failure.
+fn record_caught(
+    recorder: &Recorder,
+    conn: &mut DbConnection,
+    events: &[Envelope],
+) -> Result<Option<AfterCommit>, Refused> {
+    match catch_unwind(AssertUnwindSafe(|| recorder.record(conn, events))) {
+        Ok(recorded) => recorded.map_err(Refused::Query),
+        Err(panic) => Err(Refused::Panicked(panic_message(&*panic).to_owned())),
+    }
 }
 
 /// A write of [`crate::Database::write`]: the caller's closure, which returns its result and
@@ -175,7 +205,10 @@ where
                 self.outcome.map(|(value, _)| (value, false))
             }
             Outcome::RolledBack(why) => Err(E::from(DbError::Batch(why.to_owned()))),
-            Outcome::EventsRefused(e) => Err(E::from(e)),
+            Outcome::EventsRefused(Refused::Query(e)) => Err(E::from(e)),
+            Outcome::EventsRefused(Refused::Panicked(message)) => {
+                Err(E::from(DbError::Task(format!("panicked: {message}"))))
+            }
         };
         // The caller may have stopped waiting; the write's fate is decided all the same.
         let _ = self.reply.send(result);
@@ -487,7 +520,7 @@ enum Broke {
     /// The first write failed; nothing else had run in the transaction.
     FirstWrite,
     /// The writes ran, and their events could not be recorded.
-    Events(diesel::result::Error),
+    Events(Refused),
     /// The transaction itself (or a savepoint) failed.
     Db(DbError),
 }
@@ -544,7 +577,7 @@ impl Caused {
 
     /// Records them, each run of writes with one recorder at once; returns what runs after the
     /// commit.
-    fn record(&self, conn: &mut DbConnection) -> diesel::QueryResult<Vec<AfterCommit>> {
+    fn record(&self, conn: &mut DbConnection) -> Result<Vec<AfterCommit>, Refused> {
         let mut after = Vec::new();
         let mut writes = self.by_write.iter().peekable();
         while let Some((_, recorder, range)) = writes.next() {
@@ -552,7 +585,7 @@ impl Caused {
             while let Some((_, _, more)) = writes.next_if(|(_, next, _)| next.same_as(recorder)) {
                 end = more.end;
             }
-            after.extend(recorder.record(conn, &self.all[range.start..end])?);
+            after.extend(record_caught(recorder, conn, &self.all[range.start..end])?);
         }
         Ok(after)
     }
@@ -562,30 +595,28 @@ impl Caused {
     /// are retried (a poison event must not fail its neighbours forever). A transient failure
     /// is no write's; a lone write's is its own; else each write's events are tried in a
     /// transaction of their own, rolled back whatever happens (the failure path only).
-    fn refused(
-        &self,
-        conn: &mut DbConnection,
-        e: diesel::result::Error,
-    ) -> Vec<(usize, diesel::result::Error)> {
+    fn refused(&self, conn: &mut DbConnection, e: Refused) -> Vec<(usize, Refused)> {
         if let [(i, _, _)] = self.by_write[..] {
             return vec![(i, e)];
         }
-        if DbError::Query(e).is_transient() {
+        if let Refused::Query(e) = e
+            && DbError::Query(e).is_transient()
+        {
             return Vec::new();
         }
         enum Tried {
             Recorded,
-            Refused(diesel::result::Error),
+            Refused(Refused),
         }
         impl From<diesel::result::Error> for Tried {
             fn from(e: diesel::result::Error) -> Self {
-                Tried::Refused(e)
+                Tried::Refused(Refused::Query(e))
             }
         }
         let mut refused = Vec::new();
         for (i, recorder, range) in &self.by_write {
             let tried = write_transaction(conn, None, |conn| {
-                recorder.record(conn, &self.all[range.clone()])?;
+                record_caught(recorder, conn, &self.all[range.clone()]).map_err(Tried::Refused)?;
                 Err::<(), _>(Tried::Recorded)
             });
             if let Err(Tried::Refused(e)) = tried {
@@ -695,7 +726,7 @@ enum BrokeAlone {
     /// The write failed (its answer says how).
     Write,
     /// The write ran, and its events could not be recorded.
-    Events(diesel::result::Error),
+    Events(Refused),
     /// The transaction itself failed.
     Db(diesel::result::Error),
 }
@@ -727,8 +758,7 @@ fn commit_alone(
             return Err(BrokeAlone::Write);
         }
         match events {
-            Some((recorder, events)) => recorder
-                .record(conn, &events)
+            Some((recorder, events)) => record_caught(&recorder, conn, &events)
                 .map(|after| after.into_iter().collect())
                 .map_err(BrokeAlone::Events),
             None => Ok(Vec::new()),
@@ -1117,7 +1147,8 @@ mod tests {
     }
 
     /// The order ids of each call of the hook; the events of order 666 it cannot record (a
-    /// real constraint violation, as a NUL that slipped past the edges would be on PostgreSQL).
+    /// real constraint violation, as a NUL that slipped past the edges would be on PostgreSQL),
+    /// and on those of order 999 it panics (a bug).
     struct Seen(std::sync::Arc<std::sync::Mutex<Vec<Vec<i64>>>>);
 
     impl crate::db::WriteHook for Seen {
@@ -1127,6 +1158,7 @@ mod tests {
             events: &[events::Envelope],
         ) -> diesel::QueryResult<Option<crate::db::AfterCommit>> {
             let orders: Vec<i64> = events.iter().filter_map(|e| e.event.order_id()).collect();
+            assert!(!orders.contains(&999), "a bug in a hook");
             if orders.contains(&666) {
                 conn.batch_execute(
                     "INSERT INTO processed_events VALUES ('twice', 'T', 'now'); \
@@ -1205,7 +1237,8 @@ mod tests {
 
     /// When the events of one write of a transaction cannot be recorded, nothing of the
     /// transaction commits; that write gets its own error (not transient: a consumer parks
-    /// its event), the others a transient one, and retried they commit.
+    /// its event; a panic of the hook as the write's own panic), the others a transient one,
+    /// and retried they commit.
     #[tokio::test]
     async fn a_write_whose_events_cannot_be_recorded_fails_alone_and_the_others_are_retried() {
         let dir = tempfile::tempdir().unwrap();
@@ -1216,21 +1249,28 @@ mod tests {
                 Ok(((), vec![completed(order)]))
             }
         };
-        let (first, poison, last) = (
+        let (first, poison, panicking, last) = (
             || queued(&db, work(1)),
             || queued(&db, work(666)),
+            || queued(&db, work(999)),
             || queued(&db, work(2)),
         );
         let (release, holder) = hold_writer(&db).await;
-        let writes = [first(), poison(), last()];
+        let writes = [first(), poison(), panicking(), last()];
         release.send(()).unwrap();
         holder.await.unwrap().unwrap();
-        let [first_failed, poison_failed, last_failed] = futures_util::future::join_all(writes)
-            .await
-            .try_into()
-            .unwrap();
+        let [first_failed, poison_failed, panicked, last_failed] =
+            futures_util::future::join_all(writes)
+                .await
+                .try_into()
+                .unwrap();
         let poison_failed = poison_failed.unwrap_err();
         assert!(!poison_failed.is_transient(), "{poison_failed}");
+        let panicked = panicked.unwrap_err();
+        assert!(
+            matches!(&panicked, DbError::Task(m) if m.contains("a bug in a hook")),
+            "{panicked}"
+        );
         for neighbour in [first_failed, last_failed] {
             let e = neighbour.unwrap_err();
             assert!(matches!(e, DbError::Batch(_)) && e.is_transient(), "{e}");
@@ -1246,6 +1286,11 @@ mod tests {
             write.await.unwrap();
         }
         assert!(!db.write(work(666)).await.unwrap_err().is_transient());
+        let alone = db.write(work(999)).await.unwrap_err();
+        assert!(
+            matches!(&alone, DbError::Task(m) if m.contains("a bug in a hook")),
+            "{alone}"
+        );
         assert_eq!(db.read(outbox_keys).await.unwrap(), ["1", "2"]);
         assert_eq!(db.read(ids).await.unwrap(), ["w1", "w2"]);
     }
