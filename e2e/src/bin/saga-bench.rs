@@ -201,18 +201,13 @@ struct Session {
     _proxy: Option<DelayProxy>,
 }
 
-/// Every service logs at `warn` (logging must not dominate) but for its consumer's and relay's
-/// `info` (partitions moving between instances: a few lines a run), with this fetch wait.
+/// Every service logs at `warn` (logging must not dominate) with this fetch wait.
 fn service_env(fetch_wait_ms: u64) -> Vec<(&'static str, String, String)> {
     SERVICES
         .iter()
         .flat_map(|s| {
             [
-                (
-                    *s,
-                    "RUST_LOG".to_owned(),
-                    "warn,kafka::consumer=info,kafka::outbox=info".to_owned(),
-                ),
+                (*s, "RUST_LOG".to_owned(), "warn".to_owned()),
                 (
                     *s,
                     "KAFKA_FETCH_WAIT_MAX_MS".to_owned(),
