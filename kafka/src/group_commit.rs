@@ -551,9 +551,8 @@ impl ConnectionAfter {
 }
 
 /// The events of a transaction's writes, in the writes' order, recorded together just before
-/// the commit: on PostgreSQL a statement per table for all of them rather than per write (a
-/// POST was four round trips in its writer's transaction, two of them its history and outbox
-/// rows).
+/// the commit: on PostgreSQL a statement per table for all of them, where recording them write
+/// by write cost each write two round trips (its history rows, its outbox rows).
 #[derive(Default)]
 struct Caused {
     all: Vec<Envelope>,
