@@ -794,6 +794,29 @@ async fn a_batch_of_partitions_is_fenced_by_all_its_leases_at_once() {
     );
 }
 
+/// Holds `db`'s only writer with a write of its own until the returned sender is used, so the
+/// writes queued meanwhile share its next transaction.
+async fn hold_the_writer(
+    db: &Database,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    tokio::task::JoinHandle<Result<(), DbError>>,
+) {
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            db.write(move |_| {
+                let _ = hold.recv();
+                Ok::<_, DbError>(((), Vec::new()))
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (release, holder)
+}
+
 /// Writes queued behind a busy writer share its next transaction, each in a savepoint: one
 /// whose statement fails (PostgreSQL then refuses every statement until the savepoint is
 /// rolled back) is undone alone, and the writes before and after it commit.
@@ -807,18 +830,7 @@ async fn a_failed_write_in_a_group_is_undone_alone() {
     })
     .await
     .unwrap();
-    let (release, hold) = std::sync::mpsc::channel::<()>();
-    let holder = {
-        let db = db.clone();
-        tokio::spawn(async move {
-            db.write(move |_| {
-                let _ = hold.recv();
-                Ok::<_, DbError>(((), Vec::new()))
-            })
-            .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (release, holder) = hold_the_writer(&db).await;
     // 2 is written twice: the second fails on the primary key. Each write says which
     // transaction it ran in.
     let mut writes = Vec::new();
@@ -911,18 +923,7 @@ async fn a_write_whose_events_cannot_be_recorded_fails_alone_and_the_others_are_
     let group = |ids: Vec<i64>| {
         let db = db.clone();
         async move {
-            let (release, hold) = std::sync::mpsc::channel::<()>();
-            let holder = {
-                let db = db.clone();
-                tokio::spawn(async move {
-                    db.write(move |_| {
-                        let _ = hold.recv();
-                        Ok::<_, DbError>(((), Vec::new()))
-                    })
-                    .await
-                })
-            };
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (release, holder) = hold_the_writer(&db).await;
             let mut writes = Vec::new();
             for id in ids {
                 let db = db.clone();
