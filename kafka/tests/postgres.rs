@@ -213,6 +213,52 @@ async fn leases_split_partitions_and_fence_the_old_holder() {
     let _ = leases::RELAY;
 }
 
+/// Two instances joining at once plan to claim the same free partitions; the one that loses a
+/// claim to the other is told to balance again soon, though nobody holds a surplus it could
+/// wait for (as far as it saw): else it would leave a partition unread for a whole round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_loses_a_claim_to_another_balances_again_soon() {
+    let url = database_or_skip!("claims");
+    let open = || Database::open(&url, PLUMBING_MIGRATIONS).unwrap();
+    let (holder_db, b_db, c_db) = (open(), open(), open());
+    // Both joiners read the leases (none held), then wait at the lock of the first claim.
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let holder = tokio::spawn(async move {
+        holder_db
+            .write(move |conn| {
+                kafka::db::lock(conn, Lock::Lease(&leases::partition_lease("t", 0)))?;
+                let _ = hold.recv();
+                Ok::<_, DbError>(((), Vec::new()))
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let balance = |db: Database, me: &str| {
+        let m = Membership {
+            me: me.into(),
+            ttl: Duration::from_secs(10),
+        };
+        tokio::spawn(async move {
+            db.write(move |conn| Ok::<_, DbError>((m.balance(conn, "t", &[0, 1])?, Vec::new())))
+                .await
+        })
+    };
+    let (b, c) = (balance(b_db, "b"), balance(c_db, "c"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release.send(()).unwrap();
+    holder.await.unwrap().unwrap();
+    let (b, c) = (b.await.unwrap().unwrap(), c.await.unwrap().unwrap());
+    let (winner, loser) = if b.holds.contains(&0) { (b, c) } else { (c, b) };
+    assert!(
+        winner.holds.contains(&0) && !loser.holds.contains(&0),
+        "{winner:?} {loser:?}"
+    );
+    assert!(
+        loser.rebalance_soon,
+        "the loser of a claim must look again soon: {loser:?}"
+    );
+}
+
 /// An instance stopped inside its write transaction (SIGSTOP, a VM pause) holds the lock of
 /// the order it was deciding on. Its siblings' writes about that order must fail within `lock_timeout` (transient: retried, never
 /// parked) instead of waiting for ever, and once the server ends the stalled session
