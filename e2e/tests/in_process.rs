@@ -1004,7 +1004,7 @@ async fn a_placed_order_is_named_and_priced_from_the_replica() {
             for (product_id, quantity) in [(1, 3), (2, 2), (2, 1), (9, 1)] {
                 let stored = orders::store::place_order(
                     conn,
-                    orders::store::Placement {
+                    orders::domain::OrderRequest {
                         product_id,
                         quantity,
                         customer_id: "c".into(),

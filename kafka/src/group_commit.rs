@@ -197,9 +197,8 @@ where
     fn answer(self: Box<Self>, outcome: Outcome) {
         let caused = self.caused;
         let result = match outcome {
-            Outcome::Committed => self
-                .outcome
-                .map(|(value, events)| (value, caused || !events.is_empty())),
+            // Its events, if any, were taken to be recorded before the commit.
+            Outcome::Committed => self.outcome.map(|(value, _)| (value, caused)),
             // Its own failure says more than the transaction's.
             Outcome::RolledBack(_) if self.outcome.is_err() => {
                 self.outcome.map(|(value, _)| (value, false))

@@ -208,16 +208,7 @@ async fn place(
             {
                 return Ok((Keyed::Replayed(replay), Vec::new()));
             }
-            let stored = store::place_order(
-                conn,
-                store::Placement {
-                    product_id: request.product_id,
-                    quantity: request.quantity,
-                    customer_id: request.customer_id,
-                    customer_name: request.customer_name,
-                    customer_addr: request.customer_addr,
-                },
-            )?;
+            let stored = store::place_order(conn, request)?;
             let event = saga::placed(&stored.order);
             let location = format!("/orders/{}", stored.order.id);
             let answer = OrderJson::from(stored);

@@ -165,22 +165,14 @@ impl TryFrom<OrderRow> for StoredOrder {
     }
 }
 
-/// A new order as the customer asked for it, which [`place_order`] names and prices.
-#[derive(Debug)]
-#[allow(missing_docs)]
-pub struct Placement {
-    pub product_id: i64,
-    pub quantity: i64,
-    pub customer_id: String,
-    pub customer_name: Option<String>,
-    pub customer_addr: Option<String>,
-}
-
 /// Stores a new pending order, named and priced (price × quantity; none past 64 bits) from
 /// the catalog replica as it is now. The replica may lag or not know the product — products
 /// decides, not orders — and the order then has neither. On PostgreSQL the lookup is inside
 /// the insert: one round trip per order, not two.
-pub fn place_order(conn: &mut DbConnection, p: Placement) -> QueryResult<StoredOrder> {
+pub fn place_order(
+    conn: &mut DbConnection,
+    p: crate::domain::OrderRequest,
+) -> QueryResult<StoredOrder> {
     use diesel::sql_types::{BigInt, Nullable, Text};
     let now = chrono::Utc::now().to_rfc3339();
     let DbConnection::Postgres(pg) = conn else {
